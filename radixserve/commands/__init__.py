@@ -1,0 +1,1 @@
+"""One module per `radixserve` subcommand; each defines `register(subparsers)`."""

@@ -1,0 +1,279 @@
+"""LLMEngine: add_request / step / abort over the scheduler, the cache manager and the runner.
+
+Single-threaded by design: the HTTP server drives it from its own loop thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from radixserve.cache.manager import KVCacheManager
+from radixserve.config import EngineConfig
+from radixserve.errors import InvalidRequestError, PromptTooLongError
+from radixserve.model.loader import LoadedModel, load_model
+from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
+from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
+from radixserve.sampling import Sampler, SamplingParams
+from radixserve.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Monotonic counters (the cache keeps its own in KVCacheManager.stats)."""
+
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    computed_prompt_tokens: int = 0  # prompt tokens actually run through the model
+    generation_tokens: int = 0
+    finished_requests: int = 0
+    aborted_requests: int = 0
+    preemptions: int = 0
+    steps: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        self.config = config or EngineConfig()
+        if loaded is None:
+            self.config.model.dtype = self.config.model.dtype or "float32"
+            loaded = load_model(self.config.model)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_id = loaded.model_id
+        arch_len = loaded.arch.max_position_embeddings
+        self.max_model_len = min(self.config.model.max_model_len or arch_len, arch_len)
+        cache_cfg = self.config.cache
+        param = next(loaded.model.parameters())
+        num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
+        self.runner = ModelRunner(loaded, cache_cfg, num_blocks)
+        self.cache = KVCacheManager(
+            num_blocks, cache_cfg.block_size, loaded.model_id, enable_prefix_caching=cache_cfg.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(self.config.scheduler, self.cache)
+        self.sampler = Sampler()
+        self.requests: dict[str, Request] = {}
+        self._emitted_text: dict[str, str] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+
+    # ---- requests ---------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_namespace: str = "",
+        cache_pins: list[CachePin] | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        """Queue a request. Raises InvalidRequestError / PromptTooLongError for bad input."""
+        params = sampling_params or SamplingParams()
+        params.validate()
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty")
+            token_ids = self.tokenizer.encode(prompt)
+            text = prompt
+        else:
+            token_ids, text = list(prompt), None
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.loaded.arch.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.loaded.arch.vocab_size - 1})")
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty")
+        self._check_fits(len(token_ids), params.max_tokens)
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            sampling=params,
+            namespace=cache_namespace,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            cache_pins=list(cache_pins or []),
+        )
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        self.stats.prompt_tokens += len(token_ids)
+        return request
+
+    def _check_fits(self, num_prompt: int, max_tokens: int) -> None:
+        if num_prompt >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {num_prompt} tokens but the model's context length is {self.max_model_len}"
+            )
+        if num_prompt + max_tokens > self.max_model_len:
+            raise PromptTooLongError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {num_prompt} prompt "
+                f"tokens + {max_tokens} max_tokens = {num_prompt + max_tokens}; lower max_tokens or shorten the prompt"
+            )
+        bs = self.cache.block_size
+        needed = -(-(num_prompt + max_tokens) // bs)
+        if needed > self.cache.num_blocks:
+            raise PromptTooLongError(
+                f"the request needs {needed} KV blocks but the pool has only {self.cache.num_blocks}; "
+                "give the engine more KV cache memory"
+            )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
+        request = self.requests.get(request_id)
+        if request is None or request.finished:
+            return None
+        self._finish(request, "abort")
+        self.stats.aborted_requests += 1
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one batch. Returns an output for every request that produced tokens or finished."""
+        plan = self.scheduler.schedule()
+        self.stats.preemptions += len(plan.preempted)
+        if not plan.scheduled:
+            return []
+        self.stats.steps += 1
+        batch = plan.scheduled
+        logits_for = [s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens for s in batch]
+        for s in batch:
+            r = s.request
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+        logits = self.runner.execute(batch, logits_for)
+
+        sampling = [s.request for s, wants in zip(batch, logits_for) if wants]
+        for s in batch:
+            s.request.num_computed_tokens += s.num_new_tokens
+            self.cache.cache_computed(s.request)
+        if not sampling:
+            return []
+        tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling])
+        now = time.monotonic()
+        outputs = []
+        for request, token in zip(sampling, tokens):
+            if request.finished:
+                continue
+            if not request.output_token_ids:
+                self._apply_cache_pins(request)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            request.output_token_ids.append(token)
+            self.stats.generation_tokens += 1
+            self._check_stop(request, token)
+            if request.finish_reason is not None:
+                self._finish(request, request.finish_reason)
+            outputs.append(self._output(request, new_tokens=1))
+        return outputs
+
+    def _apply_cache_pins(self, request: Request) -> None:
+        for pin in request.cache_pins:
+            self.cache.pin(request, min(pin.num_tokens, request.num_prompt_tokens), pin.ttl)
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.sampling
+        if token in params.stop_token_ids:
+            request.finish_reason, request.stop_reason = "stop", token
+        elif not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            request.finish_reason, request.stop_reason = "stop", token
+        request.output_text = self.tokenizer.decode(
+            request.output_token_ids[:-1] if request.finish_reason == "stop" else request.output_token_ids
+        )
+        if request.finish_reason is None and params.stop:
+            self._check_stop_strings(request)
+        if request.finish_reason is None:
+            if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+                request.finish_reason = "length"
+
+    def _check_stop_strings(self, request: Request) -> None:
+        text = request.output_text
+        emitted = len(self._emitted_text.get(request.request_id, ""))
+        longest = max(len(s) for s in request.sampling.stop)
+        search_from = max(0, emitted - longest)
+        hits = [(text.find(s, search_from), s) for s in request.sampling.stop]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return
+        pos, stop = min(hits)
+        end = pos + len(stop) if request.sampling.include_stop_str_in_output else pos
+        request.output_text = text[:end]
+        request.finish_reason, request.stop_reason = "stop", stop
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        request.status = RequestStatus.FINISHED
+        request.finish_time = time.monotonic()
+        self.scheduler.remove(request)
+        self.sampler.forget(request.request_id)
+        self.stats.finished_requests += 1
+
+    def _output(self, request: Request, new_tokens: int = 0) -> RequestOutput:
+        text = request.output_text
+        previous = self._emitted_text.get(request.request_id, "")
+        if not request.finished:
+            # hold back a trailing partial UTF-8 character and a possible stop-string start
+            text = text.rstrip("\ufffd")
+            holdback = max((len(s) for s in request.sampling.stop), default=1) - 1
+            if holdback:
+                text = text[: max(len(previous), len(text) - holdback)]
+        new_text = text[len(previous):] if text.startswith(previous) else text
+        if request.finished:
+            self._emitted_text.pop(request.request_id, None)
+            self.requests.pop(request.request_id, None)
+        else:
+            self._emitted_text[request.request_id] = text
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            token_ids=list(request.output_token_ids),
+            text=request.output_text if request.finished else text,
+            finished=request.finished,
+            finish_reason=request.finish_reason if request.finished else None,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            metrics=RequestMetrics(
+                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
+            ),
+            new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
+            new_text=new_text,
+            cache_write_tokens=self._cache_write_tokens(request),
+        )
+
+    @staticmethod
+    def _cache_write_tokens(request: Request) -> int:
+        if not request.cache_pins:
+            return 0
+        pinned = min(max(p.num_tokens for p in request.cache_pins), request.num_prompt_tokens)
+        return max(0, pinned - (request.num_cached_tokens or 0))
+
+    # ---- admin ------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> int:
+        return self.cache.reset_prefix_cache()
+
+    def pin_prefix(self, token_ids: list[int], ttl: float, cache_namespace: str = "") -> int:
+        """Pin an already cached prefix (named caches): returns tokens pinned."""
+        if self.cache.tree is None:
+            return 0
+        return self.cache.tree.pin(self.cache.cache_key(cache_namespace), token_ids, self.cache.clock() + ttl)
+
+    def unpin_prefix(self, token_ids: list[int], cache_namespace: str = "") -> None:
+        if self.cache.tree is not None:
+            self.cache.tree.unpin(self.cache.cache_key(cache_namespace), token_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+
+def default_dtype_for(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+__all__ = ["LLMEngine", "EngineStats", "default_dtype_for", "torch_dtype"]

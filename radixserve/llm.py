@@ -1,0 +1,114 @@
+"""The offline API: LLM(model=...).generate(prompts) and .chat(messages)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from radixserve.engine import LLMEngine, default_dtype_for
+from radixserve.request import RequestOutput
+from radixserve.sampling import SamplingParams
+
+Message = dict[str, Any]
+
+
+class LLM:
+    """Generate text offline, batching all prompts through one engine.
+
+    >>> llm = LLM()  # the embedded SmolLM2-135M-Instruct
+    >>> llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0))[0].text
+    """
+
+    def __init__(
+        self,
+        model: str = "embedded",
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_memory_gb: float = 1.0,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        policy: str = "fcfs",
+        max_model_len: int | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        config = EngineConfig(
+            model=ModelConfig(
+                source=model,
+                dtype=dtype or default_dtype_for(device),
+                device=device,
+                max_model_len=max_model_len,
+                show_progress=show_progress,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                num_blocks=num_blocks,
+                kv_cache_memory_gb=kv_cache_memory_gb,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=policy
+            ),
+        )
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_namespace: str = "",
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError("give one SamplingParams, or one per prompt")
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list):
+                ids.append(self.engine.add_request(prompt, params, cache_namespace=cache_namespace).request_id)
+        except Exception:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | Sequence[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        cache_namespace: str = "",
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or several, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt=True)) for c in conversations]
+        return self.generate(prompts, sampling_params, cache_namespace=cache_namespace, use_tqdm=use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(ids)
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm or len(ids) < 2)
+        while pending:
+            for output in self.engine.step():
+                if output.finished and output.request_id in pending:
+                    finished[output.request_id] = output
+                    pending.discard(output.request_id)
+                    bar.update(1)
+        bar.close()
+        return [finished[i] for i in ids]

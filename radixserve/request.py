@@ -1,0 +1,119 @@
+"""A request's state as it moves through the engine, and the outputs handed back."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from radixserve.sampling import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class CachePin:
+    """Explicit cache control: keep the first `num_tokens` of the prompt cached for `ttl` seconds."""
+
+    num_tokens: int
+    ttl: float
+
+
+@dataclass
+class Request:
+    """One generation request. The engine owns it; the scheduler and cache manager mutate it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    namespace: str = ""
+    arrival_time: float = field(default_factory=time.monotonic)
+    cache_pins: list[CachePin] = field(default_factory=list)
+
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    output_text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    # KV state: tokens whose K/V are in `block_ids` (a prefix of all_token_ids)
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    tree_node: Any = None  # locked radix-tree node covering the request's cached blocks
+    num_tree_tokens: int = 0  # tokens of this request already inserted in the tree
+    num_cached_tokens: int | None = None  # prefix-cache hit at first admission (reported)
+    num_preemptions: int = 0
+    times_deferred: int = 0  # scheduler passes over it (lpm policy / in-batch dedup)
+
+    first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    finish_time: float | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed_tokens < self.num_tokens - 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    finish_time: float | None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def e2e_latency(self) -> float | None:
+        if self.finish_time is None:
+            return None
+        return self.finish_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What a request produced so far (streamed) or in all (finished)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None
+    num_cached_tokens: int
+    metrics: RequestMetrics
+    new_token_ids: list[int] = field(default_factory=list)
+    new_text: str = ""
+    cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)

@@ -1,0 +1,170 @@
+"""The scheduler: which requests run this step, and how many tokens each.
+
+Continuous batching: running requests keep their place (decodes take one token, unfinished
+prefills take a chunk of the token budget), then waiting requests are admitted while the
+budget, the sequence limit and the block pool allow. When blocks run out the cache evicts
+first; only then is the most recently admitted running request preempted (its blocks freed,
+its tokens recomputed later - cheaply, since its computed blocks stay in the prefix cache).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from radixserve.cache.manager import KVCacheManager
+from radixserve.config import SchedulerConfig
+from radixserve.request import Request, RequestStatus
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager) -> None:
+        if config.policy not in ("fcfs", "lpm"):
+            raise ValueError(f"unknown scheduling policy {config.policy!r} (use 'fcfs' or 'lpm')")
+        self.config = config
+        self.cache = cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    # ---- queue management -------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def remove(self, request: Request) -> None:
+        """Drop a request (finished or aborted) and return its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if request.block_ids or request.tree_node is not None:
+            self.cache.free(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+
+        # 1. running requests, oldest first; preempt the newest when blocks run out
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.cache.allocate_slots(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(request, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request itself was preempted: nothing after it can run either
+
+        # 2. admit waiting requests while budget, sequence slots and blocks allow
+        if out.preempted:
+            return out  # memory is tight: let the survivors make progress first
+        self._order_waiting()
+        in_flight = [s.request for s in out.scheduled if s.request.is_prefilling]
+        deferred: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            if self._should_wait_for_shared_prefix(request, in_flight):
+                request.times_deferred += 1
+                deferred.append(self.waiting.popleft())
+                continue
+            cached = self.cache.admit(request)
+            num_new = min(request.num_tokens - cached, budget)
+            if not self.cache.allocate_slots(request, num_new):
+                self.cache.free(request)
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = cached
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(request, num_new))
+            budget -= num_new
+            if request.is_prefilling or num_new < request.num_tokens - request.num_computed_tokens:
+                in_flight.append(request)
+        self.waiting.extendleft(reversed(deferred))
+        return out
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.cache.free(request)  # computed full blocks stay cached: the recompute mostly hits
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _order_waiting(self) -> None:
+        """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
+        if self.config.policy != "lpm" or len(self.waiting) < 2:
+            return
+        window = [self.waiting.popleft() for _ in range(min(len(self.waiting), 128))]
+        starving = [r for r in window if r.times_deferred >= self.config.lpm_max_skips]
+        others = [r for r in window if r.times_deferred < self.config.lpm_max_skips]
+        scores = {id(r): self.cache.peek_cached_tokens(r) for r in others}
+        others.sort(key=lambda r: -scores[id(r)])  # stable: FCFS among equals
+        ordered = starving + others
+        for position, request in enumerate(ordered):
+            if position > window.index(request):
+                request.times_deferred += 1
+        self.waiting.extendleft(reversed(ordered))
+
+    def _should_wait_for_shared_prefix(self, request: Request, in_flight: list[Request]) -> bool:
+        """Hold a request back for a step when another request now prefilling is about to
+        compute a longer shared prefix than the cache holds: it then reads those blocks
+        instead of computing them a second time. Bounded, so nobody waits forever."""
+        if self.cache.tree is None or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
+            return False
+        bs = self.cache.block_size
+        tokens = request.all_token_ids
+        limit = self.cache.max_cacheable(len(tokens))
+        if limit == 0:
+            return False
+        first_block = tokens[:bs]
+        for other in in_flight:
+            if other.namespace != request.namespace or other.all_token_ids[:bs] != first_block:
+                continue
+            shared = _common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
+            if shared > other.num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
+                return True
+        return False
+
+
+def _common_prefix_len(a: list[int], b: list[int], limit: int) -> int:
+    n = min(len(a), len(b), limit)
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on slice equality: C-speed compares, log(n) of them
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
