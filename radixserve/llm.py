@@ -59,6 +59,14 @@ class LLM:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """Build from an explicit EngineConfig (the CLI does this)."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        llm.tokenizer = llm.engine.tokenizer
+        return llm
+
     def generate(
         self,
         prompts: str | list[int] | Sequence[str | list[int]],

@@ -49,12 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise InvalidRequestError("--prompt must not be empty")
     messages = _load_messages(args.messages) if args.messages else None
-    config = engine_config_from_args(args)
-    llm = LLM.__new__(LLM)
-    from radixserve.engine import LLMEngine
-
-    llm.engine = LLMEngine(config)
-    llm.tokenizer = llm.engine.tokenizer
+    llm = LLM.from_config(engine_config_from_args(args))
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(conversation_or_prompt) -> str:
