@@ -1,0 +1,190 @@
+"""Anthropic-compatible routes: POST /v1/messages (and /v1/messages/count_tokens).
+
+Usage, from the engine's real counts: cache_read_input_tokens is RequestOutput.num_cached_tokens
+(prompt tokens read from the prefix cache, explicit breakpoint or not); cache_creation_input_tokens
+are the tokens up to the last breakpoint that were not read, i.e. newly written and pinned, split
+per TTL in `cache_creation` (a token covered by a 1h and a 5m breakpoint lives 1h); input_tokens
+is the rest, so input + read + creation = the prompt's length.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from radixserve.request import CachePin, RequestOutput
+from radixserve.sampling import SamplingParams
+from radixserve.server.anthropic_protocol import (
+    TTL_SECONDS,
+    Conversation,
+    CountTokensRequest,
+    MessagesRequest,
+    build_conversation,
+)
+from radixserve.server.async_engine import EngineDeadError, RequestStream
+from radixserve.server.errors import APIError, error_body
+from radixserve.server.parsing import parse_model, read_json
+from radixserve.server.prompting import ChatPrompt, build_prompt, prefix_token_count
+from radixserve.server.state import ServerState, collect, get_state
+
+router = APIRouter()
+
+
+@dataclass(slots=True)
+class _LabelledPin:
+    num_tokens: int
+    ttl: str  # "5m" | "1h"
+
+
+@router.post("/v1/messages")
+async def create_message(request: Request):
+    state = get_state(request)
+    tenant = state.auth.authenticate(request)
+    body = parse_model(MessagesRequest, await read_json(request, state.config.max_request_bytes))
+    state.check_model(body.model)
+
+    namespace = tenant.namespace(body.cache_salt)
+    cache = None
+    if body.cached_content:
+        cache = await state.caches.get(tenant.key_namespace, body.cached_content)
+        if body.cache_salt and cache.namespace != namespace:
+            raise APIError(400, "cache_salt differs from the one the named cache was created with")
+        namespace = cache.namespace
+    conversation = build_conversation(body, cache.turns if cache is not None else None)
+    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
+    pins = _breakpoint_pins(state, conversation, prompt)
+    engine_pins = [CachePin(p.num_tokens, TTL_SECONDS[p.ttl] * state.config.cache_ttl_scale) for p in pins]
+    if cache is not None and (pin := state.caches.request_pin(cache, prompt)) is not None:
+        engine_pins.append(pin)
+    params = SamplingParams(
+        max_tokens=body.max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k or 0,
+        stop=list(body.stop_sequences or []),
+    )
+    stream = await state.submit(prompt.token_ids, params, prefix="msg_", namespace=namespace, cache_pins=engine_pins)
+    if not state.prefix_caching:
+        pins = []  # nothing gets written to a cache that is off
+    if body.stream:
+        events = _message_events(stream, state.model_name, pins, request.url.path)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    out = await collect(stream, request)
+    return JSONResponse({
+        "id": out.request_id,
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_name,
+        "content": [{"type": "text", "text": out.text}],
+        "stop_reason": _stop_reason(out),
+        "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None,
+        "usage": _usage(out, pins),
+    })
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(request: Request) -> JSONResponse:
+    state = get_state(request)
+    tenant = state.auth.authenticate(request)
+    body = parse_model(CountTokensRequest, await read_json(request, state.config.max_request_bytes))
+    state.check_model(body.model)
+    cache = await state.caches.get(tenant.key_namespace, body.cached_content) if body.cached_content else None
+    conversation = build_conversation(body, cache.turns if cache is not None else None)
+    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
+    return JSONResponse({"input_tokens": len(prompt.token_ids)})
+
+
+def _breakpoint_pins(state: ServerState, conversation: Conversation, prompt: ChatPrompt) -> list[_LabelledPin]:
+    """Each breakpoint's prefix in prompt tokens, whole blocks only (the tree caches whole
+    blocks), dropping those under the minimum cacheable length."""
+    pins = []
+    for b in conversation.breakpoints:
+        n = prefix_token_count(state.tokenizer, prompt, conversation.turns, b.turn_index, b.block_index)
+        if n < state.config.min_cacheable_tokens:
+            continue
+        n -= n % state.block_size
+        if n > 0:
+            pins.append(_LabelledPin(n, b.ttl))
+    return pins
+
+
+def creation_by_ttl(pins: list[_LabelledPin], cached: int) -> dict[str, int]:
+    """Tokens written by this request's breakpoints (those past the cached prefix), per TTL."""
+    written = {"5m": 0, "1h": 0}
+    ends = sorted({p.num_tokens for p in pins if p.num_tokens > cached})
+    start = cached
+    for end in ends:
+        covering = {p.ttl for p in pins if p.num_tokens >= end}
+        written["1h" if "1h" in covering else "5m"] += end - start
+        start = end
+    return written
+
+
+def _usage(out: RequestOutput, pins: list[_LabelledPin], output_tokens: int | None = None) -> dict:
+    written = creation_by_ttl(pins, out.num_cached_tokens)
+    creation = written["5m"] + written["1h"]
+    return {
+        "input_tokens": out.num_prompt_tokens - out.num_cached_tokens - creation,
+        "output_tokens": len(out.token_ids) if output_tokens is None else output_tokens,
+        "cache_creation_input_tokens": creation,
+        "cache_read_input_tokens": out.num_cached_tokens,
+        "cache_creation": {"ephemeral_5m_input_tokens": written["5m"], "ephemeral_1h_input_tokens": written["1h"]},
+    }
+
+
+def _stop_reason(out: RequestOutput) -> str:
+    if out.finish_reason == "length":
+        return "max_tokens"
+    if isinstance(out.stop_reason, str):
+        return "stop_sequence"
+    return "end_turn"
+
+
+async def _message_events(
+    stream: RequestStream, model: str, pins: list[_LabelledPin], path: str
+) -> AsyncIterator[str]:
+    try:
+        # message_start carries the input usage, known once the engine admitted the request:
+        # wait for the first output before sending anything
+        first = await stream.next()
+        yield _event("message_start", {
+            "type": "message_start",
+            "message": {
+                "id": stream.request_id, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": _usage(first, pins, output_tokens=1),
+            },
+        })
+        yield _event("content_block_start", {
+            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
+        })
+        yield _event("ping", {"type": "ping"})
+        out = first
+        while True:
+            if out.new_text:
+                yield _event("content_block_delta", {
+                    "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": out.new_text},
+                })
+            if out.finished:
+                break
+            out = await stream.next()
+        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        yield _event("message_delta", {
+            "type": "message_delta",
+            "delta": {"stop_reason": _stop_reason(out),
+                      "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None},
+            "usage": _usage(out, pins),
+        })
+        yield _event("message_stop", {"type": "message_stop"})
+    except EngineDeadError as e:
+        yield _event("error", error_body(path, 503, str(e)))
+    finally:
+        stream.close()
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

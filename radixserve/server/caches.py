@@ -1,0 +1,249 @@
+"""Named caches (after Gemini's cachedContents): a conversation prefix kept pinned until it expires.
+
+Creating one runs its turns through the engine (a one-token request) so their KV lands in the
+prefix cache, then pins that path of the radix tree until the expire time. A chat or messages
+request naming the cache gets the cache's turns prepended; its prompt then starts with exactly
+the cache's tokens, so the engine reads them from the tree. Every such request also re-pins the
+prefix (CachePin), which restores the cache after an admin reset dropped its blocks.
+Expired or deleted caches are unpinned; the tree may then evict their blocks like any others.
+
+Times: records keep wall-clock seconds (what the API shows); the radix tree's pins use the
+engine's monotonic clock, so a pin is always given as "remaining seconds".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from radixserve.errors import NotFoundError
+from radixserve.request import CachePin
+from radixserve.sampling import SamplingParams
+from radixserve.server.errors import APIError
+from radixserve.server.prompting import ChatPrompt, ChatTurn, common_prefix_len, render
+
+if TYPE_CHECKING:
+    from radixserve.server.state import ServerState
+
+log = logging.getLogger("radixserve.server")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+@dataclass(slots=True)
+class NamedCache:
+    cache_id: str
+    display_name: str
+    model: str
+    owner: str  # the tenant's key namespace: only the owner sees the cache
+    namespace: str  # the prefix-cache namespace its KV lives in
+    turns: list[ChatTurn]
+    token_ids: list[int]  # the turns rendered without a generation prompt, tokenized
+    create_time: float
+    update_time: float
+    expire_time: float
+    pinned_tokens: int = 0  # how many of token_ids the tree pin covers (whole blocks)
+
+    @property
+    def name(self) -> str:
+        return f"caches/{self.cache_id}"
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "display_name": self.display_name,
+            "model": self.model,
+            "create_time": rfc3339(self.create_time),
+            "update_time": rfc3339(self.update_time),
+            "expire_time": rfc3339(self.expire_time),
+            "usage_metadata": {"total_token_count": len(self.token_ids)},
+        }
+
+
+class NamedCacheStore:
+    """The named caches of one server. All methods run on the event loop."""
+
+    def __init__(self, state: ServerState, clock=time.time) -> None:
+        self.state = state
+        self.clock = clock
+        self._caches: dict[str, NamedCache] = {}
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    # ---- CRUD -------------------------------------------------------------------------
+    async def create(
+        self, *, owner: str, namespace: str, model: str, display_name: str, turns: list[ChatTurn], expire_time: float
+    ) -> NamedCache:
+        state = self.state
+        if not state.prefix_caching:
+            raise APIError(400, "named caches need the prefix cache, and this server runs with --no-prefix-caching")
+        if not turns:
+            raise APIError(400, "a cache needs a system instruction or at least one message", param="messages")
+        text = render(state.tokenizer, turns, add_generation_prompt=False)
+        token_ids = list(state.tokenizer.encode(text))
+        minimum = max(state.config.min_cacheable_tokens, state.block_size)
+        if len(token_ids) < minimum:
+            raise APIError(
+                400,
+                f"the cached content is too small: {len(token_ids)} tokens, the minimum is {minimum}",
+                param="messages",
+            )
+        now = self.clock()
+        cache = NamedCache(
+            cache_id=uuid.uuid4().hex[:20], display_name=display_name, model=model, owner=owner,
+            namespace=namespace, turns=turns, token_ids=token_ids, create_time=now, update_time=now,
+            expire_time=expire_time,
+        )
+        ttl = expire_time - now
+        # Prefill it (one output token, thrown away); the pin keeps it cached after the
+        # request finishes, before anything else can evict it.
+        stream = await state.submit(
+            token_ids, SamplingParams(max_tokens=1, temperature=0.0), prefix="cache-", namespace=namespace,
+            cache_pins=[CachePin(len(token_ids), ttl)],
+        )
+        out = await stream.result()
+        if out.finish_reason == "abort":
+            raise APIError(503, "creating the cache was interrupted")
+        engine = state.engine
+        cache.pinned_tokens = await state.async_engine.call(engine.pin_prefix, token_ids, ttl, namespace)
+        self._caches[cache.cache_id] = cache
+        return cache
+
+    async def get(self, owner: str, name: str) -> NamedCache:
+        """The live cache called `name` ("caches/<id>" or "<id>"); NotFoundError otherwise."""
+        cache_id = name.removeprefix("caches/")
+        cache = self._caches.get(cache_id)
+        if cache is None or cache.owner != owner:
+            raise NotFoundError(f"cached content {name!r} was not found (it may have expired or been deleted)")
+        if cache.expire_time <= self.clock():
+            await self._drop(cache)
+            raise NotFoundError(f"cached content {name!r} has expired")
+        return cache
+
+    def list(self, owner: str) -> list[NamedCache]:
+        now = self.clock()
+        live = [c for c in self._caches.values() if c.owner == owner and c.expire_time > now]
+        return sorted(live, key=lambda c: c.create_time)
+
+    async def update(self, owner: str, name: str, expire_time: float) -> NamedCache:
+        cache = await self.get(owner, name)
+        cache.expire_time = expire_time
+        cache.update_time = self.clock()
+        # The tree only ever extends a pin, so a shorter TTL needs unpin + pin; both run in one
+        # engine call so no step (and no eviction) can happen in between.
+        cache.pinned_tokens = await self.state.async_engine.call(
+            _repin, self.state.engine, cache.token_ids, cache.pinned_tokens, expire_time - self.clock(), cache.namespace
+        )
+        return cache
+
+    async def delete(self, owner: str, name: str) -> None:
+        cache = await self.get(owner, name)
+        await self._drop(cache)
+
+    # ---- use by requests ----------------------------------------------------------------
+    def request_pin(self, cache: NamedCache, prompt: ChatPrompt) -> CachePin | None:
+        """The pin a request naming `cache` carries: its shared prefix with the cache's tokens,
+        in whole blocks, for the cache's remaining lifetime."""
+        shared = common_prefix_len(cache.token_ids, prompt.token_ids)
+        shared -= shared % self.state.block_size
+        remaining = cache.expire_time - self.clock()
+        if shared <= 0 or remaining <= 0:
+            return None
+        cache.pinned_tokens = max(cache.pinned_tokens, shared)
+        return CachePin(shared, remaining)
+
+    # ---- expiry -----------------------------------------------------------------------
+    async def sweep(self) -> int:
+        """Unpin and forget every expired cache. Returns how many went."""
+        now = self.clock()
+        expired = [c for c in self._caches.values() if c.expire_time <= now]
+        for cache in expired:
+            await self._drop(cache)
+        return len(expired)
+
+    async def run_sweeper(self, interval: float) -> None:
+        """Sweep forever (a background task of the app)."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:  # noqa: BLE001 - keep sweeping; the engine may be stopping
+                log.exception("sweeping expired named caches failed")
+
+    async def _drop(self, cache: NamedCache) -> None:
+        if self._caches.pop(cache.cache_id, None) is None:
+            return
+        prefix = cache.token_ids[: cache.pinned_tokens]
+        # live caches whose pin sits on the very same tree node would lose it with ours
+        twins = [
+            (c.token_ids[: c.pinned_tokens], c.expire_time - self.clock())
+            for c in self._caches.values()
+            if c.namespace == cache.namespace and c.token_ids[: c.pinned_tokens] == prefix
+        ]
+        if prefix and self.state.async_engine.is_running:
+            await self.state.async_engine.call(_unpin_keeping, self.state.engine, prefix, cache.namespace, twins)
+
+
+def _repin(engine, token_ids: list[int], pinned: int, ttl: float, namespace: str) -> int:
+    if pinned:
+        engine.unpin_prefix(token_ids[:pinned], namespace)
+    return engine.pin_prefix(token_ids, ttl, namespace)
+
+
+def _unpin_keeping(engine, prefix: list[int], namespace: str, twins: list[tuple[list[int], float]]) -> None:
+    engine.unpin_prefix(prefix, namespace)
+    for tokens, ttl in twins:
+        engine.pin_prefix(tokens, ttl, namespace)
+
+
+# ---- times ------------------------------------------------------------------------------
+def rfc3339(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_ttl(value: str | float | int) -> float:
+    """A Duration: "300s", "1.5s", or a number of seconds. Must be positive."""
+    if isinstance(value, bool):
+        raise APIError(400, f"ttl must be a duration like \"300s\", got {value!r}", param="ttl")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value)
+        if match is None:
+            raise APIError(400, f"ttl must be a duration like \"300s\", got {value!r}", param="ttl")
+        seconds = float(match.group(1))
+    if seconds <= 0:
+        raise APIError(400, f"ttl must be positive, got {value!r}", param="ttl")
+    return seconds
+
+
+def parse_expire_time(value: str, now: float) -> float:
+    """An RFC 3339 timestamp in the future, as epoch seconds (naive times are UTC)."""
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise APIError(
+            400, f"expire_time must be an RFC 3339 timestamp like \"2030-01-01T00:00:00Z\", got {value!r}",
+            param="expire_time",
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    seconds = when.timestamp()
+    if seconds <= now:
+        raise APIError(400, f"expire_time {value!r} is in the past", param="expire_time")
+    return seconds
+
+
+def expiry_from(ttl: str | float | int | None, expire_time: str | None, now: float, default_ttl: float) -> float:
+    if ttl is not None and expire_time is not None:
+        raise APIError(400, "give either ttl or expire_time, not both", param="ttl")
+    if expire_time is not None:
+        return parse_expire_time(expire_time, now)
+    return now + (parse_ttl(ttl) if ttl is not None else default_ttl)

@@ -1,0 +1,36 @@
+"""ServerConfig: everything the HTTP layer needs besides the engine's own EngineConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """HTTP server knobs. The engine is configured separately (EngineConfig).
+
+    cache_ttl_scale multiplies Anthropic's cache_control TTLs ("5m" = 300 s, "1h" = 3600 s).
+    It is a testing knob: 0.01 turns "5m" into 3 s so a test can watch a pin lapse.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # default: the engine's model id
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    namespace_from_api_key: bool = False  # each API key gets its own prefix-cache namespace
+    min_cacheable_tokens: int = 1024  # cache_control breakpoints shorter than this are ignored
+    max_request_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
+    cache_ttl_scale: float = 1.0
+    named_cache_default_ttl: float = 3600.0  # seconds, when POST /v1/caches gives no ttl/expire_time
+    cache_sweep_interval: float = 1.0  # how often expired named caches are unpinned (seconds)
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.min_cacheable_tokens < 0:
+            raise ValueError(f"min_cacheable_tokens must be >= 0, got {self.min_cacheable_tokens}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.cache_ttl_scale <= 0:
+            raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
+        if any(not k for k in self.api_keys):
+            raise ValueError("API keys must be non-empty strings")

@@ -1,0 +1,150 @@
+"""Prometheus metrics, in a registry owned by one app (no module-level metric objects).
+
+Counters and gauges that the engine already keeps (EngineStats, CacheStats, pool gauges) are
+not duplicated: a custom collector reports a snapshot taken on the engine thread just before
+each scrape. Latency histograms are observed here, on the event loop, as requests finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from radixserve.engine import LLMEngine
+from radixserve.request import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """The engine's counters and gauges at one instant (taken on the engine thread)."""
+
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found cached
+    prefix_cache_hit_rate: float
+    cached_blocks: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    evicted_blocks: int
+    inserted_blocks: int
+    kv_cache_usage: float
+    running: int
+    waiting: int
+    prompt_tokens: int
+    computed_prompt_tokens: int
+    generation_tokens: int
+    finished_requests: int
+    aborted_requests: int
+    preemptions: int
+
+
+def engine_snapshot(engine: LLMEngine) -> EngineSnapshot:
+    """Read the engine's numbers; call it on the engine thread (AsyncEngine.call)."""
+    cache, stats = engine.cache, engine.stats
+    return EngineSnapshot(
+        prefix_cache_queries=cache.stats.query_tokens,
+        prefix_cache_hits=cache.stats.hit_tokens,
+        prefix_cache_hit_rate=cache.stats.hit_rate,
+        cached_blocks=cache.num_cached_blocks(),
+        free_blocks=cache.num_free_blocks(),
+        total_blocks=cache.num_blocks,
+        block_size=cache.block_size,
+        evicted_blocks=cache.stats.evicted_blocks,
+        inserted_blocks=cache.stats.inserted_blocks,
+        kv_cache_usage=cache.usage(),
+        running=len(engine.scheduler.running),
+        waiting=len(engine.scheduler.waiting),
+        prompt_tokens=stats.prompt_tokens,
+        computed_prompt_tokens=stats.computed_prompt_tokens,
+        generation_tokens=stats.generation_tokens,
+        finished_requests=stats.finished_requests,
+        aborted_requests=stats.aborted_requests,
+        preemptions=stats.preemptions,
+    )
+
+
+# (snapshot field, metric name, help); counters get Prometheus' "_total" suffix on exposition
+_COUNTERS = (
+    ("prefix_cache_queries", "radixserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
+    ("prefix_cache_hits", "radixserve_prefix_cache_hits", "Prompt tokens served from the prefix cache"),
+    ("evicted_blocks", "radixserve_prefix_cache_evicted_blocks", "KV blocks evicted from the prefix cache"),
+    ("inserted_blocks", "radixserve_prefix_cache_inserted_blocks", "KV blocks added to the prefix cache"),
+    ("prompt_tokens", "radixserve_prompt_tokens", "Prompt tokens of admitted requests"),
+    ("computed_prompt_tokens", "radixserve_computed_prompt_tokens", "Prompt tokens run through the model (not cached)"),
+    ("generation_tokens", "radixserve_generation_tokens", "Tokens generated"),
+    ("finished_requests", "radixserve_requests_finished", "Requests finished (aborted ones included)"),
+    ("aborted_requests", "radixserve_requests_aborted", "Requests aborted (client gone, errors)"),
+    ("preemptions", "radixserve_preemptions", "Running requests preempted for lack of KV blocks"),
+)
+_GAUGES = (
+    ("prefix_cache_hit_rate", "radixserve_prefix_cache_hit_rate", "Cached / looked-up prompt tokens since start"),
+    ("cached_blocks", "radixserve_prefix_cache_blocks", "KV blocks held by the prefix cache"),
+    ("free_blocks", "radixserve_kv_free_blocks", "KV blocks on the free list"),
+    ("total_blocks", "radixserve_kv_total_blocks", "KV blocks in the pool"),
+    ("block_size", "radixserve_kv_block_size", "Tokens per KV block"),
+    ("kv_cache_usage", "radixserve_kv_cache_usage_ratio", "Fraction of KV blocks in use (running requests + cache)"),
+    ("running", "radixserve_num_requests_running", "Requests running"),
+    ("waiting", "radixserve_num_requests_waiting", "Requests waiting to be scheduled"),
+)
+
+
+class _EngineCollector(Collector):
+    def __init__(self) -> None:
+        self.snapshot: EngineSnapshot | None = None
+        self.named_caches = 0
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot
+        if snap is None:
+            return
+        values = asdict(snap)
+        for key, name, doc in _COUNTERS:
+            yield CounterMetricFamily(name, doc, value=values[key])
+        for key, name, doc in _GAUGES:
+            yield GaugeMetricFamily(name, doc, value=values[key])
+        yield GaugeMetricFamily("radixserve_named_caches", "Live named caches (/v1/caches)", value=self.named_caches)
+
+
+class ServerMetrics:
+    """The app's metrics. observe_finished() is the AsyncEngine's on_finished hook."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._engine = _EngineCollector()
+        self.registry.register(self._engine)
+        self.time_to_first_token = Histogram(
+            "radixserve_time_to_first_token_seconds", "Arrival to first generated token",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "radixserve_time_per_output_token_seconds", "Mean time between generated tokens, per request",
+            buckets=_TPOT_BUCKETS, registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "radixserve_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        if out.finish_reason == "abort":
+            return  # a truncated request would skew the latency distributions
+        m = out.metrics
+        if m.time_to_first_token is not None:
+            self.time_to_first_token.observe(m.time_to_first_token)
+        if m.e2e_latency is not None:
+            self.e2e_latency.observe(m.e2e_latency)
+        if len(out.token_ids) > 1 and m.first_token_time is not None and m.finish_time is not None:
+            self.time_per_output_token.observe((m.finish_time - m.first_token_time) / (len(out.token_ids) - 1))
+
+    def render(self, snapshot: EngineSnapshot, named_caches: int) -> bytes:
+        """Prometheus text exposition with this snapshot of the engine."""
+        self._engine.snapshot = snapshot
+        self._engine.named_caches = named_caches
+        return generate_latest(self.registry)

@@ -1,0 +1,243 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+
+usage.prompt_tokens_details.cached_tokens is the engine's own count of prompt tokens read from
+the prefix cache (RequestOutput.num_cached_tokens), not an estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from radixserve.request import RequestOutput
+from radixserve.server.async_engine import EngineDeadError, RequestStream, merge_streams
+from radixserve.server.errors import APIError, error_body
+from radixserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
+from radixserve.server.parsing import parse_model, read_json
+from radixserve.server.prompting import build_prompt
+from radixserve.server.state import ServerState, collect, get_state
+
+router = APIRouter()
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# ---- models -----------------------------------------------------------------------------
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    state = get_state(request)
+    state.auth.authenticate(request)
+    if "anthropic-version" in request.headers:  # the Anthropic SDK's models.list()
+        entry = _anthropic_model(state)
+        return JSONResponse({"data": [entry], "has_more": False, "first_id": entry["id"], "last_id": entry["id"]})
+    return JSONResponse({"object": "list", "data": [_openai_model(state)]})
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, request: Request) -> JSONResponse:
+    state = get_state(request)
+    state.auth.authenticate(request)
+    state.check_model(model_id)
+    if "anthropic-version" in request.headers:
+        return JSONResponse(_anthropic_model(state))
+    return JSONResponse(_openai_model(state))
+
+
+def _openai_model(state: ServerState) -> dict:
+    return {
+        "id": state.model_name, "object": "model", "created": state.created, "owned_by": "radixserve",
+        "max_model_len": state.engine.max_model_len,
+    }
+
+
+def _anthropic_model(state: ServerState) -> dict:
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(state.created))
+    return {"type": "model", "id": state.model_name, "display_name": state.model_name, "created_at": created}
+
+
+# ---- chat -------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = get_state(request)
+    tenant = state.auth.authenticate(request)
+    body = parse_model(ChatCompletionRequest, await read_json(request, state.config.max_request_bytes))
+    state.check_model(body.model)
+    body.check_supported()
+
+    turns = body.turns()
+    namespace = tenant.namespace(body.cache_salt)
+    cache = None
+    if body.cached_content:
+        cache = await state.caches.get(tenant.key_namespace, body.cached_content)
+        if body.cache_salt and cache.namespace != namespace:
+            raise APIError(400, "cache_salt differs from the one the named cache was created with", param="cache_salt")
+        if any(t.role == "system" for t in turns):
+            raise APIError(400, "a request naming a cached_content takes its system instruction from the cache; "
+                                "remove the system message", param="messages")
+        namespace = cache.namespace
+        turns = cache.turns + turns
+    prompt = build_prompt(state.tokenizer, turns)
+    pins = []
+    if cache is not None and (pin := state.caches.request_pin(cache, prompt)) is not None:
+        pins.append(pin)
+    limit = body.max_tokens_limit
+    params = body.sampling_params(limit if limit is not None else state.default_max_tokens(len(prompt.token_ids)))
+    stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins)
+    created = int(time.time())
+    if body.stream:
+        events = _chat_events(stream, state.model_name, created, body.include_usage, request.url.path)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    out = await collect(stream, request)
+    return JSONResponse({
+        "id": out.request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": out.text},
+            "logprobs": None,
+            "finish_reason": _finish_reason(out),
+        }],
+        "usage": _usage([out]),
+        "system_fingerprint": None,
+    })
+
+
+async def _chat_events(
+    stream: RequestStream, model: str, created: int, include_usage: bool, path: str
+) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        data = {
+            "id": stream.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            data["usage"] = None
+        return _sse(data)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for out in stream:
+            if out.new_text:
+                yield chunk({"content": out.new_text})
+            if out.finished:
+                yield chunk({}, _finish_reason(out))
+                if include_usage:
+                    yield _sse({
+                        "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
+                        "model": model, "system_fingerprint": None, "choices": [], "usage": _usage([out]),
+                    })
+        yield "data: [DONE]\n\n"
+    except EngineDeadError as e:
+        yield _sse(error_body(path, 503, str(e)))
+    finally:
+        stream.close()  # no-op when finished; aborts when the client went away mid-stream
+
+
+# ---- completions ------------------------------------------------------------------------
+@router.post("/v1/completions")
+async def completions(request: Request):
+    state = get_state(request)
+    tenant = state.auth.authenticate(request)
+    body = parse_model(CompletionRequest, await read_json(request, state.config.max_request_bytes))
+    state.check_model(body.model)
+    body.check_supported()
+    namespace = tenant.namespace(body.cache_salt)
+
+    prompts = []
+    for prompt in body.prompts():
+        prompts.append(state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+    streams: list[RequestStream] = []
+    try:
+        for ids in prompts:
+            max_tokens = body.max_tokens if body.max_tokens is not None else state.default_max_tokens(len(ids))
+            streams.append(await state.submit(ids, body.sampling_params(max_tokens), prefix="cmpl-", namespace=namespace))
+    except BaseException:
+        for stream in streams:
+            stream.close()
+        raise
+    completion_id = streams[0].request_id
+    created = int(time.time())
+    if body.stream:
+        events = _completion_events(streams, completion_id, state.model_name, created, body.include_usage,
+                                    request.url.path)
+        return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
+    outs = []
+    try:
+        for stream in streams:
+            outs.append(await collect(stream, request))
+    finally:
+        for stream in streams:
+            stream.close()
+    return JSONResponse({
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": state.model_name,
+        "choices": [
+            {"index": i, "text": out.text, "logprobs": None, "finish_reason": _finish_reason(out)}
+            for i, out in enumerate(outs)
+        ],
+        "usage": _usage(outs),
+        "system_fingerprint": None,
+    })
+
+
+async def _completion_events(
+    streams: list[RequestStream], completion_id: str, model: str, created: int, include_usage: bool, path: str
+) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+        data = {
+            "id": completion_id, "object": "text_completion", "created": created, "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if include_usage:
+            data["usage"] = None
+        return _sse(data)
+
+    finals: list[RequestOutput] = []
+    try:
+        async for index, out in merge_streams(streams):
+            if out.new_text or out.finished:
+                yield chunk(index, out.new_text, _finish_reason(out) if out.finished else None)
+            if out.finished:
+                finals.append(out)
+        if include_usage:
+            yield _sse({
+                "id": completion_id, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": None, "choices": [], "usage": _usage(finals),
+            })
+        yield "data: [DONE]\n\n"
+    except EngineDeadError as e:
+        yield _sse(error_body(path, 503, str(e)))
+    finally:
+        for stream in streams:
+            stream.close()
+
+
+# ---- shared -----------------------------------------------------------------------------
+def _usage(outs: list[RequestOutput]) -> dict:
+    prompt = sum(o.num_prompt_tokens for o in outs)
+    completion = sum(len(o.token_ids) for o in outs)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
+    }
+
+
+def _finish_reason(out: RequestOutput) -> str:
+    # "abort" only reaches a client that is already gone; OpenAI knows no such reason
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,0 +1,89 @@
+"""From chat turns to prompt token ids, and where a prefix of the conversation ends in tokens.
+
+Both chat APIs reduce a request to a list of ChatTurn (role + text blocks), render it with the
+model's chat template and tokenize it. Explicit cache control and named caches need one more
+thing: how many prompt tokens a prefix of the conversation ("everything up to the end of this
+content block") occupies. `prefix_token_count` answers that from the template itself, so it is
+right for any template: it renders the conversation truncated after the block, finds where that
+text stops agreeing with the full prompt, and counts the tokens the two tokenizations share up
+to there (a token straddling the boundary is not counted: it would differ in another request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Several text blocks of one message are joined like paragraphs.
+BLOCK_SEPARATOR = "\n\n"
+
+
+@dataclass(slots=True)
+class ChatTurn:
+    """One message: a role ("system", "user", "assistant") and its text blocks."""
+
+    role: str
+    blocks: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return BLOCK_SEPARATOR.join(self.blocks)
+
+    def as_message(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.text}
+
+
+@dataclass(slots=True)
+class ChatPrompt:
+    """A rendered conversation: the text the template produced and its token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
+def render(tokenizer: Any, turns: Sequence[ChatTurn], add_generation_prompt: bool = True) -> str:
+    return tokenizer.apply_chat_template([t.as_message() for t in turns], add_generation_prompt=add_generation_prompt)
+
+
+def build_prompt(tokenizer: Any, turns: Sequence[ChatTurn], assistant_prefill: str | None = None) -> ChatPrompt:
+    """Render and tokenize. With `assistant_prefill` the reply continues that text (the last
+    assistant message of an Anthropic request) instead of starting fresh."""
+    text = render(tokenizer, turns, add_generation_prompt=True)
+    if assistant_prefill:
+        text += assistant_prefill
+    return ChatPrompt(text, tokenizer.encode(text))
+
+
+def prefix_token_count(
+    tokenizer: Any, prompt: ChatPrompt, turns: Sequence[ChatTurn], turn_index: int, block_index: int
+) -> int:
+    """Prompt tokens covering turns[:turn_index] plus the first block_index+1 blocks of
+    turns[turn_index] (including the end-of-turn marker when that block ends its message)."""
+    turn = turns[turn_index]
+    truncated = list(turns[:turn_index]) + [ChatTurn(turn.role, turn.blocks[: block_index + 1])]
+    text = render(tokenizer, truncated, add_generation_prompt=False)
+    return shared_token_prefix(tokenizer, prompt, text)
+
+
+def shared_token_prefix(tokenizer: Any, prompt: ChatPrompt, prefix_text: str) -> int:
+    """How many of the prompt's tokens are exactly the tokens of `prefix_text`'s agreeing part."""
+    offset = common_prefix_len(prefix_text, prompt.text)
+    if offset == 0:
+        return 0
+    ids = tokenizer.encode(prompt.text[:offset])
+    return common_prefix_len(ids, prompt.token_ids)
+
+
+def common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search on slice equality: log(n) C-speed compares
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

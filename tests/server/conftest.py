@@ -1,0 +1,135 @@
+"""Fixtures: real radixserve servers (uvicorn on a free loopback port) over the embedded model.
+
+The model is loaded once per session (tests/conftest.py's embedded_model); each server gets its
+own LLMEngine (own KV pool and prefix cache) over it. `server` is shared by most tests; tests
+that need special settings (API keys, a tiny pool, short TTLs) start their own with
+`start_server`.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from radixserve.server import ServerConfig, create_app
+
+# Long enough to span several 16-token blocks, short enough to prefill fast on CPU.
+LONG_SYSTEM = (
+    "You are the concierge of the Hotel Aurora in Lisbon. Guests ask about breakfast hours (7 to 11), "
+    "the rooftop pool (open May to October), late checkout (until 14:00 for 20 euros), airport "
+    "transfers (book a day ahead) and nearby sights such as Belem Tower and the Alfama district. "
+    "Answer in at most two sentences, be warm, and never promise anything the hotel does not offer. "
+) * 2
+
+
+@dataclass
+class RunningServer:
+    base_url: str  # http://127.0.0.1:PORT
+    app: object
+    api_key: str | None = None
+
+    @property
+    def state(self):
+        return self.app.state.radixserve
+
+    @property
+    def engine(self):
+        return self.state.engine
+
+    @property
+    def tokenizer(self):
+        return self.state.tokenizer
+
+    def openai(self, api_key: str | None = None, **kw):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key or self.api_key or "none",
+                             max_retries=0, timeout=60, **kw)
+
+    def async_openai(self, api_key: str | None = None, **kw):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key=api_key or self.api_key or "none",
+                                  max_retries=0, timeout=120, **kw)
+
+    def anthropic(self, api_key: str | None = None, **kw):
+        import anthropic
+
+        return anthropic.Anthropic(base_url=self.base_url, api_key=api_key or self.api_key or "none",
+                                   max_retries=0, timeout=60, **kw)
+
+    def http(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60, **kw)
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples as {name: value} (unlabelled samples only)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.base_url}/metrics", timeout=30).text
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if not sample.labels:
+                    values[sample.name] = sample.value
+        return values
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        """Wait until no request runs or waits; returns the metrics then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if m["radixserve_num_requests_running"] == 0 and m["radixserve_num_requests_waiting"] == 0:
+                return m
+            assert time.monotonic() < deadline, f"server did not go idle: {m}"
+            time.sleep(0.05)
+
+
+@contextmanager
+def start_server(loaded_model, server_config: ServerConfig | None = None, *, num_blocks: int = 1024,
+                 max_num_batched_tokens: int = 2048, api_key: str | None = None) -> Iterator[RunningServer]:
+    """Run a server in a background thread on a free 127.0.0.1 port until the block exits."""
+    import uvicorn
+
+    from radixserve.engine import LLMEngine
+
+    engine = LLMEngine(
+        EngineConfig(
+            model=ModelConfig(source="embedded", show_progress=False),
+            cache=CacheConfig(num_blocks=num_blocks),
+            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
+        ),
+        loaded=loaded_model,
+    )
+    app = create_app(engine, server_config or ServerConfig(min_cacheable_tokens=32))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; handing uvicorn the socket avoids races
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", app, api_key)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def server(embedded_model) -> Iterator[RunningServer]:
+    """The shared server: roomy pool, no API keys, min_cacheable_tokens=32."""
+    with start_server(embedded_model) as running:
+        yield running
