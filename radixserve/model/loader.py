@@ -256,7 +256,9 @@ def _gguf_weights(g: GGUFFile, arch: ModelArch, model: LlamaForCausalLM, dtype: 
             w = unpermute_qk(w, arch.num_heads)
         elif ".self_attn.k_proj." in hf:
             w = unpermute_qk(w, arch.num_kv_heads)
-        yield hf, torch.from_numpy(np.ascontiguousarray(w)).to(dtype)
+        if not w.flags.writeable or not w.flags.c_contiguous:  # F32 tensors are read-only memmap views
+            w = np.array(w, order="C")
+        yield hf, torch.from_numpy(w).to(dtype)
 
 
 def _load_gguf(
