@@ -79,8 +79,13 @@ class NamedCacheStore:
 
     # ---- CRUD -------------------------------------------------------------------------
     async def create(
-        self, *, owner: str, namespace: str, model: str, display_name: str, turns: list[ChatTurn], expire_time: float
+        self, *, owner: str, namespace: str, model: str, display_name: str, turns: list[ChatTurn],
+        ttl: float | None = None, expire_time: float | None = None,
     ) -> NamedCache:
+        """Prefill `turns` and pin them until `expire_time`, or for `ttl` seconds counted from
+        when the cache is ready (prefilling a long prefix can take a while on a CPU)."""
+        if (ttl is None) == (expire_time is None):
+            raise ValueError("give exactly one of ttl and expire_time")
         state = self.state
         if not state.prefix_caching:
             raise APIError(400, "named caches need the prefix cache, and this server runs with --no-prefix-caching")
@@ -95,24 +100,27 @@ class NamedCacheStore:
                 f"the cached content is too small: {len(token_ids)} tokens, the minimum is {minimum}",
                 param="messages",
             )
-        now = self.clock()
-        cache = NamedCache(
-            cache_id=uuid.uuid4().hex[:20], display_name=display_name, model=model, owner=owner,
-            namespace=namespace, turns=turns, token_ids=token_ids, create_time=now, update_time=now,
-            expire_time=expire_time,
-        )
-        ttl = expire_time - now
+        pin_ttl = ttl if ttl is not None else expire_time - self.clock()
         # Prefill it (one output token, thrown away); the pin keeps it cached after the
         # request finishes, before anything else can evict it.
         stream = await state.submit(
             token_ids, SamplingParams(max_tokens=1, temperature=0.0), prefix="cache-", namespace=namespace,
-            cache_pins=[CachePin(len(token_ids), ttl)],
+            cache_pins=[CachePin(len(token_ids), pin_ttl)],
         )
         out = await stream.result()
         if out.finish_reason == "abort":
             raise APIError(503, "creating the cache was interrupted")
-        engine = state.engine
-        cache.pinned_tokens = await state.async_engine.call(engine.pin_prefix, token_ids, ttl, namespace)
+        now = self.clock()
+        expires = expire_time if expire_time is not None else now + ttl
+        if expires <= now:
+            raise APIError(400, "expire_time passed while the cache was being created", param="expire_time")
+        cache = NamedCache(
+            cache_id=uuid.uuid4().hex[:20], display_name=display_name, model=model, owner=owner,
+            namespace=namespace, turns=turns, token_ids=token_ids, create_time=now, update_time=now,
+            expire_time=expires,
+        )
+        cache.pinned_tokens = len(token_ids)  # what the request pinned (in whole blocks)
+        await self._set_pin(cache)
         self._caches[cache.cache_id] = cache
         return cache
 
@@ -138,9 +146,7 @@ class NamedCacheStore:
         cache.update_time = self.clock()
         # The tree only ever extends a pin, so a shorter TTL needs unpin + pin; both run in one
         # engine call so no step (and no eviction) can happen in between.
-        cache.pinned_tokens = await self.state.async_engine.call(
-            _repin, self.state.engine, cache.token_ids, cache.pinned_tokens, expire_time - self.clock(), cache.namespace
-        )
+        await self._set_pin(cache)
         return cache
 
     async def delete(self, owner: str, name: str) -> None:
@@ -177,30 +183,40 @@ class NamedCacheStore:
             except Exception:  # noqa: BLE001 - keep sweeping; the engine may be stopping
                 log.exception("sweeping expired named caches failed")
 
+    async def _set_pin(self, cache: NamedCache) -> None:
+        """Make the tree pin of `cache` end exactly at its expire time. The tree only ever
+        extends a pin, so this is unpin + pin, in one engine call (no step, hence no eviction,
+        in between). Identical caches share one tree node: it keeps the latest expiry of all."""
+        until = max([cache.expire_time] + [c.expire_time for c in self._twins(cache)])
+        cache.pinned_tokens = await self.state.async_engine.call(
+            _repin, self.state.engine, cache.token_ids, cache.pinned_tokens, until - self.clock(), cache.namespace
+        )
+
     async def _drop(self, cache: NamedCache) -> None:
         if self._caches.pop(cache.cache_id, None) is None:
             return
         prefix = cache.token_ids[: cache.pinned_tokens]
-        # live caches whose pin sits on the very same tree node would lose it with ours
-        twins = [
-            (c.token_ids[: c.pinned_tokens], c.expire_time - self.clock())
-            for c in self._caches.values()
-            if c.namespace == cache.namespace and c.token_ids[: c.pinned_tokens] == prefix
+        twins = self._twins(cache)
+        if not prefix or not self.state.async_engine.is_running:
+            return
+        if twins:  # the node stays pinned for the twin that lives longest
+            await self._set_pin(max(twins, key=lambda c: c.expire_time))
+        else:
+            await self.state.async_engine.call(self.state.engine.unpin_prefix, prefix, cache.namespace)
+
+    def _twins(self, cache: NamedCache) -> list[NamedCache]:
+        """Other live caches whose pin sits on the same tree node as `cache`'s."""
+        prefix = cache.token_ids[: cache.pinned_tokens]
+        return [
+            c for c in self._caches.values()
+            if c is not cache and c.namespace == cache.namespace and c.token_ids[: c.pinned_tokens] == prefix
         ]
-        if prefix and self.state.async_engine.is_running:
-            await self.state.async_engine.call(_unpin_keeping, self.state.engine, prefix, cache.namespace, twins)
 
 
 def _repin(engine, token_ids: list[int], pinned: int, ttl: float, namespace: str) -> int:
     if pinned:
         engine.unpin_prefix(token_ids[:pinned], namespace)
     return engine.pin_prefix(token_ids, ttl, namespace)
-
-
-def _unpin_keeping(engine, prefix: list[int], namespace: str, twins: list[tuple[list[int], float]]) -> None:
-    engine.unpin_prefix(prefix, namespace)
-    for tokens, ttl in twins:
-        engine.pin_prefix(tokens, ttl, namespace)
 
 
 # ---- times ------------------------------------------------------------------------------
@@ -241,9 +257,12 @@ def parse_expire_time(value: str, now: float) -> float:
     return seconds
 
 
-def expiry_from(ttl: str | float | int | None, expire_time: str | None, now: float, default_ttl: float) -> float:
+def parse_lifetime(
+    ttl: str | float | int | None, expire_time: str | None, now: float, default_ttl: float
+) -> tuple[float | None, float | None]:
+    """(ttl seconds, None) or (None, expire epoch seconds) from a request's ttl / expire_time."""
     if ttl is not None and expire_time is not None:
         raise APIError(400, "give either ttl or expire_time, not both", param="ttl")
     if expire_time is not None:
-        return parse_expire_time(expire_time, now)
-    return now + (parse_ttl(ttl) if ttl is not None else default_ttl)
+        return None, parse_expire_time(expire_time, now)
+    return (parse_ttl(ttl) if ttl is not None else default_ttl), None

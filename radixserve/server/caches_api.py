@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from radixserve.server.caches import expiry_from
+from radixserve.server.caches import parse_lifetime
 from radixserve.server.errors import APIError
 from radixserve.server.parsing import parse_model, read_json
 from radixserve.server.prompting import ChatTurn
@@ -102,10 +102,10 @@ async def create_cache(request: Request) -> JSONResponse:
     model = (body.model or state.model_name).removeprefix("models/")
     state.check_model(model)
     store = state.caches
-    expire = _expiry(body, store.clock(), state.config.named_cache_default_ttl)
+    ttl, expire_time = parse_lifetime(body.ttl, body.expire_time, store.clock(), state.config.named_cache_default_ttl)
     cache = await store.create(
         owner=tenant.key_namespace, namespace=tenant.namespace(body.cache_salt), model=state.model_name,
-        display_name=body.display_name, turns=body.turns(), expire_time=expire,
+        display_name=body.display_name, turns=body.turns(), ttl=ttl, expire_time=expire_time,
     )
     return JSONResponse(cache.to_json())
 
@@ -132,7 +132,9 @@ async def update_cache(cache_id: str, request: Request) -> JSONResponse:
     if body.ttl is None and body.expire_time is None:
         raise APIError(400, "give a new ttl or expire_time", param="ttl")
     store = state.caches
-    expire = _expiry(body, store.clock(), state.config.named_cache_default_ttl)
+    now = store.clock()
+    ttl, expire_time = parse_lifetime(body.ttl, body.expire_time, now, state.config.named_cache_default_ttl)
+    expire = expire_time if expire_time is not None else now + ttl
     return JSONResponse((await store.update(tenant.key_namespace, cache_id, expire)).to_json())
 
 
@@ -142,7 +144,3 @@ async def delete_cache(cache_id: str, request: Request) -> JSONResponse:
     tenant = state.auth.authenticate(request)
     await state.caches.delete(tenant.key_namespace, cache_id)
     return JSONResponse({})
-
-
-def _expiry(body: _Lifetime, now: float, default_ttl: float) -> float:
-    return expiry_from(body.ttl, body.expire_time, now, default_ttl)
