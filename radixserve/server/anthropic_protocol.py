@@ -128,8 +128,10 @@ def _blocks(content: str | list[ContentBlock], where: str) -> tuple[list[str], l
     texts: list[str] = []
     marks: list[tuple[int, str]] = []
     for j, block in enumerate(content):
-        if block.type != "text" or block.text is None:
+        if block.type != "text":
             raise APIError(400, f"{where}.{j}: content block type {block.type!r} is not supported; only 'text' blocks are")
+        if block.text is None:
+            raise APIError(400, f"{where}.{j}.text: field required")
         if block.cache_control is not None:
             if not block.text:
                 raise APIError(400, f"{where}.{j}: cache_control cannot be set for empty text blocks")

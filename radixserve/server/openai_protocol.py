@@ -155,10 +155,12 @@ def _content_text(content: str | list[ContentPart] | None, where: str) -> str:
         return content
     texts = []
     for j, part in enumerate(content):
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise APIError(
                 400, f"{where}.{j}: content part type {part.type!r} is not supported; only 'text' parts are",
                 param=f"{where}.{j}.type",
             )
+        if part.text is None:
+            raise APIError(400, f"{where}.{j}.text: field required", param=f"{where}.{j}.text")
         texts.append(part.text)
     return "".join(texts)  # OpenAI concatenates text parts
