@@ -1,0 +1,182 @@
+"""Replay a request log through the engine's own prefix cache, without a model.
+
+Each request is admitted, prefilled (in chunks of the scheduler's token budget) and freed, one
+at a time, by the engine's KVCacheManager over the real BlockPool and RadixTree: the same
+match (capped at n-1 tokens), the same block-aligned inserts, the same LRU eviction when the pool
+runs short. A request is a real ``Request`` with ``max_tokens=1`` that never decodes, so only its
+prompt is computed and cached, as in the engine with ``max_tokens=1``. The prediction therefore
+cannot drift from what the engine does, as long as requests do not overlap in time (concurrent
+requests can only hit more: in-flight sharing, never less).
+
+Time: the tree's LRU clock is the log's timestamps (or the request index when the log has none).
+A TTL, when given, drops every cached block that went unused for longer before each request, as a
+hosted prompt cache does (the engine itself keeps blocks until memory runs short).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from radixserve.advisor.logs import PromptRequest
+from radixserve.cache.manager import KVCacheManager
+from radixserve.request import Request
+from radixserve.sampling import SamplingParams
+
+# Replays one request at a time, so this only names the cache's key; any constant does.
+_MODEL_KEY = "advisor"
+
+
+@dataclass(slots=True)
+class ReplayConfig:
+    """The cache being simulated.
+
+    capacity_blocks: KV pool size in blocks (None: large enough that nothing is ever evicted).
+    max_num_batched_tokens: the scheduler's per-step budget (prefill chunk size), as in the engine.
+    max_model_len: prompts this long or longer are rejected, as the engine does.
+    """
+
+    block_size: int = 16
+    capacity_blocks: int | None = None
+    ttl: float | None = None
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.capacity_blocks is not None and self.capacity_blocks < 1:
+            raise ValueError(f"the capacity must be at least one block, got {self.capacity_blocks}")
+        if self.ttl is not None and self.ttl <= 0:
+            raise ValueError(f"ttl must be > 0 seconds, got {self.ttl}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass(slots=True)
+class ReplayResult:
+    """What the cache did for each request of the log, and in total."""
+
+    config: ReplayConfig
+    num_blocks: int  # pool size actually simulated
+    cached_tokens: list[int]  # per request: prompt tokens read from the cache (-1: rejected)
+    query_tokens: int = 0  # prompt tokens of the replayed requests
+    hit_tokens: int = 0
+    hits: int = 0  # requests that reused at least one block
+    evicted_blocks: int = 0  # dropped to make room
+    expired_blocks: int = 0  # dropped by the TTL
+    peak_cached_blocks: int = 0
+    rejected: list[int] = field(default_factory=list)  # indices of requests that could not run
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.cached_tokens) - len(self.rejected)
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of prompt tokens read from the cache (the engine's hit_tokens/query_tokens)."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    @property
+    def request_hit_rate(self) -> float:
+        """Fraction of requests that reused at least one block."""
+        return self.hits / self.num_requests if self.num_requests else 0.0
+
+
+class _ReplayClock:
+    """The tree's clock: the current request's arrival time."""
+
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def blocks_to_hold(requests: Sequence[PromptRequest], block_size: int) -> int:
+    """A pool size at which nothing is ever evicted: every prompt's blocks, plus one request's."""
+    total = sum(-(-(r.num_tokens + 1) // block_size) for r in requests)
+    return max(total, 1) + 1
+
+
+def replay(
+    requests: Sequence[PromptRequest],
+    config: ReplayConfig,
+    progress: Callable[[Iterable[PromptRequest]], Iterable[PromptRequest]] | None = None,
+) -> ReplayResult:
+    """Run ``requests`` in order through a KVCacheManager of ``config.capacity_blocks`` blocks."""
+    bs = config.block_size
+    num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, bs)
+    clock = _ReplayClock()
+    cache = KVCacheManager(num_blocks, bs, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
+    tree = cache.tree
+    assert tree is not None
+    result = ReplayResult(config, num_blocks, [0] * len(requests))
+    params = SamplingParams(max_tokens=1, temperature=0.0)
+    budget = config.max_num_batched_tokens
+    ttl = config.ttl
+    last_time = -float("inf")
+    oldest = -float("inf")  # no cached block was used before this: no TTL sweep needed until then
+    iterable: Iterable[PromptRequest] = progress(requests) if progress is not None else requests
+    for i, req in enumerate(iterable):
+        n = req.num_tokens
+        # The engine's admission checks (LLMEngine._check_fits with max_tokens=1).
+        too_long = config.max_model_len is not None and n + 1 > config.max_model_len
+        if too_long or -(-(n + 1) // bs) > num_blocks:
+            result.cached_tokens[i] = -1
+            result.rejected.append(i)
+            continue
+        # Log timestamps can be out of order (several writers); the tree needs a monotonic clock.
+        t = float(i) if req.timestamp is None else req.timestamp
+        last_time = max(last_time, t)
+        clock.now = last_time
+        if ttl is not None and clock.now - ttl > oldest:
+            expired, oldest_left = _expire(cache, clock.now - ttl)
+            # Blocks used from now on are at least this recent.
+            oldest = min(oldest_left, clock.now)
+            result.expired_blocks += expired
+        request = Request(
+            request_id=str(i), prompt=None, prompt_token_ids=req.token_ids, sampling=params, namespace=req.namespace
+        )
+        evicted_before = cache.stats.evicted_blocks
+        cached = cache.admit(request)
+        # Prefill in chunks of the step budget, caching each chunk's full blocks as the engine
+        # does after every step (evictions then interleave with inserts exactly as they do there).
+        while request.num_computed_tokens < n:
+            num_new = min(n - request.num_computed_tokens, budget)
+            if not cache.allocate_slots(request, num_new):
+                break  # cannot happen: everything but this request's own blocks is evictable
+            request.num_computed_tokens += num_new
+            cache.cache_computed(request)
+        result.peak_cached_blocks = max(result.peak_cached_blocks, tree.num_cached_blocks)
+        cache.free(request)
+        result.evicted_blocks += cache.stats.evicted_blocks - evicted_before
+        result.cached_tokens[i] = cached
+        result.query_tokens += n
+        result.hit_tokens += cached
+        result.hits += cached > 0
+    return result
+
+
+def _expire(cache: KVCacheManager, cutoff: float) -> tuple[int, float]:
+    """Drop every cached block last used before ``cutoff``.
+
+    Returns (blocks dropped, the oldest LRU time left in the tree). A node's LRU time is never
+    older than any of its descendants' (a match or insert stamps the whole path), so the expired
+    nodes are exactly the oldest ones and ``evict`` (LRU, leaves first) takes precisely them
+    when asked for their total.
+    """
+    tree = cache.tree
+    assert tree is not None
+    stale = 0
+    oldest = float("inf")
+    for node in tree.iter_nodes():
+        if node.last_access < cutoff and node.lock_ref == 0:
+            stale += node.num_blocks
+        else:
+            oldest = min(oldest, node.last_access)
+    if stale == 0:
+        return 0, oldest
+    return tree.evict(stale), oldest
