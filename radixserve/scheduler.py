@@ -130,9 +130,11 @@ class Scheduler:
         scores = {id(r): self.cache.peek_cached_tokens(r) for r in others}
         others.sort(key=lambda r: -scores[id(r)])  # stable: FCFS among equals
         ordered = starving + others
-        for position, request in enumerate(ordered):
-            if position > window.index(request):
+        latest_ahead = float("-inf")
+        for request in ordered:  # passed over: someone who arrived later is ahead of it
+            if latest_ahead > request.arrival_time:
                 request.times_deferred += 1
+            latest_ahead = max(latest_ahead, request.arrival_time)
         self.waiting.extendleft(reversed(ordered))
 
     def _should_wait_for_shared_prefix(self, request: Request, in_flight: list[Request]) -> bool:

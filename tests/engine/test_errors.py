@@ -57,7 +57,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model", "/no/such/model"], "does not exist"),
+        (["--model", "/no/such/model"], "not found"),
         (["--prompt", "hi", "--max-tokens", "-3"], "max_tokens"),
         (["--prompt", ""], "empty"),
     ],
