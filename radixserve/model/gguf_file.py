@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 _MAGIC = b"GGUF"
 
@@ -51,6 +52,21 @@ class GGUFTensor:
 
         out = dequantize(self.data, GGMLQuantizationType(self.qtype))
         return out.reshape(self.shape)
+
+    def dequantize_torch(self) -> torch.Tensor:
+        """float32 tensor of `shape`, bit-identical to `dequantize()`.
+
+        The common block formats (Q4_0, Q4_1, Q8_0) are decoded with multithreaded torch ops,
+        several times faster than gguf's numpy code; others fall back to it.
+        """
+        fast = _TORCH_DEQUANT.get(self.qtype)
+        if fast is None:
+            arr = self.dequantize()
+            if not arr.flags.writeable or not arr.flags.c_contiguous:  # F32 data is a read-only memmap view
+                arr = np.array(arr, order="C")
+            return torch.from_numpy(arr)
+        raw = torch.from_numpy(np.array(self.data, copy=True)).view(-1, _BLOCK_BYTES[self.qtype])
+        return fast(raw).reshape(self.shape)
 
 
 class GGUFFile:
@@ -134,3 +150,38 @@ class GGUFFile:
                 return arr.tolist()
             return [self._value(item_type) for _ in range(count)]
         raise ValueError(f"unknown GGUF metadata type {vtype}")
+
+
+# ---- torch block decoders (same fp32 arithmetic as gguf.quants, so results are bit-identical) --
+
+_Q4_0, _Q4_1, _Q8_0 = 2, 3, 8
+_BLOCK_BYTES = {_Q4_0: 18, _Q4_1: 20, _Q8_0: 34}
+
+
+def _scales(raw: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` little-endian fp16 scale fields at the start of each block -> fp32 [n, count]."""
+    return raw[:, : 2 * count].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 packed bytes -> 32 fp32 values: low nibbles are elements 0..15, high nibbles 16..31."""
+    out = torch.empty(qs.shape[0], 32)
+    out[:, :16] = qs & 0x0F
+    out[:, 16:] = qs >> 4
+    return out
+
+
+def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    return _nibbles(raw[:, 2:]).sub_(8.0).mul_(_scales(raw, 1))
+
+
+def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    dm = _scales(raw, 2)
+    return _nibbles(raw[:, 4:]).mul_(dm[:, 0:1]).add_(dm[:, 1:2])
+
+
+def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    return raw[:, 2:].contiguous().view(torch.int8).float().mul_(_scales(raw, 1))
+
+
+_TORCH_DEQUANT = {_Q4_0: _dequant_q4_0, _Q4_1: _dequant_q4_1, _Q8_0: _dequant_q8_0}

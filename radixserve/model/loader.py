@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -184,13 +183,13 @@ def gguf_to_hf_name(name: str) -> str | None:
     return None
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo convert_hf_to_gguf's Q/K row permutation.
+def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's Q/K row permutation (works on torch tensors and numpy arrays).
 
     llama.cpp rotates interleaved pairs (x0, x1), (x2, x3)...; HF rotates halves (x_i, x_{i+d/2}).
     The converter reorders each head's rows from [half0 | half1] to interleaved; put them back.
     """
-    shape = w.shape
+    shape = tuple(w.shape)
     head_dim = shape[0] // n_heads
     return w.reshape(n_heads, head_dim // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
@@ -246,19 +245,17 @@ def _gguf_weights(g: GGUFFile, arch: ModelArch, model: LlamaForCausalLM, dtype: 
     for t in tqdm(g.tensors, desc="Loading GGUF tensors", unit="tensor", disable=not progress, leave=False):
         if t.name == "rope_freqs.weight":
             # Llama 3.x GGUFs store their RoPE scaling as per-frequency divisors.
-            model.rotary.set_freq_factors(torch.from_numpy(t.dequantize().astype(np.float32).copy()))
+            model.rotary.set_freq_factors(t.dequantize_torch().float())
             continue
         hf = gguf_to_hf_name(t.name)
         if hf is None:
             raise ModelLoadError(f"GGUF tensor {t.name!r} is not part of a llama model")
-        w = t.dequantize()
+        w = t.dequantize_torch()
         if ".self_attn.q_proj." in hf:
             w = unpermute_qk(w, arch.num_heads)
         elif ".self_attn.k_proj." in hf:
             w = unpermute_qk(w, arch.num_kv_heads)
-        if not w.flags.writeable or not w.flags.c_contiguous:  # F32 tensors are read-only memmap views
-            w = np.array(w, order="C")
-        yield hf, torch.from_numpy(w).to(dtype)
+        yield hf, w.to(dtype)
 
 
 def _load_gguf(

@@ -126,6 +126,7 @@ class Tokenizer:
         self.eos_token_ids: set[int] = eos
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._fingerprint: str | None = None
+        self._special_ids: frozenset[int] | None = None
 
     # ---- construction -------------------------------------------------------------------
 
@@ -264,9 +265,15 @@ class Tokenizer:
 
     def is_special(self, token_id: int) -> bool:
         """Whether decode(skip_special_tokens=True) drops this id."""
-        return self.backend.decode([token_id], skip_special_tokens=True) == "" and self.backend.decode(
-            [token_id], skip_special_tokens=False
-        ) != ""
+        return token_id in self.special_token_ids
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the tokens registered as special (control tokens such as <|im_start|>)."""
+        if self._special_ids is None:
+            added = self.backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        return self._special_ids
 
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any

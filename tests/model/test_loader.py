@@ -126,6 +126,8 @@ def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def test_unpermute_inverts_llamacpp_permute():
     w = np.random.default_rng(0).standard_normal((6 * 8, 5)).astype(np.float32)
     np.testing.assert_array_equal(unpermute_qk(_llamacpp_permute(w, 6), 6), w)
+    t = torch.from_numpy(_llamacpp_permute(w, 6))
+    torch.testing.assert_close(unpermute_qk(t, 6), torch.from_numpy(w), rtol=0, atol=0)
     b = np.arange(6 * 8, dtype=np.float32)
     np.testing.assert_array_equal(unpermute_qk(_llamacpp_permute(b, 6), 6), b)
 
@@ -207,3 +209,19 @@ def test_gguf_written_like_llamacpp_matches_transformers(tmp_path, embedded_gguf
         ours = paged_logits(lm.model, ids, chunks)
         err = ((ours.double() - expected.double()).norm() / expected.double().norm()).item()
         assert err < 1e-4, f"chunks={chunks}: rel err {err:.2e}"
+
+
+def test_torch_dequant_bit_identical_to_gguf(embedded_gguf):
+    import gguf
+
+    from radixserve.model.gguf_file import GGUFTensor
+
+    rng = np.random.default_rng(0)
+    for qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+        w = (rng.standard_normal((16, 96)) * 0.1).astype(np.float32)
+        raw = gguf.quants.quantize(w, qtype)
+        t = GGUFTensor("x", (16, 96), int(qtype), raw)
+        np.testing.assert_array_equal(t.dequantize_torch().numpy(), t.dequantize())
+    g = GGUFFile(embedded_gguf)
+    for t in g.tensors[:12]:  # Q8_0 embedding, Q4_1 matrices, F32 norms
+        np.testing.assert_array_equal(t.dequantize_torch().numpy(), t.dequantize())
