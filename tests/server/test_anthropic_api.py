@@ -147,7 +147,7 @@ def _pressure(srv, n_tokens: int, seed: int) -> None:
 def test_breakpoint_pin_survives_pressure_until_ttl(embedded_model):
     """A 24-block pool; the pinned system prompt takes 6 blocks and a 273-token prompt needs
     all 18 others, so it evicts every unpinned block. "5m" is scaled down to `ttl` seconds."""
-    ttl = 20.0
+    ttl = 10.0
     config = ServerConfig(min_cacheable_tokens=32, cache_ttl_scale=ttl / 300)
     with start_server(embedded_model, config, num_blocks=24) as srv:
         client = srv.anthropic()
@@ -166,12 +166,12 @@ def test_breakpoint_pin_survives_pressure_until_ttl(embedded_model):
         assert ask(pinned_block, "When is breakfast?").cache_creation_input_tokens == pinned
         assert ask(other_system, "When is breakfast?").cache_read_input_tokens == 0  # the unpinned control
         _pressure(srv, pressure_tokens, 1)
-        assert srv.metrics()["radixserve_prefix_cache_evicted_blocks_total"] > 0
-        assert ask(other_system, "When is breakfast?").cache_read_input_tokens == 0  # evicted
         hit = ask([{"type": "text", "text": system}], "Is there a pool?")  # no cache_control: no refresh
-        if time.monotonic() - started > ttl - 1:
+        if time.monotonic() - started > ttl - 0.5:
             pytest.skip("the machine was too slow to finish before the TTL; nothing was checked")
-        assert hit.cache_read_input_tokens == pinned  # the pinned system prompt survived the pressure
+        assert hit.cache_read_input_tokens == pinned  # the pinned system prompt survived the pressure ...
+        assert ask(other_system, "When is breakfast?").cache_read_input_tokens == 0  # ... the unpinned one did not
+        assert srv.metrics()["radixserve_prefix_cache_evicted_blocks_total"] > 0
 
         time.sleep(max(0.0, ttl + 0.5 - (time.monotonic() - started)))
         _pressure(srv, 23 * 16 + 1, 2)  # needs the whole pool: possible only once the pin lapsed
