@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from radixserve.model.arch import ModelArch, parse_dtype
 
 
-@dataclass
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where the T new tokens of a step come from and where their K/V goes.
 
@@ -110,7 +110,7 @@ class AttentionMetadata:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class KVCache:
     """The paged KV pool: per layer, key and value tensors [num_blocks, block_size, kv_heads, head_dim].
 

@@ -69,6 +69,9 @@ class RotaryEmbedding:
 
     def __init__(self, arch: ModelArch, freq_factors: torch.Tensor | None = None) -> None:
         self.arch = arch
+        # Table size built up front (the loader sets it to the serving context length). On CPU
+        # the table also grows on demand; on GPU reading positions would cost a device sync.
+        self.max_positions = arch.max_position_embeddings
         # llama.cpp GGUFs of Llama 3.x carry their scaled frequencies as per-frequency divisors.
         self.freq_factors = freq_factors
         self._cos: torch.Tensor | None = None
@@ -88,7 +91,7 @@ class RotaryEmbedding:
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, head_dim/2] in `dtype` for the given positions."""
         cos = self._cos
-        need = self.arch.max_position_embeddings
+        need = self.max_positions
         if positions.device.type == "cpu" and positions.numel():
             # Cheap on CPU; lets positions run past max_position_embeddings if a user asks.
             need = max(need, int(positions.max()) + 1)

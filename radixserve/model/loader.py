@@ -89,6 +89,7 @@ def load_model(config: ModelConfig, backend: AttentionBackend | None = None) -> 
     except Exception as e:  # safetensors / numpy raise their own types on corrupt files
         raise ModelLoadError(f"could not load model from {source!r}: {type(e).__name__}: {e}") from e
     loaded.max_model_len = config.max_model_len or loaded.arch.max_position_embeddings
+    loaded.model.rotary.max_positions = loaded.max_model_len
     return loaded
 
 
