@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from radixserve.advisor.curve import capacity_curve
+from radixserve.advisor.curve import CapacityCurve, capacity_curve
 from radixserve.advisor.findings import (
     SEVERITY_ORDER,
     Finding,
@@ -132,7 +132,8 @@ def analyze(
     min_loss = max(bs, int(_MIN_LOSS_FRACTION * main.query_tokens))
     churn = no_cap.hit_tokens - main.hit_tokens
     if capacity is not None and churn >= min_loss:
-        findings.append(_churn_finding(main, no_cap, curve.knee_tokens, kv_per_token, bs))
+        below_knee = main.hit_rate < curve.target * curve.max_hit_rate
+        findings.append(_churn_finding(main, no_cap, curve, kv_per_token, bs, below_knee))
     expired = no_ttl.hit_tokens - main.hit_tokens
     if base.ttl is not None and expired >= min_loss:
         findings.append(_ttl_finding(main, no_ttl, base.ttl, requests))
@@ -194,24 +195,42 @@ def _savings(result: ReplayResult, requests: Sequence[PromptRequest], config: Ad
     )
 
 
-def _churn_finding(main: ReplayResult, no_cap: ReplayResult, knee_tokens: int | None, kv_per_token: int, bs: int) -> Finding:
+def _churn_finding(
+    main: ReplayResult, no_cap: ReplayResult, curve: CapacityCurve, kv_per_token: int, bs: int, below_knee: bool
+) -> Finding:
+    """Hits lost to evictions. Below the knee of the curve it is the working set not fitting
+    (high); past it, the tail of rarely reused prefixes that only a much larger cache keeps (info)."""
     lost = no_cap.hit_tokens - main.hit_tokens
     capacity_tokens = main.num_blocks * bs
-    knee = knee_tokens or capacity_tokens
-    fix = (
-        f"Give the cache at least ~{knee:,} tokens of KV ({_gib(knee * kv_per_token)} for this model): the hit rate "
-        f"reaches 95% of its maximum there (see the capacity curve). Otherwise keep fewer long prefixes alive at "
-        f"once: route requests with the same prefix to the same replica, or merge near-identical prompts."
+    knee = curve.knee_tokens or capacity_tokens
+    everything = curve.points[-1].capacity_tokens if curve.points else capacity_tokens
+    detail = (
+        f"At {capacity_tokens:,} tokens ({_gib(capacity_tokens * kv_per_token)}) the hit rate is "
+        f"{main.hit_rate:.1%}; with room for everything it would be {no_cap.hit_rate:.1%}. "
+        f"{main.evicted_blocks:,} blocks were evicted to make room, and prefixes still in use went with them."
     )
+    if below_knee:
+        title = f"The working set exceeds the cache: {lost:,} prompt tokens re-prefilled after eviction"
+        fix = (
+            f"Give the cache at least ~{knee:,} tokens of KV ({_gib(knee * kv_per_token)} for this model): the hit "
+            f"rate reaches {curve.target:.0%} of its maximum there (see the capacity curve). Otherwise keep fewer long "
+            f"prefixes alive at once: route requests with the same prefix to the same replica, or merge near-identical "
+            f"prompts."
+        )
+        suggested = knee
+    else:
+        title = f"Past the saturation point, evictions still cost {lost:,} prompt tokens"
+        fix = (
+            f"The cache is past the knee of the curve ({knee:,} tokens); keeping every prefix takes "
+            f"~{everything:,} tokens ({_gib(everything * kv_per_token)}), worth it only if those rarely reused "
+            f"prefixes are long."
+        )
+        suggested = everything
     return Finding(
         kind="churn",
-        severity="high",
-        title=f"The working set exceeds the cache: {lost:,} prompt tokens re-prefilled after eviction",
-        detail=(
-            f"At {capacity_tokens:,} tokens ({_gib(capacity_tokens * kv_per_token)}) the hit rate is "
-            f"{main.hit_rate:.1%}; with room for everything it would be {no_cap.hit_rate:.1%}. "
-            f"{main.evicted_blocks:,} blocks were evicted and later needed again."
-        ),
+        severity="high" if below_knee else "info",
+        title=title,
+        detail=detail,
         fix=fix,
         requests=sum(1 for a, b in zip(main.cached_tokens, no_cap.cached_tokens) if b > a),
         tokens_lost=lost,
@@ -220,8 +239,9 @@ def _churn_finding(main: ReplayResult, no_cap: ReplayResult, knee_tokens: int | 
             "hit_rate": main.hit_rate,
             "hit_rate_unbounded": no_cap.hit_rate,
             "evicted_blocks": main.evicted_blocks,
-            "suggested_capacity_tokens": knee,
-            "suggested_capacity_bytes": knee * kv_per_token,
+            "below_saturation": below_knee,
+            "suggested_capacity_tokens": suggested,
+            "suggested_capacity_bytes": suggested * kv_per_token,
         },
     )
 

@@ -238,9 +238,15 @@ def divergence_findings(
 
     for pair in pairs:
         parent[find(pair.request)] = find(pair.partner)
-    groups: dict[int, list[DivergencePair]] = defaultdict(list)
+    components: dict[int, list[DivergencePair]] = defaultdict(list)
     for pair in pairs:
-        groups[find(pair.request)].append(pair)
+        components[find(pair.request)].append(pair)
+    # Namespaces never share, so the same pattern in several tenants forms several components;
+    # report it once, keyed by the start of the shared content.
+    groups: dict[tuple[int, ...], list[DivergencePair]] = defaultdict(list)
+    for component in components.values():
+        first = component[0]
+        groups[tuple(requests[first.request].token_ids[first.start : first.start + 16])].extend(component)
     findings = []
     for group in groups.values():
         members = {p.request for p in group} | {p.partner for p in group}
@@ -307,6 +313,7 @@ def _divergence_finding(
             "shared_start_text": shared_start_text,
             "examples": examples,
             "request_indices": sorted({p.request for p in group} | {p.partner for p in group})[:50],
+            "namespaces": sorted({requests[p.request].namespace for p in group}),
         },
     )
 

@@ -53,7 +53,9 @@ def render_png(report: AdviceReport, path: str | Path, title: str | None = None)
     boxes: list[tuple[PrefixNode, float, int]] = []  # (node, y0, max_end of what it stands for)
     y = 0.0
     max_x = max((r.num_tokens for r in requests), default=1)
+    bands: list[tuple[float, int, str]] = []  # (top row, rows, namespace) of each root's band
     for root in roots:
+        bands.append((y, root.count, root.namespace))
         stack: list[tuple[PrefixNode, float]] = [(root, y)]
         while stack:
             node, y0 = stack.pop()
@@ -106,20 +108,25 @@ def render_png(report: AdviceReport, path: str | Path, title: str | None = None)
                     ax.add_patch(Rectangle((start, row_of[idx] + 0.1), pair.length, 0.8, facecolor=_LOST,
                                            alpha=0.35, hatch="///", edgecolor=_LOST, linewidth=0.0))
                     lost_drawn = True
-        for finding in report.findings:
-            if finding.kind != "early_divergence":
-                continue
+        divergences = [f for f in report.findings if f.kind == "early_divergence"][:3]
+        for k, finding in enumerate(divergences):
             d = finding.data["divergence_token"]
             ax.axvline(d, color=_LOST, linestyle="--", linewidth=1.2)
             example = finding.data["examples"][0]["varying_text"] if finding.data.get("examples") else ""
             ax.annotate(
-                f"diverges at token {d}: \"{_tex_safe(example)}\"\n~{finding.data['shared_tokens']} shared tokens "
-                f"after it are not reused",
-                xy=(d, height * 0.02), xytext=(d + 0.04 * max_x, -0.06 * height), color=_LOST, fontsize=9,
-                arrowprops={"arrowstyle": "->", "color": _LOST}, annotation_clip=False,
+                f"diverges at token {d}: \"{_tex_safe(example)}\" ({finding.requests} requests);\n"
+                f"~{finding.data['shared_tokens']} shared tokens after it are not reused",
+                xy=(d, height * 0.02), xytext=(d + 0.04 * max_x + 0.3 * max_x * k, -0.07 * height), color=_LOST,
+                fontsize=8 if len(divergences) > 1 else 9, arrowprops={"arrowstyle": "->", "color": _LOST},
+                annotation_clip=False,
             )
+        if len(bands) > 1:
+            for top, rows, namespace in bands:
+                ax.axhline(top, color="black", linewidth=0.6)
+                ax.text(max_x * 1.015, top + rows / 2, f"namespace {namespace or '(default)'}", rotation=90,
+                        va="center", ha="left", fontsize=7, color="#333333", clip_on=True)
 
-    ax.set_xlim(0, max_x * 1.02)
+    ax.set_xlim(0, max_x * (1.04 if len(bands) > 1 else 1.02))
     ax.set_ylim(height, -0.14 * height if report.divergence_pairs else 0)  # row 0 on top
     ax.set_xlabel("position in the prompt (tokens)")
     ax.set_ylabel(f"requests ({len(requests)}, one row each)")

@@ -5,8 +5,8 @@ at a time, by the engine's KVCacheManager over the real BlockPool and RadixTree:
 match (capped at n-1 tokens), the same block-aligned inserts, the same LRU eviction when the pool
 runs short. A request is a real ``Request`` with ``max_tokens=1`` that never decodes, so only its
 prompt is computed and cached, as in the engine with ``max_tokens=1``. The prediction therefore
-cannot drift from what the engine does, as long as requests do not overlap in time (concurrent
-requests can only hit more: in-flight sharing, never less).
+cannot drift from what the engine does when requests do not overlap in time. (Overlapping ones
+also share prefixes still being prefilled, and compete for memory: the replay models neither.)
 
 Time: the tree's LRU clock is the log's timestamps (or the request index when the log has none).
 A TTL, when given, drops every cached block that went unused for longer before each request, as a

@@ -258,8 +258,9 @@ class AdviceReport:
         if not self.top_prefixes:
             add("  none: no two requests share a prefix")
         for i, p in enumerate(self.top_prefixes, start=1):
+            where = f" in namespace {p.namespace!r}" if namespaces > 1 else ""
             add(
-                f"  {i}. {p.requests:,} requests share {p.tokens:,} tokens ({human_bytes(p.tokens * kv)} of KV), "
+                f"  {i}. {p.requests:,} requests{where} share {p.tokens:,} tokens ({human_bytes(p.tokens * kv)} of KV), "
                 f"then branch {p.branches:,} ways"
             )
             add(f"     starts \"{p.start_text}\"  ...  ends \"{p.end_text}\"")

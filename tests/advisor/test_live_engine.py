@@ -112,9 +112,9 @@ def test_interleaved_system_prompts_under_small_capacity_match_engine(tiny_model
 def test_embedded_model_matches_engine(embedded_model, tokenizer, tmp_path, kind):
     """The same check with SmolLM2's real weights, on logs short enough for a CPU."""
     if kind == "shared":
-        records, capacity = generated_logs.shared_system_log(tokenizer, num_requests=4, system_tokens=1000), None
+        records, capacity = generated_logs.shared_system_log(tokenizer, num_requests=4, system_tokens=500), None
     elif kind == "request_id":
-        records, capacity = generated_logs.request_id_log(tokenizer, num_requests=3, system_tokens=1000), None
+        records, capacity = generated_logs.request_id_log(tokenizer, num_requests=3, system_tokens=500), None
     else:
         records, capacity = generated_logs.interleaved_log(tokenizer, num_requests=8, system_tokens=200), 40
     report, live_rate, live_cached = predict_and_compare(embedded_model, records, tmp_path, capacity)
