@@ -107,7 +107,8 @@ def analyze(
 
     curve_bar = _curve_bar(progress, config.curve_points)
     curve = capacity_curve(
-        requests, base, unbounded=no_cap, num_points=config.curve_points, target=config.curve_target,
+        requests, base, unbounded=no_cap, known={capacity: main} if capacity is not None else None,
+        num_points=config.curve_points, target=config.curve_target,
         on_replay=curve_bar.update if curve_bar is not None else None,
     )
     if curve_bar is not None:

@@ -52,6 +52,7 @@ def capacity_curve(
     base: ReplayConfig,
     *,
     unbounded: ReplayResult | None = None,
+    known: dict[int, ReplayResult] | None = None,
     num_points: int = 10,
     target: float = 0.95,
     refine_steps: int = 6,
@@ -59,7 +60,8 @@ def capacity_curve(
 ) -> CapacityCurve:
     """Replay ``requests`` at ``num_points`` capacities (plus up to ``refine_steps`` bisection
     steps around the knee). ``base`` gives everything but the capacity; ``unbounded`` is a
-    replay of ``base`` with no capacity limit, if one was already made."""
+    replay of ``base`` with no capacity limit, if one was already made; ``known`` maps capacities
+    (blocks) already replayed to their results, which join the curve (e.g. the configured one)."""
     bs = base.block_size
     if unbounded is None:
         unbounded = replay(requests, dataclasses.replace(base, capacity_blocks=None))
@@ -67,7 +69,7 @@ def capacity_curve(
     lo = max((-(-(r.num_tokens + 1) // bs) for r in runnable), default=1)
     # Enough for the largest cached state plus the request being prefilled: nothing is evicted.
     hi = max(lo, unbounded.peak_cached_blocks + lo)
-    results: dict[int, ReplayResult] = {}
+    results: dict[int, ReplayResult] = {b: r for b, r in (known or {}).items() if lo <= b <= hi}
 
     def run(blocks: int) -> ReplayResult:
         if blocks not in results:
@@ -76,7 +78,7 @@ def capacity_curve(
                 on_replay()
         return results[blocks]
 
-    grid = geometric_grid(lo, hi, num_points)
+    grid = sorted(set(geometric_grid(lo, hi, num_points)) | set(results))
     for blocks in grid:
         run(blocks)
     max_rate = results[hi].hit_rate
