@@ -50,6 +50,7 @@ def test_disconnect_while_waiting_for_non_streamed_reply(server):
     _assert_no_leak(server, before)
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_streams(server):
     tok = server.tokenizer
     questions = [f"Question {i}: what is {i} plus {i}?" for i in range(50)]
