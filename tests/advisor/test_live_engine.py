@@ -119,3 +119,9 @@ def test_embedded_model_matches_engine(embedded_model, tokenizer, tmp_path, kind
         records, capacity = generated_logs.interleaved_log(tokenizer, num_requests=8, system_tokens=200), 40
     report, live_rate, live_cached = predict_and_compare(embedded_model, records, tmp_path, capacity)
     _check(report, live_rate, live_cached)
+
+
+def test_prefill_rate_is_measured_on_the_engine(tiny_model):
+    from radixserve.advisor.prefill_rate import measure_prefill_rate
+
+    assert measure_prefill_rate(tiny_model, num_tokens=64, repeats=1) > 0

@@ -126,3 +126,16 @@ def test_human_bytes():
     assert human_bytes(512) == "512 B"
     assert human_bytes(1536) == "1.5 KiB"
     assert human_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_model_info_without_weights(tmp_path):
+    from radixserve.advisor import load_model_info
+    from radixserve.errors import ModelLoadError
+
+    tiny = load_model_info("dummy:tiny", "bfloat16")
+    assert tiny.model_id == "dummy:tiny" and tiny.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2
+    assert tiny.kv_formula()["dtype_bytes"] == 2
+    with pytest.raises(ModelLoadError):
+        load_model_info(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelLoadError):
+        load_model_info("dummy:nonexistent")
