@@ -22,7 +22,7 @@ from radixserve.advisor.logs import LoadedLog, PromptRequest
 from radixserve.advisor.model_info import ModelInfo
 from radixserve.advisor.prefix_tree import build_prefix_tree, top_shared_prefixes
 from radixserve.advisor.replay import ReplayConfig, ReplayResult, replay
-from radixserve.advisor.report import AdviceReport, Savings
+from radixserve.advisor.report import AdviceReport, Savings, human_bytes
 
 # A loss is worth a finding when it is at least this fraction of all prompt tokens.
 _MIN_LOSS_FRACTION = 0.02
@@ -206,14 +206,14 @@ def _churn_finding(
     knee = curve.knee_tokens or capacity_tokens
     everything = curve.points[-1].capacity_tokens if curve.points else capacity_tokens
     detail = (
-        f"At {capacity_tokens:,} tokens ({_gib(capacity_tokens * kv_per_token)}) the hit rate is "
+        f"At {capacity_tokens:,} tokens ({human_bytes(capacity_tokens * kv_per_token)}) the hit rate is "
         f"{main.hit_rate:.1%}; with room for everything it would be {no_cap.hit_rate:.1%}. "
         f"{main.evicted_blocks:,} blocks were evicted to make room, and prefixes still in use went with them."
     )
     if below_knee:
         title = f"The working set exceeds the cache: {lost:,} prompt tokens re-prefilled after eviction"
         fix = (
-            f"Give the cache at least ~{knee:,} tokens of KV ({_gib(knee * kv_per_token)} for this model): the hit "
+            f"Give the cache at least ~{knee:,} tokens of KV ({human_bytes(knee * kv_per_token)} for this model): the hit "
             f"rate reaches {curve.target:.0%} of its maximum there (see the capacity curve). Otherwise keep fewer long "
             f"prefixes alive at once: route requests with the same prefix to the same replica, or merge near-identical "
             f"prompts."
@@ -223,7 +223,7 @@ def _churn_finding(
         title = f"Past the saturation point, evictions still cost {lost:,} prompt tokens"
         fix = (
             f"The cache is past the knee of the curve ({knee:,} tokens); keeping every prefix takes "
-            f"~{everything:,} tokens ({_gib(everything * kv_per_token)}), worth it only if those rarely reused "
+            f"~{everything:,} tokens ({human_bytes(everything * kv_per_token)}), worth it only if those rarely reused "
             f"prefixes are long."
         )
         suggested = everything
@@ -271,12 +271,6 @@ def _ttl_finding(main: ReplayResult, no_ttl: ReplayResult, ttl: float, requests:
         tokens_lost=lost,
         data={"ttl_s": ttl, "hit_rate": main.hit_rate, "hit_rate_without_ttl": no_ttl.hit_rate},
     )
-
-
-def _gib(num_bytes: float) -> str:
-    from radixserve.advisor.report import human_bytes
-
-    return human_bytes(num_bytes)
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -142,7 +142,8 @@ def render_png(report: AdviceReport, path: str | Path, title: str | None = None)
         Patch(facecolor=_UNIQUE, label="tokens unique to one request"),
     ]
     if lost_drawn:
-        handles.append(Patch(facecolor=_LOST, alpha=0.35, hatch="///", label="shared content after an early divergence (not reused)"))
+        handles.append(Patch(facecolor=_LOST, alpha=0.35, hatch="///",
+                             label="shared content after an early divergence (not reused)"))
     ax.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=len(handles), fontsize=8,
               frameon=False, borderaxespad=0.2)
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)

@@ -177,13 +177,15 @@ class AdviceReport:
         line = f"{self.num_requests:,} requests" + (f" ({apis})" if apis else "")
         line += f", {namespaces} namespace{'s' if namespaces != 1 else ''}"
         if self.log and self.log.skipped:
-            line += f", {len(self.log.skipped)} lines skipped (first: line {self.log.skipped[0].line}: {self.log.skipped[0].reason})"
+            first = self.log.skipped[0]
+            line += f", {len(self.log.skipped)} lines skipped (first: line {first.line}: {first.reason})"
         add(line)
         if self.log and self.log.lenient:
             what = ", ".join(f"{k} x{v}" for k, v in self.log.lenient.most_common(4))
             add(f"  rendered from their text parts only (the server would refuse them as sent: {what})")
         tokens = [q.num_tokens for q in self.requests]
-        add(f"prompt tokens: {sum(tokens):,} in all, {sum(tokens) / max(1, len(tokens)):,.0f} mean, {max(tokens, default=0):,} max")
+        mean = sum(tokens) / max(1, len(tokens))
+        add(f"prompt tokens: {sum(tokens):,} in all, {mean:,.0f} mean, {max(tokens, default=0):,} max")
         f = self.model.kv_formula()
         add(
             f"model {self.model.model_id}: KV = 2 x {f['layers']} layers x {f['kv_heads']} kv heads x {f['head_dim']} "
@@ -280,7 +282,8 @@ class AdviceReport:
             if after is not None:
                 add(f"      Predicted hit rate after the fix: {r.hit_rate:.1%} -> {after:.1%}")
             if finding.data.get("more_groups"):
-                add(f"      (+ {finding.data['more_groups']} smaller groups like it, {finding.data['more_tokens_lost']:,} tokens)")
+                more, more_lost = finding.data["more_groups"], finding.data["more_tokens_lost"]
+                add(f"      (+ {more} smaller groups like it, {more_lost:,} tokens)")
         for note in self.notes:
             add(f"  note: {note}")
         return "\n".join(out) + "\n"

@@ -130,7 +130,9 @@ def test_bodies_the_server_refuses_are_read_from_their_text(tmp_path, tokenizer)
         "model": "m",
         "tools": [{"type": "function", "function": {"name": "f"}}],
         "messages": [
-            {"role": "user", "content": [{"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "x"}}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "Look:"}, {"type": "image_url", "image_url": {"url": "x"}},
+            ]},
         ],
     }
     log = read_log(_write(tmp_path, [body]), tokenizer)

@@ -19,10 +19,11 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def small_logs(tmp_path_factory, tokenizer):
     """Small versions of the generated logs (300-token system prompts), as files."""
     folder = tmp_path_factory.mktemp("logs")
+    g = generated_logs
     return {
-        "shared": generated_logs.write_jsonl(generated_logs.shared_system_log(tokenizer, 6, 300), folder / "shared.jsonl"),
-        "request_id": generated_logs.write_jsonl(generated_logs.request_id_log(tokenizer, 6, 300), folder / "ids.jsonl"),
-        "interleaved": generated_logs.write_jsonl(generated_logs.interleaved_log(tokenizer, 12, 100), folder / "inter.jsonl"),
+        "shared": g.write_jsonl(g.shared_system_log(tokenizer, 6, 300), folder / "shared.jsonl"),
+        "request_id": g.write_jsonl(g.request_id_log(tokenizer, 6, 300), folder / "ids.jsonl"),
+        "interleaved": g.write_jsonl(g.interleaved_log(tokenizer, 12, 100), folder / "inter.jsonl"),
     }
 
 
