@@ -28,6 +28,8 @@ LONG_SYSTEM = (
     "transfers (book a day ahead) and nearby sights such as Belem Tower and the Alfama district. "
     "Answer in at most two sentences, be warm, and never promise anything the hotel does not offer. "
 ) * 2
+# A few blocks' worth, for tests that only need "some cached tokens".
+SHORT_SYSTEM = LONG_SYSTEM[: len(LONG_SYSTEM) // 4]
 
 
 @dataclass

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from radixserve.server import ServerConfig
-from tests.server.conftest import LONG_SYSTEM, start_server
+from tests.server.conftest import LONG_SYSTEM, SHORT_SYSTEM, start_server
 
 KEY_A, KEY_B = "sk-tenant-a", "sk-tenant-b"
 
@@ -39,7 +39,7 @@ def test_missing_or_wrong_key_is_401(keyed):
 
 
 def test_keys_get_separate_namespaces(keyed):
-    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Where is the pool?"}]
+    messages = [{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": "Where is the pool?"}]
 
     def cached(key: str) -> int:
         r = keyed.openai(api_key=key).chat.completions.create(model="embedded", messages=messages, max_tokens=1)
@@ -52,7 +52,7 @@ def test_keys_get_separate_namespaces(keyed):
 
     def anthropic_cached(key: str) -> int:
         m = keyed.anthropic(api_key=key).messages.create(
-            model="embedded", max_tokens=1, system="Concierge desk notes. " + LONG_SYSTEM,
+            model="embedded", max_tokens=1, system="Concierge desk notes. " + SHORT_SYSTEM,
             messages=[{"role": "user", "content": "Hi"}])
         return m.usage.cache_read_input_tokens
 
@@ -63,7 +63,7 @@ def test_keys_get_separate_namespaces(keyed):
 
 def test_cache_salt_splits_a_tenant(keyed):
     client = keyed.openai(api_key=KEY_A)
-    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "Airport transfer?"}]
+    messages = [{"role": "system", "content": SHORT_SYSTEM}, {"role": "user", "content": "Airport transfer?"}]
 
     def cached(salt: str) -> int:
         return client.chat.completions.create(model="embedded", messages=messages, max_tokens=1,
