@@ -29,12 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
+def server_config_from_args(args: argparse.Namespace):
+    """The ServerConfig the `serve` options describe."""
+    from radixserve.server.config import ServerConfig
 
-    from radixserve.server import ServerConfig, create_app
-
-    config = ServerConfig(
+    return ServerConfig(
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,
@@ -45,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
         cache_ttl_scale=args.cache_ttl_scale,
         log_level=args.log_level,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from radixserve.server import create_app
+
+    config = server_config_from_args(args)
     app = create_app(engine_config_from_args(args), config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
     return 0

@@ -15,6 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
+
+from radixserve.server.errors import APIError
+
 # Several text blocks of one message are joined like paragraphs.
 BLOCK_SEPARATOR = "\n\n"
 
@@ -43,7 +47,13 @@ class ChatPrompt:
 
 
 def render(tokenizer: Any, turns: Sequence[ChatTurn], add_generation_prompt: bool = True) -> str:
-    return tokenizer.apply_chat_template([t.as_message() for t in turns], add_generation_prompt=add_generation_prompt)
+    """The model's chat template over `turns`. Some templates refuse conversations (e.g. roles
+    that do not alternate): that is the client's error, a 400, not a server failure."""
+    messages = [t.as_message() for t in turns]
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise APIError(400, f"the model's chat template rejected the conversation: {e}", param="messages") from None
 
 
 def build_prompt(tokenizer: Any, turns: Sequence[ChatTurn], assistant_prefill: str | None = None) -> ChatPrompt:

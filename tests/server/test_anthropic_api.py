@@ -135,6 +135,12 @@ def test_short_breakpoints_are_not_pinned(embedded_model):
         assert m.usage.cache_creation_input_tokens == 0
 
 
+def test_models_list_in_anthropic_shape(server):
+    models = server.anthropic().models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"]
+    assert models.data[0].type == "model"
+
+
 def test_count_tokens(server):
     r = server.anthropic().messages.count_tokens(model="embedded", system="Be brief.",
                                                  messages=[{"role": "user", "content": "Hello"}])

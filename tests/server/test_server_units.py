@@ -189,3 +189,20 @@ def test_common_prefix_len():
     assert common_prefix_len("abc", "abc") == 3
     assert common_prefix_len([], [1]) == 0
     assert common_prefix_len(list(range(1000)), list(range(777)) + [-1]) == 777
+
+
+def test_serve_command_options():
+    from radixserve.cli import build_parser
+    from radixserve.commands.common import engine_config_from_args
+    from radixserve.commands.serve import server_config_from_args
+
+    args = build_parser().parse_args([
+        "serve", "--port", "9001", "--api-key", "k1", "--api-key", "k2", "--namespace-from-api-key",
+        "--min-cacheable-tokens", "64", "--max-request-bytes", "1000", "--served-model-name", "smol",
+        "--cache-ttl-scale", "0.5", "--num-blocks", "128",
+    ])
+    config = server_config_from_args(args)
+    assert (config.host, config.port, config.api_keys) == ("127.0.0.1", 9001, ["k1", "k2"])
+    assert config.namespace_from_api_key and config.min_cacheable_tokens == 64
+    assert (config.max_request_bytes, config.served_model_name, config.cache_ttl_scale) == (1000, "smol", 0.5)
+    assert engine_config_from_args(args).cache.num_blocks == 128
