@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="larger request bodies are refused with 413")
     g.add_argument("--cache-ttl-scale", type=float, default=1.0,
                    help="testing knob: multiply cache_control TTLs (5m, 1h) by this factor")
+    g.add_argument("--request-log", metavar="PATH", default=None,
+                   help="append each request body (with a timestamp) to this JSONL file for `radixserve advise`; "
+                        "off by default (prompts may be sensitive)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -43,6 +46,7 @@ def server_config_from_args(args: argparse.Namespace):
         max_request_bytes=args.max_request_bytes,
         cache_ttl_scale=args.cache_ttl_scale,
         log_level=args.log_level,
+        request_log=args.request_log,
     )
 
 

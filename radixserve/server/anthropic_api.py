@@ -44,7 +44,8 @@ class _LabelledPin:
 async def create_message(request: Request):
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    body = parse_model(MessagesRequest, await read_json(request, state.config.max_request_bytes))
+    data = await read_json(request, state.config.max_request_bytes)
+    body = parse_model(MessagesRequest, data)
     state.check_model(body.model)
 
     namespace = tenant.namespace(body.cache_salt)
@@ -67,6 +68,7 @@ async def create_message(request: Request):
         top_k=body.top_k or 0,
         stop=list(body.stop_sequences or []),
     )
+    state.log_request("messages", data, namespace)
     stream = await state.submit(prompt.token_ids, params, prefix="msg_", namespace=namespace, cache_pins=engine_pins)
     if not state.prefix_caching:
         pins = []  # nothing gets written to a cache that is off

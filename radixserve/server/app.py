@@ -41,6 +41,8 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await state.async_engine.stop()
+            if state.request_log is not None:
+                state.request_log.close()
 
     app = FastAPI(title="radixserve", summary="LLM inference with automatic prefix caching", lifespan=lifespan)
     app.state.radixserve = state

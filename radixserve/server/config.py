@@ -24,6 +24,7 @@ class ServerConfig:
     named_cache_default_ttl: float = 3600.0  # seconds, when POST /v1/caches gives no ttl/expire_time
     cache_sweep_interval: float = 1.0  # how often expired named caches are unpinned (seconds)
     log_level: str = "info"
+    request_log: str | None = None  # opt-in JSONL of request bodies for `radixserve advise`
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:

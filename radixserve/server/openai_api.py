@@ -64,7 +64,8 @@ def _anthropic_model(state: ServerState) -> dict:
 async def chat_completions(request: Request):
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    body = parse_model(ChatCompletionRequest, await read_json(request, state.config.max_request_bytes))
+    data = await read_json(request, state.config.max_request_bytes)
+    body = parse_model(ChatCompletionRequest, data)
     state.check_model(body.model)
     body.check_supported()
 
@@ -86,6 +87,7 @@ async def chat_completions(request: Request):
         pins.append(pin)
     limit = body.max_tokens_limit
     params = body.sampling_params(limit if limit is not None else state.default_max_tokens(len(prompt.token_ids)))
+    state.log_request("chat", data, namespace)
     stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins)
     created = int(time.time())
     if body.stream:
@@ -145,7 +147,8 @@ async def _chat_events(
 async def completions(request: Request):
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    body = parse_model(CompletionRequest, await read_json(request, state.config.max_request_bytes))
+    data = await read_json(request, state.config.max_request_bytes)
+    body = parse_model(CompletionRequest, data)
     state.check_model(body.model)
     body.check_supported()
     namespace = tenant.namespace(body.cache_salt)
@@ -153,6 +156,7 @@ async def completions(request: Request):
     prompts = []
     for prompt in body.prompts():
         prompts.append(state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+    state.log_request("completions", data, namespace)
     streams: list[RequestStream] = []
     try:
         for ids in prompts:

@@ -8,6 +8,7 @@ import uuid
 
 from fastapi import Request
 
+from radixserve.advisor.request_log import RequestLogWriter
 from radixserve.engine import LLMEngine
 from radixserve.request import CachePin, RequestOutput
 from radixserve.sampling import SamplingParams
@@ -33,6 +34,13 @@ class ServerState:
         self.model_name = config.served_model_name or engine.model_id
         self.created = int(time.time())
         self.caches = NamedCacheStore(self)
+        # opt-in: prompts can be sensitive, so nothing is logged unless a path is given
+        self.request_log = RequestLogWriter(config.request_log) if config.request_log else None
+
+    def log_request(self, api: str, body: dict, namespace: str) -> None:
+        """Append an accepted request body to the request log (if one is configured)."""
+        if self.request_log is not None:
+            self.request_log.write(api, body, namespace=namespace)
 
     # ---- models -----------------------------------------------------------------------
     @property
