@@ -84,9 +84,7 @@ def load_model(config: ModelConfig, backend: AttentionBackend | None = None) -> 
                 raise ModelLoadError(f"{source}: not a .gguf file or a checkpoint folder")
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"could not load model from {source!r}: {e}") from e
-    except Exception as e:  # safetensors / numpy raise their own types on corrupt files
+    except Exception as e:  # corrupt files surface as OSError, ValueError, SafetensorError, ...
         raise ModelLoadError(f"could not load model from {source!r}: {type(e).__name__}: {e}") from e
     loaded.max_model_len = config.max_model_len or loaded.arch.max_position_embeddings
     loaded.model.rotary.max_positions = loaded.max_model_len
