@@ -45,12 +45,24 @@ def command_line() -> str:
     return " ".join([".venv/bin/python", script, *map(shlex.quote, sys.argv[1:])])
 
 
-def update_section(name: str, title: str, body: str, path: Path = BENCHMARKS_MD) -> None:
-    """Replace (or append) the section `name` of docs/benchmarks.md."""
-    stamp = datetime.date.today().isoformat()
+def update_section(
+    name: str,
+    title: str,
+    body: str,
+    path: Path = BENCHMARKS_MD,
+    *,
+    command: str | None = None,
+    machine: str | None = None,
+    date: str | None = None,
+) -> None:
+    """Replace (or append) the section `name` of docs/benchmarks.md.
+
+    command / machine / date default to this process's; give them when the results were
+    measured elsewhere (a `radixserve bench` run on the GPU machine, rendered here)."""
+    stamp = date or datetime.date.today().isoformat()
     section = (
         f"<!-- BEGIN {name} -->\n## {title}\n\n"
-        f"- command: `{command_line()}`\n- machine: {machine_description()}\n- date: {stamp}\n\n"
+        f"- command: `{command or command_line()}`\n- machine: {machine or machine_description()}\n- date: {stamp}\n\n"
         f"{body.strip()}\n<!-- END {name} -->"
     )
     text = path.read_text() if path.exists() else _HEADER

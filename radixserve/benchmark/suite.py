@@ -1,0 +1,219 @@
+"""The benchmark suite: every workload against a caching-on and a caching-off server, in one run.
+
+By default it starts two `radixserve serve` subprocesses on free loopback ports, one as given and
+one with `--no-prefix-caching`, both with the same engine options (so `--device cuda --model
+dummy:llama3.2-1b` runs the same suite on a GPU). For each workload it warms both servers up,
+empties their prefix caches, and sends the same requests in the same order to each, on first
+(its cache starts cold: the first request of every shared prefix pays full price). Point it at
+other servers instead with `on_url` / `off_url` (for instance another engine started with and
+without its prefix cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from radixserve.benchmark.loadgen import (
+    LoadConfig,
+    calibrate_token_scale,
+    reset_prefix_cache,
+    run_load_sync,
+    served_model,
+    warm_up,
+)
+from radixserve.benchmark.results import Pricing, SuiteResult, WorkloadResult
+from radixserve.benchmark.workloads import WORKLOADS, make_workload
+
+MODES = ("on", "off")  # prefix caching on / off: the labels of a workload's two runs
+
+
+@dataclass(slots=True)
+class SuiteConfig:
+    """What to run. server_args are `radixserve serve` engine options shared by both servers
+    (e.g. ["--device", "cuda", "--model", "dummy:llama3.2-1b"]); server_threads sets torch's
+    thread count in them (OMP_NUM_THREADS); on_url / off_url skip starting servers."""
+
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    quick: bool = False
+    scale: float = 1.0
+    concurrency: int | None = 2
+    request_rate: float | None = None
+    seed: int = 0
+    label: str = "cpu"
+    server_args: list[str] = field(default_factory=list)
+    server_threads: int | None = None
+    startup_timeout: float = 900.0
+    on_url: str | None = None
+    off_url: str | None = None
+    model: str | None = None  # the model name to send (default: what /v1/models lists)
+    api_key: str | None = None
+    calibrate: bool = True
+    ignore_eos: bool = True
+    pricing: Pricing = field(default_factory=Pricing)
+    progress: bool = True
+    command: str = ""
+    machine: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [w for w in self.workloads if w not in WORKLOADS]
+        if unknown:
+            raise ValueError(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        if (self.on_url is None) != (self.off_url is None):
+            raise ValueError("give both on_url and off_url (or neither, to start radixserve servers)")
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+
+class LocalServer:
+    """A `radixserve serve` subprocess on a free loopback port; its log goes to a file."""
+
+    def __init__(self, args: list[str], *, caching: bool, threads: int | None = None,
+                 log_dir: Path | None = None) -> None:
+        self.args = list(args) + ([] if caching else ["--no-prefix-caching"])
+        self.caching = caching
+        self.threads = threads
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        log_dir = log_dir or Path(tempfile.mkdtemp(prefix="radixserve-bench-"))
+        self.log_path = log_dir / f"server-{'on' if caching else 'off'}-{self.port}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "radixserve.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "warning", *self.args]
+
+    def start(self) -> None:
+        env = dict(os.environ)
+        if self.threads:
+            env["OMP_NUM_THREADS"] = str(self.threads)  # torch reads it at start-up
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float) -> None:
+        """Until /health answers 200 (the model is loaded and the engine thread runs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.process.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"the server did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+@contextlib.contextmanager
+def local_servers(config: SuiteConfig) -> Iterator[dict[str, str]]:
+    """Start the caching-on and caching-off servers (loading in parallel); yield their URLs."""
+    servers = {mode: LocalServer(config.server_args, caching=mode == "on", threads=config.server_threads)
+               for mode in MODES}
+    try:
+        for server in servers.values():
+            server.start()
+        for server in servers.values():
+            server.wait_ready(config.startup_timeout)
+        yield {mode: server.base_url for mode, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def run_suite(config: SuiteConfig) -> SuiteResult:
+    """Run every workload against both servers; returns all measurements (see report.py)."""
+    load_before = _loadavg()
+    started = time.monotonic()
+    if config.on_url is not None:
+        servers: contextlib.AbstractContextManager[dict[str, str]] = contextlib.nullcontext(
+            {"on": config.on_url, "off": config.off_url})
+    else:
+        servers = local_servers(config)
+    notes: list[str] = []
+    with servers as urls:
+        model = config.model or served_model(urls["on"], config.api_key)
+        token_scale = calibrate_token_scale(urls["on"], model, config.api_key) if config.calibrate else 1.0
+        for url in urls.values():
+            warm_up(url, model, config.api_key, ignore_eos=config.ignore_eos)
+        workloads = []
+        for name in config.workloads:
+            workload = make_workload(name, seed=config.seed, token_scale=token_scale, quick=config.quick,
+                                     scale=config.scale)
+            requests = workload.build()
+            result = WorkloadResult(name=name, summary=workload.summary(), shares_prefix=workload.shares_prefix)
+            for mode in MODES:
+                url = urls[mode]
+                warm_up(url, model, config.api_key, num_tokens=64, ignore_eos=config.ignore_eos)
+                if not reset_prefix_cache(url, config.api_key) and mode == "on":
+                    notes.append(f"{name}: could not reset the caching-on server's prefix cache before the run")
+                load = LoadConfig(base_url=url, model=model, api_key=config.api_key, concurrency=config.concurrency,
+                                  request_rate=config.request_rate, seed=config.seed, ignore_eos=config.ignore_eos,
+                                  progress=config.progress, description=f"{name} [cache {mode}]")
+                result.runs[mode] = run_load_sync(requests, load, label=mode)
+            workloads.append(result)
+    discipline = LoadConfig(base_url="", model="", concurrency=config.concurrency,
+                            request_rate=config.request_rate).discipline
+    return SuiteResult(
+        label=config.label,
+        command=config.command,
+        machine=config.machine,
+        date=datetime.date.today().isoformat(),
+        model=model,
+        discipline=discipline,
+        seed=config.seed,
+        token_scale=token_scale,
+        server_args=list(config.server_args) if config.on_url is None else [f"on: {config.on_url}",
+                                                                             f"off: {config.off_url}"],
+        load_before=load_before,
+        load_after=_loadavg(),
+        pricing=config.pricing,
+        workloads=workloads,
+        duration=time.monotonic() - started,
+        notes=notes,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _loadavg() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def format_server_args(args: list[str]) -> str:
+    return shlex.join(args) if args else "(defaults)"
