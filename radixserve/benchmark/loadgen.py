@@ -259,7 +259,7 @@ def served_model(base_url: str, api_key: str | None = None, timeout: float = 30.
     return response.json()["data"][0]["id"]
 
 
-def calibrate_token_scale(base_url: str, model: str, api_key: str | None = None, num_tokens: int = 400) -> float:
+def calibrate_token_scale(base_url: str, model: str, api_key: str | None = None, num_tokens: int = 200) -> float:
     """Tokens the server's tokenizer spends per token of text.py's estimate (1.0 for the
     embedded model): one /v1/completions request of synthetic text, read from usage. Rounded to
     two decimals so that small tokenizer quirks do not change the generated workloads."""
@@ -272,8 +272,8 @@ def calibrate_token_scale(base_url: str, model: str, api_key: str | None = None,
     return round(measured / num_tokens, 2)
 
 
-def warm_up(base_url: str, model: str, api_key: str | None = None, num_tokens: int = 256, concurrency: int = 2,
-            ignore_eos: bool = True) -> None:
+def warm_up(base_url: str, model: str, api_key: str | None = None, num_tokens: int = 256, num_requests: int = 4,
+            concurrency: int = 2, ignore_eos: bool = True) -> None:
     """Send a few short requests of unrelated text (first-call costs: allocator, kernels,
     thread pools), so that the timed run does not pay them."""
     gen = TextGenerator(random.Random("warm-up"))
@@ -281,7 +281,7 @@ def warm_up(base_url: str, model: str, api_key: str | None = None, num_tokens: i
         BenchRequest(index=i, workload="warm-up", group=f"warm-up-{i}",
                      messages=[{"role": "user", "content": f"Warm-up {gen.hex_id()}. " + gen.text(num_tokens)}],
                      max_tokens=4)
-        for i in range(concurrency * 2)
+        for i in range(num_requests)
     ]
     config = LoadConfig(base_url=base_url, model=model, api_key=api_key, concurrency=concurrency,
                         ignore_eos=ignore_eos, progress=False)

@@ -166,9 +166,9 @@ def render_body(suite: SuiteResult, pngs: dict[str, Path | None], doc_dir: Path)
     return f"""
 Model `{suite.model}`, server options `{server}`; {suite.discipline}; streaming; seed {suite.seed}
 (token scale {suite.token_scale:g}); {suite.duration / 60:.1f} minutes in all.{load}
-Each workload runs against a caching-on and a caching-off server, same requests in the same order,
-after a warm-up and with the prefix cache emptied first (so every shared prefix is computed once
-per run). TTFT is measured by the client to the first streamed text; hit rate = cached prompt
+Each workload runs against a caching-on and a caching-off server (one after the other, the order
+alternating between workloads), same requests in the same order, after a warm-up and with the
+prefix cache emptied first (so every shared prefix is computed once per run). TTFT is measured by the client to the first streamed text; hit rate = cached prompt
 tokens / prompt tokens, from each response's `usage.prompt_tokens_details.cached_tokens`; cost at
 ${p.input_per_mtok:g} / ${p.output_per_mtok:g} per million input / output tokens with cached input
 {p.cached_discount:.0%} off (as providers bill prompt-cache reads). With few requests, p99 is close

