@@ -150,8 +150,14 @@ def _engine_defaults() -> argparse.Namespace:
 
 
 def _command_line() -> str:
-    # What a reader types to reproduce the section: the console script and its arguments.
-    return shlex.join(["radixserve", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else "radixserve bench suite"
+    # What a reader types to reproduce the section: the console script (or bench/ wrapper) and
+    # its arguments, as run from the project root.
+    argv = sys.argv
+    if argv[1:2] == ["bench"]:
+        return shlex.join([".venv/bin/radixserve", *argv[1:]])
+    if argv and argv[0].endswith("bench_serving.py"):
+        return shlex.join([".venv/bin/python", "bench/bench_serving.py", *argv[1:]])
+    return "radixserve bench suite"
 
 
 def suite_config_from_args(args: argparse.Namespace):
