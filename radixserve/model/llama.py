@@ -162,7 +162,10 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        # In place on the fresh gate_up buffer (forward runs under inference_mode): skipping two
+        # [T, intermediate] temporaries makes the CPU prefill ~10% faster; down_proj reads the
+        # strided view directly.
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
