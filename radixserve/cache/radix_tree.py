@@ -135,7 +135,7 @@ class RadixTree:
         end = len(tokens) if max_tokens is None else min(len(tokens), max(0, max_tokens))
         end -= end % self.block_size
         root = self.root(namespace)
-        node, pos, blocks, _ = self._walk(root, tokens, end, split=True, stamp=self._stamp())
+        node, pos, blocks = self._walk(root, tokens, end, split=True, stamp=self._stamp())
         if node is not root and not node.children and node.lock_ref == 0:
             self._push_candidate(node)  # its LRU key changed
         return PrefixMatch(pos, blocks, node)
@@ -158,10 +158,10 @@ class RadixTree:
             )
         root = self.root(namespace)
         stamp = self._stamp()
-        node, existing, blocks, _ = self._walk(root, tokens, len(tokens), split=True, stamp=stamp)
+        node, existing, blocks = self._walk(root, tokens, len(tokens), split=True, stamp=stamp)
         if existing < len(tokens):
             new_blocks = blocks_in[existing // bs :]
-            # Check before mutating anything, so a bad call leaves the tree and pool untouched.
+            # Check before taking any ref, so a bad call leaves the pool and the cached content as they were.
             for block_id in new_blocks:
                 if self.pool.ref_count(block_id) == 0:
                     raise RuntimeError(f"insert of free block {block_id}: the caller must own its blocks")
@@ -309,7 +309,7 @@ class RadixTree:
             return 0
         tokens = _as_list(token_ids)
         end = len(tokens) - len(tokens) % self.block_size
-        node, pos, _, _ = self._walk(root, tokens, end, split=True, stamp=None)
+        node, pos, _ = self._walk(root, tokens, end, split=True, stamp=None)
         if pos == 0:
             return 0
         if until > node.pinned_until:
@@ -320,20 +320,20 @@ class RadixTree:
     def unpin(self, namespace: str, token_ids: Sequence[int]) -> None:
         """Remove the pin that ``pin(namespace, token_ids, ...)`` placed.
 
-        Clears the pin of the node where the cached path of ``token_ids`` ends, i.e. the node
-        ``pin`` would pin now. Other pins (on shorter or longer prefixes sharing this path) are
-        untouched. If the cached prefix grew past the pinned point since ``pin`` returned
-        ``n < len(token_ids)``, call ``unpin`` with ``token_ids[:n]``; otherwise that pin simply
-        lapses at its ``until`` time.
+        Clears the pin of the node that ends exactly at the last full block of ``token_ids``,
+        and only if that whole prefix is cached: other pins (on shorter or longer prefixes
+        sharing the path) are never touched, even if this pin already lapsed and its blocks were
+        evicted. A pin that covered only ``n < len(token_ids)`` tokens (``pin``'s return value)
+        is undone with ``unpin(namespace, token_ids[:n])``; otherwise it lapses at its ``until``.
         """
         root = self._roots.get(namespace)
         if root is None:
             return
         tokens = _as_list(token_ids)
         end = len(tokens) - len(tokens) % self.block_size
-        node, pos, _, inside_edge = self._walk(root, tokens, end, split=False, stamp=None)
-        if pos == 0 or inside_edge:
-            return  # no node ends there, so nothing is pinned there
+        node, pos, _ = self._walk(root, tokens, end, split=False, stamp=None)
+        if pos != end or pos == 0:
+            return  # no node ends there, so nothing this call pinned is left to unpin
         node.pinned_until = _NOT_PINNED
         self._pinned.discard(node)
 
@@ -393,12 +393,12 @@ class RadixTree:
 
     def _walk(
         self, root: TreeNode, tokens: list[int], end: int, *, split: bool, stamp: tuple[float, int] | None
-    ) -> tuple[TreeNode, int, list[int], bool]:
+    ) -> tuple[TreeNode, int, list[int]]:
         """Follow ``tokens[:end]`` (``end`` a multiple of block_size) down from ``root``.
 
-        Returns (deepest node fully matched, tokens matched, their block ids, whether the match
-        went on partway into a further edge). With ``split``, such a partial edge is split and
-        its matched upper part becomes the returned node. ``stamp`` refreshes LRU keys on the way.
+        Returns (deepest node matched, tokens matched, their block ids). If the match ends
+        partway into an edge, ``split`` cuts the edge there and returns its matched upper part;
+        without ``split`` the walk stops before that edge. ``stamp`` refreshes LRU keys.
         """
         bs = self.block_size
         node = root
@@ -424,7 +424,7 @@ class RadixTree:
                     matched = self._matched_blocks(tokens, pos, edge, avail) * bs
             if matched < n:
                 if not split:
-                    return node, pos, blocks, True
+                    break
                 child = self._split(child, matched)
             blocks.extend(child.block_ids)
             pos += matched
@@ -433,7 +433,7 @@ class RadixTree:
             node = child
             if matched < n:
                 break
-        return node, pos, blocks, False
+        return node, pos, blocks
 
     def _matched_blocks(self, tokens: list[int], pos: int, edge: list[int], hi: int) -> int:
         """Number of leading blocks of ``edge`` equal to ``tokens[pos:]``, known to be < ``hi``.
