@@ -50,7 +50,7 @@ class LLMEngine:
         num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
         self.runner = ModelRunner(loaded, cache_cfg, num_blocks)
         self.cache = KVCacheManager(
-            num_blocks, cache_cfg.block_size, loaded.model_id, enable_prefix_caching=cache_cfg.enable_prefix_caching
+            num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching
         )
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
