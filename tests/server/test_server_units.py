@@ -1,15 +1,18 @@
-"""Model-free unit tests: the engine thread wrapper, TTL accounting, tenancy, durations."""
+"""Unit tests: the engine thread wrapper (over the real engine and embedded model), TTL accounting,
+tenancy, durations."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from dataclasses import dataclass, field
 
 import pytest
 
+from radixserve.config import CacheConfig, EngineConfig, ModelConfig
+from radixserve.engine import LLMEngine
 from radixserve.errors import InvalidRequestError
-from radixserve.request import RequestMetrics, RequestOutput
+from radixserve.sampling import SamplingParams
 from radixserve.server.anthropic_api import _LabelledPin, creation_by_ttl
 from radixserve.server.async_engine import AsyncEngine, EngineDeadError
 from radixserve.server.auth import Tenant
@@ -18,137 +21,150 @@ from radixserve.server.errors import APIError
 from radixserve.server.prompting import common_prefix_len
 
 
-@dataclass
-class _Stats:
-    steps: int = 0
+class ThreadRecordingEngine(LLMEngine):
+    """The real LLMEngine; only records which thread calls the methods AsyncEngine uses."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads: set[int] = set()
 
-@dataclass
-class FakeEngine:
-    """Emits one token per step per request, `length` tokens each; records which thread ran it."""
-
-    length: int = 3
-    fail_on_step: int | None = None
-    requests: dict = field(default_factory=dict)
-    stats: _Stats = field(default_factory=_Stats)
-    threads: set = field(default_factory=set)
-
-    def add_request(self, prompt, params, request_id, namespace, pins, arrival):
+    def add_request(self, *args, **kwargs):
         self.threads.add(threading.get_ident())
-        if not prompt:
-            raise InvalidRequestError("prompt must not be empty")
-        self.requests[request_id] = 0
+        return super().add_request(*args, **kwargs)
 
-    def abort_request(self, request_id):
+    def abort_request(self, *args, **kwargs):
         self.threads.add(threading.get_ident())
-        if self.requests.pop(request_id, None) is None:
-            return None
-        return _output(request_id, 0, finished=True, reason="abort")
+        return super().abort_request(*args, **kwargs)
 
     def has_unfinished_requests(self):
-        return bool(self.requests)
+        self.threads.add(threading.get_ident())
+        return super().has_unfinished_requests()
 
     def step(self):
         self.threads.add(threading.get_ident())
-        self.stats.steps += 1
-        if self.fail_on_step == self.stats.steps:
-            raise RuntimeError("boom")
-        outs = []
-        for request_id in list(self.requests):
-            self.requests[request_id] += 1
-            n = self.requests[request_id]
-            done = n >= self.length
-            if done:
-                del self.requests[request_id]
-            outs.append(_output(request_id, n, finished=done, reason="length" if done else None))
-        return outs
+        return super().step()
 
 
-def _output(request_id, n, finished, reason):
-    return RequestOutput(request_id, None, [1], list(range(n)), "x" * n, finished, reason, None, 0,
-                         RequestMetrics(0.0, None, None, None), new_token_ids=[n], new_text="x")
+@pytest.fixture
+def engine(embedded_model):
+    return ThreadRecordingEngine(
+        EngineConfig(model=ModelConfig(source="embedded", show_progress=False), cache=CacheConfig(num_blocks=128)),
+        loaded=embedded_model,
+    )
 
 
-def _run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 10))
+def _greedy(max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def test_async_engine_streams_outputs_in_order_from_one_thread():
-    engine = FakeEngine(length=4)
+def _all_blocks_back(engine):
+    return engine.cache.num_free_blocks() + engine.cache.num_cached_blocks() == engine.cache.num_blocks
+
+
+def _run(coro, timeout=120):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_async_engine_streams_outputs_in_order_from_one_thread(engine):
     finished = []
+    prompts = [[1, 2, 3], [4, 5, 6, 7], "Hello"]
 
     async def main():
         ae = AsyncEngine(engine, on_finished=finished.append)
         ae.start()
         try:
-            streams = [await ae.add_request([1], None, request_id=f"r{i}") for i in range(3)]
-            results = [[o.token_ids for o in [out async for out in s]] for s in streams]
+            streams = [await ae.add_request(p, _greedy(4), request_id=f"r{i}") for i, p in enumerate(prompts)]
+            results = [[out async for out in s] for s in streams]
             with pytest.raises(InvalidRequestError):
-                await ae.add_request([], None, request_id="bad")
+                await ae.add_request([], _greedy(4), request_id="bad")
             return results
         finally:
             await ae.stop()
 
     results = _run(main())
-    assert results == [[[0], [0, 1], [0, 1, 2], [0, 1, 2, 3]]] * 3
+    for outs in results:
+        assert [len(o.token_ids) for o in outs] == [1, 2, 3, 4]
+        for prev, cur in zip(outs, outs[1:]):
+            assert cur.token_ids[:-1] == prev.token_ids  # each output extends the previous by one token
+            assert cur.new_token_ids == cur.token_ids[-1:]
+        assert [o.finished for o in outs] == [False, False, False, True]
+        assert outs[-1].finish_reason == "length"
     assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads
     assert sorted(o.request_id for o in finished) == ["r0", "r1", "r2"]
+    assert _all_blocks_back(engine)
 
 
-def test_async_engine_abort_delivers_final_output():
-    engine = FakeEngine(length=10**9)
+def test_async_engine_abort_delivers_final_output(engine):
+    max_tokens = 512  # far more than can be generated before the abort lands
 
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
         try:
-            stream = await ae.add_request([1], None, request_id="r")
+            stream = await ae.add_request([1, 2, 3], _greedy(max_tokens), request_id="r")
             await stream.next()
             stream.close()
-            final = await stream.result()
-            return final
+            return await stream.result()
         finally:
             await ae.stop()
 
     final = _run(main())
-    assert final.finish_reason == "abort"
-    assert engine.requests == {}
+    assert final.finished and final.finish_reason == "abort"
+    assert 1 <= len(final.token_ids) < max_tokens
+    assert engine.requests == {} and not engine.has_unfinished_requests()
+    assert _all_blocks_back(engine)
 
 
-def test_async_engine_survives_a_failing_step():
-    engine = FakeEngine(length=2, fail_on_step=1)
+def test_async_engine_survives_a_failing_step(engine):
+    # fault injection on the real runner: its first forward pass raises, later ones run normally
+    real_execute = engine.runner.execute
+    calls = []
+
+    @functools.wraps(real_execute)
+    def execute_failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_execute(*args, **kwargs)
+
+    engine.runner.execute = execute_failing_once
 
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
         try:
-            doomed = await ae.add_request([1], None, request_id="a")
+            doomed = await ae.add_request([1, 2, 3], _greedy(3), request_id="a")
             with pytest.raises(EngineDeadError, match="boom"):
                 await doomed.result()
-            survivor = await ae.add_request([1], None, request_id="b")
-            return (await survivor.result()).finish_reason, ae.is_running
+            survivor = await ae.add_request([1, 2, 3], _greedy(3), request_id="b")
+            final = await survivor.result()
+            return final, ae.is_running
         finally:
             await ae.stop()
 
-    assert _run(main()) == ("length", True)
+    final, running = _run(main())
+    assert running and final.finish_reason == "length" and len(final.token_ids) == 3
+    assert len(calls) > 1
+    assert engine.requests == {} and _all_blocks_back(engine)
 
 
-def test_async_engine_call_runs_on_the_engine_thread():
-    engine = FakeEngine()
-
+def test_async_engine_call_runs_on_the_engine_thread(engine):
     async def main():
         ae = AsyncEngine(engine)
         ae.start()
         try:
             ident = await ae.call(threading.get_ident)
+            free = await ae.call(engine.cache.num_free_blocks)
             with pytest.raises(ZeroDivisionError):
                 await ae.call(lambda: 1 / 0)
-            return ident
+            return ident, free
         finally:
             await ae.stop()
 
-    ident = _run(main())
+    ident, free = _run(main())
     assert ident != threading.get_ident()
+    assert engine.threads <= {ident}
+    assert free == engine.cache.num_blocks
 
 
 @pytest.mark.parametrize("pins, cached, expected", [
