@@ -21,6 +21,7 @@ class ModelConfig:
     device: str = "cpu"
     seed: int = 0  # for dummy weights
     max_model_len: int | None = None  # defaults to the model's context length
+    enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps, short single prefills); for debugging
     show_progress: bool = True
 
 

@@ -48,7 +48,14 @@ class LLMEngine:
         cache_cfg = self.config.cache
         param = next(loaded.model.parameters())
         num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
-        self.runner = ModelRunner(loaded, cache_cfg, num_blocks)
+        self.runner = ModelRunner(
+            loaded,
+            cache_cfg,
+            num_blocks,
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
+            cuda_graphs=not self.config.model.enforce_eager,
+        )
         self.cache = KVCacheManager(
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching
         )

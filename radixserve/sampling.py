@@ -62,7 +62,8 @@ class Sampler:
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         out = [0] * len(params)
         if greedy_rows:
-            picked = logits[greedy_rows].argmax(dim=-1).tolist()
+            rows = logits if len(greedy_rows) == len(params) else logits[greedy_rows]
+            picked = rows.argmax(dim=-1).tolist()
             for row, token in zip(greedy_rows, picked):
                 out[row] = token
         for i, p in enumerate(params):

@@ -36,6 +36,8 @@ class AttentionMetadata:
     # Derived host-side facts the CPU backend branches on (filled in __post_init__).
     max_query_len: int = field(default=0)
     max_seq_len: int = field(default=0)
+    # Per-step decisions a backend derives once and reuses in every layer (launch plans).
+    backend_state: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.seq_lens_list):
@@ -173,7 +175,12 @@ class AttentionBackend(abc.ABC):
     Shapes: q [T, num_heads, head_dim]; k, v [T, num_kv_heads, head_dim]; layer caches
     [num_blocks, block_size, num_kv_heads, head_dim]. Heads are grouped HF-style: query head h
     reads KV head h // (num_heads // num_kv_heads).
+
+    `kernels`: None, or fused elementwise ops (rms_norm, add_rms_norm, silu_mul, rope_write_kv)
+    the model uses instead of its plain torch ops (the GPU backend has them; see llama.py).
     """
+
+    kernels = None
 
     @abc.abstractmethod
     def write_kv(
@@ -341,6 +348,21 @@ class TorchAttentionBackend(AttentionBackend):
             mask = (torch.arange(max_len, device=q.device)[None, :] < lens[:, None]).view(B, 1, 1, max_len)
         o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
         out.index_copy_(0, row_idx, o.reshape(B, H, D))
+
+
+def default_backend(device: torch.device | str) -> AttentionBackend:
+    """The backend for a device: Triton kernels on CUDA (imported only then: CI has no Triton),
+    the torch reference elsewhere."""
+    if torch.device(device).type == "cuda":
+        try:
+            from radixserve.model.triton_attention import TritonAttentionBackend
+        except ImportError as e:  # no Triton on this CUDA machine: the reference still runs
+            import warnings
+
+            warnings.warn(f"Triton is unavailable ({e}); using the slow torch attention backend on GPU")
+            return TorchAttentionBackend()
+        return TritonAttentionBackend()
+    return TorchAttentionBackend()
 
 
 def dense_causal_attention(

@@ -88,6 +88,15 @@ class RotaryEmbedding:
         freqs = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
         self._cos, self._sin = freqs.cos(), freqs.sin()
 
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole fp32 cos/sin tables [max_position_embeddings, head_dim/2] on `device`, for
+        fused kernels that look rows up by position themselves (built once, before any CUDA
+        graph capture, and never reallocated while graphs hold their addresses)."""
+        need = self.arch.max_position_embeddings
+        if self._cos is None or self._cos.shape[0] < need or self._cos.device != device:
+            self._build(need, device)
+        return self._cos, self._sin
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, head_dim/2] in `dtype` for the given positions."""
         cos = self._cos
@@ -146,9 +155,15 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
-        self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        kernels = self.backend.kernels
+        if kernels is not None:
+            # cos/sin are the whole tables here; one kernel rotates q and k in place and
+            # stores k and v at their slots.
+            kernels.rope_write_kv(q, k, v, cos, sin, meta.positions, meta.slot_mapping, k_cache, v_cache)
+        else:
+            q = RotaryEmbedding.apply(q, cos, sin)
+            k = RotaryEmbedding.apply(k, cos, sin)
+            self.backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = self.backend.attend(q, k_cache, v_cache, meta, self.scale, k=k, v=v)
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -179,6 +194,18 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, meta) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, delta, cos, sin, k_cache, v_cache, meta, kernels) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same arithmetic on the GPU kernels: returns (residual, mlp_out) with the MLP's
+        residual add left pending, so the next layer's input norm adds it in the same pass
+        (one kernel fewer per layer). delta: the previous layer's pending output, or None."""
+        norm1, norm2, mlp = self.input_layernorm, self.post_attention_layernorm, self.mlp
+        if delta is None:
+            h = kernels.rms_norm(x, norm1.weight, norm1.eps)
+        else:
+            x, h = kernels.add_rms_norm(x, delta, norm1.weight, norm1.eps)
+        x, h = kernels.add_rms_norm(x, self.self_attn(h, cos, sin, k_cache, v_cache, meta), norm2.weight, norm2.eps)
+        return x, mlp.down_proj(kernels.silu_mul(mlp.gate_up_proj(h)))
 
 
 class LlamaModel(nn.Module):
@@ -239,6 +266,14 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         """input_ids [T] (flattened batch) -> final-normed hidden states [T, hidden]."""
         h = self.model.embed_tokens(input_ids)
+        kernels = self.backend.kernels
+        if kernels is not None:  # GPU: fused kernels, the RoPE tables read by position in-kernel
+            cos, sin = self.rotary.tables(h.device)
+            delta = None
+            for i, layer in enumerate(self.model.layers):
+                h, delta = layer.forward_fused(h, delta, cos, sin, kv_cache.key_caches[i], kv_cache.value_caches[i], meta, kernels)
+            norm = self.model.norm
+            return kernels.add_rms_norm(h, delta, norm.weight, norm.eps)[1]
         cos, sin = self.rotary.cos_sin(meta.positions, h.dtype)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, kv_cache.key_caches[i], kv_cache.value_caches[i], meta)

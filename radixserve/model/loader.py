@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from radixserve.config import EMBEDDED_MODEL, ModelConfig
 from radixserve.errors import ModelLoadError
 from radixserve.model.arch import ModelArch, parse_dtype, preset
-from radixserve.model.attention import AttentionBackend
+from radixserve.model.attention import AttentionBackend, default_backend
 from radixserve.model.gguf_file import GGUFFile
 from radixserve.model.llama import LlamaForCausalLM
 from radixserve.model.tokenizer import Tokenizer
@@ -122,7 +122,11 @@ def embedded_available() -> bool:
 def _empty_model(
     arch: ModelArch, dtype: torch.dtype, device: torch.device, backend: AttentionBackend | None
 ) -> LlamaForCausalLM:
-    """Model with uninitialized weights allocated once, directly in dtype on device."""
+    """Model with uninitialized weights allocated once, directly in dtype on device.
+
+    Without an explicit backend the device picks one: Triton kernels on CUDA, torch on CPU."""
+    if backend is None:
+        backend = default_backend(device)
     model = LlamaForCausalLM(arch, backend, dtype=dtype, device="meta")
     model.to_empty(device=device)
     return model.eval()

@@ -35,7 +35,16 @@ def transformers_model(model: LlamaForCausalLM) -> torch.nn.Module:
     config_dict = model.arch.to_hf_config()
     architecture = config_dict["architectures"][0]
     config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    hf = getattr(transformers, architecture)(config).to(dtype=model.dtype, device=model.device).eval()
+    # Built directly in the target dtype on the target device: an 8B model initialized in fp32
+    # on the CPU first would take minutes and 32 GB of host memory.
+    # Not .to(dtype) afterwards: that would also round the fp32 RoPE inv_freq buffer.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(model.dtype)
+    try:
+        with torch.device(model.device):
+            hf = getattr(transformers, architecture)(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     state = dict(hf_named_weights(model))
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -1,0 +1,267 @@
+"""GPU helpers of the runner: one-copy metadata upload, and CUDA graphs for decode steps.
+
+A decode step of an 8B model is ~5 ms of GPU work split over ~350 kernels; launched from
+Python one by one they would take longer than the work itself (on the H100 machine an eager
+forward costs ~13 ms of host time). `DecodeGraphs` captures the whole decode forward (model +
+logits) once per batch size in `CAPTURE_SIZES` over static input buffers, and a step then fills
+the buffers (one pinned host->device copy) and replays the graph of the smallest captured size
+that fits, padding the extra rows. `PrefillGraphs` does the same for a step that is one short
+prefill (a new question after a long cached prefix: the time-to-first-token case), bucketed by
+token count.
+
+Padding is harmless by construction: padded rows get slot -1 (the KV write kernels skip
+negative slots), padded decode sequences a context of 1 over whatever block their stale table
+row names, padded prefill tokens sit past the sequence's query length (attention never reads or
+writes them; every other op is row-wise), and their logits are dropped. Only imported on CUDA.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from radixserve.model.attention import AttentionMetadata, KVCache
+
+CAPTURE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# Single-sequence prefill steps up to this many tokens replay a graph; longer ones are GPU-bound
+# anyway (a 1024-token step of an 8B model is ~25 ms of GPU work).
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+class PinnedUploader:
+    """Packs int64 host arrays into one pinned buffer and uploads them with a single copy.
+
+    The copy is asynchronous; before the buffer is refilled, the previous copy is waited for
+    (an event), since the GPU may still be reading it when the host runs ahead."""
+
+    def __init__(self, device: torch.device, capacity: int = 1 << 15) -> None:
+        self.device = device
+        self._event: torch.cuda.Event | None = None
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        self._host = torch.empty(capacity, dtype=torch.long, pin_memory=True)
+        self._np = self._host.numpy()
+
+    def upload(self, parts: Sequence[Sequence[int] | np.ndarray]) -> list[torch.Tensor]:
+        sizes = [len(p) for p in parts]
+        total = sum(sizes)
+        if self._event is not None:
+            self._event.synchronize()
+        if total > self._np.shape[0]:
+            self._alloc(max(total, 2 * self._np.shape[0]))
+        offset = 0
+        for part, n in zip(parts, sizes):
+            self._np[offset : offset + n] = part
+            offset += n
+        dev = self._host[:total].to(self.device, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        return list(dev.split(sizes))
+
+
+class DecodeGraphs:
+    """Captured decode forwards (model + logits) for a set of batch sizes."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        block_size: int,
+        max_batch_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        sizes = [s for s in CAPTURE_SIZES if s < max_batch_size] + [max_batch_size]
+        self.sizes = sorted(set(sizes))
+        self.max_bs = self.sizes[-1]
+        self.width = -(-max_model_len // block_size)  # block-table columns: a full-length sequence
+        n, w = self.max_bs, self.width
+        # One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
+        # | query_start_loc (n+1) | block tables (n x w). A step copies its prefix in one go.
+        self._offsets = {"ids": 0, "pos": n, "slots": 2 * n, "seq_lens": 3 * n, "qsl": 4 * n, "tables": 5 * n + 1}
+        total = 5 * n + 1 + n * w
+        device = next(model.parameters()).device
+        self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
+        self._np = self._host.numpy()
+        self._dev = torch.zeros(total, dtype=torch.long, device=device)
+        o = self._offsets
+        self._np[o["qsl"] : o["qsl"] + n + 1] = np.arange(n + 1)
+        self._np[o["slots"] : o["slots"] + n] = -1
+        self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
+        self._dev.copy_(self._host)
+        self._host_tables = self._np[o["tables"] :].reshape(n, w)
+        self._event: torch.cuda.Event | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def _view(self, name: str, length: int) -> torch.Tensor:
+        start = self._offsets[name]
+        return self._dev[start : start + length]
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        tables = self._dev[self._offsets["tables"] :].view(self.max_bs, self.width)[:bs]
+        return AttentionMetadata(
+            positions=self._view("pos", bs),
+            slot_mapping=self._view("slots", bs),
+            query_start_loc=self._view("qsl", bs + 1),
+            seq_lens=self._view("seq_lens", bs),
+            block_tables=tables,
+            query_lens=[1] * bs,
+            seq_lens_list=[1] * bs,  # nominal: decode launch shapes never depend on lengths
+        )
+
+    def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self._view("ids", bs), meta, self.kv_cache)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self):
+        """Warm up (compiles the kernels) and capture every size, largest first, in one pool;
+        returns the pool (other graphs of the runner share it: only one replays at a time)."""
+        pool = None
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs)
+            self._forward(bs, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(bs, meta)
+            pool = graph.pool()
+            self._graphs[bs] = graph
+            self._logits[bs] = logits
+        torch.cuda.synchronize()
+        return pool
+
+    def can_run(self, num_seqs: int, max_blocks: int) -> bool:
+        return 0 < num_seqs <= self.max_bs and max_blocks <= self.width
+
+    def run(
+        self,
+        input_ids: Sequence[int],
+        positions: Sequence[int],
+        slots: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+    ) -> torch.Tensor:
+        """One decode step for B sequences -> logits [B, vocab] fp32 on the GPU.
+
+        The result is a view of the graph's static output: read it before the next run."""
+        B = len(input_ids)
+        bs = next(s for s in self.sizes if s >= B)
+        o, npb = self._offsets, self._np
+        if self._event is not None:
+            self._event.synchronize()  # the previous step's copy has left the pinned buffer
+        npb[o["ids"] : o["ids"] + B] = input_ids
+        npb[o["pos"] : o["pos"] + B] = positions
+        npb[o["slots"] : o["slots"] + B] = slots
+        npb[o["seq_lens"] : o["seq_lens"] + B] = seq_lens
+        if bs > B:  # padding rows: write nothing, attend over one (stale but valid) slot
+            npb[o["ids"] + B : o["ids"] + bs] = 0
+            npb[o["pos"] + B : o["pos"] + bs] = 0
+            npb[o["slots"] + B : o["slots"] + bs] = -1
+            npb[o["seq_lens"] + B : o["seq_lens"] + bs] = 1
+        tables = self._host_tables
+        for i, blocks in enumerate(block_tables):
+            tables[i, : len(blocks)] = blocks
+        end = o["tables"] + bs * self.width
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._graphs[bs].replay()
+        return self._logits[bs][:B]
+
+
+class PrefillGraphs:
+    """Captured forwards of a one-sequence prefill step of up to PREFILL_BUCKETS[-1] tokens over
+    any cached prefix, plus the logits of its last token."""
+
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, block_size: int, max_model_len: int) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.buckets = PREFILL_BUCKETS
+        self.max_tokens = self.buckets[-1]
+        self.max_model_len = max_model_len
+        self.width = -(-max_model_len // block_size)
+        n = self.max_tokens
+        # ids | positions | slots (n each) | seq_len | query_start_loc (2) | logits row | block table
+        self._offsets = {"ids": 0, "pos": n, "slots": 2 * n, "seq_lens": 3 * n, "qsl": 3 * n + 1, "row": 3 * n + 3, "tables": 3 * n + 4}
+        total = 3 * n + 4 + self.width
+        device = next(model.parameters()).device
+        self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
+        self._np = self._host.numpy()
+        o = self._offsets
+        self._np[o["slots"] : o["slots"] + n] = -1
+        self._np[o["seq_lens"]] = 1
+        self._np[o["qsl"] : o["qsl"] + 2] = (0, 1)
+        self._dev = self._host.to(device)
+        self._event: torch.cuda.Event | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def _view(self, name: str, length: int) -> torch.Tensor:
+        start = self._offsets[name]
+        return self._dev[start : start + length]
+
+    def _meta(self, tokens: int) -> AttentionMetadata:
+        # Host lists are nominal: a long context and `tokens` new tokens, so the attention plan
+        # (query blocks, key splits) covers any real length in the bucket and never takes the
+        # fresh-prefill shortcut.
+        return AttentionMetadata(
+            positions=self._view("pos", tokens),
+            slot_mapping=self._view("slots", tokens),
+            query_start_loc=self._view("qsl", 2),
+            seq_lens=self._view("seq_lens", 1),
+            block_tables=self._dev[self._offsets["tables"] :].view(1, self.width),
+            query_lens=[tokens],
+            seq_lens_list=[self.max_model_len],
+        )
+
+    def _forward(self, tokens: int, meta: AttentionMetadata) -> torch.Tensor:
+        hidden = self.model(self._view("ids", tokens), meta, self.kv_cache)
+        return self.model.compute_logits(hidden.index_select(0, self._view("row", 1)))
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> None:
+        for tokens in reversed(self.buckets):
+            meta = self._meta(tokens)
+            self._forward(tokens, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(tokens, meta)
+            pool = graph.pool()
+            self._graphs[tokens] = graph
+            self._logits[tokens] = logits
+        torch.cuda.synchronize()
+
+    def can_run(self, num_tokens: int, num_blocks: int) -> bool:
+        return 1 < num_tokens <= self.max_tokens and num_blocks <= self.width
+
+    def run(self, input_ids: Sequence[int], start: int, slots: Sequence[int], block_ids: Sequence[int]) -> torch.Tensor:
+        """Tokens start..start+len(input_ids) of one sequence -> logits of its last token [1, vocab]."""
+        T = len(input_ids)
+        bucket = next(b for b in self.buckets if b >= T)
+        o, npb = self._offsets, self._np
+        if self._event is not None:
+            self._event.synchronize()
+        npb[o["ids"] : o["ids"] + T] = input_ids
+        npb[o["pos"] : o["pos"] + T] = np.arange(start, start + T)
+        npb[o["slots"] : o["slots"] + T] = slots
+        npb[o["ids"] + T : o["ids"] + bucket] = 0
+        npb[o["pos"] + T : o["pos"] + bucket] = 0
+        npb[o["slots"] + T : o["slots"] + bucket] = -1
+        npb[o["seq_lens"]] = start + T
+        npb[o["qsl"] + 1] = T
+        npb[o["row"]] = T - 1
+        npb[o["tables"] : o["tables"] + len(block_ids)] = block_ids
+        end = o["tables"] + len(block_ids)
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._graphs[bucket].replay()
+        return self._logits[bucket]

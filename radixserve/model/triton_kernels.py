@@ -1,0 +1,574 @@
+"""Triton kernels of the GPU path: paged attention (prefill and decode), the KV write, and the
+small fused elementwise ops around the matmuls (RMSNorm, residual add + RMSNorm, SiLU-and-mul,
+RoPE + KV write).
+
+Only imported on a CUDA device (or under TRITON_INTERPRET=1 for CPU debugging): CI has no
+Triton. The wrappers that pick launch shapes live in triton_attention.py; this module holds
+the kernels themselves and thin launchers.
+
+Why the elementwise kernels exist: a decode step of an 8B model reads ~16 GB of weights in
+~5.4 ms, and every extra tiny kernel costs 2-3 us even inside a CUDA graph. The torch ops of
+one layer (norms in fp32, RoPE as slices + cat, SiLU * up) are ~40 launches; fused they are ~10.
+The fused kernels round to the model dtype at the same points as the torch reference (and as
+transformers), so they agree with it to the last bit in most elements.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Re-launch compiled kernels directly (see _Launcher); RADIXSERVE_TRITON_FAST_LAUNCH=0 turns it off.
+FAST_LAUNCH = os.environ.get("RADIXSERVE_TRITON_FAST_LAUNCH", "1") != "0"
+
+
+class _Launcher:
+    """Launches a @triton.jit kernel, re-using its compiled binary without Triton's per-call
+    argument binding: that path costs 30-50 us of host time per launch (measured on the H100
+    machine, Triton 3.6) against ~7 us for a torch op, and an eager prefill step of an 8B
+    model makes ~200 Triton launches.
+
+    The key holds what Triton specializes a binary on, computed the same way: constexprs and
+    launch options; per tensor its dtype and 16-byte alignment; per integer whether it is 1,
+    a multiple of 16, and 64-bit. (Those specializations matter: without the divisibility of
+    the strides the loads are not vectorized and attention runs 4-5x slower.) Arguments go in
+    signature order, runtime ones then constexprs, as every kernel here is written."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self.cache: dict = {}
+
+    @staticmethod
+    def _spec(a) -> object:
+        if isinstance(a, torch.Tensor):
+            return (a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, bool):
+            return ("b", a)
+        if isinstance(a, int):
+            return (a == 1, a % 16 == 0, not -(2**31) <= a < 2**31)
+        return type(a)
+
+    def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int | None = None) -> None:
+        key = (tuple(map(self._spec, args)), tuple(consts.values()), num_warps, num_stages)
+        kernel = self.cache.get(key) if FAST_LAUNCH else None
+        if kernel is not None:
+            stream = torch.cuda.current_stream().cuda_stream
+            kernel.run(
+                grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                kernel.function, kernel.packed_metadata, None, None, None, *args, *consts.values(),
+            )  # fmt: skip
+            return
+        options = dict(num_warps=num_warps) if num_stages is None else dict(num_warps=num_warps, num_stages=num_stages)
+        compiled = self.fn[grid](*args, **consts, **options)
+        if FAST_LAUNCH and compiled is not None and hasattr(compiled, "packed_metadata"):
+            compiled.run  # noqa: B018 (loads the binary and the launcher now, not in a CUDA graph capture)
+            self.cache[key] = compiled
+
+
+# ---- paged attention ---------------------------------------------------------------------
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_ptr,
+    seq_ids_ptr,
+    scale_log2e,
+    num_splits,
+    n_qblocks,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    USE_SEQ_IDS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One program: one sequence, BLOCK_M // GROUP_P of its new tokens times the GROUP query
+    heads sharing one KV head (so each K/V tile is loaded once for all of them), and one slice
+    (split) of the key range. Flash-attention online softmax in base 2. K/V rows are gathered
+    from the pool through the block table, tile by tile: no contiguous copy is ever made.
+
+    SPLIT=False: normalize and write out[T, H, D]. SPLIT=True: write the unnormalized partial
+    accumulator with its running max and sum; _combine_splits_kernel merges the splits.
+    """
+    s_idx = tl.program_id(0)
+    qb = tl.program_id(1)
+    hs = tl.program_id(2)
+    kvh = hs // num_splits
+    split = hs % num_splits
+    if USE_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + s_idx).to(tl.int64)
+    else:
+        seq = s_idx.to(tl.int64)
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if qb * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_len = seq_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = qb * BLOCK_Q + rows // GROUP_P  # new-token index within the sequence
+    hg = rows % GROUP_P
+    row_ok = (tok < q_len) & (hg < GROUP)
+    head = kvh * GROUP + hg
+    q_pos = ctx_len + tok
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+
+    # This query block sees keys [0, kv_end): causality bounds it by its last token.
+    kv_end = ctx_len + tl.minimum(q_len, (qb + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    per_split = tl.cdiv(num_tiles, num_splits)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    bt_row = block_tables_ptr + seq * stride_bt
+    for t in range(t_begin, t_end):
+        kpos = t * BLOCK_N + offs_n
+        k_ok = kpos < kv_end
+        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        in_page = (kpos % PAGE).to(tl.int64)
+        k = tl.load(
+            k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2e
+        visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if SPLIT:
+        part = ((s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh) * num_splits + split
+        tl.store(
+            part_acc_ptr + (part * BLOCK_M + rows)[:, None] * HEAD_DIM_P + offs_d[None, :],
+            acc,
+            mask=row_ok[:, None],
+        )
+        tl.store(part_ml_ptr + (part * BLOCK_M + rows) * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + (part * BLOCK_M + rows) * 2 + 1, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
+    query_start_ptr,
+    seq_ids_ptr,
+    num_splits,
+    n_qblocks,
+    stride_ot,
+    stride_oh,
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    USE_SEQ_IDS: tl.constexpr,
+):
+    """Merge the splits of one (sequence, query block, KV head): rescale each partial by
+    2^(m_s - max m) and divide by the rescaled sum of l."""
+    s_idx = tl.program_id(0)
+    qb = tl.program_id(1)
+    kvh = tl.program_id(2)
+    if USE_SEQ_IDS:
+        seq = tl.load(seq_ids_ptr + s_idx).to(tl.int64)
+    else:
+        seq = s_idx.to(tl.int64)
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_P
+    q_start = tl.load(query_start_ptr + seq)
+    q_len = tl.load(query_start_ptr + seq + 1) - q_start
+    if qb * BLOCK_Q >= q_len:
+        return
+    rows = tl.arange(0, BLOCK_M)
+    tok = qb * BLOCK_Q + rows // GROUP_P
+    hg = rows % GROUP_P
+    row_ok = (tok < q_len) & (hg < GROUP)
+    head = kvh * GROUP + hg
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    base = ((s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh) * num_splits
+    m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m_s = tl.load(part_ml_ptr + ((base + s) * BLOCK_M + rows) * 2, mask=row_ok, other=float("-inf"))
+        m_max = tl.maximum(m_max, m_s)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    for s in range(0, num_splits):
+        idx = (base + s) * BLOCK_M + rows
+        m_s = tl.load(part_ml_ptr + idx * 2, mask=row_ok, other=float("-inf"))
+        l_s = tl.load(part_ml_ptr + idx * 2 + 1, mask=row_ok, other=0.0)
+        w = tl.exp2(m_s - m_use)  # an empty split has m = -inf: weight 0
+        a = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        l_tot += l_s * w
+        acc += a * w[:, None]
+    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    tl.store(
+        out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    *,
+    num_seqs: int,
+    n_qblocks: int,
+    seq_ids: torch.Tensor | None,
+    num_splits: int,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> None:
+    """Launch the paged kernel over `num_seqs` sequences (all of them, or those in seq_ids),
+    each with up to n_qblocks query blocks of block_m rows, its key range cut into num_splits.
+
+    q/out [T, H, D] (last dim contiguous); caches [num_blocks, page, kv_heads, D].
+    """
+    T, H, D = q.shape
+    _, page, kvh, _ = k_cache.shape
+    group = H // kvh
+    group_p = triton.next_power_of_2(group)
+    head_dim_p = triton.next_power_of_2(D)
+    if num_seqs == 0 or T == 0:
+        return
+    split = num_splits > 1
+    if split:
+        n_parts = num_seqs * n_qblocks * kvh * num_splits
+        part_acc = torch.empty(n_parts * block_m * head_dim_p, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(n_parts * block_m * 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    ids = seq_ids if seq_ids is not None else seq_lens  # unused when USE_SEQ_IDS is False
+    grid = (num_seqs, n_qblocks, kvh * num_splits)
+    _launch_attention(
+        grid,
+        (
+            q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc, ids,
+            scale * 1.4426950408889634, num_splits, n_qblocks,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        ),
+        dict(
+            NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p, PAGE=page,
+            BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, USE_SEQ_IDS=seq_ids is not None,
+            IEEE=q.dtype == torch.float32,
+        ),
+        num_warps, num_stages,
+    )  # fmt: skip
+    if split:
+        _launch_combine(
+            (num_seqs, n_qblocks, kvh),
+            (out, part_acc, part_ml, query_start_loc, ids, num_splits, n_qblocks, out.stride(0), out.stride(1)),
+            dict(
+                NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p,
+                BLOCK_M=block_m, USE_SEQ_IDS=seq_ids is not None,
+            ),
+            4,
+        )  # fmt: skip
+
+
+_launch_attention = _Launcher(_paged_attention_kernel)
+_launch_combine = _Launcher(_combine_splits_kernel)
+
+
+# ---- KV write, RoPE --------------------------------------------------------------------
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+    KV_HEADS: tl.constexpr, KV_HEADS_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+):  # fmt: skip
+    """One token's K and V into its slot; a negative slot (CUDA-graph padding) writes nothing."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, KV_HEADS_P)
+    d = tl.arange(0, HEAD_DIM_P)
+    mask = (h < KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    dst = slot * stride_cs + h[:, None] * stride_ch + d[None, :]
+    k = tl.load(k_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """k/v [T, kv_heads, D] (last dim contiguous) into caches [num_blocks, page, kv_heads, D]."""
+    T, kvh, D = k.shape
+    if T == 0:
+        return
+    _launch_write_kv(
+        (T,),
+        (k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(1), k_cache.stride(2)),
+        dict(KV_HEADS=kvh, KV_HEADS_P=triton.next_power_of_2(kvh), HEAD_DIM=D, HEAD_DIM_P=triton.next_power_of_2(D)),
+        1 if kvh * D <= 1024 else 4,
+    )
+
+
+_launch_write_kv = _Launcher(_write_kv_kernel)
+
+
+@triton.jit
+def _rope_heads(x_ptr, base, stride_h, cos, sin, NH: tl.constexpr, NH_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr):
+    """Rotate NH heads of one token in place (HF rotate-half layout); returns the rotated halves.
+
+    Each product and the sum are rounded to the tensor's dtype, as torch computes
+    x1*cos - x2*sin elementwise in that dtype."""
+    h = tl.arange(0, NH_P)
+    d = tl.arange(0, HALF_P)
+    mask = (h < NH)[:, None] & (d < HALF)[None, :]
+    ptr1 = x_ptr + base + h[:, None] * stride_h + d[None, :]
+    dt = x_ptr.dtype.element_ty
+    x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    c = cos[None, :]
+    s = sin[None, :]
+    a = (x1 * c).to(dt).to(tl.float32)
+    b = (x2 * s).to(dt).to(tl.float32)
+    o1 = (a - b).to(dt)
+    a2 = (x2 * c).to(dt).to(tl.float32)
+    b2 = (x1 * s).to(dt).to(tl.float32)
+    o2 = (a2 + b2).to(dt)
+    tl.store(ptr1, o1, mask=mask)
+    tl.store(ptr1 + HALF, o2, mask=mask)
+    return o1, o2, h, d, mask
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, k_cache_ptr, v_cache_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
+    NUM_HEADS: tl.constexpr, NUM_HEADS_P: tl.constexpr, KV_HEADS: tl.constexpr, KV_HEADS_P: tl.constexpr,
+    HALF: tl.constexpr, HALF_P: tl.constexpr,
+):  # fmt: skip
+    """One token: rotate q and k in place, then store k and v at the token's slot."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    dd = tl.arange(0, HALF_P)
+    dmask = dd < HALF
+    dt = q_ptr.dtype.element_ty
+    # The reference rounds the fp32 cos/sin table to the model dtype before multiplying.
+    cos = tl.load(cos_ptr + pos * HALF + dd, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    sin = tl.load(sin_ptr + pos * HALF + dd, mask=dmask, other=0.0).to(dt).to(tl.float32)
+    _rope_heads(q_ptr, t * stride_qt, stride_qh, cos, sin, NUM_HEADS, NUM_HEADS_P, HALF, HALF_P)
+    k1, k2, h, d, mask = _rope_heads(k_ptr, t * stride_kt, stride_kh, cos, sin, KV_HEADS, KV_HEADS_P, HALF, HALF_P)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot >= 0:
+        dst = k_cache_ptr + slot * stride_cs + h[:, None] * stride_ch + d[None, :]
+        ct = k_cache_ptr.dtype.element_ty
+        tl.store(dst, k1.to(ct), mask=mask)
+        tl.store(dst + HALF, k2.to(ct), mask=mask)
+        vsrc = v_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :]
+        vdst = v_cache_ptr + slot * stride_cs + h[:, None] * stride_ch + d[None, :]
+        tl.store(vdst, tl.load(vsrc, mask=mask).to(ct), mask=mask)
+        tl.store(vdst + HALF, tl.load(vsrc + HALF, mask=mask).to(ct), mask=mask)
+
+
+def rope_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_table: torch.Tensor,
+    sin_table: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> None:
+    """RoPE on q [T, H, D] and k [T, KV, D] in place, then k/v into the cache at `slots`.
+
+    cos/sin tables: fp32 [max_positions, D/2], contiguous. q/k/v may be strided views of the
+    fused qkv projection (the head and dim strides must be D and 1)."""
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    if T == 0:
+        return
+    half = D // 2
+    _launch_rope(
+        (T,),
+        (
+            q, k, v, cos_table, sin_table, positions, slots, k_cache, v_cache,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_cache.stride(1), k_cache.stride(2),
+        ),
+        dict(
+            NUM_HEADS=H, NUM_HEADS_P=triton.next_power_of_2(H), KV_HEADS=kvh, KV_HEADS_P=triton.next_power_of_2(kvh),
+            HALF=half, HALF_P=triton.next_power_of_2(half),
+        ),
+        4,
+    )  # fmt: skip
+
+
+_launch_rope = _Launcher(_rope_write_kv_kernel)
+
+
+# ---- norms and the MLP activation -------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, n_cols, eps,
+    ADD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """out = w * (x / rms(x)) with HF's rounding; with ADD, x = res + x first (rounded to the
+    dtype and written back to res_out, the new residual stream)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dt = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if ADD:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (r.to(tl.float32) + x.to(tl.float32)).to(dt)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / n_cols
+    y = (xf * tl.rsqrt(var + eps)).to(dt)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * y.to(tl.float32)).to(dt)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+
+
+_launch_norm = _Launcher(_rms_norm_kernel)
+
+
+def _norm_warps(n: int) -> int:
+    return 8 if n >= 4096 else 4 if n >= 1024 else 1
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x [T, N] (rows contiguous) -> new tensor."""
+    T, N = x.shape
+    out = torch.empty_like(x)
+    if T:
+        block = triton.next_power_of_2(N)
+        _launch_norm(
+            (T,),
+            (x, x, weight, out, out, x.stride(0), x.stride(0), out.stride(0), out.stride(0), N, eps),
+            dict(ADD=False, BLOCK=block),
+            _norm_warps(block),
+        )
+    return out
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new_residual, normed): new_residual = residual + delta, normed = RMSNorm(new_residual)."""
+    T, N = residual.shape
+    out = torch.empty_like(residual)
+    new_res = torch.empty_like(residual)
+    if T:
+        block = triton.next_power_of_2(N)
+        _launch_norm(
+            (T,),
+            (delta, residual, weight, out, new_res, delta.stride(0), residual.stride(0), out.stride(0), new_res.stride(0), N, eps),
+            dict(ADD=True, BLOCK=block),
+            _norm_warps(block),
+        )
+    return new_res, out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    """out = silu(gate) * up for x = [gate | up], each op rounded to the dtype like torch's."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dt = x_ptr.dtype.element_ty
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (s * u).to(dt), mask=mask)
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2I] = [gate | up] -> silu(gate) * up [T, I]."""
+    T, two_i = x.shape
+    n = two_i // 2
+    out = torch.empty(T, n, dtype=x.dtype, device=x.device)
+    if T:
+        block = 1024
+        _launch_silu_mul((T, triton.cdiv(n, block)), (x, out, x.stride(0), out.stride(0), n), dict(BLOCK=block), 4)
+    return out
+
+
+_launch_silu_mul = _Launcher(_silu_mul_kernel)
