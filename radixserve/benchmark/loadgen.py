@@ -231,8 +231,8 @@ async def _send(client: httpx.AsyncClient, req: BenchRequest, config: LoadConfig
                         chunks += 1
                 if event.get("usage"):
                     usage = event["usage"]
-    except (_RequestFailed, httpx.HTTPError, json.JSONDecodeError) as e:
-        result.error = str(e) or type(e).__name__
+    except Exception as e:  # noqa: BLE001 -- any failure is this request's result, never the run's end
+        result.error = f"{type(e).__name__}: {e}" if not isinstance(e, _RequestFailed) else str(e)
     result.end = time.perf_counter() - clock0
     if usage is not None:
         result.prompt_tokens = usage.get("prompt_tokens")

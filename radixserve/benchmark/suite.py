@@ -52,7 +52,7 @@ class SuiteConfig:
     quick: bool = False
     scale: float = 1.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload -> field values
-    concurrency: int | None = 2
+    concurrency: int | None = 1
     request_rate: float | None = None
     seed: int = 0
     label: str = "cpu"

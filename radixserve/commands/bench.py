@@ -35,7 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"which workloads (default: all): {', '.join(WORKLOADS)}")
     s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in a minute or two")
     s.add_argument("--scale", type=float, default=1.0, help="multiply every workload's request count (default 1)")
-    _add_arrivals(s, default_concurrency=2)
+    # Concurrency 1 by default: TTFT is then the prefill the cache saves, not also queueing behind
+    # another client's prefill (with equal-length requests, two closed-loop clients lock into
+    # phases that move TTFT and TPOT around between otherwise identical runs).
+    _add_arrivals(s, default_concurrency=1)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--label", default=None,
                    help="names the docs section and PNGs: serving-<label> (default: cpu, or gpu with --device cuda)")

@@ -23,7 +23,7 @@ def test_engine_options_are_forwarded_to_the_servers():
     config = suite_config_from_args(args)
     assert config.label == "gpu"  # its own section and PNGs, beside the CPU ones
     assert config.server_args[-1] == "--max-request-bytes=100000"
-    assert config.concurrency == 2 and config.request_rate is None
+    assert config.concurrency == 1 and config.request_rate is None
     assert forwarded_engine_args(parse()) == []
     assert suite_config_from_args(parse()).label == "cpu"
 
