@@ -37,7 +37,11 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return f"CPU only: {os.cpu_count()} cores ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    load = os.getloadavg()[0]  # other work on the machine skews absolute figures; ratios hold better
+    return (
+        f"CPU only: {os.cpu_count()} cores ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"load average {load:.1f} at the end of the run"
+    )
 
 
 def command_line() -> str:
