@@ -133,13 +133,15 @@ def verdict(comparisons: list[Comparison]) -> str:
             + (f" Unexpectedly low hit rate: {', '.join(low)}." if low else "")
         )
     for c in hostile:
-        flag = "" if c.on.hit_rate is not None and c.on.hit_rate <= HOSTILE_MAX else \
-            " This is NOT near zero: something shares a prefix that should not."
+        near_zero = c.on.hit_rate is not None and c.on.hit_rate <= HOSTILE_MAX
         lines.append(
             f"- **{c.name}** (the negative control: a unique id before the same content): hit rate "
-            f"{fmt_rate(c.on.hit_rate)} with caching on, TTFT p50 ratio off/on {fmt_ratio(c.ttft_ratio)}: "
-            f"a per-request id in the first tokens leaves nothing to reuse, so caching neither helps nor "
-            f"(much) hurts.{flag}"
+            f"{fmt_rate(c.on.hit_rate)} with caching on, TTFT p50 ratio off/on {fmt_ratio(c.ttft_ratio)} "
+            f"(end-to-end p50 {fmt_ratio(ratio(c.off.e2e_p50, c.on.e2e_p50))}). "
+            + ("A per-request id in the first tokens leaves nothing to reuse, so caching cannot help; "
+               if near_zero else "This is NOT near zero: something shares a prefix that should not. ")
+            + ("the ratio is 1 within noise." if c.ttft_ratio is not None and 0.8 <= c.ttft_ratio <= 1.25 else
+               "a ratio away from 1 here is the machine's noise or scheduling, not the cache.")
         )
     lines.append("- With caching off every hit rate is 0% by construction (the server reports no cached tokens).")
     return "\n".join(lines)

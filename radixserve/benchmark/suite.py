@@ -137,10 +137,38 @@ class LocalServer:
             return "(no log)"
 
 
+GPU_NUM_BLOCKS = 4096  # per server when two share a GPU: 64k tokens at block size 16
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value of `--name V` / `--name=V` in an argument list (the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def server_args_for(config: SuiteConfig) -> list[str]:
+    """The engine options both servers get. Two servers on one GPU cannot both size their KV
+    pool from free memory (each would claim what the other needs, and whichever starts second
+    gets almost nothing), so on CUDA they get the same fixed pool unless --num-blocks is given;
+    that also gives caching on and off the same capacity."""
+    args = list(config.server_args)
+    device = _option(args, "--device") or "cpu"
+    if device.startswith("cuda") and _option(args, "--num-blocks") is None:
+        args += ["--num-blocks", str(GPU_NUM_BLOCKS)]
+    return args
+
+
 @contextlib.contextmanager
 def local_servers(config: SuiteConfig) -> Iterator[dict[str, str]]:
     """Start the caching-on and caching-off servers (loading in parallel); yield their URLs."""
-    servers = {mode: LocalServer(config.server_args, caching=mode == "on", threads=config.server_threads)
+    args = server_args_for(config)
+    log_dir = Path(tempfile.mkdtemp(prefix="radixserve-bench-"))
+    servers = {mode: LocalServer(args, caching=mode == "on", threads=config.server_threads, log_dir=log_dir)
                for mode in MODES}
     try:
         for server in servers.values():
@@ -200,8 +228,8 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
         discipline=discipline,
         seed=config.seed,
         token_scale=token_scale,
-        server_args=list(config.server_args) if config.on_url is None else [f"on: {config.on_url}",
-                                                                             f"off: {config.off_url}"],
+        server_args=server_args_for(config) if config.on_url is None else [f"on: {config.on_url}",
+                                                                            f"off: {config.off_url}"],
         load_before=load_before,
         load_after=_loadavg(),
         pricing=config.pricing,

@@ -8,6 +8,7 @@ import pytest
 from radixserve.benchmark.results import SuiteResult
 from radixserve.cli import build_parser
 from radixserve.cli import main as cli_main
+from radixserve.benchmark.suite import GPU_NUM_BLOCKS, server_args_for
 from radixserve.commands.bench import forwarded_engine_args, suite_config_from_args
 
 
@@ -26,6 +27,16 @@ def test_engine_options_are_forwarded_to_the_servers():
     assert config.concurrency == 1 and config.request_rate is None
     assert forwarded_engine_args(parse()) == []
     assert suite_config_from_args(parse()).label == "cpu"
+
+
+def test_two_servers_on_one_gpu_get_a_fixed_pool():
+    gpu = suite_config_from_args(parse("--device", "cuda", "--model", "dummy:llama3.2-1b"))
+    assert server_args_for(gpu) == ["--model", "dummy:llama3.2-1b", "--device", "cuda",
+                                    "--num-blocks", str(GPU_NUM_BLOCKS)]
+    sized = suite_config_from_args(parse("--device", "cuda:1", "--num-blocks", "100"))
+    assert server_args_for(sized) == ["--device", "cuda:1", "--num-blocks", "100"]
+    cpu = suite_config_from_args(parse("--server-arg=--device=cpu"))
+    assert "--num-blocks" not in server_args_for(cpu)
 
 
 def test_suite_options():
