@@ -224,7 +224,8 @@ async def _send(client: httpx.AsyncClient, req: BenchRequest, config: LoadConfig
                 if "error" in event:
                     raise _RequestFailed(f"stream error: {json.dumps(event['error'])[:300]}")
                 for choice in event.get("choices") or []:
-                    text = choice.get("text") if req.api == "completions" else (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    text = choice.get("text") if req.api == "completions" else delta.get("content")
                     if text:
                         if result.ttft is None:
                             result.ttft = time.perf_counter() - start

@@ -58,7 +58,7 @@ def plot_ttft_distribution(suite: SuiteResult, path: Path) -> Path:
                              medianprops={"color": "black"})
             box["boxes"][0].set(facecolor=COLORS[mode], alpha=0.35, edgecolor=COLORS[mode])
             xs = [i + offset + jitter.uniform(-0.09, 0.09) for _ in ttfts]
-            ax.scatter(xs, ttfts, s=7, color=COLORS[mode], alpha=0.7, linewidths=0,
+            ax.scatter(xs, ttfts, s=9, color=COLORS[mode], alpha=0.75, linewidths=0,
                        label=f"prefix caching {mode}" if i == 0 else None)
     ax.set_yscale("log")
     _plain_log_axis(ax.yaxis)
@@ -68,13 +68,15 @@ def plot_ttft_distribution(suite: SuiteResult, path: Path) -> Path:
     ax.set_title(f"TTFT per workload, prefix caching on vs off ({suite.label}, {suite.model}, {suite.discipline})",
                  fontsize=10)
     ax.grid(axis="y", which="both", alpha=0.25)
-    ax.legend(loc="upper left", fontsize=8, markerscale=2.5)
+    # below the axes: inside, it would hide the outliers (cold first requests) at the top
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2, fontsize=8, markerscale=2.5, frameon=False)
     return _save(fig, path)
 
 
 def plot_hit_rate_over_time(suite: SuiteResult, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8), constrained_layout=True)
+    curves = []
     for workload in suite.workloads:
         run = workload.runs.get("on")
         if run is None:
@@ -82,8 +84,19 @@ def plot_hit_rate_over_time(suite: SuiteResult, path: Path) -> Path:
         times, rates = hit_rate_over_time(run.results)
         if times:
             t0 = min(r.start for r in run.results)
-            ax.plot([t - t0 for t in times], [100 * r for r in rates], marker=".", markersize=4, linewidth=1.2,
-                    label=workload.name, linestyle="-" if workload.shares_prefix else "--")
+            curves.append((workload, [t - t0 for t in times], [100 * r for r in rates]))
+    # The x axis ends with the longest shared-prefix run: the control (no prefill saved) runs
+    # much longer and would squeeze the curves that matter into a corner; its legend says so.
+    shared_ends = [xs[-1] for w, xs, _ in curves if w.shares_prefix]
+    x_max = 1.05 * max(shared_ends) if shared_ends else None
+    for workload, xs, ys in curves:
+        label = workload.name
+        if x_max is not None and xs[-1] > x_max:
+            label += f" (to {xs[-1]:.0f} s, {ys[-1]:.0f}% at the end)"
+        ax.plot(xs, ys, marker=".", markersize=4, linewidth=1.2, label=label,
+                linestyle="-" if workload.shares_prefix else "--")
+    if x_max is not None:
+        ax.set_xlim(-0.02 * x_max, x_max)
     ax.set_xlabel("seconds since the run started")
     ax.set_ylabel("cumulative hit rate (%)")
     ax.set_ylim(-3, 103)

@@ -163,18 +163,20 @@ def render_body(suite: SuiteResult, pngs: dict[str, Path | None], doc_dir: Path)
             rel = path.resolve().relative_to(doc_dir.resolve()) if path.resolve().is_relative_to(doc_dir.resolve()) \
                 else path
             images.append(f"![{captions[key]}]({rel.as_posix()})")
-    server = " ".join(suite.server_args) if suite.server_args else "(defaults)"
-    notes = "".join(f"\n- note: {n}" for n in suite.notes)
+    server = f"server options `{' '.join(suite.server_args)}`" if suite.server_args else "default server options"
+    notes = "\n\n" + "\n".join(f"- note: {n}" for n in suite.notes) if suite.notes else ""
     return f"""
-Model `{suite.model}`, server options `{server}`; {suite.discipline}; streaming; seed {suite.seed}
-(token scale {suite.token_scale:g}); {suite.duration / 60:.1f} minutes in all.{load}
+Model `{suite.model}`, {server}; {suite.discipline}; streaming; seed {suite.seed} (token scale
+{suite.token_scale:g}); {suite.duration / 60:.1f} minutes in all.{load}
+
 Each workload runs against a caching-on and a caching-off server (one after the other, the order
 alternating between workloads), same requests in the same order, after a warm-up and with the
-prefix cache emptied first (so every shared prefix is computed once per run). TTFT is measured by the client to the first streamed text; hit rate = cached prompt
-tokens / prompt tokens, from each response's `usage.prompt_tokens_details.cached_tokens`; cost at
-${p.input_per_mtok:g} / ${p.output_per_mtok:g} per million input / output tokens with cached input
+prefix cache emptied first (so every shared prefix is computed once per run). TTFT is measured by
+the client, to the first streamed text; hit rate = cached prompt tokens / prompt tokens, from each
+response's `usage.prompt_tokens_details.cached_tokens`; cost at ${p.input_per_mtok:g} /
+${p.output_per_mtok:g} per million input / output tokens with cached input
 {p.cached_discount:.0%} off (as providers bill prompt-cache reads). With few requests, p99 is close
-to the maximum.{notes}
+to the maximum: with caching on, that is the cold first request of a shared prefix.{notes}
 
 {verdict(comparisons)}
 

@@ -38,8 +38,13 @@ from radixserve.benchmark.loadgen import (
 )
 from radixserve.benchmark.results import Pricing, SuiteResult, WorkloadResult
 from radixserve.benchmark.workloads import WORKLOADS, make_workload
+from radixserve.errors import RadixServeError
 
 MODES = ("on", "off")  # prefix caching on / off: the labels of a workload's two runs
+
+
+class ServerStartError(RadixServeError):
+    """A `radixserve serve` subprocess exited or never became ready (its log tail says why)."""
 
 
 @dataclass(slots=True)
@@ -112,12 +117,14 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.process.returncode}:\n{self.log_tail()}")
+                raise ServerStartError(f"the server exited with code {self.process.returncode}; "
+                                       f"`{shlex.join(self.command)}` logged:\n{self.log_tail()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.base_url}/health", timeout=5).status_code == 200:
                     return
             time.sleep(0.5)
-        raise RuntimeError(f"the server did not become ready in {timeout:.0f} s:\n{self.log_tail()}")
+        raise ServerStartError(
+            f"the server did not become ready in {timeout:.0f} s; its log ends:\n{self.log_tail()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -191,6 +198,8 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
     else:
         servers = local_servers(config)
     notes: list[str] = []
+    if config.server_threads and config.on_url is None:
+        notes.append(f"each server ran with {config.server_threads} torch thread(s) (OMP_NUM_THREADS)")
     with servers as urls:
         model = config.model or served_model(urls["on"], config.api_key)
         token_scale = calibrate_token_scale(urls["on"], model, config.api_key) if config.calibrate else 1.0

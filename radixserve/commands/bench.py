@@ -97,7 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_arrivals(p: argparse.ArgumentParser, default_concurrency: int | None) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, default=None,
-                   help=f"closed loop: this many clients, each waiting for its reply (default {default_concurrency or 1})")
+                   help="closed loop: this many clients, each waiting for its reply "
+                        f"(default {default_concurrency or 1})")
     g.add_argument("--rate", type=float, default=None,
                    help="open loop: Poisson arrivals at this many requests/s ('inf': all at once)")
     p.set_defaults(default_concurrency=default_concurrency or 1)
@@ -231,8 +232,10 @@ def run_load_command(args: argparse.Namespace) -> int:
     s = summarize(run, _pricing(args))
     print(f"{args.workload}: {workload.summary()}; {config.discipline}")
     print(f"  requests        {s.num_requests} ({s.num_failed} failed) in {s.duration:.1f} s")
-    print(f"  TTFT            p50 {fmt_seconds(s.ttft_p50)}  p90 {fmt_seconds(s.ttft_p90)}  p99 {fmt_seconds(s.ttft_p99)}")
-    print(f"  TPOT / e2e      p50 {fmt_seconds(s.tpot_p50)} / p50 {fmt_seconds(s.e2e_p50)}  p99 {fmt_seconds(s.e2e_p99)}")
+    print(f"  TTFT            p50 {fmt_seconds(s.ttft_p50)}  p90 {fmt_seconds(s.ttft_p90)}  "
+          f"p99 {fmt_seconds(s.ttft_p99)}")
+    print(f"  TPOT / e2e      p50 {fmt_seconds(s.tpot_p50)} / p50 {fmt_seconds(s.e2e_p50)}  "
+          f"p99 {fmt_seconds(s.e2e_p99)}")
     print(f"  throughput      {s.request_throughput:.2f} req/s, {s.output_throughput:.1f} output tok/s")
     print(f"  prompt tokens   {s.prompt_tokens:,}, cached {s.cached_tokens if s.cached_tokens is not None else 'n/a'}"
           f" (hit rate {fmt_rate(s.hit_rate)})")
