@@ -230,6 +230,37 @@ def ttft(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
     return req.first_token_time - req.arrival_time, req.num_cached_tokens or 0
 
 
+def ttft_breakdown(engine: LLMEngine, base: list[int], rng: random.Random, vocab: int, repeats: int) -> dict:
+    """Where the cached-prefix TTFT goes (medians, ms): arrival -> scheduled (radix match,
+    block allocation), scheduled -> graph launch (runner metadata), the replay call on the host,
+    and launch return -> first token (waiting for the GPU, then sampling)."""
+    graphs = engine.runner.prefill_graphs
+    if graphs is None:
+        return {}
+    marks: dict[str, float] = {}
+    replay = graphs.run
+
+    def timed_run(*args):
+        marks["launch"] = time.monotonic()
+        logits = replay(*args)
+        marks["launched"] = time.monotonic()
+        return logits
+
+    graphs.run = timed_run
+    parts: dict[str, list[float]] = {"arrival->scheduled": [], "scheduled->launch": [], "replay call": [], "launched->first token": []}
+    try:
+        for _ in range(repeats + 1):
+            req = engine.add_request(base[:4032] + rand_ids(rng, 64, vocab), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+            run_until_done(engine)
+            parts["arrival->scheduled"].append(req.first_scheduled_time - req.arrival_time)
+            parts["scheduled->launch"].append(marks["launch"] - req.first_scheduled_time)
+            parts["replay call"].append(marks["launched"] - marks["launch"])
+            parts["launched->first token"].append(req.first_token_time - marks["launched"])
+    finally:
+        del graphs.run
+    return {k: round(statistics.median(v[1:]) * 1000, 3) for k, v in parts.items()}
+
+
 def graph_replay_ms(engine: LLMEngine, bs: int, n: int = 50, prefill: bool = False) -> float | None:
     """GPU time of one replay of a captured graph (decode batch `bs`, or the prefill bucket `bs`),
     replaying whatever inputs it last had."""
@@ -288,6 +319,7 @@ def our_speed(loaded, repeats: int) -> dict:
         hits.append(hit)
     out["ttft_4032_cached_64_new_ms"] = statistics.median(times[1:]) * 1000
     out["ttft_cached_tokens"] = hits[1:]
+    out["ttft_breakdown_ms"] = ttft_breakdown(engine, base, rng, vocab, repeats)
     out["ttft_graph_replay_ms"] = graph_replay_ms(engine, 64, prefill=True)
     if PROFILE:
         profile_step(lambda: ttft(engine, base[:4032] + rand_ids(rng, 64, vocab)), "TTFT 4032 cached + 64 new")

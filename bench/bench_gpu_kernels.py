@@ -35,25 +35,64 @@ def setup(seqs, num_blocks_extra=64):
     return kc, vc, meta, q
 
 
-def run(seqs, cfg, splits, label, floor_bytes=None, flops=None):
+COUNTERS = None
+
+
+def reference(seqs, kc, vc, meta, q) -> torch.Tensor:
+    """fp32 attention of each sequence's new tokens over its whole (gathered) context."""
+    outs, start = [], 0
+    for i, (c, n) in enumerate(seqs):
+        blocks = meta.block_tables[i, : -(-(c + n) // PAGE)]
+        k = kc[blocks].reshape(-1, KV, D)[: c + n].float().repeat_interleave(H // KV, 1)
+        v = vc[blocks].reshape(-1, KV, D)[: c + n].float().repeat_interleave(H // KV, 1)
+        qs = q[start : start + n].float()
+        s = torch.einsum("qhd,khd->hqk", qs, k) * D**-0.5
+        mask = torch.arange(c + n, device=q.device)[None, :] > (c + torch.arange(n, device=q.device))[:, None]
+        s.masked_fill_(mask[None], float("-inf"))
+        outs.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
+        start += n
+    return torch.cat(outs)
+
+
+def run(seqs, cfg, splits, label, floor_bytes=None, flops=None, fuse=False, check=False, prefetch=False, layers=1):
+    """Median GPU time of one launch (a CUDA graph of `layers` launches, each over its own KV
+    pool as in a real forward, so L2 does not hold the keys between launches)."""
+    global COUNTERS
+    if COUNTERS is None:
+        COUNTERS = torch.zeros(1 << 14, dtype=torch.int32, device="cuda")
     kc, vc, meta, q = setup(seqs)
+    pools = [(kc, vc)] + [(torch.randn_like(kc), torch.randn_like(vc)) for _ in range(layers - 1)]
     out = torch.empty_like(q)
     max_q = max(q_ for _, q_ in seqs)
     block_q = cfg["block_m"] // 4
     nqb = -(-max_q // block_q)
 
     def f():
-        K.paged_attention(q, kc, vc, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, D**-0.5,
-                          num_seqs=len(seqs), n_qblocks=nqb, seq_ids=None, num_splits=splits, **cfg)  # fmt: skip
+        for k_pool, v_pool in pools:
+            K.paged_attention(q, k_pool, v_pool, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, D**-0.5,
+                              num_seqs=len(seqs), n_qblocks=nqb, seq_ids=None, num_splits=splits,
+                              counters=COUNTERS if fuse else None, prefetch=prefetch, **cfg)  # fmt: skip
 
-    f()  # compile outside the graph
-    ms = triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median")
+    try:
+        f()  # compile outside the graph
+        ms = triton.testing.do_bench_cudagraph(f, rep=50, return_mode="median") / layers
+    except Exception as e:  # e.g. out of shared memory / registers for a big tile
+        print(f"{label:70s} failed: {type(e).__name__}: {str(e)[:80]}", flush=True)
+        return None
+    if layers > 1:
+        K.paged_attention(q, kc, vc, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, D**-0.5,
+                          num_seqs=len(seqs), n_qblocks=nqb, seq_ids=None, num_splits=splits,
+                          counters=COUNTERS if fuse else None, prefetch=prefetch, **cfg)  # fmt: skip
     extra = ""
+    if check:
+        ref = reference(seqs, kc, vc, meta, q)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        extra += f" err {err:.1e}" + (" WRONG" if err > 2e-2 else "")
     if floor_bytes:
         extra += f" {floor_bytes / (ms * 1e-3) / 1e12:.2f} TB/s"
     if flops:
         extra += f" {flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s"
-    print(f"{label:58s} {ms * 1000:8.1f} us{extra}", flush=True)
+    print(f"{label:70s} {ms * 1000:8.1f} us{extra}", flush=True)
     return ms
 
 
@@ -87,12 +126,46 @@ def launch_overhead() -> None:
         print(f"launch overhead {name:40s} {(t1 - t0) / 500 * 1e6:6.1f} us per call (host)", flush=True)
 
 
+def sweep_short_prefill() -> None:
+    """Launch shapes for a short suffix over a long cached prefix (the cached-TTFT case), each
+    timed over 32 layers' worth of KV pools (L2 cold, as in the model); prints the fastest."""
+    shapes = [dict(block_m=64, block_n=bn, num_warps=4, num_stages=st) for bn, st in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3))]
+    shapes += [dict(block_m=128, block_n=bn, num_warps=8, num_stages=st) for bn in (64, 128) for st in (2, 3)]
+    for ctx, new in [(4032, 64), (2016, 32)]:
+        results = []
+        seqs = [(ctx, new)]
+        print(f"-- sweep: {new} new tokens over {ctx} cached (per layer, 32 layers' pools)", flush=True)
+        for cfg in shapes:
+            for prefetch in (False, True):
+                for splits in ((4, 8) if cfg["block_m"] == 64 else (2, 4)):
+                    label = f"ctx={ctx} new={new} splits={splits} prefetch={int(prefetch)} {cfg}"
+                    ms = run(seqs, cfg, splits, label, floor_bytes=kv_bytes(ctx + new), fuse=True, check=True,
+                             prefetch=prefetch, layers=32)  # fmt: skip
+                    if ms is not None:
+                        results.append((ms, label))
+        print(f"-- fastest for {new} over {ctx}:", flush=True)
+        for ms, label in sorted(results)[:8]:
+            print(f"   {ms * 1000:7.1f} us  {label}", flush=True)
+
+
+def kv_bytes(n: int) -> int:
+    return n * KV * D * 2 * 2
+
+
 def main() -> None:
     torch.manual_seed(0)
+    if "--sweep" in sys.argv:
+        sweep_short_prefill()
+        for B, ctx in [(1, 4096), (2, 4096), (32, 1024)]:
+            for splits in sorted({max(1, min(16, 132 // (B * KV))), max(1, min(16, -(-132 // (B * KV))))}):
+                for prefetch in (False, True):
+                    cfg = dict(block_m=16, block_n=128, num_warps=4, num_stages=2)
+                    run([(ctx, 1)] * B, cfg, splits, f"decode B={B} ctx={ctx} splits={splits} prefetch={int(prefetch)}",
+                        floor_bytes=kv_bytes(B * (ctx + 1)), fuse=True, check=True, prefetch=prefetch, layers=32)  # fmt: skip
+        return
     launch_overhead()
     if "--launch-only" in sys.argv:
         return
-    kv_bytes = lambda n: n * KV * D * 2 * 2  # noqa: E731
     print("-- decode (one layer, GPU time from a CUDA graph of the launches)")
     for B, ctx in [(1, 512), (1, 4096), (8, 2048), (32, 1024)]:
         seqs = [(ctx, 1)] * B

@@ -26,21 +26,38 @@ import torch.nn.functional as F
 from radixserve.model import triton_kernels as K
 from radixserve.model.attention import AttentionBackend, AttentionMetadata
 
-# Launch shapes, picked by bench/bench_gpu_kernels.py on an H100 (Llama-3-8B attention shapes).
-# Decode: 16 query rows (the GROUP query heads of one KV head, padded: tl.dot needs 16), 128 keys
-# (8 pages) per tile. Prefill chunks of >= 256 tokens: 64 x 64 tiles. A short chunk after a long
-# cached prefix (64 new after 4032 cached: 27 us a layer): 64 x 128 tiles, keys split so that the
-# launch fills the GPU once.
+# Launch shapes, picked by bench/bench_gpu_kernels.py on an H100 (Llama-3-8B attention shapes,
+# timed over 32 layers' KV pools so that L2 is cold as in a real forward). Decode: 16 query rows
+# (the GROUP query heads of one KV head, padded: tl.dot needs 16), 128 keys (8 pages) per tile.
+# Prefill chunks of >= 256 tokens: 64 x 64 tiles. A short chunk after a long cached prefix
+# (64 new after 4032 cached): 64 x 128 tiles, 3 stages, page ids prefetched a tile ahead, keys
+# split so that the launch is one full wave (29.5 us a layer; 5 splits = 1.2 waves took 45 us).
 DECODE_CFG = dict(block_m=16, block_n=128, num_warps=4, num_stages=2)
-PREFILL_SHORT_CFG = dict(block_m=64, block_n=128, num_warps=4, num_stages=2)
+PREFILL_SHORT_CFG = dict(block_m=64, block_n=128, num_warps=4, num_stages=3, prefetch=True)
 PREFILL_LONG_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
 MAX_SPLITS = 16
+# Arrival counters of split launches that merge in-kernel (one per sequence x query block x KV
+# head); a launch with more groups than this falls back to the separate merge kernel.
+MERGE_COUNTERS = 1 << 14
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # TRITON_INTERPRET on CPU: any value works
+
+
+def _fit_stages(cfg: dict, head_dim: int, elem_bytes: int, device: torch.device) -> dict:
+    """Fewer pipeline stages where the K and V tiles of every stage would not fit in shared
+    memory (3 stages of 128-key tiles need 192 KB: H100/H200 have 227 KB, many GPUs less)."""
+    if device.type != "cuda":
+        return cfg
+    smem = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 99 * 1024
+    per_stage = 2 * cfg["block_n"] * head_dim * elem_bytes
+    stages = cfg["num_stages"]
+    while stages > 1 and stages * per_stage > smem - 16 * 1024:
+        stages -= 1
+    return cfg if stages == cfg["num_stages"] else dict(cfg, num_stages=stages)
 
 
 @dataclass(slots=True)
@@ -74,6 +91,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._sdpa_gqa_ok: bool | None = None  # does SDPA's flash kernel take GQA directly?
+        self._counters: torch.Tensor | None = None  # zeroed once; the kernel leaves it zeroed
+
+    def _merge_counters(self, device: torch.device) -> torch.Tensor:
+        # Allocated on the first (eager, warm-up) call, so CUDA graphs capture this same buffer.
+        if self._counters is None or self._counters.device != device:
+            self._counters = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
+        return self._counters
 
     def write_kv(self, layer_k_cache, layer_v_cache, k, v, slot_mapping) -> None:
         K.write_kv(k, v, layer_k_cache, layer_v_cache, slot_mapping)
@@ -85,7 +109,10 @@ class TritonAttentionBackend(AttentionBackend):
         programs = max(1, num_seqs * num_kv_heads)
         return max(1, min(MAX_SPLITS, -(-_num_sms(device) // programs)))
 
-    def plan(self, meta: AttentionMetadata, num_kv_heads: int, num_heads: int, device: torch.device, have_kv: bool) -> _StepPlan:
+    def plan(
+        self, meta: AttentionMetadata, num_kv_heads: int, num_heads: int, head_dim: int, elem_bytes: int,
+        device: torch.device, have_kv: bool,
+    ) -> _StepPlan:  # fmt: skip
         cached = meta.backend_state.get("triton")
         if cached is not None:
             return cached
@@ -106,15 +133,15 @@ class TritonAttentionBackend(AttentionBackend):
                 ids = None if len(prefill) == everyone else torch.tensor(prefill, dtype=torch.int32).to(device)
                 max_q = max(qlens[i] for i in prefill)
                 cfg = PREFILL_LONG_CFG if max_q * group_p >= 1024 else PREFILL_SHORT_CFG
-                cfg = dict(cfg, block_m=max(cfg["block_m"], group_p))
+                cfg = _fit_stages(dict(cfg, block_m=max(cfg["block_m"], group_p)), head_dim, elem_bytes, device)
                 block_q = cfg["block_m"] // group_p
                 n_qblocks = -(-max_q // block_q)
                 programs = sum(-(-qlens[i] // block_q) for i in prefill) * num_kv_heads
                 tiles = -(-max(slens[i] for i in prefill) // cfg["block_n"])
                 splits = 1
                 sms = _num_sms(device)
-                if programs < sms and tiles >= 8:
-                    splits = max(1, min(MAX_SPLITS, -(-sms // programs), tiles // 4))
+                if programs < sms and tiles >= 8:  # at most one wave: a partial second wave costs a whole one
+                    splits = max(1, min(MAX_SPLITS, sms // programs, tiles // 4))
                 launches.append(_Launch(ids, len(prefill), n_qblocks, splits, cfg))
         plan = _StepPlan(cold, launches)
         meta.backend_state["triton"] = plan
@@ -124,7 +151,7 @@ class TritonAttentionBackend(AttentionBackend):
     def attend(self, q, layer_k_cache, layer_v_cache, meta, scale, k=None, v=None) -> torch.Tensor:
         T, H, D = q.shape
         kvh = layer_k_cache.shape[2]
-        plan = self.plan(meta, kvh, H, q.device, k is not None and v is not None)
+        plan = self.plan(meta, kvh, H, D, q.element_size(), q.device, k is not None and v is not None)
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
         if plan.cold:
             start = 0
@@ -136,7 +163,7 @@ class TritonAttentionBackend(AttentionBackend):
             K.paged_attention(
                 q, layer_k_cache, layer_v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
                 num_seqs=launch.num_seqs, n_qblocks=launch.n_qblocks, seq_ids=launch.seq_ids,
-                num_splits=launch.num_splits, **launch.cfg,
+                num_splits=launch.num_splits, counters=self._merge_counters(q.device), **launch.cfg,
             )  # fmt: skip
         return out
 

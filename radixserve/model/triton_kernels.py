@@ -72,6 +72,38 @@ class _Launcher:
 
 
 @triton.jit
+def _merge_splits(
+    out_ptr, part_acc_ptr, part_ml_ptr, base, num_splits, q_start, tok, head, row_ok,
+    rows, stride_ot, stride_oh, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """Merge the partials base..base+num_splits of one (sequence, query block, KV head): rescale
+    each by 2^(m_s - max m), divide by the rescaled sum of l, write the rows to out. Loads
+    bypass L1 (.cg): with FUSE_MERGE the partials were just written by other SMs."""
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, num_splits):
+        m_s = tl.load(part_ml_ptr + ((base + s) * BLOCK_M + rows) * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m_s)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    l_tot = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    for s in range(0, num_splits):
+        idx = (base + s) * BLOCK_M + rows
+        m_s = tl.load(part_ml_ptr + idx * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_ml_ptr + idx * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+        w = tl.exp2(m_s - m_use)  # an empty split has m = -inf: weight 0
+        a = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        l_tot += l_s * w
+        acc += a * w[:, None]
+    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
+    tl.store(
+        out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -79,6 +111,7 @@ def _paged_attention_kernel(
     out_ptr,
     part_acc_ptr,
     part_ml_ptr,
+    counters_ptr,
     block_tables_ptr,
     seq_lens_ptr,
     query_start_ptr,
@@ -106,6 +139,8 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
+    FUSE_MERGE: tl.constexpr,
+    PREFETCH: tl.constexpr,
     USE_SEQ_IDS: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -115,7 +150,10 @@ def _paged_attention_kernel(
     from the pool through the block table, tile by tile: no contiguous copy is ever made.
 
     SPLIT=False: normalize and write out[T, H, D]. SPLIT=True: write the unnormalized partial
-    accumulator with its running max and sum; _combine_splits_kernel merges the splits.
+    accumulator with its running max and sum; then either _combine_splits_kernel merges the
+    splits (a second launch), or, with FUSE_MERGE, the last split program of each (sequence,
+    query block, KV head) to finish merges them itself: a per-group arrival counter tells it
+    that it is last (the counter is reset for the next launch by that same program).
     """
     s_idx = tl.program_id(0)
     qb = tl.program_id(1)
@@ -160,14 +198,26 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     bt_row = block_tables_ptr + seq * stride_bt
+    if PREFETCH:  # the next tile's page ids are loaded one iteration ahead (hides that latency)
+        first = t_begin * BLOCK_N + offs_n
+        blk_next = tl.load(bt_row + first // PAGE, mask=first < kv_end, other=0).to(tl.int64)
     for t in range(t_begin, t_end):
         kpos = t * BLOCK_N + offs_n
         k_ok = kpos < kv_end
-        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        if PREFETCH:
+            blk = blk_next
+            after = kpos + BLOCK_N
+            blk_next = tl.load(bt_row + after // PAGE, mask=after < kv_end, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
         in_page = (kpos % PAGE).to(tl.int64)
+        if HEAD_DIM == HEAD_DIM_P:
+            kv_mask = k_ok[:, None]
+        else:
+            kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(
             k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
+            mask=kv_mask,
             other=0.0,
         )
         if IEEE:
@@ -185,7 +235,7 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
-            mask=k_ok[:, None] & d_ok[None, :],
+            mask=kv_mask,
             other=0.0,
         )
         if IEEE:
@@ -204,6 +254,16 @@ def _paged_attention_kernel(
         )
         tl.store(part_ml_ptr + (part * BLOCK_M + rows) * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + (part * BLOCK_M + rows) * 2 + 1, l_i, mask=row_ok)
+        if FUSE_MERGE:
+            group_id = (s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh
+            tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+            arrived = tl.atomic_add(counters_ptr + group_id, 1, sem="acq_rel", scope="gpu")
+            if arrived == num_splits - 1:
+                _merge_splits(
+                    out_ptr, part_acc_ptr, part_ml_ptr, group_id * num_splits, num_splits, q_start, tok, head, row_ok,
+                    rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M,
+                )  # fmt: skip
+                tl.store(counters_ptr + group_id, 0)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
@@ -251,29 +311,11 @@ def _combine_splits_kernel(
     hg = rows % GROUP_P
     row_ok = (tok < q_len) & (hg < GROUP)
     head = kvh * GROUP + hg
-    offs_d = tl.arange(0, HEAD_DIM_P)
     base = ((s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh) * num_splits
-    m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
-        m_s = tl.load(part_ml_ptr + ((base + s) * BLOCK_M + rows) * 2, mask=row_ok, other=float("-inf"))
-        m_max = tl.maximum(m_max, m_s)
-    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_tot = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    for s in range(0, num_splits):
-        idx = (base + s) * BLOCK_M + rows
-        m_s = tl.load(part_ml_ptr + idx * 2, mask=row_ok, other=float("-inf"))
-        l_s = tl.load(part_ml_ptr + idx * 2 + 1, mask=row_ok, other=0.0)
-        w = tl.exp2(m_s - m_use)  # an empty split has m = -inf: weight 0
-        a = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        l_tot += l_s * w
-        acc += a * w[:, None]
-    out = acc / tl.where(l_tot > 0, l_tot, 1.0)[:, None]
-    tl.store(
-        out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
-    )
+    _merge_splits(
+        out_ptr, part_acc_ptr, part_ml_ptr, base, num_splits, q_start, tok, head, row_ok,
+        rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M,
+    )  # fmt: skip
 
 
 def paged_attention(
@@ -294,11 +336,15 @@ def paged_attention(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    counters: torch.Tensor | None = None,
+    prefetch: bool = False,
 ) -> None:
     """Launch the paged kernel over `num_seqs` sequences (all of them, or those in seq_ids),
     each with up to n_qblocks query blocks of block_m rows, its key range cut into num_splits.
 
-    q/out [T, H, D] (last dim contiguous); caches [num_blocks, page, kv_heads, D].
+    q/out [T, H, D] (last dim contiguous); caches [num_blocks, page, kv_heads, D]. `counters`:
+    a zeroed int32 scratch tensor (kept zero between launches by the kernel); when given and
+    large enough, split launches merge their partials in the same launch (no second kernel).
     """
     T, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
@@ -314,12 +360,15 @@ def paged_attention(
         part_ml = torch.empty(n_parts * block_m * 2, dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused
+    fuse = split and counters is not None and counters.numel() >= num_seqs * n_qblocks * kvh
+    if counters is None:
+        counters = seq_lens  # unused without FUSE_MERGE
     ids = seq_ids if seq_ids is not None else seq_lens  # unused when USE_SEQ_IDS is False
     grid = (num_seqs, n_qblocks, kvh * num_splits)
     _launch_attention(
         grid,
         (
-            q, k_cache, v_cache, out, part_acc, part_ml, block_tables, seq_lens, query_start_loc, ids,
+            q, k_cache, v_cache, out, part_acc, part_ml, counters, block_tables, seq_lens, query_start_loc, ids,
             scale * 1.4426950408889634, num_splits, n_qblocks,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -327,12 +376,12 @@ def paged_attention(
         ),
         dict(
             NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p, PAGE=page,
-            BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, USE_SEQ_IDS=seq_ids is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, FUSE_MERGE=fuse, PREFETCH=prefetch, USE_SEQ_IDS=seq_ids is not None,
             IEEE=q.dtype == torch.float32,
         ),
         num_warps, num_stages,
     )  # fmt: skip
-    if split:
+    if split and not fuse:
         _launch_combine(
             (num_seqs, n_qblocks, kvh),
             (out, part_acc, part_ml, query_start_loc, ids, num_splits, n_qblocks, out.stride(0), out.stride(1)),
