@@ -27,6 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--policy", default="fcfs", choices=["fcfs", "lpm"],
                    help="admission order: first come first served, or longest cached prefix first")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="GPU: launch every kernel from Python, no CUDA graphs (for debugging; slower)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -36,6 +38,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             dtype=args.dtype or default_dtype_for(args.device),
             device=args.device,
             max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -215,10 +215,12 @@ def test_serve_command_options():
     args = build_parser().parse_args([
         "serve", "--port", "9001", "--api-key", "k1", "--api-key", "k2", "--namespace-from-api-key",
         "--min-cacheable-tokens", "64", "--max-request-bytes", "1000", "--served-model-name", "smol",
-        "--cache-ttl-scale", "0.5", "--num-blocks", "128",
+        "--cache-ttl-scale", "0.5", "--num-blocks", "128", "--enforce-eager",
     ])
     config = server_config_from_args(args)
     assert (config.host, config.port, config.api_keys) == ("127.0.0.1", 9001, ["k1", "k2"])
     assert config.namespace_from_api_key and config.min_cacheable_tokens == 64
     assert (config.max_request_bytes, config.served_model_name, config.cache_ttl_scale) == (1000, "smol", 0.5)
-    assert engine_config_from_args(args).cache.num_blocks == 128
+    engine_config = engine_config_from_args(args)
+    assert engine_config.cache.num_blocks == 128 and engine_config.model.enforce_eager
+    assert not engine_config_from_args(build_parser().parse_args(["serve"])).model.enforce_eager
