@@ -394,6 +394,9 @@ def _load_dummy(
             tokenizer = None
     if tokenizer is None:
         tokenizer = Tokenizer.byte_level()
+    # Random weights sample any id of the model's vocabulary: each must decode to some text, or
+    # a server streams nothing for most tokens (and a client's time to first text is not TTFT).
+    tokenizer = tokenizer.padded_to(arch.vocab_size)
     fp = hashlib.sha256(f"{arch!r}:{config.seed}:{tokenizer.fingerprint()}".encode()).hexdigest()[:16]
     return LoadedModel(
         model=model,

@@ -241,6 +241,27 @@ class Tokenizer:
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
         return cls(tok, chat_template=None, eos_token="<|im_end|>")
 
+    def padded_to(self, vocab_size: int) -> Tokenizer:
+        """This tokenizer with ids up to vocab_size - 1: each new id decodes to the plain text
+        " <id>", and no text ever encodes to one (no merge produces them). For dummy models whose
+        vocabulary is larger than their tokenizer's: the ids past its end would decode to
+        nothing, so a server would stream no text for most generated tokens. Byte-level BPE only."""
+        if vocab_size <= self.vocab_size:
+            return self
+        data = json.loads(self.backend.to_str())
+        model, decoder = data["model"], data.get("decoder") or {}
+        if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+            raise ValueError("only byte-level BPE tokenizers can be padded")
+        vocab: dict[str, int] = model["vocab"]
+        space = bytes_to_unicode()[ord(" ")]  # 'Ġ': how a byte-level vocabulary spells a space
+        for i in range(self.vocab_size, vocab_size):
+            token = f"{space}<{i}>"
+            if token in vocab:
+                raise ValueError(f"cannot pad: the vocabulary already has {token!r}")
+            vocab[token] = i
+        return Tokenizer(HFTokenizer.from_str(json.dumps(data)), chat_template=self.chat_template,
+                         bos_token=self.bos_token, eos_token=self.eos_token, extra_eos_ids=self.eos_token_ids)
+
     # ---- use ----------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:

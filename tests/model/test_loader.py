@@ -108,6 +108,16 @@ def test_dummy_tiny(paged_logits):
     assert torch.isfinite(one).all()
 
 
+def test_dummy_tokenizer_decodes_every_id(monkeypatch):
+    """Without the embedded package (as on a bare GPU machine) a dummy model gets the byte-level
+    tokenizer, padded to the model's vocabulary: any sampled id streams some text."""
+    monkeypatch.setattr("radixserve.model.loader.embedded_available", lambda: False)
+    lm = _load("dummy:tiny")
+    assert lm.tokenizer.vocab_size == lm.arch.vocab_size
+    assert lm.tokenizer.decode([lm.arch.vocab_size - 1]) == f" <{lm.arch.vocab_size - 1}>"
+    assert lm.tokenizer.encode("A.") == Tokenizer.byte_level().encode("A.")
+
+
 def test_dummy_bf16_built_in_place():
     lm = _load("dummy:smollm2-135m", dtype="bfloat16")
     params = list(lm.model.parameters())

@@ -154,3 +154,16 @@ def test_byte_level_fallback():
     assert tok.vocab_size == 259 and tok.token_to_id("<|im_end|>") in tok.eos_token_ids
     assert tok.encode("A") == [3 + ord("A")]
     assert "<|im_start|>assistant\n" in tok.apply_chat_template([{"role": "user", "content": "x"}])
+
+
+def test_padded_to_covers_a_larger_model_vocabulary():
+    """Dummy models sample any id of their vocabulary: the padded ids decode to text, and text
+    still encodes exactly as before (no merge reaches the new ids)."""
+    tok = Tokenizer.byte_level()
+    padded = tok.padded_to(1000)
+    assert padded.vocab_size == 1000 and tok.padded_to(259) is tok
+    text = "héllo <300> <|im_end|>"
+    assert padded.encode(text) == tok.encode(text)
+    assert padded.decode([300, 3 + ord("A"), 999]) == " <300>A <999>"
+    assert padded.eos_token_ids == tok.eos_token_ids and padded.special_token_ids == tok.special_token_ids
+    assert padded.fingerprint() != tok.fingerprint()
