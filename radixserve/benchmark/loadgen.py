@@ -276,12 +276,14 @@ def calibrate_token_scale(base_url: str, model: str, api_key: str | None = None,
 def warm_up(base_url: str, model: str, api_key: str | None = None, num_tokens: int = 256, num_requests: int = 4,
             concurrency: int = 2, ignore_eos: bool = True) -> None:
     """Send a few short requests of unrelated text (first-call costs: allocator, kernels,
-    thread pools), so that the timed run does not pay them."""
+    thread pools), so that the timed run does not pay them. With more than two requests, two
+    texts take turns, so the later requests go through the cached-prefix path too (on a GPU its
+    kernels compile on first use)."""
     gen = TextGenerator(random.Random("warm-up"))
+    texts = [f"Warm-up {gen.hex_id()}. " + gen.text(num_tokens) for _ in range(min(2, num_requests))]
     requests = [
-        BenchRequest(index=i, workload="warm-up", group=f"warm-up-{i}",
-                     messages=[{"role": "user", "content": f"Warm-up {gen.hex_id()}. " + gen.text(num_tokens)}],
-                     max_tokens=4)
+        BenchRequest(index=i, workload="warm-up", group=f"warm-up-{i % 2}",
+                     messages=[{"role": "user", "content": f"{texts[i % 2]}\n\nPart {i}."}], max_tokens=4)
         for i in range(num_requests)
     ]
     config = LoadConfig(base_url=base_url, model=model, api_key=api_key, concurrency=concurrency,

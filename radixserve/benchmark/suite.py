@@ -75,6 +75,12 @@ class SuiteConfig:
     progress: bool = True
     command: str = ""
     machine: str = ""
+    notes: list[str] = field(default_factory=list)  # printed under the report's method paragraph
+    # Seconds from the start (servers' start-up included) after which no further workload
+    # starts: one that would likely end past it (judged by the longest so far) is skipped and
+    # the report says so. For runs with a hard limit, like a GPU machine's command.
+    time_limit: float | None = None
+    checkpoint: Path | None = None  # save the results here after every workload
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS]
@@ -197,17 +203,47 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
             {"on": config.on_url, "off": config.off_url})
     else:
         servers = local_servers(config)
-    notes: list[str] = []
+    notes = list(config.notes)
     if config.server_threads and config.on_url is None:
         notes.append(f"each server ran with {config.server_threads} torch thread(s) (OMP_NUM_THREADS)")
     with servers as urls:
         model = config.model or served_model(urls["on"], config.api_key)
         token_scale = calibrate_token_scale(urls["on"], model, config.api_key) if config.calibrate else 1.0
         warmup_tokens = config.warmup_tokens or (64 if config.quick else 256)
+        workloads: list[WorkloadResult] = []
+
+        def suite_result(run_notes: list[str]) -> SuiteResult:
+            return SuiteResult(
+                label=config.label,
+                command=config.command,
+                machine=config.machine,
+                date=datetime.date.today().isoformat(),
+                model=model,
+                discipline=LoadConfig(base_url="", model="", concurrency=config.concurrency,
+                                      request_rate=config.request_rate).discipline,
+                seed=config.seed,
+                token_scale=token_scale,
+                server_args=server_args_for(config) if config.on_url is None else [f"on: {config.on_url}",
+                                                                                    f"off: {config.off_url}"],
+                load_before=load_before,
+                load_after=_loadavg(),
+                pricing=config.pricing,
+                workloads=workloads,
+                duration=time.monotonic() - started,
+                notes=run_notes,
+            )
+
         for url in urls.values():
             warm_up(url, model, config.api_key, num_tokens=warmup_tokens, ignore_eos=config.ignore_eos)
-        workloads = []
+        longest = 0.0
         for position, name in enumerate(config.workloads):
+            if config.time_limit is not None and time.monotonic() - started + longest > config.time_limit:
+                skipped = config.workloads[position:]
+                notes.append(f"the run stopped at its time limit ({config.time_limit:.0f} s) before "
+                             f"{', '.join(skipped)}")
+                print(f"time limit: skipping {', '.join(skipped)}", file=sys.stderr)
+                break
+            workload_started = time.monotonic()
             workload = make_workload(name, seed=config.seed, token_scale=token_scale, quick=config.quick,
                                      scale=config.scale, **config.overrides.get(name, {}))
             requests = workload.build()
@@ -226,26 +262,11 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
                                   progress=config.progress, description=f"{name} [cache {mode}]")
                 result.runs[mode] = run_load_sync(requests, load, label=mode)
             workloads.append(result)
-    discipline = LoadConfig(base_url="", model="", concurrency=config.concurrency,
-                            request_rate=config.request_rate).discipline
-    return SuiteResult(
-        label=config.label,
-        command=config.command,
-        machine=config.machine,
-        date=datetime.date.today().isoformat(),
-        model=model,
-        discipline=discipline,
-        seed=config.seed,
-        token_scale=token_scale,
-        server_args=server_args_for(config) if config.on_url is None else [f"on: {config.on_url}",
-                                                                            f"off: {config.off_url}"],
-        load_before=load_before,
-        load_after=_loadavg(),
-        pricing=config.pricing,
-        workloads=workloads,
-        duration=time.monotonic() - started,
-        notes=notes,
-    )
+            longest = max(longest, time.monotonic() - workload_started)
+            if config.checkpoint is not None:  # what a run killed later still leaves behind
+                partial = f"partial results: {len(workloads)} of {len(config.workloads)} workloads"
+                suite_result([*notes, partial]).save(config.checkpoint)
+    return suite_result(notes)
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -45,7 +46,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--out", type=Path, default=_DOCS,
                    help="where benchmarks.md is (its section is replaced) and bench/*.png go (default: docs/)")
     s.add_argument("--no-docs", action="store_true", help="do not write benchmarks.md or PNGs (print the tables)")
-    s.add_argument("--json", type=Path, default=None, help="also save every measurement to this JSON file")
+    s.add_argument("--json", type=Path, default=None,
+                   help="also save every measurement to this JSON file (rewritten after every workload)")
+    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="start no workload that would likely end later than this many seconds after the start "
+                        "(server start-up included); the report names the ones skipped")
+    s.add_argument("--note", action="append", default=[], metavar="TEXT",
+                   help="a line for the report's notes; repeatable")
+    s.add_argument("--command", default=None, metavar="TEXT",
+                   help="the command the report names for reproducing the run (default: this command line; "
+                        "bench/device_suite.sh gives its own)")
     s.add_argument("--server-threads", type=int, default=None,
                    help="torch threads per server (OMP_NUM_THREADS); default: torch's own choice")
     s.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -182,7 +192,8 @@ def suite_config_from_args(args: argparse.Namespace):
         server_args=forwarded_engine_args(args) + list(args.server_arg), server_threads=args.server_threads,
         startup_timeout=args.startup_timeout, on_url=args.on_url, off_url=args.off_url, model=args.served_model,
         api_key=args.api_key, calibrate=not args.no_calibrate, ignore_eos=not args.no_ignore_eos,
-        pricing=_pricing(args), progress=not args.no_progress, command=_command_line(), machine=machine,
+        pricing=_pricing(args), progress=not args.no_progress, command=args.command or _command_line(),
+        machine=machine, notes=list(args.note), time_limit=args.time_limit, checkpoint=args.json,
     )
 
 
@@ -191,7 +202,13 @@ def run_suite_command(args: argparse.Namespace) -> int:
     from radixserve.benchmark.suite import run_suite
 
     config = suite_config_from_args(args)
-    suite = run_suite(config)
+    # A SIGTERM (e.g. `timeout` around the run) unwinds like Ctrl-C: the servers are stopped and
+    # --json keeps the workloads finished so far.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        suite = run_suite(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json is not None:
         print(f"saved {suite.save(args.json)}", file=sys.stderr)
     comparisons = compare(suite)
@@ -201,6 +218,10 @@ def run_suite_command(args: argparse.Namespace) -> int:
         print(f"\nwrote the section serving-{suite.label} of {md} and its PNGs under {args.out / 'bench'}",
               file=sys.stderr)
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_load_command(args: argparse.Namespace) -> int:

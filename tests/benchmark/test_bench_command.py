@@ -45,6 +45,11 @@ def test_suite_options():
     assert config.request_rate == float("inf") and config.concurrency is None
     assert config.workloads == ["rag", "cache-hostile"] and config.label == "x"
     assert config.pricing.cached_discount == 0.5
+    assert config.time_limit is None and config.checkpoint is None and config.notes == []
+    run = suite_config_from_args(parse("--time-limit", "300", "--note", "a", "--note", "b", "--command", "bash x.sh",
+                                       "--json", "r.json"))
+    assert run.time_limit == 300 and run.notes == ["a", "b"] and run.command == "bash x.sh"
+    assert str(run.checkpoint) == "r.json"  # --json is rewritten after every workload
     with pytest.raises(ValueError, match="drop --no-prefix-caching"):
         suite_config_from_args(parse("--no-prefix-caching"))
     with pytest.raises(SystemExit):

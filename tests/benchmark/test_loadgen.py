@@ -12,6 +12,7 @@ import pytest
 
 from radixserve.benchmark.loadgen import LoadConfig, reset_prefix_cache, run_load_sync, served_model
 from radixserve.benchmark.report import compare, write_report
+from radixserve.benchmark.results import SuiteResult
 from radixserve.benchmark.suite import SuiteConfig, run_suite
 from radixserve.benchmark.workloads import make_workload
 from radixserve.cli import main as cli_main
@@ -29,11 +30,16 @@ def small(name: str, **kw):
 
 
 @pytest.fixture(scope="module")
-def suite(bench_servers):
+def checkpoint(tmp_path_factory):
+    return tmp_path_factory.mktemp("suite") / "checkpoint.json"
+
+
+@pytest.fixture(scope="module")
+def suite(bench_servers, checkpoint):
     """One suite run (external-server mode) over the two in-process servers."""
     config = SuiteConfig(workloads=["generated-shared-prefix", "cache-hostile"], quick=True, overrides=SMALL,
                          on_url=bench_servers["on"], off_url=bench_servers["off"], progress=False,
-                         warmup_tokens=32, command="pytest", machine="test")
+                         warmup_tokens=32, command="pytest", machine="test", checkpoint=checkpoint)
     return run_suite(config)
 
 
@@ -65,6 +71,22 @@ def test_suite_shared_prefix_hits_and_hostile_does_not(suite):
     comparisons = {c.name: c for c in compare(suite)}
     assert comparisons["generated-shared-prefix"].on.hit_rate > 0.3
     assert comparisons["cache-hostile"].on.hit_rate == 0.0
+
+
+def test_suite_checkpoint_after_each_workload(suite, checkpoint):
+    saved = SuiteResult.load(checkpoint)  # what a run killed after its last workload leaves
+    assert [w.name for w in saved.workloads] == [w.name for w in suite.workloads]
+    assert saved.notes == ["partial results: 2 of 2 workloads"] and suite.notes == []
+
+
+def test_suite_time_limit_skips_workloads(bench_servers, tmp_path):
+    config = SuiteConfig(workloads=["cache-hostile", "rag"], quick=True, overrides=SMALL, on_url=bench_servers["on"],
+                         off_url=bench_servers["off"], progress=False, warmup_tokens=32, time_limit=0,
+                         notes=["launched by a test"], checkpoint=tmp_path / "r.json")
+    result = run_suite(config)
+    assert result.workloads == [] and not (tmp_path / "r.json").exists()
+    assert result.notes == ["launched by a test",
+                            "the run stopped at its time limit (0 s) before cache-hostile, rag"]
 
 
 def test_suite_report(suite, tmp_path):
