@@ -66,6 +66,27 @@ class BlockPool:
             raise RuntimeError(f"incref of free block {block_id}: allocate it first")
         self._ref_counts[block_id] += 1
 
+    def incref_all(self, block_ids: list[int]) -> None:
+        """incref of every id (a request taking a matched prefix of hundreds of blocks, in one
+        call: this runs before the request's first GPU step, so it is on the TTFT path). A bad
+        id raises as incref would; the ids before it stay counted (it is a bug either way)."""
+        ref_counts, n = self._ref_counts, self.num_blocks
+        for block_id in block_ids:
+            if not 0 <= block_id < n or ref_counts[block_id] == 0:
+                self.incref(block_id)  # raises the precise error
+            ref_counts[block_id] += 1
+
+    def decref_all(self, block_ids: list[int]) -> None:
+        """decref of every id, in one call (a finished request letting go of its blocks)."""
+        ref_counts, n, free = self._ref_counts, self.num_blocks, self._free
+        for block_id in block_ids:
+            if not 0 <= block_id < n or ref_counts[block_id] == 0:
+                self.decref(block_id)  # raises the precise error
+            count = ref_counts[block_id]
+            ref_counts[block_id] = count - 1
+            if count == 1:
+                free.append(block_id)
+
     def decref(self, block_id: int) -> None:
         """Drop one owner; the block goes back to the free list when the count reaches 0."""
         self._check_id(block_id)

@@ -76,8 +76,7 @@ class KVCacheManager:
         if self.tree is not None:
             match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
             cached = match.num_tokens
-            for block_id in match.block_ids:
-                self.pool.incref(block_id)
+            self.pool.incref_all(match.block_ids)
             request.block_ids = list(match.block_ids)
             self.tree.lock(match.node)
             request.tree_node = match.node
@@ -153,8 +152,7 @@ class KVCacheManager:
         self.cache_computed(request)
         if self.tree is not None and request.tree_node is not None:
             self.tree.unlock(request.tree_node)
-        for block_id in request.block_ids:
-            self.pool.decref(block_id)
+        self.pool.decref_all(request.block_ids)
         request.block_ids = []
         request.tree_node = None
         request.num_tree_tokens = 0

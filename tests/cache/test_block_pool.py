@@ -65,6 +65,39 @@ def test_shared_block_needs_every_owner_to_let_go() -> None:
     assert pool.ref_count(b) == 0 and pool.num_free() == 2
 
 
+def test_bulk_incref_and_decref_match_one_by_one() -> None:
+    pool, twin = BlockPool(6), BlockPool(6)
+    blocks, same = pool.allocate(5), twin.allocate(5)
+    assert blocks == same
+    pool.incref_all(blocks[:3])
+    for b in same[:3]:
+        twin.incref(b)
+    pool.decref_all(blocks)
+    for b in same:
+        twin.decref(b)
+    assert [pool.ref_count(b) for b in range(6)] == [twin.ref_count(b) for b in range(6)]
+    assert pool.allocate(3) == twin.allocate(3)  # the free lists are in the same order
+
+
+@pytest.mark.parametrize("bad", [-1, 6])
+def test_bulk_ops_reject_bad_ids_like_single_ones(bad: int) -> None:
+    def pool_with_one():
+        pool = BlockPool(6)
+        return pool, pool.allocate(1)[0]
+
+    pool, b = pool_with_one()
+    with pytest.raises(IndexError):
+        pool.incref_all([bad])
+    with pytest.raises(RuntimeError):
+        pool.incref_all([b, 3])  # block 3 is free
+    pool, b = pool_with_one()
+    with pytest.raises(IndexError):
+        pool.decref_all([bad])
+    pool.decref_all([b])
+    with pytest.raises(RuntimeError):
+        pool.decref_all([b])  # double free
+
+
 def test_double_free_is_a_bug() -> None:
     pool = BlockPool(2)
     (b,) = pool.allocate(1)
