@@ -148,12 +148,68 @@ def sweep_short_prefill() -> None:
             print(f"   {ms * 1000:7.1f} us  {label}", flush=True)
 
 
+def gather_vs_paged() -> None:
+    """A prefill chunk over a cached prefix: the paged kernel (as the backend would launch it)
+    against gathering the context's K/V and running SDPA flash (bottom-right causal), per layer
+    over 32 layers' pools; for picking GATHER_SDPA_MIN_QUERY."""
+    from radixserve.model.triton_attention import TritonAttentionBackend
+
+    backend = TritonAttentionBackend()
+    for ctx, new in [(16, 2140), (16, 512), (256, 256), (512, 512), (1024, 1024), (2048, 512), (4096, 1024), (4096, 512), (6144, 2048), (0, 2048)]:
+        seqs = [(ctx, new)]
+        kc, vc, meta, q = setup(seqs)
+        pools = [(kc, vc)] + [(torch.randn_like(kc), torch.randn_like(vc)) for _ in range(31)]
+        out = torch.empty_like(q)
+        meta_paged = AttentionMetadata.build([meta.block_tables[0].tolist()], [ctx], [new], PAGE, device="cuda")
+        meta_paged.lengths_are_nominal = True  # the plan then takes the paged kernel, whatever the lengths
+
+        def paged():
+            for k_pool, v_pool in pools:
+                meta_paged.backend_state.pop("triton", None)
+                backend.attend(q, k_pool, v_pool, meta_paged, D**-0.5)
+
+        blocks = meta.block_tables[0, : -(-(ctx + new) // PAGE)]
+
+        def gathered():
+            for k_pool, v_pool in pools:
+                out.copy_(backend.attend_gathered(q, k_pool, v_pool, blocks, ctx + new, D**-0.5))
+
+        times = {}
+        for name, fn in (("paged", paged), ("gather+sdpa", gathered)):
+            fn()
+            times[name] = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") / 32
+        ref = reference(seqs, kc, vc, meta, q)
+        err = ((backend.attend_gathered(q, kc, vc, blocks, ctx + new, D**-0.5).float() - ref).norm() / ref.norm()).item()
+        print(f"ctx={ctx:5d} new={new:5d}  paged {times['paged'] * 1000:8.1f} us   gather+sdpa {times['gather+sdpa'] * 1000:8.1f} us"
+              f"   ratio {times['paged'] / times['gather+sdpa']:.2f}   gather err {err:.1e}", flush=True)
+
+
+def sweep_long_prefill() -> None:
+    """Launch shapes of the paged kernel for long chunks (a tiny or a long cached prefix)."""
+    shapes = [dict(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+              for bm, w in ((64, 4), (128, 4), (128, 8)) for bn in (32, 64, 128) for st in (2, 3)]  # fmt: skip
+    for ctx, new in [(16, 2140), (2048, 2048)]:
+        results = []
+        print(f"-- sweep: {new} new tokens over {ctx} cached (per layer, 32 layers' pools)", flush=True)
+        for cfg in shapes:
+            ms = run([(ctx, new)], cfg, 1, f"ctx={ctx} new={new} {cfg}", fuse=True, check=True, layers=32)
+            if ms is not None:
+                results.append((ms, f"{cfg}"))
+        for ms, label in sorted(results)[:6]:
+            print(f"   {ms * 1000:7.1f} us  {label}", flush=True)
+
+
 def kv_bytes(n: int) -> int:
     return n * KV * D * 2 * 2
 
 
 def main() -> None:
     torch.manual_seed(0)
+    if "--gather" in sys.argv:
+        if "--sweep-long" in sys.argv:
+            sweep_long_prefill()
+        gather_vs_paged()
+        return
     if "--sweep" in sys.argv:
         sweep_short_prefill()
         for B, ctx in [(1, 4096), (2, 4096), (32, 1024)]:

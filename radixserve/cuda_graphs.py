@@ -113,6 +113,7 @@ class DecodeGraphs:
             block_tables=tables,
             query_lens=[1] * bs,
             seq_lens_list=[1] * bs,  # nominal: decode launch shapes never depend on lengths
+            lengths_are_nominal=True,
         )
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -219,6 +220,7 @@ class PrefillGraphs:
             block_tables=self._dev[self._offsets["tables"] :].view(1, self.width),
             query_lens=[tokens],
             seq_lens_list=[self.max_model_len],
+            lengths_are_nominal=True,
         )
 
     def _forward(self, tokens: int, meta: AttentionMetadata) -> torch.Tensor:

@@ -38,6 +38,9 @@ class AttentionMetadata:
     max_seq_len: int = field(default=0)
     # Per-step decisions a backend derives once and reuses in every layer (launch plans).
     backend_state: dict = field(default_factory=dict)
+    # True for a CUDA graph's capture: the host lengths are placeholders, so a backend may only
+    # plan launches that are valid for any real lengths (no host-side slicing by length).
+    lengths_are_nominal: bool = False
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.seq_lens_list):

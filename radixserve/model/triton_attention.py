@@ -4,11 +4,13 @@ Imported lazily (only for CUDA devices, see `default_backend`): CI machines have
 
 How a step is attended (the decisions are made once per step on the host, from the metadata's
 host lists, and reused by every layer):
-- all sequences are fresh prefills (no cached prefix): torch SDPA (flash) per sequence on the
-  new tokens' own K/V, which the layer hands over; the pool is written but not read back;
-- otherwise two launches of one paged kernel, both reading K/V straight from the pool through
-  the block tables: the single-token (decode) sequences with a small query tile, the rest
-  (prefill chunks over a cached prefix) with a large one. When a launch has too few programs
+- fresh prefills (no cached prefix): torch SDPA (flash) per sequence on the new tokens' own
+  K/V, which the layer hands over; the pool is written but not read back;
+- long prefill chunks (>= GATHER_SDPA_MIN_QUERY new tokens) over a cached prefix: the context's
+  K/V gathered from the pool into a contiguous copy, then SDPA (see GATHER_SDPA_MIN_QUERY);
+- everything else in up to two launches of one paged kernel, both reading K/V straight from
+  the pool through the block tables: the single-token (decode) sequences with a small query
+  tile, the rest (short prefill chunks over a cached prefix) with a large one. When a launch has too few programs
   to fill the GPU (batch-1 decode, a short suffix after a long cached prefix) the key range is
   split across programs (flash-decoding) and the splits are merged by a second small kernel.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from radixserve.model import triton_kernels as K
 from radixserve.model.attention import AttentionBackend, AttentionMetadata
@@ -29,13 +32,22 @@ from radixserve.model.attention import AttentionBackend, AttentionMetadata
 # Launch shapes, picked by bench/bench_gpu_kernels.py on an H100 (Llama-3-8B attention shapes,
 # timed over 32 layers' KV pools so that L2 is cold as in a real forward). Decode: 16 query rows
 # (the GROUP query heads of one KV head, padded: tl.dot needs 16), 128 keys (8 pages) per tile.
-# Prefill chunks of >= 256 tokens: 64 x 64 tiles. A short chunk after a long cached prefix
+# Prefill chunks of >= 256 tokens: 64 x 64 tiles, 3 stages. A short chunk after a long cached prefix
 # (64 new after 4032 cached): 64 x 128 tiles, 3 stages, page ids prefetched a tile ahead, keys
 # split so that the launch is one full wave (29.5 us a layer; 5 splits = 1.2 waves took 45 us).
 DECODE_CFG = dict(block_m=16, block_n=128, num_warps=4, num_stages=2)
 PREFILL_SHORT_CFG = dict(block_m=64, block_n=128, num_warps=4, num_stages=3, prefetch=True)
-PREFILL_LONG_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+PREFILL_LONG_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
 MAX_SPLITS = 16
+# A prefill chunk of at least GATHER_SDPA_MIN_QUERY new tokens over a cached prefix gathers its
+# context's K/V into a contiguous copy and runs SDPA instead of the paged kernel (H100, per layer,
+# bench/bench_gpu_kernels.py --gather): with a long prefix, SDPA's bottom-right causal mask is
+# 1.1-1.2x faster (1024 new over 1024 ... 2048 over 6144: the later chunks of a long prompt);
+# with a short one (at most a quarter of the chunk, e.g. a shared chat-template block) the
+# queries are padded at the front to the context length so that the flash kernel's plain causal
+# mask applies (2140 new over 16: paged 193 us, bottom-right SDPA 211 us, fresh flash 105 us).
+# Never inside a CUDA graph (it slices by host lengths).
+GATHER_SDPA_MIN_QUERY = 1024
 # Arrival counters of split launches that merge in-kernel (one per sequence x query block x KV
 # head); a launch with more groups than this falls back to the separate merge kernel.
 MERGE_COUNTERS = 1 << 14
@@ -71,8 +83,9 @@ class _Launch:
 
 @dataclass(slots=True)
 class _StepPlan:
-    cold: bool  # every sequence is a prefill with no cached prefix: SDPA on the fresh K/V
-    launches: list[_Launch]
+    fresh: list[tuple[int, int]]  # (first row, rows): prefills with no cached prefix, SDPA on their own K/V
+    gathered: list[tuple[int, int, int, int]]  # (sequence, first row, rows, context): gather + SDPA
+    launches: list[_Launch]  # paged kernel launches for the rest
 
 
 class TritonModelKernels:
@@ -90,7 +103,7 @@ class TritonAttentionBackend(AttentionBackend):
     kernels = TritonModelKernels()
 
     def __init__(self) -> None:
-        self._sdpa_gqa_ok: bool | None = None  # does SDPA's flash kernel take GQA directly?
+        self._sdpa_gqa_ok: dict[bool, bool] = {}  # does SDPA take GQA directly? (per causal variant)
         self._counters: torch.Tensor | None = None  # zeroed once; the kernel leaves it zeroed
 
     def _merge_counters(self, device: torch.device) -> torch.Tensor:
@@ -117,33 +130,47 @@ class TritonAttentionBackend(AttentionBackend):
         if cached is not None:
             return cached
         qlens, slens = meta.query_lens, meta.seq_lens_list
-        cold = have_kv and all(q > 1 and q == s for q, s in zip(qlens, slens))
+        starts = [0]
+        for n in qlens:
+            starts.append(starts[-1] + n)
+        fresh: list[tuple[int, int]] = []
+        gathered: list[tuple[int, int, int, int]] = []
+        decode: list[int] = []
+        prefill: list[int] = []
+        for i, (n, s) in enumerate(zip(qlens, slens)):
+            if n == 1:
+                decode.append(i)
+            elif meta.lengths_are_nominal:
+                prefill.append(i)
+            elif have_kv and n == s:
+                fresh.append((starts[i], n))
+            elif n >= GATHER_SDPA_MIN_QUERY:
+                gathered.append((i, starts[i], n, s))
+            else:
+                prefill.append(i)
         launches: list[_Launch] = []
-        if not cold:
-            decode = [i for i, q in enumerate(qlens) if q == 1]
-            prefill = [i for i, q in enumerate(qlens) if q > 1]
-            everyone = len(qlens)
-            group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
-            if decode:
-                ids = None if len(decode) == everyone else torch.tensor(decode, dtype=torch.int32).to(device)
-                splits = self.decode_splits(len(decode), num_kv_heads, device)
-                cfg = dict(DECODE_CFG, block_m=max(DECODE_CFG["block_m"], group_p))
-                launches.append(_Launch(ids, len(decode), 1, splits, cfg))
-            if prefill:
-                ids = None if len(prefill) == everyone else torch.tensor(prefill, dtype=torch.int32).to(device)
-                max_q = max(qlens[i] for i in prefill)
-                cfg = PREFILL_LONG_CFG if max_q * group_p >= 1024 else PREFILL_SHORT_CFG
-                cfg = _fit_stages(dict(cfg, block_m=max(cfg["block_m"], group_p)), head_dim, elem_bytes, device)
-                block_q = cfg["block_m"] // group_p
-                n_qblocks = -(-max_q // block_q)
-                programs = sum(-(-qlens[i] // block_q) for i in prefill) * num_kv_heads
-                tiles = -(-max(slens[i] for i in prefill) // cfg["block_n"])
-                splits = 1
-                sms = _num_sms(device)
-                if programs < sms and tiles >= 8:  # at most one wave: a partial second wave costs a whole one
-                    splits = max(1, min(MAX_SPLITS, sms // programs, tiles // 4))
-                launches.append(_Launch(ids, len(prefill), n_qblocks, splits, cfg))
-        plan = _StepPlan(cold, launches)
+        everyone = len(qlens)
+        group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
+        if decode:
+            ids = None if len(decode) == everyone else torch.tensor(decode, dtype=torch.int32).to(device)
+            splits = self.decode_splits(len(decode), num_kv_heads, device)
+            cfg = dict(DECODE_CFG, block_m=max(DECODE_CFG["block_m"], group_p))
+            launches.append(_Launch(ids, len(decode), 1, splits, cfg))
+        if prefill:
+            ids = None if len(prefill) == everyone else torch.tensor(prefill, dtype=torch.int32).to(device)
+            max_q = max(qlens[i] for i in prefill)
+            cfg = PREFILL_LONG_CFG if max_q * group_p >= 1024 else PREFILL_SHORT_CFG
+            cfg = _fit_stages(dict(cfg, block_m=max(cfg["block_m"], group_p)), head_dim, elem_bytes, device)
+            block_q = cfg["block_m"] // group_p
+            n_qblocks = -(-max_q // block_q)
+            programs = sum(-(-qlens[i] // block_q) for i in prefill) * num_kv_heads
+            tiles = -(-max(slens[i] for i in prefill) // cfg["block_n"])
+            splits = 1
+            sms = _num_sms(device)
+            if programs < sms and tiles >= 8:  # at most one wave: a partial second wave costs a whole one
+                splits = max(1, min(MAX_SPLITS, sms // programs, tiles // 4))
+            launches.append(_Launch(ids, len(prefill), n_qblocks, splits, cfg))
+        plan = _StepPlan(fresh, gathered, launches)
         meta.backend_state["triton"] = plan
         return plan
 
@@ -153,12 +180,11 @@ class TritonAttentionBackend(AttentionBackend):
         kvh = layer_k_cache.shape[2]
         plan = self.plan(meta, kvh, H, D, q.element_size(), q.device, k is not None and v is not None)
         out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
-        if plan.cold:
-            start = 0
-            for n in meta.query_lens:
-                out[start : start + n] = self._sdpa_causal(q[start : start + n], k[start : start + n], v[start : start + n], scale)
-                start += n
-            return out
+        for start, n in plan.fresh:
+            out[start : start + n] = self._sdpa_causal(q[start : start + n], k[start : start + n], v[start : start + n], scale)
+        for seq, start, n, context in plan.gathered:
+            blocks = meta.block_tables[seq, : -(-context // layer_k_cache.shape[1])]
+            out[start : start + n] = self.attend_gathered(q[start : start + n], layer_k_cache, layer_v_cache, blocks, context, scale)
         for launch in plan.launches:
             K.paged_attention(
                 q, layer_k_cache, layer_v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
@@ -167,19 +193,39 @@ class TritonAttentionBackend(AttentionBackend):
             )  # fmt: skip
         return out
 
+    def attend_gathered(self, q, layer_k_cache, layer_v_cache, blocks, context: int, scale: float) -> torch.Tensor:
+        """The last q.shape[0] tokens of a `context`-token sequence (K/V already in the pool, in
+        `blocks`) attend to it causally: gather its K/V into contiguous tensors, then SDPA with
+        the causal mask aligned bottom-right (query row r sees keys up to context - rows + r)."""
+        n, kvh, D = q.shape[0], layer_k_cache.shape[2], layer_k_cache.shape[3]
+        k = layer_k_cache.index_select(0, blocks).reshape(-1, kvh, D)[:context]
+        v = layer_v_cache.index_select(0, blocks).reshape(-1, kvh, D)[:context]
+        prefix = context - n
+        if prefix * 4 <= n:  # short prefix: pad the queries in front, plain causal flash, drop the pad
+            padded = torch.cat([q.new_zeros(prefix, q.shape[1], D), q])
+            return self._sdpa(padded, k, v, scale, None)[prefix:]
+        return self._sdpa(q, k, v, scale, causal_lower_right(n, context))
+
     def _sdpa_causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Causal attention of one fresh sequence: q [L, H, D], k/v [L, KV, D] -> [L, H, D]."""
+        return self._sdpa(q, k, v, scale, None)
+
+    def _sdpa(self, q, k, v, scale: float, lower_right) -> torch.Tensor:
+        """SDPA over q [Lq, H, D], k/v [Lk, KV, D] -> [Lq, H, D]; causal top-left when lower_right
+        is None (Lq == Lk), else the given bottom-right causal bias. GQA natively where this torch
+        and kernel take it (remembered per variant), else with the KV heads expanded (a copy)."""
         qt, kt, vt = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
-        gqa = q.shape[1] != k.shape[1]
-        if gqa and self._sdpa_gqa_ok is not False:
-            try:
-                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
-                self._sdpa_gqa_ok = True
-                return o[0].transpose(0, 1)
-            except RuntimeError:
-                self._sdpa_gqa_ok = False
-        if gqa:  # older torch: expand the KV heads (a copy of this sequence's new K/V only)
+        mask = dict(is_causal=True) if lower_right is None else dict(attn_mask=lower_right)
+        variant = lower_right is not None
+        if q.shape[1] != k.shape[1]:
+            if self._sdpa_gqa_ok.get(variant) is not False:
+                try:
+                    o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True, **mask)
+                    self._sdpa_gqa_ok[variant] = True
+                    return o[0].transpose(0, 1)
+                except (RuntimeError, TypeError, NotImplementedError):
+                    self._sdpa_gqa_ok[variant] = False
             rep = q.shape[1] // k.shape[1]
             kt, vt = kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
+        o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, **mask)
         return o[0].transpose(0, 1)

@@ -81,7 +81,23 @@ def test_cached_prefix_long_context_splits_keys():
     seqs = [(1500, 20), (700, 3)]
     out, ref, meta = _both(seqs, True, heads=8, kv_heads=2, head_dim=32, block_size=16)
     plan = meta.backend_state["triton"]
-    assert not plan.cold and plan.launches[0].num_splits > 1
+    assert not plan.fresh and not plan.gathered and plan.launches[0].num_splits > 1
+    assert _rel(out, ref) < TOL
+
+
+@pytest.mark.parametrize("pass_kv", [False, True])
+def test_long_chunks_over_a_cached_prefix_gather_and_match(monkeypatch, pass_kv):
+    # Long chunks over a cached prefix take gather + SDPA (bottom-right causal, or padded
+    # queries after a short prefix); lowered threshold so that small shapes take it. Mixed
+    # with decodes, a short chunk and a fresh one.
+    import radixserve.model.triton_attention as TA
+
+    monkeypatch.setattr(TA, "GATHER_SDPA_MIN_QUERY", 16)
+    seqs = [(37, 20), (5, 1), (100, 3), (0, 24), (16, 16), (50, 1), (4, 30)]  # (4, 30): queries padded
+    out, ref, meta = _both(seqs, pass_kv, heads=8, kv_heads=2, head_dim=32, block_size=8)
+    plan = meta.backend_state["triton"]
+    assert [g[0] for g in plan.gathered] == ([0, 4, 6] if pass_kv else [0, 3, 4, 6])
+    assert plan.fresh == ([(24, 24)] if pass_kv else [])
     assert _rel(out, ref) < TOL
 
 
@@ -94,7 +110,8 @@ def test_decode_matches_torch(seqs):
 def test_fresh_prefills_use_sdpa_and_match():
     seqs = [(0, 33), (0, 5)]
     out, ref, meta = _both(seqs, True, heads=8, kv_heads=2, head_dim=32, block_size=16)
-    assert meta.backend_state["triton"].cold
+    plan = meta.backend_state["triton"]
+    assert plan.fresh == [(0, 33), (33, 5)] and not plan.launches
     assert _rel(out, ref) < TOL
 
 
