@@ -76,7 +76,13 @@ def dummy(preset: str, dtype: str = "bfloat16", max_model_len: int | None = None
 
 @torch.inference_mode()
 def check_logits(preset: str) -> dict:
-    loaded = dummy(preset)
+    """preset: a dummy shape (random weights, random token ids), or a model source (a .gguf file,
+    a checkpoint folder: real weights, synthetic English text as the input)."""
+    real = preset.endswith(".gguf") or os.path.isdir(preset)
+    if real:
+        loaded = load_model(ModelConfig(source=preset, dtype="bfloat16", device="cuda", show_progress=False))
+    else:
+        loaded = dummy(preset)
     model, arch = loaded.model, loaded.arch
     hf = transformers_model(model)
     attn_impl = getattr(hf.config, "_attn_implementation", "?")
@@ -86,7 +92,14 @@ def check_logits(preset: str) -> dict:
     hf32 = transformers_model(m32)
     rng = random.Random(1)
     lens = [300, 517]
-    seqs = [torch.tensor(rand_ids(rng, n, arch.vocab_size), device="cuda") for n in lens]
+    if real:
+        from radixserve.benchmark.text import TextGenerator
+
+        words = loaded.tokenizer.encode(TextGenerator(rng).text(2 * max(lens)))
+        assert len(words) >= 50 * len(lens) + max(lens), len(words)
+        seqs = [torch.tensor(words[i * 50 : i * 50 + n], device="cuda") for i, n in enumerate(lens)]
+    else:
+        seqs = [torch.tensor(rand_ids(rng, n, arch.vocab_size), device="cuda") for n in lens]
     ref = [hf(s[None]).logits[0].float() for s in seqs]
     exact = [hf32(s[None]).logits[0].double() for s in seqs]
     del hf32, m32
@@ -422,7 +435,7 @@ def section(args) -> str:
         parts.append("### Logits vs transformers (same weights, bf16; aim: relative error < 2e-2)\n\n" + markdown_table(
             ["shape", "phase", "ours vs transformers bf16", "ours vs fp32 reference", "transformers bf16 vs fp32", "same argmax"], rows)
             + "\n\nRelative error = ||ours - ref|| / ||ref|| over all logits of the phase (two sequences of 300 and 517 "
-              "random tokens, paged in shuffled 16-token blocks). The fp32 reference is transformers on an fp32 copy of the "
+              "random tokens, or of English-like text for a real model, paged in shuffled 16-token blocks). The fp32 reference is transformers on an fp32 copy of the "
               "same weights: where ours misses 2e-2 against transformers bf16, transformers bf16 misses it against exact "
               "arithmetic by the same amount (random weights make the 16-layer 1B shape's logits sensitive to bf16 rounding).")  # fmt: skip
     if "identical" in r:
@@ -486,6 +499,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serving-groups", type=int, default=64)
+    parser.add_argument("--logits-model", default=None,
+                        help="also check the logits of this real model (a .gguf file or checkpoint folder) vs transformers")
     parser.add_argument("--skip", default="", help="comma-separated: logits,identical,speed,hf,serving")
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the cached-prefix TTFT step")
@@ -520,7 +535,8 @@ def main() -> None:
             Path(args.out, "benchmarks.md").write_text(BENCHMARKS_MD.read_text())
 
     if "logits" not in skip:
-        RESULTS["logits"] = {p: attempt(f"logits {p}", lambda p=p: check_logits(p)) for p in ("smollm2-135m", "llama3.2-1b")}
+        shapes = ["smollm2-135m", "llama3.2-1b"] + ([args.logits_model] if args.logits_model else [])
+        RESULTS["logits"] = {Path(p).name: attempt(f"logits {p}", lambda p=p: check_logits(p)) for p in shapes}
         write_sections()
     if "identical" not in skip:
         RESULTS["identical"] = {
