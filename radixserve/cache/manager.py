@@ -85,6 +85,7 @@ class KVCacheManager:
             if cached:
                 self.stats.hits += 1
                 self.stats.hit_tokens += cached
+                self.tree.refresh_pins(match.node)
         request.num_computed_tokens = cached
         request.num_tree_tokens = cached
         return cached
@@ -140,11 +141,12 @@ class KVCacheManager:
         request.num_tree_tokens = num_full * self.block_size
 
     def pin(self, request: Request, num_tokens: int, ttl: float) -> int:
-        """Keep the request's first `num_tokens` cached for `ttl` seconds. Returns tokens pinned."""
+        """Keep the request's first `num_tokens` cached for `ttl` seconds, refreshed to `ttl`
+        again by every later request that reads them all. Returns tokens pinned."""
         if self.tree is None:
             return 0
         tokens = request.all_token_ids[:num_tokens]
-        return self.tree.pin(self.cache_key(request.namespace), tokens, self.clock() + ttl)
+        return self.tree.pin(self.cache_key(request.namespace), tokens, self.clock() + ttl, refresh=ttl)
 
     # ---- release ----------------------------------------------------------------------
     def free(self, request: Request) -> None:

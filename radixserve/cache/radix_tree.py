@@ -64,6 +64,8 @@ class TreeNode:
     access_seq: int = 0
     # This node's own pin (clock time); see RadixTree.pin for why ancestors are not stamped.
     pinned_until: float = _NOT_PINNED
+    # Seconds a read of the whole pinned path extends a live pin by (0: the pin has a fixed end).
+    pin_refresh: float = 0.0
 
     @property
     def is_root(self) -> bool:
@@ -289,6 +291,7 @@ class RadixTree:
             # Reversed pre-order visits every node after all of its descendants.
             for node in reversed(list(self._descendants(root))):
                 node.pinned_until = _NOT_PINNED
+                node.pin_refresh = 0.0
                 if node.lock_ref == 0 and not node.children:
                     freed += self._remove_leaf(node)
         self._pinned.clear()
@@ -296,13 +299,15 @@ class RadixTree:
         return freed
 
     # ---- pins -----------------------------------------------------------------------------
-    def pin(self, namespace: str, token_ids: Sequence[int], until: float) -> int:
+    def pin(self, namespace: str, token_ids: Sequence[int], until: float, refresh: float = 0.0) -> int:
         """Keep the cached path covering ``token_ids``' full blocks until clock time ``until``.
 
         The pin is stored on the node where the cached part of that path ends (an edge is split
         there if needed); its ancestors are protected structurally, since eviction only takes
-        leaves. An existing pin on that node is extended, never shortened. Returns the number of
-        tokens pinned (0 if no block of the prefix is cached).
+        leaves. An existing pin on that node is extended, never shortened. With ``refresh``, a
+        later request that reads the whole pinned path (``refresh_pins``) extends the pin to
+        ``now + refresh``, as providers refresh a prompt cache each time it is used. Returns the
+        number of tokens pinned (0 if no block of the prefix is cached).
         """
         root = self._roots.get(namespace)
         if root is None:
@@ -312,10 +317,20 @@ class RadixTree:
         node, pos, _ = self._walk(root, tokens, end, split=True, stamp=None)
         if pos == 0:
             return 0
+        live = node.pinned_until > self.clock()
+        node.pin_refresh = max(node.pin_refresh, refresh) if live else refresh  # a lapsed pin's refresh is gone
         if until > node.pinned_until:
             node.pinned_until = until
         self._pinned.add(node)
         return pos
+
+    def refresh_pins(self, node: TreeNode) -> None:
+        """A request read the path root..node: extend the live refreshable pins on it."""
+        now = self.clock()
+        while node is not None:
+            if node.pin_refresh and node.pinned_until > now:
+                node.pinned_until = max(node.pinned_until, now + node.pin_refresh)
+            node = node.parent
 
     def unpin(self, namespace: str, token_ids: Sequence[int]) -> None:
         """Remove the pin that ``pin(namespace, token_ids, ...)`` placed.
@@ -335,6 +350,7 @@ class RadixTree:
         if pos != end or pos == 0:
             return  # no node ends there, so nothing this call pinned is left to unpin
         node.pinned_until = _NOT_PINNED
+        node.pin_refresh = 0.0
         self._pinned.discard(node)
 
     # ---- introspection --------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A `cache_control: {"type": "ephemeral", "ttl": "5m" | "1h"}` on a system or message content
 block is a breakpoint: the prompt prefix up to the end of that block is pinned in the prefix
-cache for the TTL (refreshed by every request that carries the breakpoint again). At most 4
+cache for the TTL, refreshed each time it is used (any request that reads the whole pinned
+prefix, with or without the breakpoint, extends the pin to a full TTL again). At most 4
 breakpoints; a top-level `cache_control` puts one on the last block of the last message; a
 1h breakpoint may not follow a 5m one; prefixes shorter than the server's minimum cacheable
 length are not pinned (Anthropic ignores those too). Extensions: top_k is Anthropic's own;

@@ -407,6 +407,34 @@ def test_pinned_prefix_survives_eviction_until_it_expires() -> None:
     assert tree.evict(100) == 4
 
 
+def test_reading_a_refreshable_pin_extends_it() -> None:
+    tree, _, clock = make_tree()
+    cache(tree, seq(0, 8))
+    assert tree.pin("ns", seq(0, 8), until=10.0, refresh=10.0) == 8
+    clock.now = 8.0
+    partial = tree.match_prefix("ns", seq(0, 4))  # reads only part of the pinned path
+    tree.refresh_pins(partial.node)
+    clock.now = 10.0
+    assert tree.num_evictable_blocks() == 4  # lapsed: a partial read does not refresh
+    assert tree.pin("ns", seq(0, 8), until=12.0, refresh=10.0) == 8
+    clock.now = 11.0
+    tree.refresh_pins(tree.match_prefix("ns", seq(0, 8)).node)  # the whole path: until 21
+    clock.now = 20.9
+    assert tree.evict(100) == 0
+    clock.now = 21.0
+    assert tree.evict(100) == 4
+
+
+def test_a_fixed_pin_is_not_refreshed_by_reads() -> None:
+    tree, _, clock = make_tree()
+    cache(tree, seq(0, 4))
+    tree.pin("ns", seq(0, 4), until=5.0)
+    clock.now = 4.0
+    tree.refresh_pins(tree.match_prefix("ns", seq(0, 4)).node)
+    clock.now = 5.0
+    assert tree.evict(100) == 2
+
+
 def test_pin_extends_never_shortens() -> None:
     tree, _, clock = make_tree()
     cache(tree, seq(0, 4))
