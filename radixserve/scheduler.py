@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import SchedulerConfig
 from radixserve.request import Request, RequestStatus
+from radixserve.sequences import common_prefix_len
 
 
 @dataclass(slots=True)
@@ -152,21 +153,7 @@ class Scheduler:
         for other in in_flight:
             if other.namespace != request.namespace or other.all_token_ids[:bs] != first_block:
                 continue
-            shared = _common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
+            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
             if shared > other.num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
                 return True
         return False
-
-
-def _common_prefix_len(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search on slice equality: C-speed compares, log(n) of them
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

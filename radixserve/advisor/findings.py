@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.advisor.logs import PromptRequest
+from radixserve.sequences import common_prefix_len
 
 # Anchors: a position p is an anchor when token_ids[p] falls in 1/_ANCHOR_EVERY of the id space
 # (a multiplicative hash), keyed by the _ANCHOR_LEN tokens from p. Content-defined, so two copies
@@ -63,21 +64,6 @@ class Finding:
 
 
 # ---- token helpers ----------------------------------------------------------------------
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix (binary search on C-speed slice compares)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def common_suffix_len(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -12,8 +12,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixserve.advisor.findings import common_prefix_len, snippet
+from radixserve.advisor.findings import snippet
 from radixserve.advisor.logs import PromptRequest
+from radixserve.sequences import common_prefix_len
 
 
 @dataclass(slots=True, eq=False)

@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING
 from radixserve.errors import NotFoundError
 from radixserve.request import CachePin
 from radixserve.sampling import SamplingParams
+from radixserve.sequences import common_prefix_len
 from radixserve.server.errors import APIError
-from radixserve.server.prompting import ChatPrompt, ChatTurn, common_prefix_len, render
+from radixserve.server.prompting import ChatPrompt, ChatTurn, render
 
 if TYPE_CHECKING:
     from radixserve.server.state import ServerState

@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 
+from radixserve.sequences import common_prefix_len
 from radixserve.server.errors import APIError
 
 # Several text blocks of one message are joined like paragraphs.
@@ -83,17 +84,3 @@ def shared_token_prefix(tokenizer: Any, prompt: ChatPrompt, prefix_text: str) ->
         return 0
     ids = tokenizer.encode(prompt.text[:offset])
     return common_prefix_len(ids, prompt.token_ids)
-
-
-def common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search on slice equality: log(n) C-speed compares
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo

@@ -18,7 +18,7 @@ from radixserve.benchmark.workloads import (
     SystemPromptWorkload,
     make_workload,
 )
-from radixserve.server.prompting import common_prefix_len
+from radixserve.sequences import common_prefix_len
 
 BLOCK = 16
 

@@ -13,12 +13,12 @@ from radixserve.config import CacheConfig, EngineConfig, ModelConfig
 from radixserve.engine import LLMEngine
 from radixserve.errors import InvalidRequestError
 from radixserve.sampling import SamplingParams
+from radixserve.sequences import common_prefix_len
 from radixserve.server.anthropic_api import _LabelledPin, creation_by_ttl
 from radixserve.server.async_engine import AsyncEngine, EngineDeadError
 from radixserve.server.auth import Tenant
 from radixserve.server.caches import parse_expire_time, parse_ttl
 from radixserve.server.errors import APIError
-from radixserve.server.prompting import common_prefix_len
 
 
 class ThreadRecordingEngine(LLMEngine):
@@ -205,6 +205,8 @@ def test_common_prefix_len():
     assert common_prefix_len("abc", "abc") == 3
     assert common_prefix_len([], [1]) == 0
     assert common_prefix_len(list(range(1000)), list(range(777)) + [-1]) == 777
+    assert common_prefix_len(list(range(1000)), list(range(777)) + [-1], limit=500) == 500
+    assert common_prefix_len([1, 2, 3], [1, 2, 4], limit=5) == 2
 
 
 def test_serve_command_options():
