@@ -26,10 +26,10 @@ from radixserve.server.anthropic_protocol import (
     build_conversation,
 )
 from radixserve.server.async_engine import EngineDeadError, RequestStream
-from radixserve.server.errors import APIError, error_body
-from radixserve.server.parsing import parse_model, read_json
+from radixserve.server.errors import error_body
+from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import ChatPrompt, build_prompt, prefix_token_count
-from radixserve.server.state import ServerState, collect, get_state
+from radixserve.server.state import ServerState, collect
 
 router = APIRouter()
 
@@ -42,19 +42,9 @@ class _LabelledPin:
 
 @router.post("/v1/messages")
 async def create_message(request: Request):
-    state = get_state(request)
-    tenant = state.auth.authenticate(request)
-    data = await read_json(request, state.config.max_request_bytes)
-    body = parse_model(MessagesRequest, data)
-    state.check_model(body.model)
-
-    namespace = tenant.namespace(body.cache_salt)
-    cache = None
-    if body.cached_content:
-        cache = await state.caches.get(tenant.key_namespace, body.cached_content)
-        if body.cache_salt and cache.namespace != namespace:
-            raise APIError(400, "cache_salt differs from the one the named cache was created with")
-        namespace = cache.namespace
+    parsed = await parse_request(request, MessagesRequest)
+    state, data, body = parsed.state, parsed.data, parsed.body
+    cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt)
     conversation = build_conversation(body, cache.turns if cache is not None else None)
     prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
     pins = _breakpoint_pins(state, conversation, prompt)
@@ -91,10 +81,8 @@ async def create_message(request: Request):
 
 @router.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> JSONResponse:
-    state = get_state(request)
-    tenant = state.auth.authenticate(request)
-    body = parse_model(CountTokensRequest, await read_json(request, state.config.max_request_bytes))
-    state.check_model(body.model)
+    parsed = await parse_request(request, CountTokensRequest)
+    state, tenant, body = parsed.state, parsed.tenant, parsed.body
     cache = await state.caches.get(tenant.key_namespace, body.cached_content) if body.cached_content else None
     conversation = build_conversation(body, cache.turns if cache is not None else None)
     prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)

@@ -17,7 +17,7 @@ from radixserve.request import RequestOutput
 from radixserve.server.async_engine import EngineDeadError, RequestStream, merge_streams
 from radixserve.server.errors import APIError, error_body
 from radixserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
-from radixserve.server.parsing import parse_model, read_json
+from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import build_prompt
 from radixserve.server.state import ServerState, collect, get_state
 
@@ -62,24 +62,16 @@ def _anthropic_model(state: ServerState) -> dict:
 # ---- chat -------------------------------------------------------------------------------
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
-    state = get_state(request)
-    tenant = state.auth.authenticate(request)
-    data = await read_json(request, state.config.max_request_bytes)
-    body = parse_model(ChatCompletionRequest, data)
-    state.check_model(body.model)
+    parsed = await parse_request(request, ChatCompletionRequest)
+    state, data, body = parsed.state, parsed.data, parsed.body
     body.check_supported()
 
     turns = body.turns()
-    namespace = tenant.namespace(body.cache_salt)
-    cache = None
-    if body.cached_content:
-        cache = await state.caches.get(tenant.key_namespace, body.cached_content)
-        if body.cache_salt and cache.namespace != namespace:
-            raise APIError(400, "cache_salt differs from the one the named cache was created with", param="cache_salt")
+    cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt)
+    if cache is not None:
         if any(t.role == "system" for t in turns):
             raise APIError(400, "a request naming a cached_content takes its system instruction from the cache; "
                                 "remove the system message", param="messages")
-        namespace = cache.namespace
         turns = cache.turns + turns
     prompt = build_prompt(state.tokenizer, turns)
     pins = []
@@ -145,13 +137,10 @@ async def _chat_events(
 # ---- completions ------------------------------------------------------------------------
 @router.post("/v1/completions")
 async def completions(request: Request):
-    state = get_state(request)
-    tenant = state.auth.authenticate(request)
-    data = await read_json(request, state.config.max_request_bytes)
-    body = parse_model(CompletionRequest, data)
-    state.check_model(body.model)
+    parsed = await parse_request(request, CompletionRequest)
+    state, data, body = parsed.state, parsed.data, parsed.body
     body.check_supported()
-    namespace = tenant.namespace(body.cache_salt)
+    namespace = parsed.tenant.namespace(body.cache_salt)
 
     prompts = []
     for prompt in body.prompts():
