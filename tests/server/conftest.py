@@ -8,8 +8,6 @@ that need special settings (API keys, a tiny pool, short TTLs) start their own w
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +18,7 @@ import pytest
 
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from radixserve.server import ServerConfig, create_app
+from tests.live_server import serve_app
 
 # Long enough to span several 16-token blocks, short enough to prefill fast on CPU.
 LONG_SYSTEM = (
@@ -98,8 +97,6 @@ class RunningServer:
 def start_server(loaded_model, server_config: ServerConfig | None = None, *, num_blocks: int = 1024,
                  max_num_batched_tokens: int = 2048, api_key: str | None = None) -> Iterator[RunningServer]:
     """Run a server in a background thread on a free 127.0.0.1 port until the block exits."""
-    import uvicorn
-
     from radixserve.engine import LLMEngine
 
     engine = LLMEngine(
@@ -111,23 +108,8 @@ def start_server(loaded_model, server_config: ServerConfig | None = None, *, num
         loaded=loaded_model,
     )
     app = create_app(engine, server_config or ServerConfig(min_cacheable_tokens=32))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the OS picks a free port; handing uvicorn the socket avoids races
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield RunningServer(f"http://127.0.0.1:{port}", app, api_key)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with serve_app(app) as base_url:
+        yield RunningServer(base_url, app, api_key)
 
 
 @pytest.fixture(scope="session")
