@@ -13,6 +13,7 @@ import torch
 
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import EngineConfig
+from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError, PromptTooLongError
 from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
@@ -63,6 +64,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.requests: dict[str, Request] = {}
         self._emitted_text: dict[str, str] = {}
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
 
@@ -189,14 +191,20 @@ class LLMEngine:
             request.finish_reason, request.stop_reason = "stop", token
         elif not params.ignore_eos and token in self.tokenizer.eos_token_ids:
             request.finish_reason, request.stop_reason = "stop", token
-        request.output_text = self.tokenizer.decode(
-            request.output_token_ids[:-1] if request.finish_reason == "stop" else request.output_token_ids
-        )
-        if request.finish_reason is None and params.stop:
+        ids = request.output_token_ids
+        if request.finish_reason == "stop":  # the full text, once, without the stop token
+            request.output_text = self.tokenizer.decode(ids[:-1])
+            return
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is None:
+            detokenizer = self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+        request.output_text = detokenizer.update(ids)
+        if params.stop:
             self._check_stop_strings(request)
         if request.finish_reason is None:
-            if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            if len(ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = "length"
+                request.output_text = self.tokenizer.decode(ids)  # the full text, once
 
     def _check_stop_strings(self, request: Request) -> None:
         text = request.output_text
@@ -218,6 +226,7 @@ class LLMEngine:
         request.finish_time = time.monotonic()
         self.scheduler.remove(request)
         self.sampler.forget(request.request_id)
+        self._detokenizers.pop(request.request_id, None)
         self.stats.finished_requests += 1
 
     def _output(self, request: Request, new_tokens: int = 0) -> RequestOutput:

@@ -137,12 +137,15 @@ class TritonAttentionBackend(AttentionBackend):
         gathered: list[tuple[int, int, int, int]] = []
         decode: list[int] = []
         prefill: list[int] = []
+        # Fresh prefills take SDPA when the whole step is fresh, or when long enough to repay the
+        # extra launches per sequence (in an eager mixed step each costs host time).
+        all_fresh = all(n > 1 and n == s for n, s in zip(qlens, slens))
         for i, (n, s) in enumerate(zip(qlens, slens)):
             if n == 1:
                 decode.append(i)
             elif meta.lengths_are_nominal:
                 prefill.append(i)
-            elif have_kv and n == s:
+            elif have_kv and n == s and (all_fresh or n >= GATHER_SDPA_MIN_QUERY):
                 fresh.append((starts[i], n))
             elif n >= GATHER_SDPA_MIN_QUERY:
                 gathered.append((i, starts[i], n, s))
