@@ -233,8 +233,8 @@ class LLMEngine:
         text = request.output_text
         previous = self._emitted_text.get(request.request_id, "")
         if not request.finished:
-            # hold back a trailing partial UTF-8 character and a possible stop-string start
-            text = text.rstrip("\ufffd")
+            # hold back a possible stop-string start (a partial UTF-8 character never reaches
+            # here: the incremental detokenizer waits for the rest of it)
             holdback = max((len(s) for s in request.sampling.stop), default=1) - 1
             if holdback:
                 text = text[: max(len(previous), len(text) - holdback)]

@@ -4,15 +4,18 @@ Imported lazily (only for CUDA devices, see `default_backend`): CI machines have
 
 How a step is attended (the decisions are made once per step on the host, from the metadata's
 host lists, and reused by every layer):
-- fresh prefills (no cached prefix): torch SDPA (flash) per sequence on the new tokens' own
+- fresh prefills (no cached prefix), when the whole step is fresh or the prefill is long
+  (>= GATHER_SDPA_MIN_QUERY tokens): torch SDPA (flash) per sequence on the new tokens' own
   K/V, which the layer hands over; the pool is written but not read back;
 - long prefill chunks (>= GATHER_SDPA_MIN_QUERY new tokens) over a cached prefix: the context's
   K/V gathered from the pool into a contiguous copy, then SDPA (see GATHER_SDPA_MIN_QUERY);
 - everything else in up to two launches of one paged kernel, both reading K/V straight from
   the pool through the block tables: the single-token (decode) sequences with a small query
-  tile, the rest (short prefill chunks over a cached prefix) with a large one. When a launch has too few programs
+  tile, the rest (shorter prefill chunks) with a large one. When a launch has too few programs
   to fill the GPU (batch-1 decode, a short suffix after a long cached prefix) the key range is
-  split across programs (flash-decoding) and the splits are merged by a second small kernel.
+  split across programs (flash-decoding), at most one wave of them, and the last program of
+  each split group to finish merges the partial softmaxes (a separate merge kernel only when
+  there are more groups than arrival counters).
 
 Decode launch shapes depend only on the batch size, never on sequence lengths, so a decode
 step can be captured in a CUDA graph and replayed for any lengths (see radixserve/cuda_graphs.py).
