@@ -9,6 +9,11 @@ import torch
 from radixserve.errors import InvalidRequestError
 
 
+# What torch.Generator.manual_seed accepts: a signed or unsigned 64-bit integer.
+SEED_MIN = -(2**63)
+SEED_MAX = 2**64 - 1
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop. temperature 0 means greedy."""
@@ -40,6 +45,10 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
 

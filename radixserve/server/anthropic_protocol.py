@@ -25,7 +25,8 @@ TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: no coercion, as Anthropic's API (max_tokens: true is not 1, stream: "yes" is not true)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ContentBlock(_Body):
@@ -150,8 +151,9 @@ def _cache_ttl(cache_control: Any, where: str) -> str:
     unknown = set(cache_control) - {"type", "ttl"}
     if unknown:
         raise APIError(400, f"{where}: unexpected field {sorted(unknown)[0]!r}")
-    ttl = cache_control.get("ttl") or "5m"
-    if ttl not in TTL_SECONDS:
+    ttl = cache_control.get("ttl")
+    ttl = "5m" if ttl is None else ttl
+    if not isinstance(ttl, str) or ttl not in TTL_SECONDS:
         raise APIError(400, f"{where}.ttl: must be '5m' or '1h', got {ttl!r}")
     return ttl
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 import uuid
@@ -34,7 +35,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("radixserve.server")
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,12}(?:\.\d{1,9})?)s\s*$")
+# The longest lifetime a named cache may ask for. Longer ones are refused (400) before anything
+# is stored: a lifetime must stay a representable date, and pins are bounded anyway.
+MAX_TTL = 10 * 365 * 86400.0
 
 
 @dataclass(slots=True)
@@ -226,35 +230,47 @@ def rfc3339(seconds: float) -> str:
 
 
 def parse_ttl(value: str | float | int) -> float:
-    """A Duration: "300s", "1.5s", or a number of seconds. Must be positive."""
-    if isinstance(value, bool):
+    """A Duration: "300s", "1.5s", or a number of seconds. Positive, finite, at most MAX_TTL."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise APIError(400, f"ttl must be a duration like \"300s\", got {value!r}", param="ttl")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
     else:
         match = _DURATION.match(value)
         if match is None:
-            raise APIError(400, f"ttl must be a duration like \"300s\", got {value!r}", param="ttl")
+            raise APIError(400, f"ttl must be a duration like \"300s\", got {value[:40]!r}", param="ttl")
         seconds = float(match.group(1))
-    if seconds <= 0:
-        raise APIError(400, f"ttl must be positive, got {value!r}", param="ttl")
+    if not math.isfinite(seconds) or not seconds > 0:
+        raise APIError(400, f"ttl must be a positive number of seconds, got {_show(value)}", param="ttl")
+    if seconds > MAX_TTL:
+        raise APIError(400, f"ttl must be at most {MAX_TTL:.0f}s (10 years), got {_show(value)}", param="ttl")
     return seconds
+
+
+def _show(value: str | float | int) -> str:
+    if isinstance(value, int) and not -10**20 < value < 10**20:
+        return "a number too large"  # str() of a huge int may itself fail
+    return str(value)[:40]
 
 
 def parse_expire_time(value: str, now: float) -> float:
     """An RFC 3339 timestamp in the future, as epoch seconds (naive times are UTC)."""
     try:
         when = datetime.fromisoformat(value.strip())
-    except ValueError:
+        seconds = (when if when.tzinfo is not None else when.replace(tzinfo=UTC)).timestamp()
+    except (ValueError, OverflowError):
         raise APIError(
             400, f"expire_time must be an RFC 3339 timestamp like \"2030-01-01T00:00:00Z\", got {value!r}",
             param="expire_time",
         ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    seconds = when.timestamp()
     if seconds <= now:
         raise APIError(400, f"expire_time {value!r} is in the past", param="expire_time")
+    if seconds - now > MAX_TTL:
+        raise APIError(400, f"expire_time may be at most {MAX_TTL:.0f}s (10 years) away, got {value!r}",
+                       param="expire_time")
     return seconds
 
 

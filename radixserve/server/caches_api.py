@@ -23,7 +23,8 @@ router = APIRouter()
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # strict: no coercion (true is not 1 second, "5" is not a number), as the other APIs
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
 class _Part(_Body):
@@ -98,7 +99,8 @@ def _role(role: str, where: str) -> str:
 async def create_cache(request: Request) -> JSONResponse:
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    body = parse_model(CreateCacheRequest, await read_json(request, state.config.max_request_bytes))
+    data = await read_json(request, state.config.max_request_bytes, state.config.body_read_timeout)
+    body = parse_model(CreateCacheRequest, data)
     model = (body.model or state.model_name).removeprefix("models/")
     state.check_model(model)
     store = state.caches
@@ -128,7 +130,8 @@ async def get_cache(cache_id: str, request: Request) -> JSONResponse:
 async def update_cache(cache_id: str, request: Request) -> JSONResponse:
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    body = parse_model(UpdateCacheRequest, await read_json(request, state.config.max_request_bytes))
+    data = await read_json(request, state.config.max_request_bytes, state.config.body_read_timeout)
+    body = parse_model(UpdateCacheRequest, data)
     if body.ttl is None and body.expire_time is None:
         raise APIError(400, "give a new ttl or expire_time", param="ttl")
     store = state.caches

@@ -20,6 +20,7 @@ class ServerConfig:
     namespace_from_api_key: bool = False  # each API key gets its own prefix-cache namespace
     min_cacheable_tokens: int = 1024  # cache_control breakpoints shorter than this are ignored
     max_request_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
+    body_read_timeout: float = 30.0  # seconds for a whole request body to arrive, else 408
     cache_ttl_scale: float = 1.0
     named_cache_default_ttl: float = 3600.0  # seconds, when POST /v1/caches gives no ttl/expire_time
     cache_sweep_interval: float = 1.0  # how often expired named caches are unpinned (seconds)
@@ -31,6 +32,8 @@ class ServerConfig:
             raise ValueError(f"min_cacheable_tokens must be >= 0, got {self.min_cacheable_tokens}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if not self.body_read_timeout > 0:
+            raise ValueError(f"body_read_timeout must be > 0, got {self.body_read_timeout}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in self.api_keys):

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radixserve.server.async_engine import EngineDeadError
 from radixserve.errors import InvalidRequestError, NotFoundError, PromptTooLongError, RadixServeError
@@ -129,10 +130,39 @@ def install_error_handlers(app: FastAPI) -> None:
             message = str(exc.detail)
         return error_response(request.url.path, exc.status_code, message)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(request.url.path, 500, f"internal server error: {type(exc).__name__}: {exc}")
+    # Not an exception_handler(Exception): Starlette answers those from its outermost
+    # middleware and then re-raises, and the server drops the keep-alive connection.
+    app.add_middleware(InternalErrorMiddleware)
+
+
+class InternalErrorMiddleware:
+    """Answers an unexpected exception with a 500 in the route's API format and keeps the
+    connection open for the client's next request (a bug must not cost a client its socket)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_tracking)
+        except Exception as exc:  # noqa: BLE001 - the whole point
+            path = scope.get("path", "")
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if started:
+                raise  # the response is under way: nothing left to answer with
+            response = error_response(path, 500, f"internal server error: {type(exc).__name__}: {exc}")
+            await response(scope, receive, send)
 
 
 def _status_of(exc: RadixServeError) -> tuple[int, str | None]:

@@ -12,13 +12,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from radixserve.sampling import SamplingParams
+from radixserve.sampling import SEED_MAX, SEED_MIN, SamplingParams
 from radixserve.server.errors import APIError
 from radixserve.server.prompting import ChatTurn
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: no coercion, as OpenAI's API (max_tokens: true is not 1, stream: "yes" is not true)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ContentPart(_Body):
@@ -41,7 +42,7 @@ class _SamplingFields(_Body):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False

@@ -31,7 +31,7 @@ async def parse_request(request: Request, model: type[M]) -> ParsedRequest[M]:
     """Authenticate, read the body as `model` and check the model it names (401, 413, 400, 404)."""
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    data = await read_json(request, state.config.max_request_bytes)
+    data = await read_json(request, state.config.max_request_bytes, state.config.body_read_timeout)
     body = parse_model(model, data)
     state.check_model(body.model)
     return ParsedRequest(state, tenant, data, body)

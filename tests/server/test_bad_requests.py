@@ -128,3 +128,90 @@ def test_still_healthy_after_errors(server):
         assert http.get("/health").json() == {"status": "ok"}
         r = http.post(CHAT, json={"model": "embedded", "messages": USER, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+# ---- issue #12: what a fault campaign sent -------------------------------------------------
+COMPLETIONS = "/v1/completions"
+
+
+@pytest.mark.parametrize("path, payload, param", [
+    # a seed outside the 64-bit range used to fail the whole engine step (everyone's requests)
+    (CHAT, {"model": "embedded", "messages": USER, "max_tokens": 2, "temperature": 1, "seed": 2**64}, "seed"),
+    (COMPLETIONS, {"model": "embedded", "prompt": "a", "max_tokens": 2, "temperature": 1, "seed": -(2**63) - 1},
+     "seed"),
+    # no lax coercion: OpenAI rejects these
+    (CHAT, {"model": "embedded", "messages": USER, "max_tokens": True}, "max_tokens"),
+    (CHAT, {"model": "embedded", "messages": USER, "max_tokens": "3"}, "max_tokens"),
+    (CHAT, {"model": "embedded", "messages": USER, "stream": "yes"}, "stream"),
+    (CHAT, {"model": "embedded", "messages": USER, "max_tokens": 2.0}, "max_tokens"),
+    (COMPLETIONS, {"model": "embedded", "prompt": "a", "stream": 1}, "stream"),
+    # lone surrogates anywhere in the text
+    (CHAT, {"model": "embedded", "messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    (COMPLETIONS, {"model": "embedded", "prompt": ["ok", "\udfff"]}, "prompt.1"),
+])
+def test_openai_edge_validation(server, path, payload, param):
+    with server.http() as http:
+        r = http.post(path, content=json.dumps(payload), headers={"content-type": "application/json"})
+        err = _openai_error(r, 400)
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("body, needle", [
+    (b'{"model": "embedded", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests too deeply"),
+    (b'{"model": "embedded", "x": ' + b"[" * 100 + b"]" * 100 + b"}", "levels deep"),
+    (b'{"model": "embedded", "temperature": NaN, "messages": []}', "NaN"),
+    (b'{"model": "embedded", "temperature": 1e400, "messages": []}', "out of range"),
+    (b'{"model": "embedded", "max_tokens": 1' + b"0" * 5000 + b', "messages": []}', "not valid JSON"),
+])
+def test_hostile_json_is_a_400_on_every_api(server, body, needle):
+    headers = {"content-type": "application/json"}
+    with server.http() as http:
+        assert needle in _openai_error(http.post(CHAT, content=body, headers=headers), 400)["message"]
+        assert needle in _anthropic_error(http.post(MSG, content=body, headers=headers), 400, "invalid_request_error")
+        assert needle in _openai_error(http.post("/v1/caches", content=body, headers=headers), 400)["message"]
+
+
+@pytest.mark.parametrize("cache_control, needle", [
+    ({"type": "ephemeral", "ttl": ["5m"]}, "ttl"),
+    ({"type": "ephemeral", "ttl": {"m": 5}}, "ttl"),
+    ({"type": "ephemeral", "ttl": 300}, "ttl"),
+])
+def test_anthropic_cache_control_ttl_must_be_a_string(server, cache_control, needle):
+    payload = {"model": "embedded", "max_tokens": 2,
+               "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": cache_control}]}]}
+    with server.http() as http:
+        assert needle in _anthropic_error(http.post(MSG, json=payload), 400, "invalid_request_error")
+        payload["stream"] = "yes"
+        payload["messages"][0]["content"][0].pop("cache_control")
+        assert "stream" in _anthropic_error(http.post(MSG, json=payload), 400, "invalid_request_error")
+
+
+@pytest.mark.parametrize("ttl", [1e300, 2**63, 1e11, True, [1], "1e400s", "NaN"])
+def test_named_cache_bad_ttl_is_a_400_and_stores_nothing(server, ttl):
+    from tests.server.conftest import LONG_SYSTEM
+
+    with server.http() as http:
+        before = http.get("/v1/caches").json()["cached_contents"]
+        err = _openai_error(http.post("/v1/caches", json={"system": LONG_SYSTEM, "ttl": ttl}), 400)
+        assert err["param"] == "ttl", err
+        assert http.get("/v1/caches").json()["cached_contents"] == before
+        name = http.post("/v1/caches", json={"system": LONG_SYSTEM, "ttl": "60s"}).json()["name"]
+        assert _openai_error(http.patch(f"/v1/{name}", json={"ttl": ttl}), 400)["param"] == "ttl"
+        assert http.get(f"/v1/{name}").status_code == 200
+        http.delete(f"/v1/{name}")
+
+
+def test_a_body_shorter_than_its_content_length_times_out(embedded_model):
+    import socket
+
+    from radixserve.server import ServerConfig
+    from tests.server.conftest import start_server
+
+    with start_server(embedded_model, ServerConfig(body_read_timeout=0.5), num_blocks=64) as srv:
+        host, port = srv.base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            reply = sock.recv(65536).decode()
+        assert reply.startswith("HTTP/1.1 408"), reply
+        assert '"error"' in reply

@@ -191,13 +191,19 @@ def test_tenant_namespaces_never_collide():
 
 def test_durations_and_times():
     assert parse_ttl("300s") == 300 and parse_ttl("1.5s") == 1.5 and parse_ttl(42) == 42
-    for bad in ("5m", "s", "-1s", "0s", True):
-        with pytest.raises(APIError):
+    for bad in ("5m", "s", "-1s", "0s", True, [1], {"s": 1}, float("nan"), float("inf"), 1e400, 2**63, 1e11,
+                10**5000, "1e400s", "99999999999999s"):
+        with pytest.raises(APIError) as caught:
             parse_ttl(bad)
-    assert parse_expire_time("2030-01-01T00:00:00Z", 0) == 1893456000
-    assert parse_expire_time("2030-01-01T00:00:00", 0) == 1893456000  # naive means UTC
+        assert caught.value.status == 400 and caught.value.param == "ttl"
+    now = 1_700_000_000  # 2023-11-14
+    assert parse_expire_time("2030-01-01T00:00:00Z", now) == 1893456000
+    assert parse_expire_time("2030-01-01T00:00:00", now) == 1893456000  # naive means UTC
     with pytest.raises(APIError, match="past"):
         parse_expire_time("2000-01-01T00:00:00Z", 1893456000)
+    for far in ("9999-12-31T23:59:59Z", "2099-01-01T00:00:00Z"):
+        with pytest.raises(APIError, match="10 years"):
+            parse_expire_time(far, now)
 
 
 def test_common_prefix_len():
