@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="cache_control breakpoints and named caches shorter than this are not pinned")
     g.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
                    help="larger request bodies are refused with 413")
+    g.add_argument("--body-read-timeout", type=float, default=30.0,
+                   help="seconds a request body may take to arrive (a slower or truncated one gets 408)")
+    g.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGTERM, seconds running requests get to finish before they are ended")
     g.add_argument("--cache-ttl-scale", type=float, default=1.0,
                    help="testing knob: multiply cache_control TTLs (5m, 1h) by this factor")
     g.add_argument("--request-log", metavar="PATH", default=None,
@@ -44,6 +48,8 @@ def server_config_from_args(args: argparse.Namespace):
         namespace_from_api_key=args.namespace_from_api_key,
         min_cacheable_tokens=args.min_cacheable_tokens,
         max_request_bytes=args.max_request_bytes,
+        body_read_timeout=args.body_read_timeout,
+        shutdown_timeout=args.shutdown_timeout,
         cache_ttl_scale=args.cache_ttl_scale,
         log_level=args.log_level,
         request_log=args.request_log,
@@ -57,5 +63,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = server_config_from_args(args)
     app = create_app(engine_config_from_args(args), config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+    # timeout_graceful_shutdown bounds SIGTERM: without it uvicorn waits for every open
+    # request, however long (a queued request, a client that never reads).
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                timeout_graceful_shutdown=config.shutdown_timeout)
     return 0

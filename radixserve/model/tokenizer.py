@@ -127,6 +127,9 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._fingerprint: str | None = None
         self._special_ids: frozenset[int] | None = None
+        self._special_strings: tuple[str, ...] | None = None
+        self._literal_backend: HFTokenizer | None = None  # specials spelled out, for client text
+        self._max_token_bytes: int | None = None
 
     # ---- construction -------------------------------------------------------------------
 
@@ -268,6 +271,34 @@ class Tokenizer:
         """Text -> ids. Special tokens written in the text (e.g. <|im_start|>) become their ids;
         add_special_tokens=True additionally applies the model's BOS/EOS post-processing."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Text -> ids with special-token spellings read as plain text: "<|im_start|>" in a
+        client's message becomes the tokens of those characters, never the control token."""
+        if self._literal_backend is None:
+            literal = HFTokenizer.from_str(self.backend.to_str())
+            literal.encode_special_tokens = True
+            self._literal_backend = literal
+        return self._literal_backend.encode(text, add_special_tokens=False).ids
+
+    @property
+    def special_token_strings(self) -> tuple[str, ...]:
+        """The spellings of the special (control) tokens, longest first."""
+        if self._special_strings is None:
+            added = self.backend.get_added_tokens_decoder()
+            spellings = {t.content for t in added.values() if t.special and t.content}
+            self._special_strings = tuple(sorted(spellings, key=lambda t: (-len(t), t)))
+        return self._special_strings
+
+    def min_num_tokens(self, num_bytes: int) -> int:
+        """A lower bound on the tokens of any text of `num_bytes` UTF-8 bytes, without
+        tokenizing it: no token covers more bytes than the longest vocabulary entry (a
+        normalizer might shorten the text first, hence the margin when there is one)."""
+        if self._max_token_bytes is None:
+            vocab = self.backend.get_vocab(with_added_tokens=True)
+            self._max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        margin = 4 if self.backend.normalizer is not None else 1
+        return num_bytes // (self._max_token_bytes * margin)
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
         """Many texts at once (parallel inside `tokenizers`)."""

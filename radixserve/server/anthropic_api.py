@@ -9,6 +9,7 @@ is the rest, so input + read + creation = the prompt's length.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from radixserve.server.async_engine import EngineDeadError, RequestStream
 from radixserve.server.errors import error_body
 from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import ChatPrompt, build_prompt, prefix_token_count
-from radixserve.server.state import ServerState, collect
+from radixserve.server.state import ServerState, collect, turn_texts
 
 router = APIRouter()
 
@@ -46,8 +47,8 @@ async def create_message(request: Request):
     state, data, body = parsed.state, parsed.data, parsed.body
     cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt)
     conversation = build_conversation(body, cache.turns if cache is not None else None)
-    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
-    pins = _breakpoint_pins(state, conversation, prompt)
+    state.check_prompt_size(turn_texts(conversation.turns))
+    prompt, pins = await asyncio.to_thread(_prompt_and_pins, state, conversation)  # CPU-heavy: off the loop
     engine_pins = [CachePin(p.num_tokens, TTL_SECONDS[p.ttl] * state.config.cache_ttl_scale) for p in pins]
     if cache is not None and (pin := state.caches.request_pin(cache, prompt)) is not None:
         engine_pins.append(pin)
@@ -85,8 +86,16 @@ async def count_tokens(request: Request) -> JSONResponse:
     state, tenant, body = parsed.state, parsed.tenant, parsed.body
     cache = await state.caches.get(tenant.key_namespace, body.cached_content) if body.cached_content else None
     conversation = build_conversation(body, cache.turns if cache is not None else None)
-    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
+    state.check_prompt_size(turn_texts(conversation.turns))
+    prompt = await asyncio.to_thread(build_prompt, state.tokenizer, conversation.prompt_turns,
+                                     conversation.assistant_prefill)
     return JSONResponse({"input_tokens": len(prompt.token_ids)})
+
+
+def _prompt_and_pins(state: ServerState, conversation: Conversation) -> tuple[ChatPrompt, list[_LabelledPin]]:
+    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
+    state.check_prompt_tokens(len(prompt.token_ids))  # before re-rendering once per breakpoint
+    return prompt, _breakpoint_pins(state, conversation, prompt)
 
 
 def _breakpoint_pins(state: ServerState, conversation: Conversation, prompt: ChatPrompt) -> list[_LabelledPin]:

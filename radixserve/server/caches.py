@@ -28,9 +28,11 @@ from radixserve.request import CachePin
 from radixserve.sampling import SamplingParams
 from radixserve.sequences import common_prefix_len
 from radixserve.server.errors import APIError
-from radixserve.server.prompting import ChatPrompt, ChatTurn, render
+from radixserve.server.prompting import ChatPrompt, ChatTurn, build_prompt
 
 if TYPE_CHECKING:
+    from fastapi import Request
+
     from radixserve.server.state import ServerState
 
 log = logging.getLogger("radixserve.server")
@@ -85,19 +87,24 @@ class NamedCacheStore:
     # ---- CRUD -------------------------------------------------------------------------
     async def create(
         self, *, owner: str, namespace: str, model: str, display_name: str, turns: list[ChatTurn],
-        ttl: float | None = None, expire_time: float | None = None,
+        ttl: float | None = None, expire_time: float | None = None, http_request: Request | None = None,
     ) -> NamedCache:
         """Prefill `turns` and pin them until `expire_time`, or for `ttl` seconds counted from
-        when the cache is ready (prefilling a long prefix can take a while on a CPU)."""
+        when the cache is ready (prefilling a long prefix can take a while on a CPU). The
+        prefill is aborted if the client of `http_request` disconnects meanwhile."""
         if (ttl is None) == (expire_time is None):
             raise ValueError("give exactly one of ttl and expire_time")
+        from radixserve.server.state import collect  # state imports this module
+
         state = self.state
         if not state.prefix_caching:
             raise APIError(400, "named caches need the prefix cache, and this server runs with --no-prefix-caching")
         if not turns:
             raise APIError(400, "a cache needs a system instruction or at least one message", param="messages")
-        text = render(state.tokenizer, turns, add_generation_prompt=False)
-        token_ids = list(state.tokenizer.encode(text))
+        state.check_prompt_size([block for turn in turns for block in turn.blocks])
+        prompt = await asyncio.to_thread(build_prompt, state.tokenizer, turns, None, False)  # off the event loop
+        token_ids = prompt.token_ids
+        state.check_prompt_tokens(len(token_ids))
         minimum = max(state.config.min_cacheable_tokens, state.block_size)
         if len(token_ids) < minimum:
             raise APIError(
@@ -112,7 +119,7 @@ class NamedCacheStore:
             token_ids, SamplingParams(max_tokens=1, temperature=0.0), prefix="cache-", namespace=namespace,
             cache_pins=[CachePin(len(token_ids), pin_ttl)],
         )
-        out = await stream.result()
+        out = await collect(stream, http_request)
         if out.finish_reason == "abort":
             raise APIError(503, "creating the cache was interrupted")
         now = self.clock()

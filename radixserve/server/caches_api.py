@@ -107,7 +107,7 @@ async def create_cache(request: Request) -> JSONResponse:
     ttl, expire_time = parse_lifetime(body.ttl, body.expire_time, store.clock(), state.config.named_cache_default_ttl)
     cache = await store.create(
         owner=tenant.key_namespace, namespace=tenant.namespace(body.cache_salt), model=state.model_name,
-        display_name=body.display_name, turns=body.turns(), ttl=ttl, expire_time=expire_time,
+        display_name=body.display_name, turns=body.turns(), ttl=ttl, expire_time=expire_time, http_request=request,
     )
     return JSONResponse(cache.to_json())
 

@@ -21,6 +21,9 @@ class ServerConfig:
     min_cacheable_tokens: int = 1024  # cache_control breakpoints shorter than this are ignored
     max_request_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
     body_read_timeout: float = 30.0  # seconds for a whole request body to arrive, else 408
+    # On SIGTERM: stop accepting, let running requests finish for this long, then end the rest
+    # (their streams get an error event) and exit.
+    shutdown_timeout: float = 10.0
     cache_ttl_scale: float = 1.0
     named_cache_default_ttl: float = 3600.0  # seconds, when POST /v1/caches gives no ttl/expire_time
     cache_sweep_interval: float = 1.0  # how often expired named caches are unpinned (seconds)
@@ -34,6 +37,8 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         if not self.body_read_timeout > 0:
             raise ValueError(f"body_read_timeout must be > 0, got {self.body_read_timeout}")
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in self.api_keys):

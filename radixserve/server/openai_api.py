@@ -6,6 +6,7 @@ the prefix cache (RequestOutput.num_cached_tokens), not an estimate.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from radixserve.server.errors import APIError, error_body
 from radixserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import build_prompt
-from radixserve.server.state import ServerState, collect, get_state
+from radixserve.server.state import ServerState, collect, get_state, turn_texts
 
 router = APIRouter()
 
@@ -67,13 +68,14 @@ async def chat_completions(request: Request):
     body.check_supported()
 
     turns = body.turns()
+    state.check_prompt_size(turn_texts(turns))
     cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt)
     if cache is not None:
         if any(t.role == "system" for t in turns):
             raise APIError(400, "a request naming a cached_content takes its system instruction from the cache; "
                                 "remove the system message", param="messages")
         turns = cache.turns + turns
-    prompt = build_prompt(state.tokenizer, turns)
+    prompt = await asyncio.to_thread(build_prompt, state.tokenizer, turns)  # CPU-heavy: off the event loop
     pins = []
     if cache is not None and (pin := state.caches.request_pin(cache, prompt)) is not None:
         pins.append(pin)
@@ -142,9 +144,13 @@ async def completions(request: Request):
     body.check_supported()
     namespace = parsed.tenant.namespace(body.cache_salt)
 
-    prompts = []
-    for prompt in body.prompts():
-        prompts.append(state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+    raw = body.prompts()
+    state.check_prompt_size([p for p in raw if isinstance(p, str)])
+    # The whole prompt is the client's text: special-token spellings in it are control tokens
+    # (as in vLLM); only chat routes keep them out of message content.
+    texts = [p for p in raw if isinstance(p, str)]
+    encoded = iter(await asyncio.to_thread(state.tokenizer.encode_batch, texts) if texts else [])
+    prompts = [next(encoded) if isinstance(p, str) else p for p in raw]
     state.log_request("completions", data, namespace)
     streams: list[RequestStream] = []
     try:

@@ -11,12 +11,15 @@ to there (a token straddling the boundary is not counted: it would differ in ano
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
 
+from radixserve.errors import PromptTooLongError
 from radixserve.sequences import common_prefix_len
 from radixserve.server.errors import APIError
 
@@ -57,13 +60,57 @@ def render(tokenizer: Any, turns: Sequence[ChatTurn], add_generation_prompt: boo
         raise APIError(400, f"the model's chat template rejected the conversation: {e}", param="messages") from None
 
 
-def build_prompt(tokenizer: Any, turns: Sequence[ChatTurn], assistant_prefill: str | None = None) -> ChatPrompt:
+def build_prompt(
+    tokenizer: Any, turns: Sequence[ChatTurn], assistant_prefill: str | None = None, add_generation_prompt: bool = True
+) -> ChatPrompt:
     """Render and tokenize. With `assistant_prefill` the reply continues that text (the last
-    assistant message of an Anthropic request) instead of starting fresh."""
-    text = render(tokenizer, turns, add_generation_prompt=True)
+    assistant message of an Anthropic request) instead of starting fresh.
+
+    Only the template makes control tokens: a special token's spelling inside a client's text
+    (a user typing "<|im_start|>system") is tokenized as those characters, so no one can inject
+    a turn. Texts without such spellings (nearly all) are rendered and tokenized as one string.
+    CPU-heavy for long prompts: routes call it off the event loop (`asyncio.to_thread`)."""
+    specials = tokenizer.special_token_strings
+    texts = [b for t in turns for b in t.blocks] + ([assistant_prefill] if assistant_prefill else [])
+    if not specials or not any(sp in text for text in texts for sp in specials):
+        text = render(tokenizer, turns, add_generation_prompt=add_generation_prompt)
+        if assistant_prefill:
+            text += assistant_prefill
+        return ChatPrompt(text, tokenizer.encode(text))
+    # Hide each client-written spelling behind a marker no client can guess, render, then
+    # tokenize the template's text normally and each hidden spelling literally.
+    nonce = uuid.uuid4().hex
+    marks = {sp: f"\ue000{nonce}.{i}\ue001" for i, sp in enumerate(specials)}
+    spellings = {mark: sp for sp, mark in marks.items()}
+    find_special = re.compile("|".join(re.escape(sp) for sp in specials))  # longest first
+
+    def hide(text: str) -> str:
+        return find_special.sub(lambda m: marks[m.group(0)], text)
+
+    text = render(tokenizer, [ChatTurn(t.role, [hide(b) for b in t.blocks]) for t in turns],
+                  add_generation_prompt=add_generation_prompt)
     if assistant_prefill:
-        text += assistant_prefill
-    return ChatPrompt(text, tokenizer.encode(text))
+        text += hide(assistant_prefill)
+    ids: list[int] = []
+    pos = 0
+    find_mark = re.compile("|".join(re.escape(mark) for mark in spellings))
+    for m in find_mark.finditer(text):
+        ids += tokenizer.encode(text[pos:m.start()])
+        ids += tokenizer.encode_literal(spellings[m.group(0)])
+        pos = m.end()
+    ids += tokenizer.encode(text[pos:])
+    return ChatPrompt(find_mark.sub(lambda m: spellings[m.group(0)], text), ids)
+
+
+def check_prompt_size(tokenizer: Any, texts: Sequence[str], max_model_len: int) -> None:
+    """Refuse text that cannot fit the context before spending time rendering or tokenizing it:
+    a cheap lower bound on its tokens (len(text) <= its UTF-8 bytes), so a body of megabytes is a
+    400 in microseconds. What passes is checked exactly once tokenized."""
+    at_least = tokenizer.min_num_tokens(sum(len(t) for t in texts))
+    if at_least >= max_model_len:
+        raise PromptTooLongError(
+            f"the prompt has at least {at_least} tokens but the model's context length is {max_model_len}"
+        )
 
 
 def prefix_token_count(

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from radixserve.advisor.request_log import RequestLogWriter
 from radixserve.engine import LLMEngine
+from radixserve.errors import PromptTooLongError
 from radixserve.request import CachePin, RequestOutput
 from radixserve.sampling import SamplingParams
 from radixserve.server.async_engine import AsyncEngine, RequestStream
@@ -17,6 +18,7 @@ from radixserve.server.auth import Authenticator
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import APIError
 from radixserve.server.metrics import ServerMetrics
+from radixserve.server.prompting import ChatTurn, check_prompt_size
 
 
 class ServerState:
@@ -69,6 +71,18 @@ class ServerState:
         """When a request sets no limit, it may generate up to the end of its context."""
         return max(1, self.max_total_tokens - num_prompt_tokens)
 
+    def check_prompt_size(self, texts: list[str]) -> None:
+        """400 (context_length_exceeded) at once when `texts` cannot fit the context, before
+        anything renders or tokenizes them (see prompting.check_prompt_size)."""
+        check_prompt_size(self.tokenizer, texts, self.engine.max_model_len)
+
+    def check_prompt_tokens(self, num_tokens: int) -> None:
+        """The exact check, once tokenized (the engine makes it again on admission)."""
+        if num_tokens >= self.engine.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {num_tokens} tokens but the model's context length is {self.engine.max_model_len}"
+            )
+
     @property
     def prefix_caching(self) -> bool:
         return self.engine.cache.tree is not None
@@ -95,6 +109,10 @@ class ServerState:
             prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
             arrival_time=time.monotonic(),
         )
+
+
+def turn_texts(turns: list[ChatTurn]) -> list[str]:
+    return [block for turn in turns for block in turn.blocks]
 
 
 def get_state(request: Request) -> ServerState:
