@@ -163,23 +163,52 @@ class LLMEngine:
             self.cache.cache_computed(s.request)
         if not sampling:
             return []
-        tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling])
+        tokens = self._sample(logits, sampling)
         now = time.monotonic()
         outputs = []
         for request, token in zip(sampling, tokens):
             if request.finished:
                 continue
-            if not request.output_token_ids:
-                self._apply_cache_pins(request)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.output_token_ids.append(token)
-            self.stats.generation_tokens += 1
-            self._check_stop(request, token)
-            if request.finish_reason is not None:
-                self._finish(request, request.finish_reason)
-            outputs.append(self._output(request, new_tokens=1))
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                if not request.output_token_ids:
+                    self._apply_cache_pins(request)
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                request.output_token_ids.append(token)
+                self.stats.generation_tokens += 1
+                self._check_stop(request, token)
+                if request.finish_reason is not None:
+                    self._finish(request, request.finish_reason)
+                outputs.append(self._output(request, new_tokens=1))
+            except Exception as e:  # this request's failure is its own: the batch goes on
+                outputs.append(self._fail_request(request, e))
         return outputs
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
+        """One token per request; a request whose sampling raises gets the exception instead,
+        so one request's bad parameters cannot fail the others in its batch."""
+        params = [r.sampling for r in requests]
+        ids = [r.request_id for r in requests]
+        try:
+            return list(self.sampler.sample(logits, params, ids))
+        except Exception:  # noqa: BLE001 - retried row by row to find whose it is
+            pass
+        tokens: list[int | Exception] = []
+        for i in range(len(requests)):
+            try:
+                tokens.append(self.sampler.sample(logits[i : i + 1], params[i : i + 1], ids[i : i + 1])[0])
+            except Exception as e:  # noqa: BLE001
+                tokens.append(e)
+        return tokens
+
+    def _fail_request(self, request: Request, error: Exception) -> RequestOutput:
+        """Finish `request` with finish reason "error" (its blocks go back) and say why."""
+        request.error = f"{type(error).__name__}: {error}"
+        if not request.finished:
+            self._finish(request, "error")
+        return self._output(request)
 
     def _apply_cache_pins(self, request: Request) -> None:
         for pin in request.cache_pins:
@@ -260,6 +289,7 @@ class LLMEngine:
             new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
             new_text=new_text,
             cache_write_tokens=self._cache_write_tokens(request),
+            error=request.error,
         )
 
     @staticmethod

@@ -41,6 +41,7 @@ class Request:
     output_text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why it failed (finish_reason "error")
 
     # KV state: tokens whose K/V are in `block_ids` (a prefix of all_token_ids)
     num_computed_tokens: int = 0
@@ -106,13 +107,14 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (this request failed; see `error`)
     stop_reason: str | int | None
     num_cached_tokens: int
     metrics: RequestMetrics
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
+    error: str | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

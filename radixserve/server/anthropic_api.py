@@ -180,7 +180,7 @@ async def _message_events(
         })
         yield _event("message_stop", {"type": "message_stop"})
     except EngineDeadError as e:
-        yield _event("error", error_body(path, 503, str(e)))
+        yield _event("error", error_body(path, e.status, str(e)))
     finally:
         stream.close()
 

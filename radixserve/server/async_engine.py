@@ -27,6 +27,14 @@ log = logging.getLogger("radixserve.server")
 class EngineDeadError(RuntimeError):
     """The engine thread is not running (stopped, or a step failed for this request)."""
 
+    status = 503
+
+
+class RequestFailedError(EngineDeadError):
+    """This request failed inside the engine (finish reason "error"); the others carry on."""
+
+    status = 500
+
 
 @dataclass(slots=True)
 class _Call:
@@ -61,6 +69,8 @@ class RequestStream:
         if item.finished:
             self.finished = True
             self.final = item
+            if item.finish_reason == "error":
+                raise RequestFailedError(f"the engine failed while running this request: {item.error}")
         return item
 
     def __aiter__(self) -> RequestStream:

@@ -131,7 +131,7 @@ async def _chat_events(
                     })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
-        yield _sse(error_body(path, 503, str(e)))
+        yield _sse(error_body(path, e.status, str(e)))
     finally:
         stream.close()  # no-op when finished; aborts when the client went away mid-stream
 
@@ -215,7 +215,7 @@ async def _completion_events(
             })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
-        yield _sse(error_body(path, 503, str(e)))
+        yield _sse(error_body(path, e.status, str(e)))
     finally:
         for stream in streams:
             stream.close()
