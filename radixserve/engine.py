@@ -212,6 +212,8 @@ class LLMEngine:
 
     def _apply_cache_pins(self, request: Request) -> None:
         for pin in request.cache_pins:
+            if pin.alive is not None and not pin.alive():
+                continue  # its named cache was deleted or expired while this request ran
             self.cache.pin(request, min(pin.num_tokens, request.num_prompt_tokens), pin.ttl)
 
     def _check_stop(self, request: Request, token: int) -> None:

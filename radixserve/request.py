@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,15 @@ class RequestStatus(enum.Enum):
 
 @dataclass(slots=True)
 class CachePin:
-    """Explicit cache control: keep the first `num_tokens` of the prompt cached for `ttl` seconds."""
+    """Explicit cache control: keep the first `num_tokens` of the prompt cached for `ttl` seconds.
+
+    `alive`, if given, is asked on the engine thread right before the pin is applied: a pin whose
+    owner went away meanwhile (a named cache deleted or expired while this request prefilled)
+    is not applied, so deleted means unpinned whatever is in flight."""
 
     num_tokens: int
     ttl: float
+    alive: Callable[[], bool] | None = None
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -56,6 +56,7 @@ class NamedCache:
     update_time: float
     expire_time: float
     pinned_tokens: int = 0  # how many of token_ids the tree pin covers (whole blocks)
+    request_pin_tokens: set[int] = field(default_factory=set)  # prefixes requests naming it pinned
 
     @property
     def name(self) -> str:
@@ -175,7 +176,14 @@ class NamedCacheStore:
         if shared <= 0 or remaining <= 0:
             return None
         cache.pinned_tokens = max(cache.pinned_tokens, shared)
-        return CachePin(shared, remaining)
+        cache.request_pin_tokens.add(shared)
+        # `alive` closes the race with delete and expiry: the engine applies this pin only if
+        # the cache is still live by then (_drop removes the record before it unpins).
+        return CachePin(shared, remaining, alive=lambda: self._is_live(cache))
+
+    def _is_live(self, cache: NamedCache) -> bool:
+        """Called on the engine thread: a dict lookup and a float compare, safe under the GIL."""
+        return self._caches.get(cache.cache_id) is cache and cache.expire_time > self.clock()
 
     # ---- expiry -----------------------------------------------------------------------
     async def sweep(self) -> int:
@@ -205,16 +213,23 @@ class NamedCacheStore:
         )
 
     async def _drop(self, cache: NamedCache) -> None:
+        """Forget `cache` and unpin every prefix it or a request naming it pinned. The record
+        goes first, so a request still prefilling cannot re-apply its pin afterwards (its
+        CachePin asks `_is_live`); unpin and the twin's re-pin run in one engine call."""
         if self._caches.pop(cache.cache_id, None) is None:
             return
-        prefix = cache.token_ids[: cache.pinned_tokens]
-        twins = self._twins(cache)
-        if not prefix or not self.state.async_engine.is_running:
+        lengths = sorted({n for n in (cache.pinned_tokens, *cache.request_pin_tokens) if n > 0})
+        if not lengths or not self.state.async_engine.is_running:
             return
-        if twins:  # the node stays pinned for the twin that lives longest
-            await self._set_pin(max(twins, key=lambda c: c.expire_time))
-        else:
-            await self.state.async_engine.call(self.state.engine.unpin_prefix, prefix, cache.namespace)
+        twins = self._twins(cache)
+        keep = max(twins, key=lambda c: c.expire_time) if twins else None  # the node stays pinned for it
+        until = keep.expire_time - self.clock() if keep is not None else 0.0
+        pinned = await self.state.async_engine.call(
+            _unpin_all, self.state.engine, cache.token_ids, lengths, cache.namespace,
+            keep.token_ids if keep is not None else None, keep.pinned_tokens if keep is not None else 0, until,
+        )
+        if keep is not None:
+            keep.pinned_tokens = pinned
 
     def _twins(self, cache: NamedCache) -> list[NamedCache]:
         """Other live caches whose pin sits on the same tree node as `cache`'s."""
@@ -229,6 +244,17 @@ def _repin(engine, token_ids: list[int], pinned: int, ttl: float, namespace: str
     if pinned:
         engine.unpin_prefix(token_ids[:pinned], namespace)
     return engine.pin_prefix(token_ids, ttl, namespace)
+
+
+def _unpin_all(
+    engine, token_ids: list[int], lengths: list[int], namespace: str,
+    keep_ids: list[int] | None, keep_pinned: int, keep_ttl: float,
+) -> int:
+    for n in lengths:
+        engine.unpin_prefix(token_ids[:n], namespace)
+    if keep_ids is None or keep_ttl <= 0:
+        return 0
+    return _repin(engine, keep_ids, keep_pinned, keep_ttl, namespace)
 
 
 # ---- times ------------------------------------------------------------------------------
