@@ -34,6 +34,16 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0  # CPU pool size when num_blocks is None
     gpu_memory_utilization: float = 0.85  # fraction of GPU memory the engine may use
     enable_prefix_caching: bool = True
+    # Pins (cache_control breakpoints, named caches) may hold at most these fractions of the
+    # pool: all pins together, and the pins of one cache namespace (one API key + cache_salt).
+    # A pin over either bound is refused, so pins can never starve the pool.
+    max_pinned_fraction: float = 0.5
+    max_pinned_fraction_per_namespace: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("max_pinned_fraction", "max_pinned_fraction_per_namespace"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass(slots=True)

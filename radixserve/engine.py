@@ -58,7 +58,9 @@ class LLMEngine:
             cuda_graphs=not self.config.model.enforce_eager,
         )
         self.cache = KVCacheManager(
-            num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching
+            num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
+            max_pinned_fraction=cache_cfg.max_pinned_fraction,
+            max_pinned_fraction_per_namespace=cache_cfg.max_pinned_fraction_per_namespace,
         )
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
@@ -214,7 +216,8 @@ class LLMEngine:
         for pin in request.cache_pins:
             if pin.alive is not None and not pin.alive():
                 continue  # its named cache was deleted or expired while this request ran
-            self.cache.pin(request, min(pin.num_tokens, request.num_prompt_tokens), pin.ttl)
+            pinned = self.cache.pin(request, min(pin.num_tokens, request.num_prompt_tokens), pin.ttl)
+            request.num_pinned_tokens = max(request.num_pinned_tokens, pinned)  # 0: refused (pin bounds)
 
     def _check_stop(self, request: Request, token: int) -> None:
         params = request.sampling
@@ -292,14 +295,14 @@ class LLMEngine:
             new_text=new_text,
             cache_write_tokens=self._cache_write_tokens(request),
             error=request.error,
+            num_pinned_tokens=request.num_pinned_tokens,
         )
 
     @staticmethod
     def _cache_write_tokens(request: Request) -> int:
         if not request.cache_pins:
             return 0
-        pinned = min(max(p.num_tokens for p in request.cache_pins), request.num_prompt_tokens)
-        return max(0, pinned - (request.num_cached_tokens or 0))
+        return max(0, request.num_pinned_tokens - (request.num_cached_tokens or 0))
 
     # ---- admin ------------------------------------------------------------------------
     def reset_prefix_cache(self) -> int:

@@ -55,6 +55,7 @@ class Request:
     tree_node: Any = None  # locked radix-tree node covering the request's cached blocks
     num_tree_tokens: int = 0  # tokens of this request already inserted in the tree
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission (reported)
+    num_pinned_tokens: int = 0  # the longest of its cache_pins the tree accepted (0: none or refused)
     num_preemptions: int = 0
     times_deferred: int = 0  # scheduler passes over it (lpm policy / in-batch dedup)
 
@@ -119,8 +120,9 @@ class RequestOutput:
     metrics: RequestMetrics
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
-    cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
+    cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control (and accepted)
     error: str | None = None
+    num_pinned_tokens: int = 0  # prompt tokens its cache pins hold (a pin over the bounds is refused)
 
     @property
     def num_prompt_tokens(self) -> int:

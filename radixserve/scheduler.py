@@ -99,6 +99,8 @@ class Scheduler:
             num_new = min(request.num_tokens - cached, budget)
             if not self.cache.allocate_slots(request, num_new):
                 self.cache.free(request)
+                if not self.running and self.cache.release_pin():
+                    continue  # nothing running will free memory: pins yield, the first to lapse first
                 break
             self.waiting.popleft()
             if request.num_cached_tokens is None:

@@ -41,12 +41,17 @@ class KVCacheManager:
         model_key: str,
         enable_prefix_caching: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        max_pinned_fraction: float = 1.0,
+        max_pinned_fraction_per_namespace: float = 1.0,
     ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.model_key = model_key
         self.enable_prefix_caching = enable_prefix_caching
         self.tree = RadixTree(self.pool, block_size, clock=clock) if enable_prefix_caching else None
+        if self.tree is not None:
+            self.tree.max_pinned_blocks = int(num_blocks * max_pinned_fraction)
+            self.tree.max_pinned_blocks_per_namespace = int(num_blocks * max_pinned_fraction_per_namespace)
         self.clock = clock
         self.stats = CacheStats()
 
@@ -147,6 +152,10 @@ class KVCacheManager:
             return 0
         tokens = request.all_token_ids[:num_tokens]
         return self.tree.pin(self.cache_key(request.namespace), tokens, self.clock() + ttl, refresh=ttl)
+
+    def release_pin(self) -> bool:
+        """Lift the pin that would lapse first; False if there is none (see RadixTree.release_pin)."""
+        return self.tree is not None and self.tree.release_pin()
 
     # ---- release ----------------------------------------------------------------------
     def free(self, request: Request) -> None:

@@ -123,6 +123,10 @@ class RadixTree:
         self._access_seq = 0
         self._evict_heap: list[_HeapEntry] = []
         self._serial = itertools.count()
+        # Bounds on what live pins may hold, in blocks (None: unbounded). A pin that would take
+        # more is refused (pin returns 0), so pins can never starve the pool.
+        self.max_pinned_blocks: int | None = None
+        self.max_pinned_blocks_per_namespace: int | None = None
 
     # ---- lookup ---------------------------------------------------------------------------
     def match_prefix(self, namespace: str, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
@@ -315,7 +319,7 @@ class RadixTree:
         tokens = _as_list(token_ids)
         end = len(tokens) - len(tokens) % self.block_size
         node, pos, _ = self._walk(root, tokens, end, split=True, stamp=None)
-        if pos == 0:
+        if pos == 0 or not self._pin_fits(node):
             return 0
         live = node.pinned_until > self.clock()
         node.pin_refresh = max(node.pin_refresh, refresh) if live else refresh  # a lapsed pin's refresh is gone
@@ -323,6 +327,57 @@ class RadixTree:
             node.pinned_until = until
         self._pinned.add(node)
         return pos
+
+    def pinned_blocks(self, namespace: str | None = None) -> int:
+        """Blocks live pins hold (a pinned node and its ancestors), in `namespace` or in all."""
+        return sum(len(n.block_ids) for n in self._pinned_nodes() if namespace is None or n.namespace == namespace)
+
+    def _pinned_nodes(self) -> set[TreeNode]:
+        now = self.clock()
+        covered: set[TreeNode] = set()
+        for node in list(self._pinned):
+            if node.pinned_until <= now:
+                self._pinned.discard(node)
+                continue
+            n = node
+            while n.parent is not None and n not in covered:
+                covered.add(n)
+                n = n.parent
+        return covered
+
+    def _pin_fits(self, node: TreeNode) -> bool:
+        """Whether pinning the path root..node keeps pins within their bounds."""
+        if self.max_pinned_blocks is None and self.max_pinned_blocks_per_namespace is None:
+            return True
+        covered = self._pinned_nodes()
+        added = 0
+        n = node
+        while n.parent is not None and n not in covered:
+            added += len(n.block_ids)
+            n = n.parent
+        if added == 0:
+            return True  # already pinned (this extends or refreshes it)
+        if self.max_pinned_blocks is not None:
+            if sum(len(c.block_ids) for c in covered) + added > self.max_pinned_blocks:
+                return False
+        if self.max_pinned_blocks_per_namespace is not None:
+            mine = sum(len(c.block_ids) for c in covered if c.namespace == node.namespace)
+            if mine + added > self.max_pinned_blocks_per_namespace:
+                return False
+        return True
+
+    def release_pin(self) -> bool:
+        """Lift the live pin that would lapse first (the liveness rule: when nothing running
+        can free memory and a waiting request does not fit, pins yield). False if none."""
+        now = self.clock()
+        live = [n for n in self._pinned if n.pinned_until > now]
+        if not live:
+            return False
+        node = min(live, key=lambda n: n.pinned_until)
+        node.pinned_until = _NOT_PINNED
+        node.pin_refresh = 0.0
+        self._pinned.discard(node)
+        return True
 
     def refresh_pins(self, node: TreeNode) -> None:
         """A request read the path root..node: extend the live refreshable pins on it."""

@@ -23,6 +23,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                    help="fraction of GPU memory the engine may use (weights + KV pool)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    g.add_argument("--max-pinned-fraction", type=float, default=0.5,
+                   help="pins (cache_control, named caches) may hold at most this fraction of the KV pool")
+    g.add_argument("--max-pinned-fraction-per-namespace", type=float, default=0.25,
+                   help="... and the pins of one cache namespace (API key + cache_salt) at most this fraction")
     g.add_argument("--max-num-seqs", type=int, default=64, help="running requests at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
     g.add_argument("--policy", default="fcfs", choices=["fcfs", "lpm"],
@@ -46,6 +50,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             gpu_memory_utilization=args.gpu_memory_utilization,
             enable_prefix_caching=not args.no_prefix_caching,
+            max_pinned_fraction=args.max_pinned_fraction,
+            max_pinned_fraction_per_namespace=args.max_pinned_fraction_per_namespace,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,

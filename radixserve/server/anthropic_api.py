@@ -68,7 +68,12 @@ async def create_message(request: Request):
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     out = await collect(stream, request)
-    return JSONResponse({
+    accepted = _accepted(pins, out)
+    headers = None
+    if len(accepted) < len(pins):  # over the pin bounds: said here and in usage (no cache creation)
+        headers = {"radixserve-cache-pins-refused": f"{len(pins) - len(accepted)} of {len(pins)} cache_control "
+                                                    f"breakpoints were not pinned: {state.pin_bounds_text()}"}
+    return JSONResponse(headers=headers, content={
         "id": out.request_id,
         "type": "message",
         "role": "assistant",
@@ -76,7 +81,7 @@ async def create_message(request: Request):
         "content": [{"type": "text", "text": out.text}],
         "stop_reason": _stop_reason(out),
         "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None,
-        "usage": _usage(out, pins),
+        "usage": _usage(out, accepted),
     })
 
 
@@ -110,6 +115,12 @@ def _breakpoint_pins(state: ServerState, conversation: Conversation, prompt: Cha
         if n > 0:
             pins.append(_LabelledPin(n, b.ttl))
     return pins
+
+
+def _accepted(pins: list[_LabelledPin], out: RequestOutput) -> list[_LabelledPin]:
+    """The breakpoints the engine pinned: a pin over the pin bounds is refused (and a refused
+    breakpoint writes nothing to the cache, so it counts as plain input)."""
+    return [p for p in pins if p.num_tokens <= out.num_pinned_tokens]
 
 
 def creation_by_ttl(pins: list[_LabelledPin], cached: int) -> dict[str, int]:
@@ -151,6 +162,7 @@ async def _message_events(
         # message_start carries the input usage, known once the engine admitted the request:
         # wait for the first output before sending anything
         first = await stream.next()
+        pins = _accepted(pins, first)  # pins are applied (or refused) with the first token
         yield _event("message_start", {
             "type": "message_start",
             "message": {

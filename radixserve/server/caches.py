@@ -113,6 +113,14 @@ class NamedCacheStore:
                 f"the cached content is too small: {len(token_ids)} tokens, the minimum is {minimum}",
                 param="messages",
             )
+        blocks = len(token_ids) // state.block_size
+        bound = state.pin_bounds()
+        if bound is not None and blocks > min(bound):
+            raise APIError(
+                400, f"the cached content is too large to pin: {blocks} KV blocks, but pins may hold at most "
+                     f"{bound[1]} blocks per namespace and {bound[0]} in total ({state.pin_bounds_text()})",
+                param="messages",
+            )
         pin_ttl = ttl if ttl is not None else expire_time - self.clock()
         # Prefill it (one output token, thrown away); the pin keeps it cached after the
         # request finishes, before anything else can evict it.
@@ -134,6 +142,11 @@ class NamedCacheStore:
         )
         cache.pinned_tokens = len(token_ids)  # what the request pinned (in whole blocks)
         await self._set_pin(cache)
+        if cache.pinned_tokens == 0:  # refused: the pins already held leave no room under the bounds
+            raise APIError(
+                429, f"the cache was not stored: pinning its {blocks} KV blocks would exceed what pins may hold "
+                     f"({state.pin_bounds_text()}); delete or let expire another cache, or retry later",
+            )
         self._caches[cache.cache_id] = cache
         return cache
 

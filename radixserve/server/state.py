@@ -83,6 +83,22 @@ class ServerState:
                 f"the prompt has {num_tokens} tokens but the model's context length is {self.engine.max_model_len}"
             )
 
+    def pin_bounds(self) -> tuple[int, int] | None:
+        """(total, per namespace): the most KV blocks pins may hold (None: cache off). Fixed at
+        start, so reading them from the event loop is safe."""
+        tree = self.engine.cache.tree
+        if tree is None or tree.max_pinned_blocks is None or tree.max_pinned_blocks_per_namespace is None:
+            return None
+        return tree.max_pinned_blocks, tree.max_pinned_blocks_per_namespace
+
+    def pin_bounds_text(self) -> str:
+        bound = self.pin_bounds()
+        if bound is None:
+            return "pins are unbounded"
+        cfg = self.engine.config.cache
+        return (f"at most {bound[1]} blocks per namespace ({cfg.max_pinned_fraction_per_namespace:.0%} of the pool) "
+                f"and {bound[0]} in total ({cfg.max_pinned_fraction:.0%})")
+
     @property
     def prefix_caching(self) -> bool:
         return self.engine.cache.tree is not None
