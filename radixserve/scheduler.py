@@ -65,11 +65,19 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
 
-        # 1. running requests, oldest first; preempt the newest when blocks run out
+        # 1. running requests, oldest first; preempt the newest when blocks run out. A prefill
+        #    chunk leaves room in the step for the decodes behind it and, when requests wait, for
+        #    a new prompt, so a long prompt cannot hold everyone else back for its whole prefill.
+        decodes_left = sum(1 for r in self.running if not r.is_prefilling)
+        room_for_new = self.config.max_num_batched_tokens // 4 if self.waiting else 0
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.is_prefilling:
+                num_new = max(1, min(num_new, budget - decodes_left - room_for_new))
+            else:
+                decodes_left -= 1
             while not self.cache.allocate_slots(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
