@@ -14,11 +14,14 @@ def serve_app(app) -> Iterator[str]:
     """Serve an ASGI app on a free 127.0.0.1 port until the block exits; yields the base URL."""
     import uvicorn
 
+    from radixserve.server.http_protocol import JSONErrorH11Protocol
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))  # the OS picks a free port; handing uvicorn the socket avoids races
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                           http=JSONErrorH11Protocol))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"uvicorn-{port}")
     thread.start()
     deadline = time.monotonic() + 30

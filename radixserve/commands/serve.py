@@ -60,11 +60,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from radixserve.server import create_app
+    from radixserve.server.http_protocol import JSONErrorH11Protocol
 
     config = server_config_from_args(args)
     app = create_app(engine_config_from_args(args), config)
     # timeout_graceful_shutdown bounds SIGTERM: without it uvicorn waits for every open
     # request, however long (a queued request, a client that never reads).
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                timeout_graceful_shutdown=config.shutdown_timeout)
+                timeout_graceful_shutdown=config.shutdown_timeout, http=JSONErrorH11Protocol)
     return 0

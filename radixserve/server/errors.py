@@ -7,6 +7,7 @@ everything else OpenAI (the named-caches API included).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -156,6 +157,12 @@ class InternalErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_tracking)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when --shutdown-timeout runs out: answer
+            # them 503 (the engine is stopping) rather than dropping them with a traceback
+            if not started:
+                response = error_response(scope.get("path", ""), 503, "the server is shutting down; retry")
+                await response(scope, receive, send)
         except Exception as exc:  # noqa: BLE001 - the whole point
             path = scope.get("path", "")
             log.exception("unhandled error on %s %s", scope.get("method"), path)
