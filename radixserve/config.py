@@ -54,6 +54,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill splits above it)
     policy: str = "fcfs"  # "fcfs" | "lpm" (longest cached prefix first)
     lpm_max_skips: int = 8  # a waiting request is passed over at most this many times (no starvation)
+    # While requests wait, a running prefill leaves this fraction of the step's token budget for
+    # new prompts (0: it may take the whole budget, and short requests wait behind it).
+    new_prompt_budget_fraction: float = 0.25
 
 
 @dataclass(slots=True)

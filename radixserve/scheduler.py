@@ -69,7 +69,9 @@ class Scheduler:
         #    chunk leaves room in the step for the decodes behind it and, when requests wait, for
         #    a new prompt, so a long prompt cannot hold everyone else back for its whole prefill.
         decodes_left = sum(1 for r in self.running if not r.is_prefilling)
-        room_for_new = self.config.max_num_batched_tokens // 4 if self.waiting else 0
+        room_for_new = int(self.config.max_num_batched_tokens * self.config.new_prompt_budget_fraction)
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs:
+            room_for_new = 0  # nobody could use it
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
