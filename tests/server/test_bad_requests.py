@@ -218,3 +218,41 @@ def test_a_body_shorter_than_its_content_length_times_out(embedded_model):
         reply = reply.decode()
         assert reply.startswith("HTTP/1.1 408"), reply
         assert '"error"' in reply
+
+
+def test_a_500_is_json_and_keeps_the_connection(embedded_model):
+    import socket
+
+    from radixserve.config import CacheConfig, EngineConfig, ModelConfig
+    from radixserve.engine import LLMEngine
+    from radixserve.server import create_app
+    from tests.live_server import serve_app
+
+    engine = LLMEngine(EngineConfig(model=ModelConfig(source="embedded", show_progress=False),
+                                    cache=CacheConfig(num_blocks=32)), loaded=embedded_model)
+    app = create_app(engine)
+
+    @app.get("/v1/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    def read_response(sock) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = int([h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")][0].split(b":")[1])
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    with serve_app(app) as base_url:
+        host, port = base_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(b"GET /v1/boom HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = read_response(sock)
+            assert first.startswith(b"HTTP/1.1 500") and b'"server_error"' in first and b"a bug" in first
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection
+            assert read_response(sock).startswith(b"HTTP/1.1 200")
