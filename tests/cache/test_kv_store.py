@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from radixserve.cache.block_keys import CacheIdentity, prefix_keys
 from radixserve.cache.kv_store import (
     CHECKSUM_SIZE,
     RECORD_HEADER_SIZE,
@@ -25,15 +24,7 @@ from radixserve.cache.kv_store import (
     encode_record,
     open_kv_store,
 )
-
-IDENTITY = CacheIdentity("toy@abc/float16", block_size=2).describe()
-LAYOUT = KVLayout("float16", (2, 2, 2, 1, 4))  # 2 layers, K/V, 2 tokens, 1 head, head_dim 4: 64 bytes
-KEYS = prefix_keys(CacheIdentity("toy@abc/float16", block_size=2), "", list(range(40)))
-
-
-def make_record(i: int, identity: str = IDENTITY) -> KVRecord:
-    payload = hashlib.sha256(str(i).encode()).digest() * 2  # 64 distinct bytes per block
-    return KVRecord(key=KEYS[i], identity=identity, layout=LAYOUT, payload=payload)
+from tests.cache.store_helpers import IDENTITY, KEYS, LAYOUT, make_record
 
 
 def reseal(data: bytes) -> bytes:
