@@ -103,18 +103,23 @@ class DiskKVStore(KVStore):
         for sub in os.scandir(self._blocks_dir):
             if not sub.is_dir(follow_symlinks=False):
                 continue
-            for entry in os.scandir(sub.path):
-                if is_temp_file(entry.name):
-                    try:
+            try:
+                entries = list(os.scandir(sub.path))
+            except OSError as exc:
+                log.warning("KV store %s: cannot list %s (%s); its records are ignored", self.name, sub.path, exc)
+                continue
+            for entry in entries:
+                try:
+                    if is_temp_file(entry.name):
                         os.unlink(entry.path)
                         self.removed_temp_files += 1
-                    except OSError:
-                        pass
+                        continue
+                    key = _key_from_name(entry.name)
+                    if key is None or sub.name != entry.name[:2] or not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:  # gone or unreadable meanwhile: not a record we can count on
                     continue
-                key = _key_from_name(entry.name)
-                if key is None or sub.name != entry.name[:2] or not entry.is_file(follow_symlinks=False):
-                    continue
-                st = entry.stat(follow_symlinks=False)
                 found.append((st.st_mtime_ns, key, st.st_size))
         found.sort()
         for _, key, size in found:
@@ -185,11 +190,13 @@ class DiskKVStore(KVStore):
             except OSError:
                 pass
 
-    def _forget(self, key: bytes) -> None:
+    def _forget(self, key: bytes) -> bool:
+        """Drop key from the index; False if it was not there (e.g. evicted meanwhile)."""
         with self._lock:
             size = self._index.pop(key, None)
             if size is not None:
                 self._used -= size
+        return size is not None
 
     def _recover_vanished_root(self) -> bool:
         """If the store directory is gone, recreate it and forget what it held. True if it was."""
@@ -221,8 +228,7 @@ class DiskKVStore(KVStore):
                 with open(path, "rb") as f:
                     raw = f.read()
             except FileNotFoundError:
-                self._forget(key)
-                if not self._recover_vanished_root():
+                if self._forget(key) and not self._recover_vanished_root():
                     log.warning("KV store %s: record file of block %s vanished; a miss", self.name, key.hex())
                 out.append(None)
                 continue
