@@ -10,7 +10,8 @@ Record format (version 1), all integers little-endian:
     offset  size  field
     0       8     magic b"RSKVREC\\0"
     8       2     format version (1)
-    10      2     flags (0; reserved)
+    10      2     flags (0; a record with any other value is refused, so a later format can
+                  use them, e.g. to name a faster checksum, without being misread)
     12      4     meta_len: bytes of the JSON meta block
     16      8     payload_len
     24      32    key (BlockKey)
@@ -108,7 +109,7 @@ class KVRecord:
     key: BlockKey
     identity: str  # CacheIdentity.describe()
     layout: KVLayout
-    payload: bytes
+    payload: bytes | memoryview  # a decoded record's payload is a view into the bytes read
 
     def __post_init__(self) -> None:
         if len(self.key) != KEY_SIZE:
@@ -137,11 +138,11 @@ def decode_record(data: bytes | memoryview, expected_key: BlockKey, expected_ide
     view = memoryview(data)
     if len(view) < RECORD_HEADER_SIZE + CHECKSUM_SIZE:
         raise CorruptRecordError(f"truncated: {len(view)} bytes, shorter than an empty record")
-    magic, version, _flags, meta_len, payload_len, key = _FIXED.unpack_from(view)
+    magic, version, flags, meta_len, payload_len, key = _FIXED.unpack_from(view)
     if magic != RECORD_MAGIC:
         raise CorruptRecordError("bad magic (not a radixserve KV record)")
-    if version != RECORD_FORMAT_VERSION:
-        raise CorruptRecordError(f"unknown record format version {version}")
+    if version != RECORD_FORMAT_VERSION or flags != 0:
+        raise CorruptRecordError(f"unknown record format version {version} (flags {flags:#x})")
     if meta_len > MAX_META_LEN:
         raise CorruptRecordError(f"meta block of {meta_len} bytes exceeds {MAX_META_LEN}")
     body_end = RECORD_HEADER_SIZE + meta_len + payload_len
@@ -162,7 +163,7 @@ def decode_record(data: bytes | memoryview, expected_key: BlockKey, expected_ide
         raise CorruptRecordError(f"computed under identity {identity!r}, this store serves {expected_identity!r}")
     if layout.nbytes != payload_len:
         raise CorruptRecordError(f"payload is {payload_len} bytes, layout {layout} needs {layout.nbytes}")
-    payload = bytes(view[RECORD_HEADER_SIZE + meta_len : body_end])
+    payload = view[RECORD_HEADER_SIZE + meta_len : body_end]  # no copy: a block is MBs
     return KVRecord(key=BlockKey(key), identity=identity, layout=layout, payload=payload)
 
 

@@ -78,6 +78,8 @@ def test_checks_behind_the_checksum() -> None:
         decode_record(reseal(b"XXXXXXXX" + data[8:]), KEYS[5], IDENTITY)
     with pytest.raises(CorruptRecordError, match="version"):
         decode_record(reseal(data[:8] + struct.pack("<H", 2) + data[10:]), KEYS[5], IDENTITY)
+    with pytest.raises(CorruptRecordError, match="flags"):
+        decode_record(reseal(data[:10] + struct.pack("<H", 1) + data[12:]), KEYS[5], IDENTITY)
     # A meta block whose layout disagrees with the payload length (same meta length, resealed).
     meta_len = struct.unpack_from("<I", data, 12)[0]
     meta = data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + meta_len]
