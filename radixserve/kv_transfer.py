@@ -13,8 +13,8 @@ is bitwise the block that was saved (on GPU too: the copy is raw, no dtype conve
 this order or shape means bumping ``KV_LAYOUT_VERSION`` (cache/block_keys.py), which changes
 every key, so old records simply stop matching.
 
-Copies here are synchronous and batched per call (one gather, one device->host copy); the
-host-RAM tier's pinned buffers and copy stream are a later step.
+Copies here are synchronous, one per block (all layers at once, never per layer); the host-RAM
+tier's pinned staging buffers and copy stream are a later step.
 """
 
 from __future__ import annotations
@@ -49,28 +49,46 @@ def block_layout(kv_cache: KVCache) -> KVLayout:
     )
 
 
+def _over(buffer: bytearray | memoryview, layout: KVLayout, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of one block's shape whose memory is ``buffer`` (no copy)."""
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(layout.shape)
+
+
 def blocks_to_records(
     kv_cache: KVCache, block_ids: Sequence[int], keys: Sequence[BlockKey], identity: str
 ) -> list[KVRecord]:
-    """Records of the given pool blocks: block ``block_ids[i]`` stored under ``keys[i]``."""
+    """Records of the given pool blocks: block ``block_ids[i]`` stored under ``keys[i]``.
+
+    Each payload is a fresh bytearray the block is copied into once (on CUDA: gathered on the
+    device first, then one device->host copy for the batch).
+    """
     if len(block_ids) != len(keys):
         raise ValueError(f"{len(block_ids)} blocks but {len(keys)} keys")
     if not block_ids:
         return []
     layout = block_layout(kv_cache)
     storage = _storage(kv_cache)
-    index = torch.tensor(list(block_ids), dtype=torch.long, device=storage.device)
-    # [L, 2, n, bs, H, D] -> [n, L, 2, bs, H, D]: each block's bytes contiguous, then one copy out.
-    blocks = storage.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous().cpu()
-    raw = blocks.view(torch.uint8).reshape(len(block_ids), -1).numpy()
-    return [KVRecord(key=key, identity=identity, layout=layout, payload=raw[i].tobytes()) for i, key in enumerate(keys)]
+    if storage.device.type == "cpu":
+        # Slicing each block out beats a gather on CPU (index_select on dim 2 is a slow path).
+        sources = [storage[:, :, block_id] for block_id in block_ids]
+    else:
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=storage.device)
+        sources = list(storage.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous().cpu())
+    records = []
+    for key, source in zip(keys, sources, strict=True):
+        payload = bytearray(layout.nbytes)
+        _over(payload, layout, storage.dtype).copy_(source)
+        records.append(KVRecord(key=key, identity=identity, layout=layout, payload=payload))
+    return records
 
 
 def records_to_blocks(kv_cache: KVCache, block_ids: Sequence[int], records: Sequence[KVRecord]) -> None:
-    """Write each record's KV into pool block ``block_ids[i]`` (bitwise, in one copy in).
+    """Write each record's KV into pool block ``block_ids[i]``, bitwise.
 
     Raises KVLayoutMismatchError if a record's layout is not this pool's (then nothing is
-    written); keys and identities are the store's to have checked.
+    written); keys and identities are the store's to have checked. A payload in read-only memory
+    (bytes) is copied once first, since torch only wraps writable buffers; the disk store reads
+    into writable ones.
     """
     if len(block_ids) != len(records):
         raise ValueError(f"{len(block_ids)} blocks but {len(records)} records")
@@ -81,7 +99,8 @@ def records_to_blocks(kv_cache: KVCache, block_ids: Sequence[int], records: Sequ
         if record.layout != layout:
             raise KVLayoutMismatchError(f"record {record.key.hex()[:16]}.. has layout {record.layout}, the pool {layout}")
     storage = _storage(kv_cache)
-    buffer = bytearray().join(r.payload for r in records)  # one writable copy torch can wrap
-    blocks = torch.frombuffer(buffer, dtype=torch.uint8).view(storage.dtype).reshape(len(records), *layout.shape)
-    index = torch.tensor(list(block_ids), dtype=torch.long, device=storage.device)
-    storage.index_copy_(2, index, blocks.permute(1, 2, 0, 3, 4, 5).to(storage.device))
+    for block_id, record in zip(block_ids, records, strict=True):
+        payload = record.payload
+        if memoryview(payload).readonly:
+            payload = bytearray(payload)
+        storage[:, :, block_id].copy_(_over(payload, layout, storage.dtype))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,13 @@ def test_pool_to_disk_to_pool_across_a_restart(tmp_path: Path) -> None:
         records_to_blocks(dst, [1, 2, 3], found)  # type: ignore[arg-type]
         assert store.get(prefix_keys(identity, "other-tenant", tokens)) == [None, None, None]
     assert [block_bytes(dst, b) for b in (1, 2, 3)] == [block_bytes(src, b) for b in (5, 0, 2)]
+
+
+def test_read_only_payloads_load_too() -> None:
+    """A store holding immutable bytes (the memory backend) hands out read-only payloads."""
+    src, dst = random_pool(torch.float16, seed=6), random_pool(torch.float16, seed=7)
+    identity = identity_for(torch.float16)
+    records = blocks_to_records(src, [2], prefix_keys(identity, "", range(BLOCK_SIZE)), identity.describe())
+    frozen = [dataclasses.replace(r, payload=bytes(r.payload)) for r in records]
+    records_to_blocks(dst, [5], frozen)
+    assert block_bytes(dst, 5) == block_bytes(src, 2)

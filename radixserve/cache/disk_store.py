@@ -215,8 +215,8 @@ class DiskKVStore(KVStore):
         return True
 
     # ---- raw operations --------------------------------------------------------------------
-    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | bytearray | None]:
+        out: list[bytes | bytearray | None] = []
         for key in keys:
             with self._lock:
                 held = key in self._index
@@ -225,8 +225,10 @@ class DiskKVStore(KVStore):
                 continue
             path = self.path_of(key)
             try:
-                with open(path, "rb") as f:
-                    raw = f.read()
+                with open(path, "rb", buffering=0) as f:
+                    # Into a writable buffer: the runner wraps the payload without copying it.
+                    raw = bytearray(os.fstat(f.fileno()).st_size)
+                    del raw[f.readinto(raw) or 0 :]
             except FileNotFoundError:
                 if self._forget(key) and not self._recover_vanished_root():
                     log.warning("KV store %s: record file of block %s vanished; a miss", self.name, key.hex())

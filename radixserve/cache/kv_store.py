@@ -109,7 +109,7 @@ class KVRecord:
     key: BlockKey
     identity: str  # CacheIdentity.describe()
     layout: KVLayout
-    payload: bytes | memoryview  # a decoded record's payload is a view into the bytes read
+    payload: bytes | bytearray | memoryview  # decoded: a view into the bytes read, no copy
 
     def __post_init__(self) -> None:
         if len(self.key) != KEY_SIZE:
@@ -132,7 +132,7 @@ def encode_record(record: KVRecord) -> bytes:
     return b"".join((head, meta, record.payload, digest.digest()))
 
 
-def decode_record(data: bytes | memoryview, expected_key: BlockKey, expected_identity: str) -> KVRecord:
+def decode_record(data: bytes | bytearray | memoryview, expected_key: BlockKey, expected_identity: str) -> KVRecord:
     """Parse and verify a record; raises CorruptRecordError (with the reason) unless it is the
     intact record of ``expected_key`` under ``expected_identity``."""
     view = memoryview(data)
@@ -272,8 +272,9 @@ class KVStore(abc.ABC):
 
     # ---- what a backend implements -----------------------------------------------------------
     @abc.abstractmethod
-    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        """The raw bytes stored under each key, or None. Unverified; no counting needed."""
+    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | bytearray | None]:
+        """The raw bytes stored under each key, or None. Unverified; no counting needed.
+        Writable buffers (bytearray) spare the tensor side a copy when it loads the payload."""
 
     @abc.abstractmethod
     def _write(self, items: Sequence[tuple[BlockKey, bytes]]) -> list[bool]:
@@ -322,8 +323,8 @@ class MemoryKVStore(KVStore):
     def num_records(self) -> int:
         return len(self._records)
 
-    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        out: list[bytes | None] = []
+    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | bytearray | None]:
+        out: list[bytes | bytearray | None] = []
         with self._lock:
             for key in keys:
                 raw = self._records.get(key)
