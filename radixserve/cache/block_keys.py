@@ -123,3 +123,28 @@ def chain_keys(parent: BlockKey, token_ids: Sequence[int], block_size: int) -> l
 def prefix_keys(identity: CacheIdentity, namespace: str, token_ids: Sequence[int]) -> list[BlockKey]:
     """Keys of every full block of a prompt, from the root of (identity, namespace)."""
     return chain_keys(root_key(identity, namespace), token_ids, identity.block_size)
+
+
+class BlockKeyChain:
+    """The keys of one growing sequence (a request's prompt + output), extended as blocks fill.
+
+    ``update`` is given the whole sequence so far and keys only the blocks that became full since
+    the last call, so a request pays one sha256 per block over its lifetime. The sequence must
+    only grow (tokens already keyed never change), which holds for a request's token ids.
+    """
+
+    __slots__ = ("identity", "namespace", "keys")
+
+    def __init__(self, identity: CacheIdentity, namespace: str) -> None:
+        self.identity = identity
+        self.namespace = namespace
+        self.keys: list[BlockKey] = []
+
+    def update(self, token_ids: Sequence[int]) -> list[BlockKey]:
+        """Key the newly full blocks of ``token_ids``; returns just those new keys."""
+        block_size = self.identity.block_size
+        start = len(self.keys) * block_size
+        parent = self.keys[-1] if self.keys else root_key(self.identity, self.namespace)
+        new = chain_keys(parent, token_ids[start:], block_size)
+        self.keys.extend(new)
+        return new

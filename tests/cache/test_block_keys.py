@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from radixserve.cache.block_keys import (
     KEY_SIZE,
     KV_LAYOUT_VERSION,
+    BlockKeyChain,
     CacheIdentity,
     block_key,
     chain_keys,
@@ -141,3 +142,14 @@ def test_block_encoding_is_unambiguous(a: list[int], b: list[int]) -> None:
 def test_namespaces_never_share_keys(ns_a: str, ns_b: str, tokens: list[int]) -> None:
     ka, kb = prefix_keys(IDENTITY, ns_a, tokens), prefix_keys(IDENTITY, ns_b, tokens)
     assert (ka == kb) == (ns_a == ns_b)
+
+
+@given(tokens=token_lists, cuts=st.lists(st.integers(0, 24), max_size=5))
+def test_key_chain_grows_to_the_one_pass_keys(tokens: list[int], cuts: list[int]) -> None:
+    chain = BlockKeyChain(IDENTITY, "ns")
+    seen: list[bytes] = []
+    for cut in sorted(cuts) + [len(tokens)]:
+        new = chain.update(tokens[:cut])
+        seen.extend(new)
+        assert chain.keys == prefix_keys(IDENTITY, "ns", tokens[:cut])
+    assert seen == chain.keys == prefix_keys(IDENTITY, "ns", tokens)
