@@ -34,6 +34,8 @@ pipelined SET/EXISTS/DEL) or an LMCache/Mooncake-style store plugs in the same w
 Backends never raise from ``get``/``put``/``contains``/``delete`` for I/O trouble (a missing
 directory, a full disk, a dropped connection): they log, count and report a miss or a failed
 put, because losing a cached block only costs a recompute while raising would fail a request.
+``KVStore`` backs that up for backends it does not know: an exception out of a raw operation is
+logged with its traceback and turned into misses / failed puts.
 """
 
 from __future__ import annotations
@@ -206,7 +208,11 @@ class KVStore(abc.ABC):
         """The verified record of each key, or None (absent, unreadable or corrupt)."""
         if not keys:
             return []
-        raws = self._read(keys)
+        try:
+            raws = self._read(keys)
+        except Exception:  # a backend bug or an error it did not map: a miss, not a failed request
+            log.exception("KV store %s: get of %d blocks failed; treated as misses", self.name, len(keys))
+            raws = [None] * len(keys)
         records: list[KVRecord | None] = []
         corrupt: list[BlockKey] = []
         nbytes = 0
@@ -227,7 +233,7 @@ class KVStore(abc.ABC):
             self.stats.corrupt_records += len(corrupt)
             self.stats.bytes_read += nbytes
         if corrupt:
-            self._delete(corrupt)  # so the next put of that block replaces it
+            self.delete(corrupt)  # so the next put of that block replaces it
         return records
 
     def put(self, records: Sequence[KVRecord]) -> int:
@@ -238,16 +244,34 @@ class KVStore(abc.ABC):
         for record in records:
             if record.identity != self.identity:
                 raise ValueError(f"record of identity {record.identity!r} put into a store of {self.identity!r}")
-        return sum(self._write([(r.key, encode_record(r)) for r in records]))
+        items = [(r.key, encode_record(r)) for r in records]
+        try:
+            return sum(self._write(items))
+        except Exception:
+            log.exception("KV store %s: put of %d records failed", self.name, len(items))
+            self._count(put_failures=len(items))
+            return 0
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Whether each key is held, without reading or verifying it: a hint, so a True may
         still turn into a miss on ``get`` (a record found corrupt is dropped then)."""
-        return self._contains(keys) if keys else []
+        if not keys:
+            return []
+        try:
+            return self._contains(keys)
+        except Exception:
+            log.exception("KV store %s: contains of %d keys failed; reported as absent", self.name, len(keys))
+            return [False] * len(keys)
 
     def delete(self, keys: Sequence[BlockKey]) -> int:
         """Drop the keys that are held; returns how many were."""
-        return self._delete(keys) if keys else 0
+        if not keys:
+            return 0
+        try:
+            return self._delete(keys)
+        except Exception:
+            log.exception("KV store %s: delete of %d keys failed", self.name, len(keys))
+            return 0
 
     def close(self) -> None:
         """Release files, connections, locks. The store is unusable afterwards."""

@@ -173,3 +173,30 @@ def test_open_kv_store_specs(tmp_path) -> None:
             open_kv_store(bad, 100, IDENTITY)
     with pytest.raises(KVStoreError, match="capacity"):
         open_kv_store("memory", 0, IDENTITY)
+
+
+class BrokenStore(MemoryKVStore):
+    """A backend whose raw operations raise (a bug, an unmapped connection error)."""
+
+    def _read(self, keys):
+        raise ConnectionError("backend down")
+
+    def _write(self, items):
+        raise ConnectionError("backend down")
+
+    def _contains(self, keys):
+        raise ConnectionError("backend down")
+
+    def _delete(self, keys):
+        raise ConnectionError("backend down")
+
+
+def test_a_raising_backend_is_misses_and_failed_puts_not_errors(caplog: pytest.LogCaptureFixture) -> None:
+    store = BrokenStore(IDENTITY, capacity_bytes=10_000)
+    with caplog.at_level(logging.ERROR, logger="radixserve.kv_store"):
+        assert store.put([make_record(0), make_record(1)]) == 0
+        assert store.get([KEYS[0]]) == [None]
+        assert store.contains([KEYS[0]]) == [False]
+        assert store.delete([KEYS[0]]) == 0
+    assert [r.exc_info[1].args for r in caplog.records] == [("backend down",)] * 4
+    assert (store.stats.put_failures, store.stats.misses) == (2, 1)
