@@ -97,7 +97,9 @@ def records_to_blocks(kv_cache: KVCache, block_ids: Sequence[int], records: Sequ
     layout = block_layout(kv_cache)
     for record in records:
         if record.layout != layout:
-            raise KVLayoutMismatchError(f"record {record.key.hex()[:16]}.. has layout {record.layout}, the pool {layout}")
+            raise KVLayoutMismatchError(
+                f"record {record.key.hex()[:16]}.. has layout {record.layout}, the pool {layout}"
+            )
     storage = _storage(kv_cache)
     for block_id, record in zip(block_ids, records, strict=True):
         payload = record.payload

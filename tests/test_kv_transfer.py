@@ -58,7 +58,8 @@ def test_blocks_round_trip_bitwise_into_other_blocks(dtype: torch.dtype) -> None
     itemsize = src.storage.element_size()
     per_kv = BLOCK_SIZE * 2 * 4 * itemsize
     start = (1 * 2 + 1) * per_kv
-    assert records[1].payload[start : start + per_kv] == src.value_caches[1][1].contiguous().view(torch.uint8).numpy().tobytes()
+    layer1_v = src.value_caches[1][1].contiguous().view(torch.uint8).numpy().tobytes()
+    assert records[1].payload[start : start + per_kv] == layer1_v
 
     untouched = {b: block_bytes(dst, b) for b in (0, 2, 3, 5)}
     records_to_blocks(dst, [0, 3], records)

@@ -103,7 +103,8 @@ KILL_MID_SAVE = textwrap.dedent(
 def test_kill_mid_save_leaves_the_previous_state(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_SAVE, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    command = [sys.executable, "-c", KILL_MID_SAVE, str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "half-written"
         os.kill(proc.pid, signal.SIGKILL)

@@ -149,7 +149,8 @@ def decode_record(data: bytes | bytearray | memoryview, expected_key: BlockKey, 
         raise CorruptRecordError(f"meta block of {meta_len} bytes exceeds {MAX_META_LEN}")
     body_end = RECORD_HEADER_SIZE + meta_len + payload_len
     if len(view) != body_end + CHECKSUM_SIZE:
-        raise CorruptRecordError(f"length {len(view)} != {body_end + CHECKSUM_SIZE} declared by the header (truncated?)")
+        expected = body_end + CHECKSUM_SIZE
+        raise CorruptRecordError(f"length {len(view)} != {expected} declared by the header (truncated?)")
     if hashlib.sha256(view[:body_end]).digest() != bytes(view[body_end:]):
         raise CorruptRecordError("checksum mismatch")
     # Past the checksum the bytes are as written; what remains is whether it is the block asked for.
@@ -223,7 +224,9 @@ class KVStore(abc.ABC):
                     record = decode_record(raw, key, self.identity)
                     nbytes += len(raw)
                 except CorruptRecordError as exc:
-                    log.warning("KV store %s: corrupt record for block %s (%s); treated as a miss", self.name, key.hex(), exc)
+                    log.warning(
+                        "KV store %s: corrupt record for block %s (%s); treated as a miss", self.name, key.hex(), exc
+                    )
                     corrupt.append(key)
             records.append(record)
         hits = sum(r is not None for r in records)

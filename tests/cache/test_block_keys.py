@@ -58,11 +58,10 @@ def test_stable_across_processes() -> None:
         "ids = prefix_keys(CacheIdentity('m@f/float16', 2), 'ns', [5, 6, 7, 8]);"
         "print(','.join(k.hex() for k in ids))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", **_env()}
-    ).stdout.strip()
+    env = {"PYTHONHASHSEED": "123", **_env()}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     here = prefix_keys(CacheIdentity("m@f/float16", 2), "ns", [5, 6, 7, 8])
-    assert out == ",".join(k.hex() for k in here)
+    assert out.strip() == ",".join(k.hex() for k in here)
 
 
 

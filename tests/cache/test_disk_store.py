@@ -270,9 +270,8 @@ def test_process_killed_in_a_write_loop_leaves_only_whole_records(tmp_path: Path
     """Killed at an arbitrary point of a put/delete loop: every record left is intact."""
     root = tmp_path / "kv"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_IN_A_WRITE_LOOP, str(root)], stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT
-    )
+    command = [sys.executable, "-c", KILL_IN_A_WRITE_LOOP, str(root)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
     try:
         assert proc.stdout.readline().strip() == "looping"
         os.kill(proc.pid, signal.SIGKILL)
