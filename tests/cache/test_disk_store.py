@@ -283,3 +283,12 @@ def test_process_killed_in_a_write_loop_leaves_only_whole_records(tmp_path: Path
         assert held
         assert store.get([KEYS[i] for i in held]) == [make_record(i) for i in held]
         assert store.stats.corrupt_records == 0 and not any(root.rglob("*.tmp"))
+
+
+def test_unusable_path_is_a_clear_error_at_open(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    with pytest.raises(KVStoreError, match="cannot open KV store directory"):
+        open_store(not_a_dir)
+    with pytest.raises(ValueError, match="capacity"):
+        DiskKVStore(tmp_path / "kv", 0, IDENTITY)
