@@ -100,6 +100,7 @@ class DiskKVStore(KVStore):
     def _scan(self) -> None:
         """Rebuild the LRU index from the files (mtime order) and sweep leftover temp files."""
         found: list[tuple[int, bytes, int]] = []
+        oversized = 0
         for sub in os.scandir(self._blocks_dir):
             if not sub.is_dir(follow_symlinks=False):
                 continue
@@ -120,6 +121,9 @@ class DiskKVStore(KVStore):
                     st = entry.stat(follow_symlinks=False)
                 except OSError:  # gone or unreadable meanwhile: not a record we can count on
                     continue
+                if st.st_size > self._capacity:  # not a record this store could have written
+                    oversized += 1
+                    continue
                 found.append((st.st_mtime_ns, key, st.st_size))
         found.sort()
         for _, key, size in found:
@@ -128,13 +132,14 @@ class DiskKVStore(KVStore):
         victims = self._make_room(0)
         self._unlink(victims)
         log.info(
-            "KV store %s: %d records, %d of %d bytes%s%s",
+            "KV store %s: %d records, %d of %d bytes%s%s%s",
             self.name,
             len(self._index),
             self._used,
             self._capacity,
             f"; swept {self.removed_temp_files} leftover temp files" if self.removed_temp_files else "",
             f"; evicted {len(victims)} records over the capacity" if victims else "",
+            f"; ignored {oversized} files larger than the capacity" if oversized else "",
         )
 
     def close(self) -> None:
@@ -219,15 +224,17 @@ class DiskKVStore(KVStore):
         out: list[bytes | bytearray | None] = []
         for key in keys:
             with self._lock:
-                held = key in self._index
-            if not held:
+                size = self._index.get(key)
+            if size is None:
                 out.append(None)
                 continue
             path = self.path_of(key)
             try:
                 with open(path, "rb", buffering=0) as f:
-                    # Into a writable buffer: the runner wraps the payload without copying it.
-                    raw = bytearray(os.fstat(f.fileno()).st_size)
+                    # Into a writable buffer, so the runner wraps the payload without copying it;
+                    # at most one byte past the size written, which is enough to refuse a file
+                    # that grew behind the store's back without reading all of it.
+                    raw = bytearray(min(os.fstat(f.fileno()).st_size, size + 1))
                     del raw[f.readinto(raw) or 0 :]
             except FileNotFoundError:
                 if self._forget(key) and not self._recover_vanished_root():

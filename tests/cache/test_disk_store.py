@@ -292,3 +292,18 @@ def test_unusable_path_is_a_clear_error_at_open(tmp_path: Path) -> None:
         open_store(not_a_dir)
     with pytest.raises(ValueError, match="capacity"):
         DiskKVStore(tmp_path / "kv", 0, IDENTITY)
+
+
+def test_a_file_grown_behind_the_stores_back_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    with open_store(tmp_path, records=3) as store:
+        store.put([make_record(0)])
+        with open(store.path_of(KEYS[0]), "ab") as f:
+            f.write(b"\x00" * 10 * RECORD_SIZE)
+        assert store.get([KEYS[0]]) == [None] and store.stats.corrupt_records == 1
+        assert store.used_bytes == 0
+    # At open, a file larger than the whole capacity is not indexed (it cannot be our record).
+    big = DiskKVStore.path_of(store, KEYS[1])
+    big.parent.mkdir(parents=True, exist_ok=True)
+    big.write_bytes(b"\x00" * 4 * RECORD_SIZE)
+    with open_store(tmp_path, records=3) as store:
+        assert store.num_records == 0 and store.contains([KEYS[1]]) == [False]
