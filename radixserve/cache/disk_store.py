@@ -71,6 +71,7 @@ class DiskKVStore(KVStore):
         self._capacity = capacity_bytes
         self._fsync = fsync
         self._lock = threading.Lock()
+        self._recover_lock = threading.Lock()
         self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> record bytes, oldest first
         self._pending: set[bytes] = set()  # keys being written (their bytes are reserved in _used)
         self._used = 0
@@ -129,8 +130,7 @@ class DiskKVStore(KVStore):
         for _, key, size in found:
             self._index[key] = size
             self._used += size
-        victims = self._make_room(0)
-        self._unlink(victims)
+        evicted = self._make_room(0)
         log.info(
             "KV store %s: %d records, %d of %d bytes%s%s%s",
             self.name,
@@ -138,7 +138,7 @@ class DiskKVStore(KVStore):
             self._used,
             self._capacity,
             f"; swept {self.removed_temp_files} leftover temp files" if self.removed_temp_files else "",
-            f"; evicted {len(victims)} records over the capacity" if victims else "",
+            f"; evicted {evicted} records over the capacity" if evicted else "",
             f"; ignored {oversized} files larger than the capacity" if oversized else "",
         )
 
@@ -176,16 +176,21 @@ class DiskKVStore(KVStore):
         name = key.hex()
         return self._blocks_dir / name[:2] / (name + RECORD_SUFFIX)
 
-    def _make_room(self, nbytes: int) -> list[Path]:
-        """Under self._lock: drop LRU records until nbytes more fit; returns files to unlink."""
+    def _make_room(self, nbytes: int) -> int:
+        """Under self._lock: drop LRU records until nbytes more fit; returns how many.
+
+        A record's file is unlinked under the lock, together with its index entry (here and in
+        _delete), so no put of the same key can land between the two and lose its new file.
+        """
         victims: list[Path] = []
         while self._index and self._used + nbytes > self._capacity:
             key, size = self._index.popitem(last=False)
             self._used -= size
             victims.append(self.path_of(BlockKey(key)))
+        self._unlink(victims)
         if victims:
             self._count(evictions=len(victims))
-        return victims
+        return len(victims)
 
     @staticmethod
     def _unlink(paths: Sequence[Path]) -> None:
@@ -195,28 +200,32 @@ class DiskKVStore(KVStore):
             except OSError:
                 pass
 
-    def _forget(self, key: bytes) -> bool:
-        """Drop key from the index; False if it was not there (e.g. evicted meanwhile)."""
+    def _forget(self, key: BlockKey) -> bool:
+        """Drop a key whose file could not be read from the index. False if there is nothing to
+        drop: evicted or deleted meanwhile, or stored again (its file is back) since the read."""
         with self._lock:
-            size = self._index.pop(key, None)
-            if size is not None:
-                self._used -= size
-        return size is not None
+            if key not in self._index or self.path_of(key).exists():
+                return False
+            self._used -= self._index.pop(key)
+        return True
 
     def _recover_vanished_root(self) -> bool:
         """If the store directory is gone, recreate it and forget what it held. True if it was."""
         if self._blocks_dir.is_dir():
             return False
-        with self._lock:
-            lost = len(self._index)
-            self._index.clear()
-            self._used = 0  # writers in flight add their record back when it lands
-            self._pending.clear()
-        log.warning("KV store %s: directory vanished, recreating it (%d records lost: misses)", self.name, lost)
-        try:
-            self._take_ownership()
-        except KVStoreError as exc:
-            log.warning("KV store %s: %s", self.name, exc)
+        with self._recover_lock:  # one thread recreates; the others find it there
+            if self._blocks_dir.is_dir():
+                return True
+            with self._lock:
+                lost = len(self._index)
+                self._index.clear()
+                self._used = 0  # writers in flight add their record back when it lands
+                self._pending.clear()
+            log.warning("KV store %s: directory vanished, recreating it (%d records lost: misses)", self.name, lost)
+            try:
+                self._take_ownership()
+            except KVStoreError as exc:
+                log.warning("KV store %s: %s", self.name, exc)
         return True
 
     # ---- raw operations --------------------------------------------------------------------
@@ -241,8 +250,8 @@ class DiskKVStore(KVStore):
                     log.warning("KV store %s: record file of block %s vanished; a miss", self.name, key.hex())
                 out.append(None)
                 continue
-            except OSError as exc:
-                self._forget(key)
+            except OSError as exc:  # unreadable (permissions, I/O error): drop it for good
+                self._delete([key])
                 log.warning("KV store %s: cannot read block %s (%s); a miss", self.name, key.hex(), exc)
                 out.append(None)
                 continue
@@ -271,15 +280,11 @@ class DiskKVStore(KVStore):
                 if disk_full is not None:  # the rest of the batch would fail the same way
                     held.append(False)
                     continue
-                if len(raw) > self._capacity:
-                    victims: list[Path] = []
-                    reserved = False
-                else:
-                    victims = self._make_room(len(raw))
+                reserved = len(raw) <= self._capacity
+                if reserved:
+                    self._make_room(len(raw))
                     self._used += len(raw)
                     self._pending.add(key)
-                    reserved = True
-            self._unlink(victims)
             if not reserved:
                 failures.append(f"{key.hex()[:16]}..: {len(raw)} bytes exceed the capacity")
                 held.append(False)
@@ -335,11 +340,11 @@ class DiskKVStore(KVStore):
 
     def _delete(self, keys: Sequence[BlockKey]) -> int:
         paths: list[Path] = []
-        with self._lock:
+        with self._lock:  # unlink with the index entry: see _make_room
             for key in keys:
                 size = self._index.pop(key, None)
                 if size is not None:
                     self._used -= size
                     paths.append(self.path_of(key))
-        self._unlink(paths)
+            self._unlink(paths)
         return len(paths)
