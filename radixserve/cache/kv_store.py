@@ -400,11 +400,52 @@ class MemoryKVStore(KVStore):
         return removed
 
 
-def open_kv_store(spec: str, capacity_bytes: int, identity: str) -> KVStore:
-    """The store a ``--kv-store`` spec names: ``disk:PATH`` or ``memory``.
+class NullKVStore(KVStore):
+    """No storage tier: the same calls, nothing kept, nothing counted (tiers off is one choice at
+    construction, not ``store is None`` checks)."""
+
+    @property
+    def name(self) -> str:
+        return "none"
+
+    @property
+    def capacity_bytes(self) -> int:
+        return 0
+
+    @property
+    def used_bytes(self) -> int:
+        return 0
+
+    @property
+    def num_records(self) -> int:
+        return 0
+
+    def get(self, keys: Sequence[BlockKey]) -> list[KVRecord | None]:
+        return [None] * len(keys)
+
+    def put(self, records: Sequence[KVRecord]) -> int:
+        return 0
+
+    def _read(self, keys: Sequence[BlockKey]) -> list[bytes | bytearray | None]:
+        return [None] * len(keys)
+
+    def _write(self, items: Sequence[tuple[BlockKey, bytes]]) -> list[bool]:
+        return [False] * len(items)
+
+    def _contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        return [False] * len(keys)
+
+    def _delete(self, keys: Sequence[BlockKey]) -> int:
+        return 0
+
+
+def open_kv_store(spec: str | None, capacity_bytes: int, identity: str) -> KVStore:
+    """The store a ``--kv-store`` spec names: ``disk:PATH``, ``memory``, or None/"" for none.
 
     Raises KVStoreError for an unknown scheme or a store that cannot be opened.
     """
+    if not spec:
+        return NullKVStore(identity)
     scheme, _, rest = spec.partition(":")
     if capacity_bytes <= 0:
         raise KVStoreError(f"a KV store needs a positive capacity, got {capacity_bytes} bytes")

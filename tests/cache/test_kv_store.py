@@ -20,6 +20,7 @@ from radixserve.cache.kv_store import (
     KVRecord,
     KVStoreError,
     MemoryKVStore,
+    NullKVStore,
     decode_record,
     encode_record,
     open_kv_store,
@@ -168,7 +169,7 @@ def test_open_kv_store_specs(tmp_path) -> None:
     disk = open_kv_store(f"disk:{tmp_path / 'kv'}", 100, IDENTITY)
     assert disk.name == f"disk:{tmp_path / 'kv'}"
     disk.close()
-    for bad in ("disk:", "s3://bucket", "memory:x", ""):
+    for bad in ("disk:", "s3://bucket", "memory:x"):
         with pytest.raises(KVStoreError):
             open_kv_store(bad, 100, IDENTITY)
     with pytest.raises(KVStoreError, match="capacity"):
@@ -200,3 +201,12 @@ def test_a_raising_backend_is_misses_and_failed_puts_not_errors(caplog: pytest.L
         assert store.delete([KEYS[0]]) == 0
     assert [r.exc_info[1].args for r in caplog.records] == [("backend down",)] * 4
     assert (store.stats.put_failures, store.stats.misses) == (2, 1)
+
+
+def test_no_store_is_a_null_object() -> None:
+    store = open_kv_store(None, 0, IDENTITY)
+    assert isinstance(store, NullKVStore) and isinstance(open_kv_store("", 0, IDENTITY), NullKVStore)
+    assert store.put([make_record(0)]) == 0
+    assert store.get([KEYS[0]]) == [None] and store.contains([KEYS[0]]) == [False] and store.delete([KEYS[0]]) == 0
+    assert store.stats.as_dict() == dict.fromkeys(store.stats.as_dict(), 0)
+    assert (store.capacity_bytes, store.used_bytes, store.num_records) == (0, 0, 0)
