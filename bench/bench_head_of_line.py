@@ -47,7 +47,8 @@ async def _ttft(client, path: str, body: dict) -> float:
     start = time.perf_counter()
     async with client.stream("POST", path, json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
+        lines = r.aiter_lines()
+        async for line in lines:
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             choice = (json.loads(line[5:]).get("choices") or [{}])[0]
@@ -56,7 +57,7 @@ async def _ttft(client, path: str, body: dict) -> float:
                 break
         else:
             raise RuntimeError("no token came")
-        async for _ in r.aiter_lines():
+        async for _ in lines:
             pass
     return ttft
 
