@@ -150,7 +150,7 @@ class RedisKVStore(KVStore):
         self.unavailable_ops = 0  # operations that failed or were skipped because it was
         self._info: dict[str, int] = {"maxmemory": 0, "used_memory": 0, "keys": 0}
         self._info_at = -float("inf")
-        self._call("connect", self._check_server)
+        self._call("connect", self._check_server, counted=False)
 
     # ---- gauges ----------------------------------------------------------------------------
     @property
@@ -238,29 +238,34 @@ class RedisKVStore(KVStore):
         return removed or 0
 
     # ---- the breaker -----------------------------------------------------------------------
-    def _call(self, what: str, fn: Callable[[], T]) -> T | None:
-        """fn() if the server answers; None (logged, counted) if it is unreachable or the breaker
-        is open. Other Redis errors propagate (KVStore logs them and reports misses)."""
+    def _call(self, what: str, fn: Callable[[], T], *, counted: bool = True) -> T | None:
+        """fn() if the server answers; None (logged, counted unless not ``counted``: a gauge) if it
+        is unreachable or the breaker is open. Other Redis errors propagate (KVStore logs them
+        and reports misses)."""
+        probing = False
         with self._state_lock:
             if self._down_since is not None:
                 now = time.monotonic()
                 if now < self._next_probe:
-                    self._skipped += 1
-                    self.unavailable_ops += 1
+                    if counted:
+                        self._skipped += 1
+                        self.unavailable_ops += 1
                     return None
                 self._next_probe = now + self._backoff_s  # this call probes; the others skip
+                probing = True
         try:
             result = fn()
         except _UNREACHABLE as exc:
-            self._mark_down(what, exc)
+            self._mark_down(what, exc, probing=probing, counted=counted)
             return None
         if self._down_since is not None:
             self._mark_up()
         return result
 
-    def _mark_down(self, what: str, exc: BaseException) -> None:
+    def _mark_down(self, what: str, exc: BaseException, *, probing: bool, counted: bool) -> None:
         with self._state_lock:
-            self.unavailable_ops += 1
+            if counted:
+                self.unavailable_ops += 1
             now = time.monotonic()
             first = self._down_since is None
             if first:
@@ -268,15 +273,16 @@ class RedisKVStore(KVStore):
                 self._backoff_s = self._retry_min_s
                 self._skipped = 0
                 self.outages += 1
-            else:
+                self._next_probe = now + self._backoff_s
+            elif probing:  # a failed probe backs off; an operation that was in flight does not
                 self._backoff_s = min(2 * self._backoff_s, self._retry_max_s)
-            self._next_probe = now + self._backoff_s
+                self._next_probe = now + self._backoff_s
             backoff = self._backoff_s
         self._pool.disconnect(inuse_connections=False)  # stale sockets: reconnect fresh
         if first:
             log.warning(
                 "KV store %s: unreachable (%s failed: %s: %s); storage-tier reads are misses and writes "
-                "fail until it answers, next try in %.1f s",
+                "fail until it answers, next try in %.2f s",
                 self.name,
                 what,
                 type(exc).__name__,
@@ -284,7 +290,7 @@ class RedisKVStore(KVStore):
                 backoff,
             )
         else:
-            log.debug("KV store %s: still unreachable (%s); next try in %.1f s", self.name, exc, backoff)
+            log.debug("KV store %s: still unreachable (%s); next try in %.2f s", self.name, exc, backoff)
 
     def _mark_up(self) -> None:
         with self._state_lock:
@@ -300,7 +306,7 @@ class RedisKVStore(KVStore):
             outage,
             skipped,
         )
-        self._call("reconnect", self._check_server)
+        self._call("reconnect", self._check_server, counted=False)
 
     # ---- server facts ----------------------------------------------------------------------
     def _check_server(self) -> None:
@@ -329,7 +335,9 @@ class RedisKVStore(KVStore):
         """maxmemory, used_memory and the DB's key count, at most info_max_age_s old; the last
         known values while the server is unreachable."""
         if time.monotonic() - self._info_at >= self._info_max_age_s:
-            self._call("info", lambda: self._remember_info(self._client.info("memory"), self._client.dbsize()))
+            self._call(
+                "info", lambda: self._remember_info(self._client.info("memory"), self._client.dbsize()), counted=False
+            )
         return dict(self._info)
 
     def _remember_info(self, memory: dict, keys: int) -> None:

@@ -181,6 +181,22 @@ def test_server_killed_mid_run_then_restarted(redis_server: RedisServer, caplog)
     assert store.get(KEYS[:5]) == [None] * 4 + [make_record(4)]  # the killed server's data is gone
 
 
+@pytest.mark.parametrize("operation", ["get", "put", "contains", "delete"])
+def test_each_operation_first_after_a_kill_is_a_clean_failure(redis_server: RedisServer, operation: str) -> None:
+    store = open_store(redis_server)
+    store.put([make_record(0)])  # leaves a pooled connection the kill makes stale
+    redis_server.kill()
+    result = {
+        "get": lambda: store.get(KEYS[:2]),
+        "put": lambda: store.put([make_record(1)]),
+        "contains": lambda: store.contains(KEYS[:2]),
+        "delete": lambda: store.delete(KEYS[:2]),
+    }[operation]()
+    assert result == {"get": [None, None], "put": 0, "contains": [False, False], "delete": 0}[operation]
+    assert not store.available and store.outages == 1 and store.unavailable_ops == 1
+    assert store.stats.put_failures == (operation == "put") and store.stats.misses == 2 * (operation == "get")
+
+
 def test_server_absent_at_start_then_comes_up(caplog) -> None:
     from tests.redis_server import find_redis_server
 
