@@ -5,6 +5,7 @@ unreachable at start, hung) with reconnection."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -17,8 +18,9 @@ from radixserve.cache.redis_store import (
     identity_hash,
     parse_redis_spec,
 )
+from radixserve.cache.store_writer import StoreWriter
 from tests.cache.store_helpers import IDENTITY, KEYS, LAYOUT, make_record
-from tests.redis_server import RedisServer, free_port, redis_server  # noqa: F401 (the fixture)
+from tests.redis_server import RedisServer, find_redis_server, free_port
 
 OTHER_IDENTITY = "other@def/float16;block_size=2;kv_layout=1"
 FAST_RETRY = {"retry_min_s": 0.05, "retry_max_s": 0.2}  # keeps the reconnect tests short
@@ -156,6 +158,32 @@ def test_noeviction_when_full_fails_puts_without_raising(redis_server: RedisServ
     assert store.available  # a refused write is not an outage
 
 
+def test_a_store_writer_thread_and_readers_share_one_store(redis_server: RedisServer) -> None:
+    store = open_store(redis_server)
+    writer = StoreWriter(store, max_pending_bytes=1 << 20)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(30):
+                for i, rec in enumerate(store.get(KEYS[:40])):
+                    assert rec is None or rec == make_record(i)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for t in readers:
+        t.start()
+    for i in range(0, 40, 5):
+        writer.submit([make_record(j) for j in range(i, i + 5)])
+    assert writer.flush(timeout=10)
+    for t in readers:
+        t.join()
+    writer.close()
+    assert not errors and store.get(KEYS[:40]) == [make_record(i) for i in range(40)]
+    assert store.stats.puts == 40 and store.stats.corrupt_records == 0
+
+
 # ---- faults: the server killed, absent at start, hung -------------------------------------------
 def test_server_killed_mid_run_then_restarted(redis_server: RedisServer, caplog) -> None:
     store = open_store(redis_server, **FAST_RETRY)
@@ -169,7 +197,7 @@ def test_server_killed_mid_run_then_restarted(redis_server: RedisServer, caplog)
         assert store.contains(KEYS[:3]) == [False] * 3
         assert store.delete(KEYS[:3]) == 0
         assert store.num_records == 3  # the last known value; no exception from a gauge
-        assert time.monotonic() - start < 0.5  # refused at once; the breaker skips the rest
+        assert time.monotonic() - start < 1.0  # refused at once; the breaker skips the rest
     assert "unreachable" in caplog.text and caplog.text.count("unreachable") == 1  # once per outage
     assert not store.available and store.outages == 1 and store.unavailable_ops >= 4
     assert (store.stats.misses, store.stats.put_failures) == (3, 1)
@@ -198,8 +226,6 @@ def test_each_operation_first_after_a_kill_is_a_clean_failure(redis_server: Redi
 
 
 def test_server_absent_at_start_then_comes_up(caplog) -> None:
-    from tests.redis_server import find_redis_server
-
     executable = find_redis_server()
     if executable is None:
         pytest.skip("redis-server not found (scripts/setup-venv.sh installs it: apt-get install redis-server)")
@@ -226,11 +252,11 @@ def test_a_hung_server_costs_one_socket_timeout_per_retry_interval(redis_server:
         start = time.monotonic()
         assert store.get([KEYS[0]]) == [None]
         first = time.monotonic() - start
-        assert SOCKET_TIMEOUT_S * 0.9 < first < SOCKET_TIMEOUT_S + 0.4
+        assert SOCKET_TIMEOUT_S * 0.9 < first < SOCKET_TIMEOUT_S + 1.0  # slack for a loaded CI box
         start = time.monotonic()
         for _ in range(100):  # an engine stepping meanwhile: answered without waiting
             assert store.get([KEYS[0]]) == [None]
-        assert time.monotonic() - start < 0.05
+        assert time.monotonic() - start < 0.2
     finally:
         redis_server.resume()
     wait_until(lambda: store.get([KEYS[0]]) == [make_record(0)])
