@@ -128,10 +128,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [bench_shape(name, args.blocks, args.repeats, args.dir, args.redis) for name in SHAPES]
+    redis_note = f" redis = RedisKVStore on `{args.redis}`: put = pipelined SET NX, get = MGET + verify."
+    redis_note = redis_note if args.redis else ""
     body = (
         f"Per block of {BLOCK_SIZE} tokens, batches of {args.blocks} blocks, best of {args.repeats}; store on "
         f"`{args.dir}`. get = read + sha256 verify with a warm page cache (the best case for a local disk)."
-        + (f" redis = RedisKVStore on `{args.redis}`: put = pipelined SET NX, get = MGET + verify." if args.redis else "")
+        + redis_note
         + "\n\n"
         + markdown_table(
             ["block shape", "record", "content key", "pool -> record"]
