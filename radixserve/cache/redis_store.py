@@ -156,7 +156,7 @@ class RedisKVStore(KVStore):
     @property
     def name(self) -> str:
         parts = urlsplit(self._url)
-        return f"redis://{parts.hostname}:{parts.port or 6379}{parts.path}"  # never the password
+        return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"  # never the password
 
     @property
     def capacity_bytes(self) -> int:
