@@ -8,6 +8,11 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from radixserve.security.audit import AuditConfig
+
+    default = {f.name: f.default for f in fields(AuditConfig)}  # one source of defaults
     p = subparsers.add_parser(
         "audit-isolation",
         help="probe a live OpenAI-compatible server for cross-tenant prefix-cache leaks (timing and cached_tokens)",
@@ -20,15 +25,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="an API key: give two, the victim's then the attacker's (one: both tenants use it; "
                         "none: a server without keys)")
     p.add_argument("--model", default=None, help="the model to send (default: the first one /v1/models lists)")
-    p.add_argument("--api", choices=["chat", "completions"], default="chat")
-    p.add_argument("--trials", type=int, default=30, help="planted prefixes = hit probes = miss probes (default 30)")
-    p.add_argument("--prompt-tokens", type=int, default=512,
-                   help="length of each random prompt (default 512; longer separates hits better on fast servers)")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured requests first (default 3)")
-    p.add_argument("--alpha", type=float, default=0.001,
-                   help="significance level: the chance of calling an isolated server leaky (default 0.001)")
+    p.add_argument("--api", choices=["chat", "completions"], default=default["api"])
+    p.add_argument("--trials", type=int, default=default["trials"],
+                   help="planted prefixes = hit probes = miss probes (default %(default)s)")
+    p.add_argument("--prompt-tokens", type=int, default=default["prompt_tokens"],
+                   help="length of each random prompt (default %(default)s; longer separates hits better on fast "
+                        "servers)")
+    p.add_argument("--warmup", type=int, default=default["warmup"],
+                   help="unmeasured trials first (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=default["alpha"],
+                   help="significance level: the chance of calling an isolated server leaky (default %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="fix the random prompts (default: fresh randomness)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=default["timeout"], help="seconds per request")
     p.add_argument("--json", action="store_true", help="print the result as JSON (every probe included)")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=run)
