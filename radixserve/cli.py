@@ -9,7 +9,7 @@ import sys
 
 from radixserve.errors import RadixServeError
 
-_COMMANDS = ("generate", "serve", "bench", "advise")
+_COMMANDS = ("generate", "serve", "bench", "advise", "audit_isolation")
 
 
 def build_parser() -> argparse.ArgumentParser:

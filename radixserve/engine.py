@@ -16,7 +16,7 @@ from radixserve.config import EngineConfig
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError, PromptTooLongError
 from radixserve.model.loader import LoadedModel, load_model
-from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
+from radixserve.request import CachePin, CachePolicy, Request, RequestMetrics, RequestOutput, RequestStatus
 from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
 from radixserve.sampling import Sampler, SamplingParams
 from radixserve.scheduler import Scheduler
@@ -79,10 +79,18 @@ class LLMEngine:
         cache_namespace: str = "",
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
+        cache_policy: CachePolicy | str = CachePolicy.READ_WRITE,
     ) -> Request:
-        """Queue a request. Raises InvalidRequestError / PromptTooLongError for bad input."""
+        """Queue a request. Raises InvalidRequestError / PromptTooLongError for bad input.
+        `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks."""
         params = sampling_params or SamplingParams()
         params.validate()
+        try:
+            cache_policy = CachePolicy(cache_policy)
+        except ValueError:
+            raise InvalidRequestError(
+                f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {cache_policy!r}"
+            ) from None
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -107,6 +115,7 @@ class LLMEngine:
             namespace=cache_namespace,
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             cache_pins=list(cache_pins or []),
+            cache_policy=cache_policy,
         )
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -300,7 +309,7 @@ class LLMEngine:
 
     @staticmethod
     def _cache_write_tokens(request: Request) -> int:
-        if not request.cache_pins:
+        if not request.cache_pins or not request.cache_policy.writes:
             return 0
         return max(0, request.num_pinned_tokens - (request.num_cached_tokens or 0))
 

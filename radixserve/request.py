@@ -17,6 +17,27 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+class CachePolicy(str, enum.Enum):
+    """What a request may do with the prefix cache (an opt-out for sensitive prompts).
+
+    READ_WRITE reads cached prefixes and leaves its computed blocks in the cache (the default);
+    READ_ONLY reads but stores nothing; NONE neither reads nor stores: its blocks go back to the
+    free list when it finishes, indexed by nothing, and it pins nothing.
+    """
+
+    READ_WRITE = "read_write"
+    READ_ONLY = "read_only"
+    NONE = "none"
+
+    @property
+    def reads(self) -> bool:
+        return self is not CachePolicy.NONE
+
+    @property
+    def writes(self) -> bool:
+        return self is CachePolicy.READ_WRITE
+
+
 @dataclass(slots=True)
 class CachePin:
     """Explicit cache control: keep the first `num_tokens` of the prompt cached for `ttl` seconds.
@@ -41,6 +62,7 @@ class Request:
     namespace: str = ""
     arrival_time: float = field(default_factory=time.monotonic)
     cache_pins: list[CachePin] = field(default_factory=list)
+    cache_policy: CachePolicy = CachePolicy.READ_WRITE
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)

@@ -154,7 +154,8 @@ class Scheduler:
         """Hold a request back for a step when another request now prefilling is about to
         compute a longer shared prefix than the cache holds: it then reads those blocks
         instead of computing them a second time. Bounded, so nobody waits forever."""
-        if self.cache.tree is None or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
+        if self.cache.tree is None or not in_flight or not request.cache_policy.reads \
+                or request.times_deferred >= self.config.lpm_max_skips * 4:
             return False
         bs = self.cache.block_size
         tokens = request.all_token_ids
@@ -163,7 +164,8 @@ class Scheduler:
             return False
         first_block = tokens[:bs]
         for other in in_flight:
-            if other.namespace != request.namespace or other.all_token_ids[:bs] != first_block:
+            if not other.cache_policy.writes or other.namespace != request.namespace \
+                    or other.all_token_ids[:bs] != first_block:
                 continue
             shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
             if shared > other.num_tree_tokens and shared > self.cache.peek_cached_tokens(request):

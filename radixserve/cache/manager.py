@@ -67,7 +67,7 @@ class KVCacheManager:
     # ---- admission --------------------------------------------------------------------
     def peek_cached_tokens(self, request: Request) -> int:
         """How many tokens admission would reuse (for cache-aware scheduling)."""
-        if self.tree is None:
+        if self.tree is None or not request.cache_policy.reads:
             return 0
         tokens = request.all_token_ids
         match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
@@ -78,7 +78,7 @@ class KVCacheManager:
         assert not request.block_ids and request.tree_node is None
         tokens = request.all_token_ids
         cached = 0
-        if self.tree is not None:
+        if self.tree is not None and request.cache_policy.reads:
             match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
             cached = match.num_tokens
             self.pool.incref_all(match.block_ids)
@@ -123,9 +123,10 @@ class KVCacheManager:
 
         Where the tree already holds some of those blocks (an identical prefix computed by
         another request at the same time), the request switches to the tree's copies and
-        frees its own, so identical prefixes occupy memory once.
+        frees its own, so identical prefixes occupy memory once. A request whose cache policy
+        does not write keeps its blocks private: free() returns them to the pool unindexed.
         """
-        if self.tree is None:
+        if self.tree is None or not request.cache_policy.writes:
             return
         num_full = request.num_computed_tokens // self.block_size
         if num_full * self.block_size <= request.num_tree_tokens:
@@ -148,7 +149,7 @@ class KVCacheManager:
     def pin(self, request: Request, num_tokens: int, ttl: float) -> int:
         """Keep the request's first `num_tokens` cached for `ttl` seconds, refreshed to `ttl`
         again by every later request that reads them all. Returns tokens pinned."""
-        if self.tree is None:
+        if self.tree is None or not request.cache_policy.writes:
             return 0
         tokens = request.all_token_ids[:num_tokens]
         return self.tree.pin(self.cache_key(request.namespace), tokens, self.clock() + ttl, refresh=ttl)

@@ -16,8 +16,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the model name clients use (default: the model's id; 'embedded' and the id also work)")
     g.add_argument("--api-key", action="append", default=[], dest="api_keys",
                    help="require this key (Bearer or x-api-key); repeat for several keys")
+    g.add_argument("--cache-isolation", choices=["shared", "per-key"], default=None,
+                   help="per-key: each API key gets its own prefix-cache namespace, so tenants can neither read "
+                        "nor probe (by timing or cached_tokens) each other's prompts; shared (the default): one "
+                        "cache for every key, faster when tenants send the same prefixes (see docs/security.md)")
     g.add_argument("--namespace-from-api-key", action="store_true",
-                   help="give each API key its own prefix-cache namespace, so tenants never share cached blocks")
+                   help="same as --cache-isolation per-key")
+    g.add_argument("--admin-key", action="append", default=[], dest="admin_keys",
+                   help="an API key that may also run operator actions (POST /reset_prefix_cache) and read "
+                        "/metrics; repeatable. With keys configured, operator actions need one")
+    g.add_argument("--metrics-key", action="append", default=[], dest="metrics_keys",
+                   help="put /metrics behind a key: this key (or an admin key) reads it; repeatable "
+                        "(default: /metrics is open, as Prometheus scrapers expect)")
+    g.add_argument("--default-cache-policy", choices=["read_write", "read_only", "none"], default="read_write",
+                   help="the most caching a request gets: read_write (default), read_only (reads cached prefixes, "
+                        "stores nothing) or none (neither); a request's cache_policy can only tighten it")
+    g.add_argument("--key-cache-policy", action="append", default=[], metavar="KEY=POLICY",
+                   help="the cache policy ceiling of one API key (e.g. sk-hr=none); repeatable")
     g.add_argument("--min-cacheable-tokens", type=int, default=1024,
                    help="cache_control breakpoints and named caches shorter than this are not pinned")
     g.add_argument("--max-request-bytes", type=int, default=8 * 1024 * 1024,
@@ -45,7 +60,11 @@ def server_config_from_args(args: argparse.Namespace):
         port=args.port,
         served_model_name=args.served_model_name,
         api_keys=list(args.api_keys),
-        namespace_from_api_key=args.namespace_from_api_key,
+        namespace_from_api_key=args.namespace_from_api_key or args.cache_isolation == "per-key",
+        admin_keys=list(args.admin_keys),
+        metrics_keys=list(args.metrics_keys),
+        default_cache_policy=args.default_cache_policy,
+        key_cache_policies=_key_policies(args.key_cache_policy),
         min_cacheable_tokens=args.min_cacheable_tokens,
         max_request_bytes=args.max_request_bytes,
         body_read_timeout=args.body_read_timeout,
@@ -56,13 +75,33 @@ def server_config_from_args(args: argparse.Namespace):
     )
 
 
+def _key_policies(items: list[str]) -> dict[str, str]:
+    policies = {}
+    for item in items:
+        key, sep, policy = item.rpartition("=")
+        if not sep or not key:
+            raise ValueError(f"--key-cache-policy takes KEY=POLICY, got {item!r}")
+        policies[key] = policy
+    return policies
+
+
 def run(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from radixserve.server import create_app
     from radixserve.server.http_protocol import JSONErrorH11Protocol
 
+    if args.namespace_from_api_key and args.cache_isolation == "shared":
+        raise ValueError("--namespace-from-api-key means --cache-isolation per-key, not shared")
     config = server_config_from_args(args)
+    # the startup lines (which cache mode runs, who may reset it) in uvicorn's format
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger = logging.getLogger("radixserve")
+    logger.addHandler(handler)
+    logger.setLevel(config.log_level.upper())
     app = create_app(engine_config_from_args(args), config)
     # timeout_graceful_shutdown bounds SIGTERM: without it uvicorn waits for every open
     # request, however long (a queued request, a client that never reads).

@@ -23,7 +23,10 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
+    """Prometheus text. Open by default (scrapers expect it); with --metrics-key, it needs a
+    metrics or admin key (a scraper's bearer_token)."""
     state = get_state(request)
+    state.auth.authenticate_metrics(request)
     snapshot = await state.async_engine.call(engine_snapshot, state.engine)
     body = state.metrics.render(snapshot, named_caches=len(state.caches))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -31,9 +34,11 @@ async def metrics(request: Request) -> Response:
 
 @router.post("/reset_prefix_cache")
 async def reset_prefix_cache(request: Request) -> JSONResponse:
-    """Drop every cached block no running request uses (pins included). Needs an API key
-    when keys are configured. Named caches survive as records and re-pin on their next use."""
+    """Drop every cached block no running request uses (pins included): every tenant's. With
+    keys configured it needs an admin key (401 without a key, 403 with a tenant's key); with
+    none configured the server is open and so is this. Named caches survive as records and
+    re-pin on their next use."""
     state = get_state(request)
-    state.auth.authenticate(request)
+    state.auth.authenticate_admin(request)
     freed = await state.async_engine.call(state.engine.reset_prefix_cache)
     return JSONResponse({"freed_blocks": freed})

@@ -45,7 +45,8 @@ class _LabelledPin:
 async def create_message(request: Request):
     parsed = await parse_request(request, MessagesRequest)
     state, data, body = parsed.state, parsed.data, parsed.body
-    cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt)
+    cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt,
+                                                 parsed.cache_policy)
     conversation = build_conversation(body, cache.turns if cache is not None else None)
     state.check_prompt_size(turn_texts(conversation.turns))
     prompt, pins = await asyncio.to_thread(_prompt_and_pins, state, conversation)  # CPU-heavy: off the loop
@@ -60,9 +61,10 @@ async def create_message(request: Request):
         stop=list(body.stop_sequences or []),
     )
     state.log_request("messages", data, namespace)
-    stream = await state.submit(prompt.token_ids, params, prefix="msg_", namespace=namespace, cache_pins=engine_pins)
-    if not state.prefix_caching:
-        pins = []  # nothing gets written to a cache that is off
+    stream = await state.submit(prompt.token_ids, params, prefix="msg_", namespace=namespace, cache_pins=engine_pins,
+                                cache_policy=parsed.cache_policy)
+    if not state.prefix_caching or not parsed.cache_policy.writes:
+        pins = []  # nothing gets written to a cache that is off, or by a request that may not write
     if body.stream:
         events = _message_events(stream, state.model_name, pins, request.url.path)
         return StreamingResponse(events, media_type="text/event-stream",
@@ -89,7 +91,7 @@ async def create_message(request: Request):
 async def count_tokens(request: Request) -> JSONResponse:
     parsed = await parse_request(request, CountTokensRequest)
     state, tenant, body = parsed.state, parsed.tenant, parsed.body
-    cache = await state.caches.get(tenant.key_namespace, body.cached_content) if body.cached_content else None
+    cache = await state.caches.get(tenant.owner, body.cached_content) if body.cached_content else None
     conversation = build_conversation(body, cache.turns if cache is not None else None)
     state.check_prompt_size(turn_texts(conversation.turns))
     prompt = await asyncio.to_thread(build_prompt, state.tokenizer, conversation.prompt_turns,

@@ -47,6 +47,7 @@ class _ConversationFields(_Body):
     cache_control: Any = None
     tools: list[Any] | None = None
     cache_salt: str | None = None
+    cache_policy: str | None = None  # read_write | read_only | none (capped by the key's policy)
     cached_content: str | None = None
 
 

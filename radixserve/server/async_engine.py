@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixserve.engine import LLMEngine
-from radixserve.request import CachePin, RequestOutput
+from radixserve.request import CachePin, CachePolicy, RequestOutput
 from radixserve.sampling import SamplingParams
 
 log = logging.getLogger("radixserve.server")
@@ -162,6 +162,7 @@ class AsyncEngine:
         namespace: str = "",
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
+        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Bad input raises here
         (InvalidRequestError, PromptTooLongError), before any response has been started."""
@@ -169,7 +170,8 @@ class AsyncEngine:
         self._streams[request_id] = queue
         try:
             await self.call(
-                self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time
+                self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time,
+                cache_policy,
             )
         except asyncio.CancelledError:
             # the add may still run on the engine thread: make sure the request dies with us

@@ -3,8 +3,10 @@
 The body follows Gemini's cachedContents, in snake_case (camelCase is accepted too): a model,
 a display name, a system instruction and messages (OpenAI/Anthropic `messages` or Gemini
 `contents`), and a lifetime as `ttl` ("300s") or `expire_time` (RFC 3339). Errors use
-OpenAI's format. A cache belongs to the API key that created it (with --namespace-from-api-key)
-and lives in the prefix-cache namespace of its creator (plus `cache_salt`, if given).
+OpenAI's format. A cache belongs to the API key that created it (in every mode: isolated or
+shared cache, only that key lists, reads, uses, updates or deletes it; with no keys configured,
+every caller is the same tenant) and lives in the prefix-cache namespace of its creator (plus
+`cache_salt`, if given).
 """
 
 from __future__ import annotations
@@ -101,12 +103,15 @@ async def create_cache(request: Request) -> JSONResponse:
     tenant = state.auth.authenticate(request)
     data = await read_json(request, state.config.max_request_bytes, state.config.body_read_timeout)
     body = parse_model(CreateCacheRequest, data)
+    if not tenant.cache_policy.writes:
+        raise APIError(403, f"this API key's cache policy is {tenant.cache_policy.value!r}: it may not create "
+                            "named caches", code="permission_denied")
     model = (body.model or state.model_name).removeprefix("models/")
     state.check_model(model)
     store = state.caches
     ttl, expire_time = parse_lifetime(body.ttl, body.expire_time, store.clock(), state.config.named_cache_default_ttl)
     cache = await store.create(
-        owner=tenant.key_namespace, namespace=tenant.namespace(body.cache_salt), model=state.model_name,
+        owner=tenant.owner, namespace=tenant.namespace(body.cache_salt), model=state.model_name,
         display_name=body.display_name, turns=body.turns(), ttl=ttl, expire_time=expire_time, http_request=request,
     )
     return JSONResponse(cache.to_json())
@@ -116,14 +121,14 @@ async def create_cache(request: Request) -> JSONResponse:
 async def list_caches(request: Request) -> JSONResponse:
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    return JSONResponse({"cached_contents": [c.to_json() for c in state.caches.list(tenant.key_namespace)]})
+    return JSONResponse({"cached_contents": [c.to_json() for c in state.caches.list(tenant.owner)]})
 
 
 @router.get("/v1/caches/{cache_id}")
 async def get_cache(cache_id: str, request: Request) -> JSONResponse:
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    return JSONResponse((await state.caches.get(tenant.key_namespace, cache_id)).to_json())
+    return JSONResponse((await state.caches.get(tenant.owner, cache_id)).to_json())
 
 
 @router.patch("/v1/caches/{cache_id}")
@@ -138,12 +143,12 @@ async def update_cache(cache_id: str, request: Request) -> JSONResponse:
     now = store.clock()
     ttl, expire_time = parse_lifetime(body.ttl, body.expire_time, now, state.config.named_cache_default_ttl)
     expire = expire_time if expire_time is not None else now + ttl
-    return JSONResponse((await store.update(tenant.key_namespace, cache_id, expire)).to_json())
+    return JSONResponse((await store.update(tenant.owner, cache_id, expire)).to_json())
 
 
 @router.delete("/v1/caches/{cache_id}")
 async def delete_cache(cache_id: str, request: Request) -> JSONResponse:
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    await state.caches.delete(tenant.key_namespace, cache_id)
+    await state.caches.delete(tenant.owner, cache_id)
     return JSONResponse({})

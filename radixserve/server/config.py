@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from radixserve.request import CachePolicy
+
 
 @dataclass(slots=True)
 class ServerConfig:
@@ -16,8 +18,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # default: the engine's model id
-    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
-    namespace_from_api_key: bool = False  # each API key gets its own prefix-cache namespace
+    api_keys: list[str] = field(default_factory=list)  # empty (and no admin keys): no authentication
+    namespace_from_api_key: bool = False  # each API key gets its own prefix-cache namespace (isolation)
+    admin_keys: list[str] = field(default_factory=list)  # API keys that may also reset the cache
+    metrics_keys: list[str] = field(default_factory=list)  # non-empty: /metrics needs one (or an admin key)
+    default_cache_policy: str = "read_write"  # the most caching a request gets, unless its key says otherwise
+    key_cache_policies: dict[str, str] = field(default_factory=dict)  # API key -> its cache policy ceiling
     min_cacheable_tokens: int = 1024  # cache_control breakpoints shorter than this are ignored
     max_request_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
     body_read_timeout: float = 30.0  # seconds for a whole request body to arrive, else 408
@@ -41,5 +47,18 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
-        if any(not k for k in self.api_keys):
+        if any(not k for k in [*self.api_keys, *self.admin_keys, *self.metrics_keys]):
             raise ValueError("API keys must be non-empty strings")
+        if self.namespace_from_api_key and not (self.api_keys or self.admin_keys):
+            raise ValueError("per-key cache isolation (--namespace-from-api-key) needs API keys (--api-key)")
+        policies = [p.value for p in CachePolicy]
+        for policy in [self.default_cache_policy, *self.key_cache_policies.values()]:
+            if policy not in policies:
+                raise ValueError(f"a cache policy must be one of {policies}, got {policy!r}")
+        unknown = set(self.key_cache_policies) - set(self.api_keys) - set(self.admin_keys)
+        if unknown:
+            raise ValueError(f"--key-cache-policy names {len(unknown)} key(s) that are not API keys")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys or self.admin_keys)

@@ -34,7 +34,7 @@ _ANTHROPIC_TYPES = {
     500: "api_error",
     503: "overloaded_error",
 }
-_OPENAI_TYPES = {401: "authentication_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):

@@ -69,7 +69,8 @@ async def chat_completions(request: Request):
 
     turns = body.turns()
     state.check_prompt_size(turn_texts(turns))
-    cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt)
+    cache, namespace = await resolve_named_cache(state, parsed.tenant, body.cached_content, body.cache_salt,
+                                                 parsed.cache_policy)
     if cache is not None:
         if any(t.role == "system" for t in turns):
             raise APIError(400, "a request naming a cached_content takes its system instruction from the cache; "
@@ -82,7 +83,8 @@ async def chat_completions(request: Request):
     limit = body.max_tokens_limit
     params = body.sampling_params(limit if limit is not None else state.default_max_tokens(len(prompt.token_ids)))
     state.log_request("chat", data, namespace)
-    stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins)
+    stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins,
+                                cache_policy=parsed.cache_policy)
     created = int(time.time())
     if body.stream:
         events = _chat_events(stream, state.model_name, created, body.include_usage, request.url.path)
@@ -156,7 +158,8 @@ async def completions(request: Request):
     try:
         for ids in prompts:
             max_tokens = body.max_tokens if body.max_tokens is not None else state.default_max_tokens(len(ids))
-            streams.append(await state.submit(ids, body.sampling_params(max_tokens), prefix="cmpl-", namespace=namespace))
+            streams.append(await state.submit(ids, body.sampling_params(max_tokens), prefix="cmpl-", namespace=namespace,
+                                              cache_policy=parsed.cache_policy))
     except BaseException:
         for stream in streams:
             stream.close()

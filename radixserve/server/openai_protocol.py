@@ -52,6 +52,7 @@ class _SamplingFields(_Body):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     cache_salt: str | None = None
+    cache_policy: str | None = None  # read_write | read_only | none (capped by the key's policy)
 
     @property
     def include_usage(self) -> bool:

@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 from fastapi import Request
 from pydantic import BaseModel
 
+from radixserve.request import CachePolicy
 from radixserve.server.auth import Tenant
 from radixserve.server.caches import NamedCache
 from radixserve.server.errors import APIError
@@ -25,6 +26,7 @@ class ParsedRequest(Generic[M]):
     tenant: Tenant
     data: dict[str, Any]  # the JSON body as sent: the request log records it, not the parsed model
     body: M
+    cache_policy: CachePolicy = CachePolicy.READ_WRITE  # the body's cache_policy, capped by the key's
 
 
 async def parse_request(request: Request, model: type[M]) -> ParsedRequest[M]:
@@ -34,18 +36,23 @@ async def parse_request(request: Request, model: type[M]) -> ParsedRequest[M]:
     data = await read_json(request, state.config.max_request_bytes, state.config.body_read_timeout)
     body = parse_model(model, data)
     state.check_model(body.model)
-    return ParsedRequest(state, tenant, data, body)
+    policy = tenant.cache_policy_for(getattr(body, "cache_policy", None))
+    return ParsedRequest(state, tenant, data, body, policy)
 
 
 async def resolve_named_cache(
-    state: ServerState, tenant: Tenant, cached_content: str | None, cache_salt: str | None
+    state: ServerState, tenant: Tenant, cached_content: str | None, cache_salt: str | None,
+    cache_policy: CachePolicy = CachePolicy.READ_WRITE,
 ) -> tuple[NamedCache | None, str]:
     """The named cache a request reads (None when it names none) and the prefix-cache namespace
     it runs in: the cache's own, so its blocks are found; a cache_salt may confirm it, not change it."""
     namespace = tenant.namespace(cache_salt)
     if not cached_content:
         return None, namespace
-    cache = await state.caches.get(tenant.key_namespace, cached_content)
+    if not cache_policy.reads:
+        raise APIError(400, "cached_content reads the prefix cache, and this request's cache_policy is 'none'",
+                       param="cache_policy")
+    cache = await state.caches.get(tenant.owner, cached_content)
     if cache_salt and cache.namespace != namespace:
         # param is OpenAI's field; Anthropic's error format drops it
         raise APIError(400, "cache_salt differs from the one the named cache was created with", param="cache_salt")

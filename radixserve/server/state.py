@@ -11,7 +11,7 @@ from fastapi import Request
 from radixserve.advisor.request_log import RequestLogWriter
 from radixserve.engine import LLMEngine
 from radixserve.errors import PromptTooLongError
-from radixserve.request import CachePin, RequestOutput
+from radixserve.request import CachePin, CachePolicy, RequestOutput
 from radixserve.sampling import SamplingParams
 from radixserve.server.async_engine import AsyncEngine, RequestStream
 from radixserve.server.auth import Authenticator
@@ -32,7 +32,12 @@ class ServerState:
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics()
         self.async_engine = AsyncEngine(engine, on_finished=self.metrics.observe_finished)
-        self.auth = Authenticator(config.api_keys, config.namespace_from_api_key)
+        self.auth = Authenticator(
+            config.api_keys, config.namespace_from_api_key, admin_keys=config.admin_keys,
+            metrics_keys=config.metrics_keys,
+            key_cache_policies={k: CachePolicy(p) for k, p in config.key_cache_policies.items()},
+            default_cache_policy=CachePolicy(config.default_cache_policy),
+        )
         self.model_name = config.served_model_name or engine.model_id
         self.created = int(time.time())
         self.caches = NamedCacheStore(self)
@@ -116,14 +121,15 @@ class ServerState:
         prefix: str,
         namespace: str,
         cache_pins: list[CachePin] | None = None,
+        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
     ) -> RequestStream:
         """Hand a request to the engine; its id is `prefix` + a random suffix."""
-        if not self.prefix_caching:
-            cache_pins = None  # nothing to pin: the cache is off
+        if not self.prefix_caching or not cache_policy.writes:
+            cache_pins = None  # nothing to pin: the cache is off, or this request may not write
         request_id = f"{prefix}{uuid.uuid4().hex[:24]}"
         return await self.async_engine.add_request(
             prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
-            arrival_time=time.monotonic(),
+            arrival_time=time.monotonic(), cache_policy=cache_policy,
         )
 
 

@@ -1,0 +1,1 @@
+"""Security tooling: the prefix-cache isolation audit (audit.py) and its statistics (ks.py)."""
