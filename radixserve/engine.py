@@ -275,13 +275,10 @@ class LLMEngine:
 
     def pin_prefix(self, token_ids: list[int], ttl: float, cache_namespace: str = "") -> int:
         """Pin an already cached prefix (named caches): returns tokens pinned."""
-        if self.cache.tree is None:
-            return 0
-        return self.cache.tree.pin(self.cache.cache_key(cache_namespace), token_ids, self.cache.clock() + ttl)
+        return self.cache.pin_prefix(cache_namespace, token_ids, ttl)
 
     def unpin_prefix(self, token_ids: list[int], cache_namespace: str = "") -> None:
-        if self.cache.tree is not None:
-            self.cache.tree.unpin(self.cache.cache_key(cache_namespace), token_ids)
+        self.cache.unpin_prefix(cache_namespace, token_ids)
 
     @property
     def device(self) -> torch.device:

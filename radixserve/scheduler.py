@@ -142,7 +142,7 @@ class Scheduler:
         """Hold a request back for a step when another request now prefilling is about to
         compute a longer shared prefix than the cache holds: it then reads those blocks
         instead of computing them a second time. Bounded, so nobody waits forever."""
-        if self.cache.tree is None or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
+        if not self.cache.enable_prefix_caching or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
             return False
         bs = self.cache.block_size
         tokens = request.all_token_ids

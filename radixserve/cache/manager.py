@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixserve.cache.block_pool import BlockPool
+from radixserve.cache.null_cache import NullPrefixCache
 from radixserve.cache.radix_tree import RadixTree
 from radixserve.errors import NoFreeBlocksError
 from radixserve.request import Request
@@ -46,7 +47,10 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.model_key = model_key
         self.enable_prefix_caching = enable_prefix_caching
-        self.tree = RadixTree(self.pool, block_size, clock=clock) if enable_prefix_caching else None
+        # caching off: a prefix cache that holds nothing (no `is None` branches below)
+        self.tree: RadixTree | NullPrefixCache = (
+            RadixTree(self.pool, block_size, clock=clock) if enable_prefix_caching else NullPrefixCache()
+        )
         self.clock = clock
         self.stats = CacheStats()
 
@@ -62,8 +66,6 @@ class KVCacheManager:
     # ---- admission --------------------------------------------------------------------
     def peek_cached_tokens(self, request: Request) -> int:
         """How many tokens admission would reuse (for cache-aware scheduling)."""
-        if self.tree is None:
-            return 0
         tokens = request.all_token_ids
         match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
         return match.num_tokens
@@ -72,20 +74,19 @@ class KVCacheManager:
         """Give a newly scheduled request the cached prefix of its tokens. Returns tokens reused."""
         assert not request.block_ids and request.tree_node is None
         tokens = request.all_token_ids
-        cached = 0
-        if self.tree is not None:
-            match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
-            cached = match.num_tokens
-            self.pool.incref_all(match.block_ids)
-            request.block_ids = list(match.block_ids)
-            self.tree.lock(match.node)
-            request.tree_node = match.node
+        match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
+        cached = match.num_tokens
+        self.pool.incref_all(match.block_ids)
+        request.block_ids = list(match.block_ids)
+        self.tree.lock(match.node)
+        request.tree_node = match.node
+        if self.enable_prefix_caching:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
-            if cached:
-                self.stats.hits += 1
-                self.stats.hit_tokens += cached
-                self.tree.refresh_pins(match.node)
+        if cached:
+            self.stats.hits += 1
+            self.stats.hit_tokens += cached
+            self.tree.refresh_pins(match.node)
         request.num_computed_tokens = cached
         request.num_tree_tokens = cached
         return cached
@@ -96,7 +97,7 @@ class KVCacheManager:
         missing = needed_blocks - len(request.block_ids)
         if missing <= 0:
             return True
-        if missing > self.pool.num_free() and self.tree is not None:
+        if missing > self.pool.num_free():
             self.stats.evicted_blocks += self.tree.evict(missing - self.pool.num_free())
         if missing > self.pool.num_free():
             return False
@@ -107,9 +108,7 @@ class KVCacheManager:
         return True
 
     def can_fit(self, num_blocks: int) -> bool:
-        free = self.pool.num_free()
-        if self.tree is not None:
-            free += self.tree.num_evictable_blocks()
+        free = self.pool.num_free() + self.tree.num_evictable_blocks()
         return num_blocks <= free
 
     # ---- caching computed blocks ------------------------------------------------------
@@ -120,8 +119,6 @@ class KVCacheManager:
         another request at the same time), the request switches to the tree's copies and
         frees its own, so identical prefixes occupy memory once.
         """
-        if self.tree is None:
-            return
         num_full = request.num_computed_tokens // self.block_size
         if num_full * self.block_size <= request.num_tree_tokens:
             return
@@ -135,24 +132,28 @@ class KVCacheManager:
                 request.block_ids[i] = tree_block
         self.stats.inserted_blocks += num_full - result.num_existing_tokens // self.block_size
         self.tree.lock(result.node)
-        if request.tree_node is not None:
-            self.tree.unlock(request.tree_node)
+        self.tree.unlock(request.tree_node)
         request.tree_node = result.node
         request.num_tree_tokens = num_full * self.block_size
 
     def pin(self, request: Request, num_tokens: int, ttl: float) -> int:
         """Keep the request's first `num_tokens` cached for `ttl` seconds, refreshed to `ttl`
         again by every later request that reads them all. Returns tokens pinned."""
-        if self.tree is None:
-            return 0
         tokens = request.all_token_ids[:num_tokens]
         return self.tree.pin(self.cache_key(request.namespace), tokens, self.clock() + ttl, refresh=ttl)
+
+    def pin_prefix(self, namespace: str, token_ids: list[int], ttl: float) -> int:
+        """Pin an already cached prefix for `ttl` seconds (named caches). Returns tokens pinned."""
+        return self.tree.pin(self.cache_key(namespace), token_ids, self.clock() + ttl)
+
+    def unpin_prefix(self, namespace: str, token_ids: list[int]) -> None:
+        self.tree.unpin(self.cache_key(namespace), token_ids)
 
     # ---- release ----------------------------------------------------------------------
     def free(self, request: Request) -> None:
         """Return a finished, aborted or preempted request's blocks (cached ones stay in the tree)."""
         self.cache_computed(request)
-        if self.tree is not None and request.tree_node is not None:
+        if request.tree_node is not None:
             self.tree.unlock(request.tree_node)
         self.pool.decref_all(request.block_ids)
         request.block_ids = []
@@ -162,8 +163,6 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached block no running request uses. Returns blocks freed."""
-        if self.tree is None:
-            return 0
         freed = self.tree.reset()
         self.stats.evicted_blocks += freed
         return freed
@@ -177,7 +176,7 @@ class KVCacheManager:
         return self.pool.num_free()
 
     def num_cached_blocks(self) -> int:
-        return self.tree.num_cached_blocks if self.tree is not None else 0
+        return self.tree.num_cached_blocks
 
     def usage(self) -> float:
         """Fraction of blocks in use by running requests or the cache."""

@@ -91,14 +91,14 @@ class PrefixMatch:
 
     num_tokens: int  # multiple of block_size
     block_ids: list[int]  # len == num_tokens // block_size
-    node: TreeNode  # deepest node covering the match (the namespace root if nothing matched)
+    node: TreeNode | None  # deepest node covering the match (the namespace root if nothing matched; None: caching off)
 
 
 @dataclass(slots=True)
 class InsertResult:
     """Result of ``RadixTree.insert``."""
 
-    node: TreeNode  # the node ending exactly at the end of the inserted sequence
+    node: TreeNode | None  # the node ending exactly at the end of the inserted sequence (None: caching off)
     num_existing_tokens: int  # leading tokens that were already cached (their blocks not adopted)
     block_ids: list[int]  # the tree's block ids for the whole sequence
 

@@ -71,7 +71,7 @@ class ServerState:
 
     @property
     def prefix_caching(self) -> bool:
-        return self.engine.cache.tree is not None
+        return self.engine.cache.enable_prefix_caching
 
     @property
     def block_size(self) -> int:
