@@ -150,17 +150,16 @@ class LLMEngine:
             return []
         self.stats.steps += 1
         batch = plan.scheduled
-        logits_for = [s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens for s in batch]
+        logits_for = [s.kv.num_computed_tokens + s.num_new_tokens == s.request.num_tokens for s in batch]
         for s in batch:
-            r = s.request
-            if r.num_computed_tokens < r.num_prompt_tokens:
-                self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+            r, computed = s.request, s.kv.num_computed_tokens
+            if computed < r.num_prompt_tokens:
+                self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - computed)
         logits = self.runner.execute(batch, logits_for)
 
         sampling = [s.request for s, wants in zip(batch, logits_for) if wants]
         for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.cache.cache_computed(s.request)
+            self.cache.advance(s.request, s.num_new_tokens)
         if not sampling:
             return []
         tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling])

@@ -39,18 +39,6 @@ def determine_num_blocks(loaded: LoadedModel, cache: CacheConfig, dtype: torch.d
     return max(int(cache.kv_cache_memory_gb * 1024**3 // bytes_per_block), 16)
 
 
-def _token_slice(request, start: int, end: int) -> list[int]:
-    """request.all_token_ids[start:end] without building the whole prompt + output list
-    (a decode step needs one token; the list is thousands long)."""
-    prompt = request.prompt_token_ids
-    n = len(prompt)
-    if end <= n:
-        return prompt[start:end]
-    if start >= n:
-        return request.output_token_ids[start - n : end - n]
-    return prompt[start:] + request.output_token_ids[: end - n]
-
-
 class ModelRunner:
     """On CUDA (with the Triton backend) decode-only steps replay captured CUDA graphs and
     metadata goes up in one pinned copy; see radixserve/cuda_graphs.py. CPU is unchanged."""
@@ -91,11 +79,11 @@ class ModelRunner:
         for a CPU model, on the GPU for a GPU model) for the requests whose `logits_for` flag is
         set (those about to sample), in order."""
         if self.graphs is not None and all(logits_for) and all(s.num_new_tokens == 1 for s in batch):
-            if self.graphs.can_run(len(batch), max(len(s.request.block_ids) for s in batch)):
+            if self.graphs.can_run(len(batch), max(len(s.kv.block_ids) for s in batch)):
                 return self._run_graph(batch)
         if self.prefill_graphs is not None and len(batch) == 1:
             item = batch[0]
-            if self.prefill_graphs.can_run(item.num_new_tokens, len(item.request.block_ids)):
+            if self.prefill_graphs.can_run(item.num_new_tokens, len(item.kv.block_ids)):
                 logits = self._run_prefill_graph(item)
                 return logits if logits_for[0] else logits[:0]
         meta, input_ids, logits_rows = self._prepare(batch, logits_for)
@@ -112,21 +100,21 @@ class ModelRunner:
         bs = self.block_size
         for item in batch:
             request = item.request
-            pos = request.num_computed_tokens
-            ids.append(_token_slice(request, pos, pos + 1)[0])
+            pos = item.kv.num_computed_tokens
+            ids.append(request.token_slice(pos, pos + 1)[0])
             positions.append(pos)
-            slots.append(request.block_ids[pos // bs] * bs + pos % bs)
+            slots.append(item.kv.block_ids[pos // bs] * bs + pos % bs)
             seq_lens.append(pos + 1)
-        return self.graphs.run(ids, positions, slots, seq_lens, [s.request.block_ids for s in batch])
+        return self.graphs.run(ids, positions, slots, seq_lens, [s.kv.block_ids for s in batch])
 
     def _run_prefill_graph(self, item: ScheduledRequest) -> torch.Tensor:
         request = item.request
-        start = request.num_computed_tokens
+        start = item.kv.num_computed_tokens
         end = start + item.num_new_tokens
         bs = self.block_size
-        blocks = request.block_ids
+        blocks = item.kv.block_ids
         slots = [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-        return self.prefill_graphs.run(_token_slice(request, start, end), start, slots, blocks)
+        return self.prefill_graphs.run(request.token_slice(start, end), start, slots, blocks)
 
     def _prepare(self, batch: list[ScheduledRequest], logits_for: list[bool]):
         bs = self.block_size
@@ -140,11 +128,11 @@ class ModelRunner:
         max_blocks = 1
         for item, wants_logits in zip(batch, logits_for):
             request = item.request
-            start = request.num_computed_tokens
+            start = item.kv.num_computed_tokens
             end = start + item.num_new_tokens
-            input_ids.extend(_token_slice(request, start, end))
+            input_ids.extend(request.token_slice(start, end))
             positions.extend(range(start, end))
-            blocks = request.block_ids
+            blocks = item.kv.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + item.num_new_tokens)
             seq_lens.append(end)
@@ -156,7 +144,7 @@ class ModelRunner:
             return self._prepare_gpu(batch, input_ids, positions, slots, query_start, seq_lens, query_lens, logits_rows, max_blocks)
         tables = torch.zeros(len(batch), max_blocks, dtype=torch.long)
         for i, item in enumerate(batch):
-            blocks = item.request.block_ids
+            blocks = item.kv.block_ids
             if blocks:
                 tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
         dev = self.device
@@ -176,7 +164,7 @@ class ModelRunner:
         host->device copy costs a synchronous ~10-20 us)."""
         tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
         for i, item in enumerate(batch):
-            blocks = item.request.block_ids
+            blocks = item.kv.block_ids
             tables[i, : len(blocks)] = blocks
         ids_t, pos_t, slots_t, qsl_t, lens_t, rows_t, tables_t = self._uploader.upload(
             [input_ids, positions, slots, query_start, seq_lens, logits_rows, tables.reshape(-1)]

@@ -13,7 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from radixserve.cache.manager import KVCacheManager
+from radixserve.cache.manager import KVCacheManager, KVHandle
 from radixserve.config import SchedulerConfig
 from radixserve.request import Request, RequestStatus
 from radixserve.sequences import common_prefix_len
@@ -23,6 +23,7 @@ from radixserve.sequences import common_prefix_len
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    kv: KVHandle  # read-only: the cache manager's record of the request's KV state
 
 
 @dataclass(slots=True)
@@ -54,8 +55,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        if request.block_ids or request.tree_node is not None:
-            self.cache.free(request)
+        self.cache.free(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -63,31 +63,33 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:  # memory is tight: let the survivors make progress first
+            self._admit_waiting(out, budget)
+        return out
 
-        # 1. running requests, oldest first; preempt the newest when blocks run out
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Running requests, oldest first, each its next tokens; preempt the newest when blocks
+        run out. Returns the budget left."""
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(request.num_tokens - self.cache.num_computed_tokens(request), budget)
             while not self.cache.allocate_slots(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
-                    break
-            else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break  # the request itself was preempted: nothing after it can run either
+                    return budget  # nothing after it can run either
+            out.scheduled.append(ScheduledRequest(request, num_new, self.cache.kv(request)))
+            budget -= num_new
+            i += 1
+        return budget
 
-        # 2. admit waiting requests while budget, sequence slots and blocks allow
-        if out.preempted:
-            return out  # memory is tight: let the survivors make progress first
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting requests while budget, sequence slots and blocks allow."""
         self._order_waiting()
-        in_flight = [s.request for s in out.scheduled if s.request.is_prefilling]
+        in_flight = [s.request for s in out.scheduled if self._is_prefilling(s.request)]
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -101,18 +103,24 @@ class Scheduler:
                 self.cache.free(request)
                 break
             self.waiting.popleft()
-            if request.num_cached_tokens is None:
-                request.num_cached_tokens = cached
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            self._start(request, cached)
+            out.scheduled.append(ScheduledRequest(request, num_new, self.cache.kv(request)))
             budget -= num_new
-            if request.is_prefilling or num_new < request.num_tokens - request.num_computed_tokens:
+            if self._is_prefilling(request) or cached + num_new < request.num_tokens:
                 in_flight.append(request)
         self.waiting.extendleft(reversed(deferred))
-        return out
+
+    def _start(self, request: Request, cached: int) -> None:
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = cached
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def _is_prefilling(self, request: Request) -> bool:
+        """More than its last token left to compute (before this step)."""
+        return self.cache.num_computed_tokens(request) < request.num_tokens - 1
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -120,7 +128,6 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
-
     def _order_waiting(self) -> None:
         """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
         if self.config.policy != "lpm" or len(self.waiting) < 2:
@@ -154,6 +161,6 @@ class Scheduler:
             if other.namespace != request.namespace or other.all_token_ids[:bs] != first_block:
                 continue
             shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
-            if shared > other.num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
+            if shared > self.cache.kv(other).num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
                 return True
         return False

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from radixserve.advisor.logs import PromptRequest
 from radixserve.cache.manager import KVCacheManager
+from radixserve.cache.radix_tree import RadixTree
 from radixserve.request import Request
 from radixserve.sampling import SamplingParams
 
@@ -111,8 +112,8 @@ def replay(
     num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, bs)
     clock = _ReplayClock()
     cache = KVCacheManager(num_blocks, bs, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
-    tree = cache.tree
-    assert tree is not None
+    tree = cache.prefix_cache
+    assert isinstance(tree, RadixTree)
     result = ReplayResult(config, num_blocks, [0] * len(requests))
     params = SamplingParams(max_tokens=1, temperature=0.0)
     budget = config.max_num_batched_tokens
@@ -144,12 +145,11 @@ def replay(
         cached = cache.admit(request)
         # Prefill in chunks of the step budget, caching each chunk's full blocks as the engine
         # does after every step (evictions then interleave with inserts exactly as they do there).
-        while request.num_computed_tokens < n:
-            num_new = min(n - request.num_computed_tokens, budget)
+        while (computed := cache.num_computed_tokens(request)) < n:
+            num_new = min(n - computed, budget)
             if not cache.allocate_slots(request, num_new):
                 break  # cannot happen: everything but this request's own blocks is evictable
-            request.num_computed_tokens += num_new
-            cache.cache_computed(request)
+            cache.advance(request, num_new)
         result.peak_cached_blocks = max(result.peak_cached_blocks, tree.num_cached_blocks)
         cache.free(request)
         result.evicted_blocks += cache.stats.evicted_blocks - evicted_before
@@ -168,8 +168,8 @@ def _expire(cache: KVCacheManager, cutoff: float) -> tuple[int, float]:
     nodes are exactly the oldest ones and ``evict`` (LRU, leaves first) takes precisely them
     when asked for their total.
     """
-    tree = cache.tree
-    assert tree is not None
+    tree = cache.prefix_cache
+    assert isinstance(tree, RadixTree)
     stale = 0
     oldest = float("inf")
     for node in tree.iter_nodes():
