@@ -150,14 +150,13 @@ class LLMEngine:
             return []
         self.stats.steps += 1
         batch = plan.scheduled
-        logits_for = [s.kv.num_computed_tokens + s.num_new_tokens == s.request.num_tokens for s in batch]
         for s in batch:
-            r, computed = s.request, s.kv.num_computed_tokens
+            r, computed = s.request, s.num_computed_tokens
             if computed < r.num_prompt_tokens:
                 self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - computed)
-        logits = self.runner.execute(batch, logits_for)
+        logits = self.runner.execute(plan.step)
 
-        sampling = [s.request for s, wants in zip(batch, logits_for) if wants]
+        sampling = [s.request for s in batch if s.samples]
         for s in batch:
             self.cache.advance(s.request, s.num_new_tokens)
         if not sampling:

@@ -13,23 +13,26 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from radixserve.cache.manager import KVCacheManager, KVHandle
+from radixserve.cache.manager import KVCacheManager
 from radixserve.config import SchedulerConfig
 from radixserve.request import Request, RequestStatus
 from radixserve.sequences import common_prefix_len
+from radixserve.step import StepInput
 
 
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
-    kv: KVHandle  # read-only: the cache manager's record of the request's KV state
+    num_computed_tokens: int  # before this step
+    samples: bool  # this step computes its last token: a new token is sampled from its logits
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    step: StepInput | None = None  # the runner's input, built once the batch is final
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +69,20 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:  # memory is tight: let the survivors make progress first
             self._admit_waiting(out, budget)
+        out.step = self._step_input(out.scheduled)
         return out
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        computed = self.cache.num_computed_tokens(request)
+        return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
+
+    def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
+        step = StepInput(self.cache.block_size)
+        for s in scheduled:
+            start = s.num_computed_tokens
+            tokens = s.request.token_slice(start, start + s.num_new_tokens)
+            step.add(tokens, start, self.cache.kv(s.request).block_ids, wants_logits=s.samples)
+        return step
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Running requests, oldest first, each its next tokens; preempt the newest when blocks
@@ -81,7 +97,7 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is request:
                     return budget  # nothing after it can run either
-            out.scheduled.append(ScheduledRequest(request, num_new, self.cache.kv(request)))
+            out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             i += 1
         return budget
@@ -104,7 +120,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._start(request, cached)
-            out.scheduled.append(ScheduledRequest(request, num_new, self.cache.kv(request)))
+            out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
             if self._is_prefilling(request) or cached + num_new < request.num_tokens:
                 in_flight.append(request)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.model.arch import ModelArch, parse_dtype
+from radixserve.step import slot_mapping
 
 
 @dataclass(slots=True)
@@ -93,9 +94,8 @@ class AttentionMetadata:
                 raise ValueError(
                     f"block table of {len(table)} blocks cannot hold {total} tokens (block_size {block_size})"
                 )
-            for pos in range(ctx, total):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            positions.extend(range(ctx, total))
+            slots.extend(slot_mapping(table, ctx, total, block_size))
             seq_lens.append(total)
             starts.append(starts[-1] + n)
         width = max((len(t) for t in block_tables), default=0)
