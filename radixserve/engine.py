@@ -19,7 +19,7 @@ from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
 from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
 from radixserve.sampling import Sampler, SamplingParams
-from radixserve.scheduler import Scheduler
+from radixserve.scheduler import ScheduledRequest, Scheduler
 
 
 @dataclass(slots=True)
@@ -149,35 +149,35 @@ class LLMEngine:
         if not plan.scheduled:
             return []
         self.stats.steps += 1
-        batch = plan.scheduled
-        for s in batch:
-            r, computed = s.request, s.num_computed_tokens
-            if computed < r.num_prompt_tokens:
-                self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - computed)
         logits = self.runner.execute(plan.step)
+        return self._postprocess(plan.scheduled, logits)
 
-        sampling = [s.request for s in batch if s.samples]
-        for s in batch:
+    def _postprocess(self, scheduled: list[ScheduledRequest], logits: torch.Tensor) -> list[RequestOutput]:
+        """After the forward pass: move every request's KV forward (the cache inserts the full
+        blocks), sample a token for those that completed, check stops, emit outputs."""
+        for s in scheduled:
+            computed, num_prompt = s.num_computed_tokens, s.request.num_prompt_tokens
+            if computed < num_prompt:
+                self.stats.computed_prompt_tokens += min(s.num_new_tokens, num_prompt - computed)
             self.cache.advance(s.request, s.num_new_tokens)
+        sampling = [s.request for s in scheduled if s.samples]
         if not sampling:
             return []
         tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling])
         now = time.monotonic()
-        outputs = []
-        for request, token in zip(sampling, tokens):
-            if request.finished:
-                continue
-            if not request.output_token_ids:
-                self._apply_cache_pins(request)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.output_token_ids.append(token)
-            self.stats.generation_tokens += 1
-            self._check_stop(request, token)
-            if request.finish_reason is not None:
-                self._finish(request, request.finish_reason)
-            outputs.append(self._output(request, new_tokens=1))
-        return outputs
+        return [self._append_token(r, token, now) for r, token in zip(sampling, tokens) if not r.finished]
+
+    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        if not request.output_token_ids:
+            self._apply_cache_pins(request)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.output_token_ids.append(token)
+        self.stats.generation_tokens += 1
+        self._check_stop(request, token)
+        if request.finish_reason is not None:
+            self._finish(request, request.finish_reason)
+        return self._output(request, new_tokens=1)
 
     def _apply_cache_pins(self, request: Request) -> None:
         for pin in request.cache_pins:
