@@ -35,7 +35,40 @@ class EngineStats:
     steps: int = 0
 
 
+@dataclass(slots=True)
+class EngineSnapshot:
+    """The engine's counters and gauges at one instant (LLMEngine.snapshot; /metrics shows them)."""
+
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found cached
+    prefix_cache_hit_rate: float
+    cached_blocks: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    evicted_blocks: int
+    inserted_blocks: int
+    kv_cache_usage: float
+    running: int
+    waiting: int
+    prompt_tokens: int
+    computed_prompt_tokens: int
+    generation_tokens: int
+    finished_requests: int
+    aborted_requests: int
+    preemptions: int
+
+
 class LLMEngine:
+    """Requests in, outputs out, one step at a time.
+
+    Its public surface (what the server, the advisor and the offline API use): add_request,
+    abort_request, step, has_unfinished_requests, unfinished_request_ids; tokenizer, model_id,
+    config, max_model_len, block_size, prefix_caching, num_kv_blocks, max_total_tokens, stats
+    (EngineStats, read only) and snapshot(); pin_prefix, unpin_prefix, reset_prefix_cache.
+    Everything else (cache, scheduler, runner, requests) is internal.
+    """
+
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config or EngineConfig()
         if loaded is None:
@@ -134,7 +167,11 @@ class LLMEngine:
         request = self.requests.get(request_id)
         if request is None or request.finished:
             return None
-        self._finish(request, "abort")
+        try:
+            self._finish(request, "abort")
+        except Exception:
+            self.requests.pop(request_id, None)  # dropped either way: never abort it twice
+            raise
         self.stats.aborted_requests += 1
         return self._output(request)
 
@@ -267,12 +304,59 @@ class LLMEngine:
         pinned = min(max(p.num_tokens for p in request.cache_pins), request.num_prompt_tokens)
         return max(0, pinned - (request.num_cached_tokens or 0))
 
-    # ---- admin ------------------------------------------------------------------------
+    # ---- the surface the server and the advisor use ------------------------------------
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block (the prefix cache's granularity)."""
+        return self.cache.block_size
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.cache.enable_prefix_caching
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """The KV pool's capacity in blocks."""
+        return self.cache.num_blocks
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Prompt + output tokens one request can have: the context length, and the KV pool."""
+        return min(self.max_model_len, self.cache.num_blocks * self.cache.block_size)
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's counters and gauges now (call it on the engine's thread)."""
+        cache, stats = self.cache, self.stats
+        return EngineSnapshot(
+            prefix_cache_queries=cache.stats.query_tokens,
+            prefix_cache_hits=cache.stats.hit_tokens,
+            prefix_cache_hit_rate=cache.stats.hit_rate,
+            cached_blocks=cache.num_cached_blocks(),
+            free_blocks=cache.num_free_blocks(),
+            total_blocks=cache.num_blocks,
+            block_size=cache.block_size,
+            evicted_blocks=cache.stats.evicted_blocks,
+            inserted_blocks=cache.stats.inserted_blocks,
+            kv_cache_usage=cache.usage(),
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            prompt_tokens=stats.prompt_tokens,
+            computed_prompt_tokens=stats.computed_prompt_tokens,
+            generation_tokens=stats.generation_tokens,
+            finished_requests=stats.finished_requests,
+            aborted_requests=stats.aborted_requests,
+            preemptions=stats.preemptions,
+        )
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
+
     def reset_prefix_cache(self) -> int:
+        """Drop every cached block no running request uses (pins included). Returns blocks freed."""
         return self.cache.reset_prefix_cache()
 
     def pin_prefix(self, token_ids: list[int], ttl: float, cache_namespace: str = "") -> int:
-        """Pin an already cached prefix (named caches): returns tokens pinned."""
+        """Pin an already cached prefix for `ttl` seconds (named caches): returns tokens pinned."""
         return self.cache.pin_prefix(cache_namespace, token_ids, ttl)
 
     def unpin_prefix(self, token_ids: list[int], cache_namespace: str = "") -> None:
@@ -287,4 +371,4 @@ def default_dtype_for(device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-__all__ = ["LLMEngine", "EngineStats", "default_dtype_for", "torch_dtype"]
+__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for", "torch_dtype"]
