@@ -14,12 +14,12 @@ import torch
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import EngineConfig
 from radixserve.detokenizer import IncrementalDetokenizer
-from radixserve.errors import InvalidRequestError, PromptTooLongError
+from radixserve.errors import InvalidRequestError
 from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
 from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
 from radixserve.sampling import Sampler, SamplingParams
-from radixserve.scheduler import ScheduledRequest, Scheduler
+from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 
 
 @dataclass(slots=True)
@@ -129,7 +129,7 @@ class LLMEngine:
                 raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.loaded.arch.vocab_size - 1})")
         if not token_ids:
             raise InvalidRequestError("prompt must not be empty")
-        self._check_fits(len(token_ids), params.max_tokens)
+        check_fits(len(token_ids), params.max_tokens, self.max_model_len, self.cache.block_size, self.cache.num_blocks)
         request = Request(
             request_id=request_id,
             prompt=text,
@@ -143,24 +143,6 @@ class LLMEngine:
         self.scheduler.add(request)
         self.stats.prompt_tokens += len(token_ids)
         return request
-
-    def _check_fits(self, num_prompt: int, max_tokens: int) -> None:
-        if num_prompt >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {num_prompt} tokens but the model's context length is {self.max_model_len}"
-            )
-        if num_prompt + max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {num_prompt} prompt "
-                f"tokens + {max_tokens} max_tokens = {num_prompt + max_tokens}; lower max_tokens or shorten the prompt"
-            )
-        bs = self.cache.block_size
-        needed = -(-(num_prompt + max_tokens) // bs)
-        if needed > self.cache.num_blocks:
-            raise PromptTooLongError(
-                f"the request needs {needed} KV blocks but the pool has only {self.cache.num_blocks}; "
-                "give the engine more KV cache memory"
-            )
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""

@@ -15,9 +15,29 @@ from dataclasses import dataclass, field
 
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import SchedulerConfig
+from radixserve.errors import PromptTooLongError
 from radixserve.request import Request, RequestStatus
 from radixserve.sequences import common_prefix_len
 from radixserve.step import StepInput
+
+
+def check_fits(num_prompt: int, max_tokens: int, max_model_len: int | None, block_size: int, num_blocks: int) -> None:
+    """The engine's admission check: raise PromptTooLongError unless a request of `num_prompt`
+    prompt tokens generating up to `max_tokens` fits the context (None: unlimited) and the pool.
+    The advisor's replay calls it too, so both reject exactly the same requests."""
+    if max_model_len is not None and num_prompt >= max_model_len:
+        raise PromptTooLongError(f"the prompt has {num_prompt} tokens but the model's context length is {max_model_len}")
+    if max_model_len is not None and num_prompt + max_tokens > max_model_len:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_model_len} tokens, but {num_prompt} prompt "
+            f"tokens + {max_tokens} max_tokens = {num_prompt + max_tokens}; lower max_tokens or shorten the prompt"
+        )
+    needed = -(-(num_prompt + max_tokens) // block_size)
+    if needed > num_blocks:
+        raise PromptTooLongError(
+            f"the request needs {needed} KV blocks but the pool has only {num_blocks}; "
+            "give the engine more KV cache memory"
+        )
 
 
 @dataclass(slots=True)

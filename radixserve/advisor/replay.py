@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from radixserve.advisor.logs import PromptRequest
 from radixserve.cache.manager import KVCacheManager
 from radixserve.cache.radix_tree import RadixTree
+from radixserve.errors import PromptTooLongError
 from radixserve.request import Request
 from radixserve.sampling import SamplingParams
+from radixserve.scheduler import check_fits
 
 # Replays one request at a time, so this only names the cache's key; any constant does.
 _MODEL_KEY = "advisor"
@@ -123,9 +125,9 @@ def replay(
     iterable: Iterable[PromptRequest] = progress(requests) if progress is not None else requests
     for i, req in enumerate(iterable):
         n = req.num_tokens
-        # The engine's admission checks (LLMEngine._check_fits with max_tokens=1).
-        too_long = config.max_model_len is not None and n + 1 > config.max_model_len
-        if too_long or -(-(n + 1) // bs) > num_blocks:
+        try:  # the engine's own admission check, for a request with max_tokens=1
+            check_fits(n, 1, config.max_model_len, bs, num_blocks)
+        except PromptTooLongError:
             result.cached_tokens[i] = -1
             result.rejected.append(i)
             continue
