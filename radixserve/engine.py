@@ -247,6 +247,31 @@ class LLMEngine:
         self.stats.finished_requests += 1
 
     def _output(self, request: Request, new_tokens: int = 0) -> RequestOutput:
+        """A streamed output carries what is new (tokens, text); the finished one also the whole."""
+        finished = request.finished
+        new_text = self._text_delta(request)
+        if finished:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
+            new_text=new_text,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            metrics=RequestMetrics(
+                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
+            ),
+            token_ids=list(request.output_token_ids) if finished else [],
+            text=request.output_text if finished else "",
+            cache_write_tokens=self._cache_write_tokens(request),
+        )
+
+    def _text_delta(self, request: Request) -> str:
+        """The output text not handed out yet (all of it, once the request finished)."""
         text = request.output_text
         previous = self._emitted_text.get(request.request_id, "")
         if not request.finished:
@@ -255,29 +280,11 @@ class LLMEngine:
             holdback = max((len(s) for s in request.sampling.stop), default=1) - 1
             if holdback:
                 text = text[: max(len(previous), len(text) - holdback)]
-        new_text = text[len(previous):] if text.startswith(previous) else text
         if request.finished:
             self._emitted_text.pop(request.request_id, None)
-            self.requests.pop(request.request_id, None)
         else:
             self._emitted_text[request.request_id] = text
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
-            text=request.output_text if request.finished else text,
-            finished=request.finished,
-            finish_reason=request.finish_reason if request.finished else None,
-            stop_reason=request.stop_reason,
-            num_cached_tokens=request.num_cached_tokens or 0,
-            metrics=RequestMetrics(
-                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
-            ),
-            new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
-            new_text=new_text,
-            cache_write_tokens=self._cache_write_tokens(request),
-        )
+        return text[len(previous) :] if text.startswith(previous) else text
 
     @staticmethod
     def _cache_write_tokens(request: Request) -> int:

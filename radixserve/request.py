@@ -100,20 +100,26 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """What a request produced so far (streamed) or in all (finished)."""
+    """What a request produced since its previous output (streamed), and in all (finished).
+
+    Every output carries the delta: `new_token_ids` and `new_text`; concatenated over a
+    request's outputs they give the whole. Only the finished output (`finished` True) also
+    carries the whole output in `token_ids` and `text`; streamed ones leave them empty, so
+    streaming costs O(1) per token rather than a copy of everything so far.
+    """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
+    new_token_ids: list[int]
+    new_text: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: str | int | None
     num_cached_tokens: int
     metrics: RequestMetrics
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # the whole output: finished outputs only
+    text: str = ""  # the whole output text: finished outputs only
     cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
 
     @property
