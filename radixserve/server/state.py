@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import Request
 
-from radixserve.advisor.request_log import RequestLogWriter
+from radixserve.request_log import RequestLogWriter
 from radixserve.engine import LLMEngine
 from radixserve.request import CachePin, RequestOutput
 from radixserve.sampling import SamplingParams
