@@ -17,7 +17,7 @@ from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError
 from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
-from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
+from radixserve.runner import ModelRunner, determine_num_blocks
 from radixserve.sampling import Sampler, SamplingParams
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 
@@ -360,4 +360,4 @@ def default_dtype_for(device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for", "torch_dtype"]
+__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for"]

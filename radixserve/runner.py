@@ -14,16 +14,6 @@ from radixserve.model.attention import AttentionMetadata, KVCache
 from radixserve.model.loader import LoadedModel
 from radixserve.step import StepInput
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
-
-
 def determine_num_blocks(loaded: LoadedModel, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Pool size: explicit, else from free GPU memory, else from the CPU memory budget."""
     if cache.num_blocks is not None:

@@ -54,10 +54,6 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     step: StepInput | None = None  # the runner's input, built once the batch is final
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: KVCacheManager) -> None:

@@ -39,13 +39,6 @@ class CapacityCurve:
     def knee_tokens(self) -> int | None:
         return None if self.knee_blocks is None else self.knee_blocks * self.block_size
 
-    def hit_rate_at(self, capacity_blocks: int) -> float | None:
-        """The measured hit rate at exactly this capacity, if it is on the curve."""
-        for p in self.points:
-            if p.capacity_blocks == capacity_blocks:
-                return p.hit_rate
-        return None
-
 
 def capacity_curve(
     requests: Sequence[PromptRequest],
