@@ -183,16 +183,16 @@ class Scheduler:
         instead of computing them a second time. Bounded, so nobody waits forever."""
         if not self.cache.enable_prefix_caching or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
             return False
-        bs = self.cache.block_size
+        block_size = self.cache.block_size
         tokens = request.all_token_ids
         limit = self.cache.max_cacheable(len(tokens))
         if limit == 0:
             return False
-        first_block = tokens[:bs]
+        first_block = tokens[:block_size]
         for other in in_flight:
-            if other.namespace != request.namespace or other.all_token_ids[:bs] != first_block:
+            if other.namespace != request.namespace or other.all_token_ids[:block_size] != first_block:
                 continue
-            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
+            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // block_size * block_size
             if shared > self.cache.kv(other).num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
                 return True
         return False

@@ -110,10 +110,10 @@ def replay(
     progress: Callable[[Iterable[PromptRequest]], Iterable[PromptRequest]] | None = None,
 ) -> ReplayResult:
     """Run ``requests`` in order through a KVCacheManager of ``config.capacity_blocks`` blocks."""
-    bs = config.block_size
-    num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, bs)
+    block_size = config.block_size
+    num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, block_size)
     clock = _ReplayClock()
-    cache = KVCacheManager(num_blocks, bs, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
+    cache = KVCacheManager(num_blocks, block_size, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
     tree = cache.prefix_cache
     assert isinstance(tree, RadixTree)
     result = ReplayResult(config, num_blocks, [0] * len(requests))
@@ -126,7 +126,7 @@ def replay(
     for i, req in enumerate(iterable):
         n = req.num_tokens
         try:  # the engine's own admission check, for a request with max_tokens=1
-            check_fits(n, 1, config.max_model_len, bs, num_blocks)
+            check_fits(n, 1, config.max_model_len, block_size, num_blocks)
         except PromptTooLongError:
             result.cached_tokens[i] = -1
             result.rejected.append(i)

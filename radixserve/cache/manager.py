@@ -153,11 +153,11 @@ class KVCacheManager:
         another request at the same time), the request switches to the tree's copies and
         frees its own, so identical prefixes occupy memory once.
         """
-        bs = self.block_size
-        num_full = handle.num_computed_tokens // bs
-        if num_full * bs <= handle.num_tree_tokens:
+        block_size = self.block_size
+        num_full = handle.num_computed_tokens // block_size
+        if num_full * block_size <= handle.num_tree_tokens:
             return
-        tokens = request.token_slice(0, num_full * bs)
+        tokens = request.token_slice(0, num_full * block_size)
         result = self.prefix_cache.insert(handle.cache_key, tokens, handle.block_ids[:num_full])
         blocks = handle.block_ids
         for i, tree_block in enumerate(result.block_ids):
@@ -165,11 +165,11 @@ class KVCacheManager:
                 self.pool.incref(tree_block)
                 self.pool.decref(blocks[i])
                 blocks[i] = tree_block
-        self.stats.inserted_blocks += num_full - result.num_existing_tokens // bs
+        self.stats.inserted_blocks += num_full - result.num_existing_tokens // block_size
         self.prefix_cache.lock(result.node)
         self.prefix_cache.unlock(handle.node)
         handle.node = result.node
-        handle.num_tree_tokens = num_full * bs
+        handle.num_tree_tokens = num_full * block_size
 
     # ---- pins -----------------------------------------------------------------------------
     def pin(self, request: Request, num_tokens: int, ttl: float) -> int:
