@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.cache.manager import KVCacheManager
-from radixserve.config import EngineConfig
+from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError
 from radixserve.model.loader import LoadedModel, load_model
@@ -72,7 +72,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config or EngineConfig()
         if loaded is None:
-            self.config.model.dtype = self.config.model.dtype or "float32"
+            self.config.model.dtype = self.config.model.resolved_dtype
             loaded = load_model(self.config.model)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -354,10 +354,6 @@ class LLMEngine:
     @property
     def device(self) -> torch.device:
         return self.runner.device
-
-
-def default_dtype_for(device: str) -> str:
-    return "bfloat16" if device.startswith("cuda") else "float32"
 
 
 __all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for"]
