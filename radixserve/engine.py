@@ -117,18 +117,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
-            text = prompt
-        else:
-            token_ids, text = list(prompt), None
-            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.loaded.arch.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.loaded.arch.vocab_size - 1})")
-        if not token_ids:
-            raise InvalidRequestError("prompt must not be empty")
+        token_ids, text = self._prompt_tokens(prompt)
         check_fits(len(token_ids), params.max_tokens, self.max_model_len, self.cache.block_size, self.cache.num_blocks)
         request = Request(
             request_id=request_id,
@@ -143,6 +132,20 @@ class LLMEngine:
         self.scheduler.add(request)
         self.stats.prompt_tokens += len(token_ids)
         return request
+
+    def _prompt_tokens(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+        """(token ids, text) of a prompt given as text or token ids; InvalidRequestError if bad."""
+        if isinstance(prompt, str):
+            token_ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
+        else:
+            token_ids, text = list(prompt), None
+            vocab = self.loaded.arch.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty")
+        return token_ids, text
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""

@@ -424,20 +424,8 @@ class RadixTree:
             child = node.children.get(tuple(tokens[pos : pos + block_size]))
             if child is None:
                 break
-            edge = child.tokens
-            n = len(edge)
-            # Fast path: the whole edge matches (one C-level list comparison).
-            if pos + n <= end:
-                if tokens[pos : pos + n] == edge:
-                    matched = n
-                else:
-                    matched = self._matched_blocks(tokens, pos, edge, n // block_size) * block_size
-            else:
-                avail = (end - pos) // block_size  # >= 1: the first block matched the child's key
-                if tokens[pos:end] == edge[: avail * block_size]:
-                    matched = avail * block_size
-                else:
-                    matched = self._matched_blocks(tokens, pos, edge, avail) * block_size
+            n = len(child.tokens)
+            matched = self._edge_match(tokens, pos, end, child.tokens)
             if matched < n:
                 if not split:
                     break
@@ -450,6 +438,21 @@ class RadixTree:
             if matched < n:
                 break
         return node, pos, blocks
+
+    def _edge_match(self, tokens: list[int], pos: int, end: int, edge: list[int]) -> int:
+        """How many tokens of ``edge`` (whole blocks) ``tokens[pos:end]`` matches; its first
+        block is known to match (it is the child's key)."""
+        block_size = self.block_size
+        n = len(edge)
+        # Fast path: all of it matches (one C-level list comparison).
+        if pos + n <= end:
+            if tokens[pos : pos + n] == edge:
+                return n
+            return self._matched_blocks(tokens, pos, edge, n // block_size) * block_size
+        avail = (end - pos) // block_size  # >= 1
+        if tokens[pos:end] == edge[: avail * block_size]:
+            return avail * block_size
+        return self._matched_blocks(tokens, pos, edge, avail) * block_size
 
     def _matched_blocks(self, tokens: list[int], pos: int, edge: list[int], hi: int) -> int:
         """Number of leading blocks of ``edge`` equal to ``tokens[pos:]``, known to be < ``hi``.
