@@ -58,7 +58,8 @@ def _greedy(max_tokens):
 
 
 def _all_blocks_back(engine):
-    return engine.cache.num_free_blocks() + engine.cache.num_cached_blocks() == engine.cache.num_blocks
+    snap = engine.snapshot()
+    return snap.free_blocks + snap.cached_blocks == snap.total_blocks
 
 
 def _run(coro, timeout=120):
@@ -153,7 +154,7 @@ def test_async_engine_call_runs_on_the_engine_thread(engine):
         ae.start()
         try:
             ident = await ae.call(threading.get_ident)
-            free = await ae.call(engine.cache.num_free_blocks)
+            free = await ae.call(lambda: engine.snapshot().free_blocks)
             with pytest.raises(ZeroDivisionError):
                 await ae.call(lambda: 1 / 0)
             return ident, free
@@ -163,7 +164,7 @@ def test_async_engine_call_runs_on_the_engine_thread(engine):
     ident, free = _run(main())
     assert ident != threading.get_ident()
     assert engine.threads <= {ident}
-    assert free == engine.cache.num_blocks
+    assert free == engine.num_kv_blocks
 
 
 @pytest.mark.parametrize("pins, cached, expected", [
