@@ -89,6 +89,8 @@ class Scheduler:
         return out
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        # 0 ..... computed (K/V in its blocks) ..... computed + num_new (this step) ..... num_tokens
+        # A step that reaches num_tokens yields its last token's logits: a new token is sampled.
         computed = self.cache.num_computed_tokens(request)
         return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
 
