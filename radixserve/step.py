@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 def slot_mapping(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """KV slots (block_id * block_size + offset) of positions start..end-1 of a sequence whose
     block table is `block_ids`."""
+    if end - start == 1:  # a decode's one token (the common case): no comprehension
+        return [block_ids[start // block_size] * block_size + start % block_size]
     return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
@@ -41,15 +43,20 @@ class StepInput:
         whether its last new token's logits are wanted."""
         n = len(token_ids)
         end = start + n
-        self.token_ids.extend(token_ids)
-        self.positions.extend(range(start, end))
+        if n == 1:  # a decode (the common case, up to hundreds a step): no ranges, no temporaries
+            self.token_ids.append(token_ids[0])
+            self.positions.append(start)
+        else:
+            self.token_ids.extend(token_ids)
+            self.positions.extend(range(start, end))
         self.slot_mapping.extend(slot_mapping(block_ids, start, end, self.block_size))
-        self.query_start_loc.append(self.query_start_loc[-1] + n)
+        rows = self.query_start_loc[-1] + n
+        self.query_start_loc.append(rows)
         self.query_lens.append(n)
         self.seq_lens.append(end)
         self.block_tables.append(block_ids)
         if wants_logits:
-            self.logits_rows.append(self.query_start_loc[-1] - 1)
+            self.logits_rows.append(rows - 1)
 
     @property
     def num_seqs(self) -> int:
