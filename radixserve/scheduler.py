@@ -88,19 +88,19 @@ class Scheduler:
         out.step = self._step_input(out.scheduled)
         return out
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    @staticmethod
+    def _scheduled(request: Request, num_new: int, computed: int) -> ScheduledRequest:
         # 0 ..... computed (K/V in its blocks) ..... computed + num_new (this step) ..... num_tokens
         # A step that reaches num_tokens yields its last token's logits: a new token is sampled.
-        computed = self.cache.num_computed_tokens(request)
         return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
 
     def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
-        step = StepInput(self.cache.block_size)
-        for s in scheduled:
-            start = s.num_computed_tokens
-            tokens = s.request.token_slice(start, start + s.num_new_tokens)
-            step.add(tokens, start, self.cache.kv(s.request).block_ids, wants_logits=s.samples)
-        return step
+        kv = self.cache.kv
+        return StepInput.build(self.cache.block_size, (
+            (s.request.token_slice(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens),
+             s.num_computed_tokens, kv(s.request).block_ids, s.samples)
+            for s in scheduled
+        ))  # fmt: skip
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Running requests, oldest first, each its next tokens; preempt the newest when blocks
@@ -108,22 +108,26 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - self.cache.num_computed_tokens(request), budget)
+            computed = self.cache.num_computed_tokens(request)
+            num_new = min(request.num_tokens - computed, budget)
             while not self.cache.allocate_slots(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     return budget  # nothing after it can run either
-            out.scheduled.append(self._scheduled(request, num_new))
+            out.scheduled.append(self._scheduled(request, num_new, computed))
             budget -= num_new
             i += 1
         return budget
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests while budget, sequence slots and blocks allow."""
+        if not self.waiting:
+            return
         self._order_waiting()
-        in_flight = [s.request for s in out.scheduled if self._is_prefilling(s.request)]
+        # requests computing more than their last token this step (their blocks may be shared)
+        in_flight = [s.request for s in out.scheduled if s.num_computed_tokens < s.request.num_tokens - 1]
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -138,9 +142,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self._start(request, cached)
-            out.scheduled.append(self._scheduled(request, num_new))
+            out.scheduled.append(self._scheduled(request, num_new, cached))
             budget -= num_new
-            if self._is_prefilling(request) or cached + num_new < request.num_tokens:
+            if cached < request.num_tokens - 1 or cached + num_new < request.num_tokens:
                 in_flight.append(request)
         self.waiting.extendleft(reversed(deferred))
 
@@ -151,10 +155,6 @@ class Scheduler:
             request.first_scheduled_time = time.monotonic()
         request.status = RequestStatus.RUNNING
         self.running.append(request)
-
-    def _is_prefilling(self, request: Request) -> bool:
-        """More than its last token left to compute (before this step)."""
-        return self.cache.num_computed_tokens(request) < request.num_tokens - 1
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

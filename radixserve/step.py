@@ -8,7 +8,7 @@ lists of ints. `slot_mapping` is the one place a token position becomes a KV slo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -38,25 +38,33 @@ class StepInput:
     block_tables: list[list[int]] = field(default_factory=list)  # [B] block ids of each sequence
     logits_rows: list[int] = field(default_factory=list)  # rows whose logits are wanted (sampling), in order
 
-    def add(self, token_ids: Sequence[int], start: int, block_ids: list[int], wants_logits: bool) -> None:
-        """Append a sequence: its new tokens `token_ids` at positions start.., its block table, and
-        whether its last new token's logits are wanted."""
-        n = len(token_ids)
-        end = start + n
-        if n == 1:  # a decode (the common case, up to hundreds a step): no ranges, no temporaries
-            self.token_ids.append(token_ids[0])
-            self.positions.append(start)
-        else:
-            self.token_ids.extend(token_ids)
-            self.positions.extend(range(start, end))
-        self.slot_mapping.extend(slot_mapping(block_ids, start, end, self.block_size))
-        rows = self.query_start_loc[-1] + n
-        self.query_start_loc.append(rows)
-        self.query_lens.append(n)
-        self.seq_lens.append(end)
-        self.block_tables.append(block_ids)
-        if wants_logits:
-            self.logits_rows.append(rows - 1)
+    @classmethod
+    def build(cls, block_size: int, seqs: Iterable[tuple[Sequence[int], int, list[int], bool]]) -> StepInput:
+        """A step of sequences given as (new token ids, position of the first, block table,
+        whether the last new token's logits are wanted). One pass, locals only: a decode step
+        has hundreds of sequences and this runs on the critical path of every step."""
+        step = cls(block_size)
+        ids, positions, slots, tables = step.token_ids, step.positions, step.slot_mapping, step.block_tables
+        starts, query_lens, seq_lens, rows = step.query_start_loc, step.query_lens, step.seq_lens, step.logits_rows
+        total = 0
+        for tokens, start, blocks, wants_logits in seqs:
+            n = len(tokens)
+            end = start + n
+            if n == 1:  # a decode: no range, no temporaries
+                ids.append(tokens[0])
+                positions.append(start)
+            else:
+                ids.extend(tokens)
+                positions.extend(range(start, end))
+            slots.extend(slot_mapping(blocks, start, end, block_size))
+            total += n
+            starts.append(total)
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(blocks)
+            if wants_logits:
+                rows.append(total - 1)
+        return step
 
     @property
     def num_seqs(self) -> int:
