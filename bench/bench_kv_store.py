@@ -1,11 +1,14 @@
 """The storage tier's costs per KV block, written to docs/benchmarks.md (section kv-store).
 
     .venv/bin/python bench/bench_kv_store.py [--blocks 32] [--repeats 3] [--dir /tmp] [--threads 1]
+        [--redis redis://127.0.0.1:6379/0]
 
 For two block shapes (the embedded SmolLM2-135M in fp32, Llama-3-8B in bf16; 16 tokens each) it
 times, per block: the content key (one sha256 chain step), pool -> record (kv_transfer gather),
 a DiskKVStore put with and without fsync, a get (read + sha256 verify; the page cache is warm, so
-this is the best case a local disk gives) and record -> pool. These are the numbers a load-vs-
+this is the best case a local disk gives) and record -> pool; with ``--redis URL``, also a
+RedisKVStore put (pipelined SET NX) and get (MGET + verify) of the same batch, under a key
+prefix of its own that it deletes afterwards. These are the numbers a load-vs-
 recompute cost model weighs against the prefill rate (docs/benchmarks.md, CPU prefill section).
 Fresh record buffers are page-faulted in, so "pool -> record" swings with memory pressure; run it
 on a quiet machine.
@@ -47,7 +50,32 @@ def best_of(repeats: int, fn) -> float:
     return min(times)
 
 
-def bench_shape(name: str, num_blocks: int, repeats: int, directory: str) -> list[object]:
+def bench_redis(url: str, records: list, keys: list, identity: str, repeats: int) -> list[str]:
+    from radixserve.cache.redis_store import RedisKVStore
+
+    store = RedisKVStore(url, identity, key_prefix="rsbench:")
+    if not store.available:
+        raise SystemExit(f"no Redis answering at {url}")
+    nbytes = sum(len(r.payload) for r in records)
+    puts = []
+    try:
+        for _ in range(repeats):
+            store.delete(keys)
+            start = time.perf_counter()
+            assert store.put(records) == len(records)
+            puts.append(time.perf_counter() - start)
+        got: list = []
+        get_s = best_of(repeats, lambda: got.__setitem__(slice(None), store.get(keys)))
+        assert all(r is not None for r in got)
+    finally:
+        store.delete(keys)
+        store.close()
+    return [
+        f"{min(t) / len(records) * 1e3:.2f} ms ({nbytes / min(t) / 1e9:.2f} GB/s)" for t in (puts, [get_s])
+    ]
+
+
+def bench_shape(name: str, num_blocks: int, repeats: int, directory: str, redis_url: str | None) -> list[object]:
     layers, kv_heads, head_dim, dtype = SHAPES[name]
     arch = ModelArch("LlamaForCausalLM", 32, 64, 64, layers, kv_heads, kv_heads, head_dim)
     pool = KVCache.allocate(arch, num_blocks, BLOCK_SIZE, dtype, "cpu")
@@ -85,6 +113,8 @@ def bench_shape(name: str, num_blocks: int, repeats: int, directory: str) -> lis
         load_s = best_of(repeats, lambda: records_to_blocks(back, ids, got)) / num_blocks
         assert torch.equal(back.storage.view(torch.uint8), pool.storage.view(torch.uint8))
         row.append(f"{load_s * 1e3:.2f} ms")
+    if redis_url:
+        row += bench_redis(redis_url, records, keys, identity.describe(), repeats)
     return row
 
 
@@ -94,15 +124,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the store directories go")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (block copies are memory-bound)")
+    parser.add_argument("--redis", metavar="URL", help="also time a RedisKVStore on this server (redis://HOST:PORT)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [bench_shape(name, args.blocks, args.repeats, args.dir) for name in SHAPES]
+    rows = [bench_shape(name, args.blocks, args.repeats, args.dir, args.redis) for name in SHAPES]
+    redis_note = f" redis = RedisKVStore on `{args.redis}`: put = pipelined SET NX, get = MGET + verify."
+    redis_note = redis_note if args.redis else ""
     body = (
         f"Per block of {BLOCK_SIZE} tokens, batches of {args.blocks} blocks, best of {args.repeats}; store on "
-        f"`{args.dir}`. get = read + sha256 verify with a warm page cache (the best case for a local disk).\n\n"
+        f"`{args.dir}`. get = read + sha256 verify with a warm page cache (the best case for a local disk)."
+        + redis_note
+        + "\n\n"
         + markdown_table(
             ["block shape", "record", "content key", "pool -> record"]
-            + ["put (fsync)", "put (no fsync)", "get", "record -> pool"],
+            + ["put (fsync)", "put (no fsync)", "get", "record -> pool"]
+            + (["redis put", "redis get"] if args.redis else []),
             rows,
         )
     )

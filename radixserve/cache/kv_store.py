@@ -440,12 +440,19 @@ class NullKVStore(KVStore):
 
 
 def open_kv_store(spec: str | None, capacity_bytes: int, identity: str) -> KVStore:
-    """The store a ``--kv-store`` spec names: ``disk:PATH``, ``memory``, or None/"" for none.
+    """The store a ``--kv-store`` spec names: ``disk:PATH``, ``memory``,
+    ``redis://HOST:PORT[/DB][?key_prefix=..&ttl_s=..]`` (or ``valkey://``), or None/"" for none.
 
-    Raises KVStoreError for an unknown scheme or a store that cannot be opened.
+    A Redis store's capacity is the server's maxmemory, so ``capacity_bytes`` is not used for it.
+    Raises KVStoreError for an unknown scheme or a store that cannot be opened (an unreachable
+    Redis is not that: its operations are misses until it answers).
     """
     if not spec:
         return NullKVStore(identity)
+    if "://" in spec:  # redis-py is imported only for a Redis store
+        from radixserve.cache.redis_store import open_redis_store
+
+        return open_redis_store(spec, identity)
     scheme, _, rest = spec.partition(":")
     if capacity_bytes <= 0:
         raise KVStoreError(f"a KV store needs a positive capacity, got {capacity_bytes} bytes")
@@ -455,4 +462,4 @@ def open_kv_store(spec: str | None, capacity_bytes: int, identity: str) -> KVSto
         return DiskKVStore(rest, capacity_bytes, identity)
     if scheme == "memory" and not rest:
         return MemoryKVStore(identity, capacity_bytes)
-    raise KVStoreError(f"unknown KV store {spec!r}: use disk:PATH or memory")
+    raise KVStoreError(f"unknown KV store {spec!r}: use disk:PATH, memory or redis://HOST:PORT[/DB]")
