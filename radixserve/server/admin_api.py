@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from radixserve.server.metrics import engine_snapshot
 from radixserve.server.state import get_state
 
 router = APIRouter()
@@ -27,7 +26,7 @@ async def metrics(request: Request) -> Response:
     metrics or admin key (a scraper's bearer_token)."""
     state = get_state(request)
     state.auth.authenticate_metrics(request)
-    snapshot = await state.async_engine.call(engine_snapshot, state.engine)
+    snapshot = await state.async_engine.call(state.engine.snapshot)
     body = state.metrics.render(snapshot, named_caches=len(state.caches))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

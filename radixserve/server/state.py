@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import Request
 
-from radixserve.advisor.request_log import RequestLogWriter
+from radixserve.request_log import RequestLogWriter
 from radixserve.engine import LLMEngine
 from radixserve.errors import PromptTooLongError
 from radixserve.request import CachePin, CachePolicy, RequestOutput
@@ -69,8 +69,7 @@ class ServerState:
     @property
     def max_total_tokens(self) -> int:
         """Prompt + output tokens one request can have: the context, and the KV pool."""
-        cache = self.engine.cache
-        return min(self.engine.max_model_len, cache.num_blocks * cache.block_size)
+        return self.engine.max_total_tokens
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         """When a request sets no limit, it may generate up to the end of its context."""
@@ -91,10 +90,7 @@ class ServerState:
     def pin_bounds(self) -> tuple[int, int] | None:
         """(total, per namespace): the most KV blocks pins may hold (None: cache off). Fixed at
         start, so reading them from the event loop is safe."""
-        tree = self.engine.cache.tree
-        if tree is None or tree.max_pinned_blocks is None or tree.max_pinned_blocks_per_namespace is None:
-            return None
-        return tree.max_pinned_blocks, tree.max_pinned_blocks_per_namespace
+        return self.engine.pin_bounds
 
     def pin_bounds_text(self) -> str:
         bound = self.pin_bounds()
@@ -106,11 +102,11 @@ class ServerState:
 
     @property
     def prefix_caching(self) -> bool:
-        return self.engine.cache.tree is not None
+        return self.engine.prefix_caching
 
     @property
     def block_size(self) -> int:
-        return self.engine.cache.block_size
+        return self.engine.block_size
 
     # ---- running requests ---------------------------------------------------------------
     async def submit(

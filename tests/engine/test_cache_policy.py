@@ -23,7 +23,7 @@ def _greedy(n: int = 8) -> SamplingParams:
 def _cached_sequences(engine) -> list[list[int]]:
     """Every token path the tree indexes, root to node, all namespaces."""
     paths = []
-    for node in engine.cache.tree.iter_nodes():
+    for node in engine.cache.prefix_cache.iter_nodes():
         tokens, n = [], node
         while n is not None and not n.is_root:
             tokens[:0] = n.tokens
@@ -38,7 +38,7 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
 
 def _assert_no_leak(engine) -> None:
     assert engine.cache.num_free_blocks() + engine.cache.num_cached_blocks() == engine.cache.num_blocks
-    engine.cache.tree.check_invariants()
+    engine.cache.prefix_cache.check_invariants()
 
 
 def test_none_stores_nothing_and_reads_nothing(make_engine):

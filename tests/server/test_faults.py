@@ -239,7 +239,7 @@ def test_a_cache_create_is_aborted_when_its_client_goes(embedded_model):
         assert server.metrics()["radixserve_requests_aborted_total"] == before["radixserve_requests_aborted_total"] + 1
         with server.http() as http:
             assert http.get(CACHES).json()["cached_contents"] == []
-        assert server.engine.cache.tree.pinned_blocks() == 0
+        assert server.engine.pinned_blocks() == 0
 
 
 # ---- pins --------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_pin_pressure_never_starves_or_hangs_a_request(embedded_model):
         for name in names:
             assert http.delete(f"/v1/{name}").status_code == 200
         assert_healthy(server)
-        assert server.engine.cache.tree.pinned_blocks() == 0  # idle engine: reading it here is safe
+        assert server.engine.pinned_blocks() == 0  # idle engine: reading it here is safe
 
 
 def test_concurrent_named_cache_operations_leave_nothing_pinned(srv):
@@ -318,7 +318,7 @@ def test_concurrent_named_cache_operations_leave_nothing_pinned(srv):
 
 def _pinned_in(server, salt_prefix: str) -> list:
     """Live pins in namespaces whose cache salt starts with `salt_prefix` (an idle engine: safe)."""
-    tree, now = server.engine.cache.tree, server.engine.cache.clock()
+    tree, now = server.engine.cache.prefix_cache, server.engine.cache.clock()
     return [n for n in tree.iter_nodes() if salt_prefix in n.namespace and n.pinned_until > now]
 
 
