@@ -18,8 +18,9 @@ from radixserve.errors import InvalidRequestError, PromptTooLongError
 from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
 from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
-from radixserve.sampling import Sampler, SamplingParams
+from radixserve.sampling import Sampler, SamplingParams, compute_logprobs
 from radixserve.scheduler import Scheduler
+from radixserve.structured import Guide, GuideFactory
 
 
 @dataclass(slots=True)
@@ -62,6 +63,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
+        self.guide_factory = GuideFactory(self.tokenizer, loaded.arch.vocab_size)
+        self._guides: dict[str, Guide] = {}  # grammar state of constrained requests
         self.requests: dict[str, Request] = {}
         self._emitted_text: dict[str, str] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
@@ -97,6 +100,7 @@ class LLMEngine:
         if not token_ids:
             raise InvalidRequestError("prompt must not be empty")
         self._check_fits(len(token_ids), params.max_tokens)
+        guide = self.guide_factory.compile(params.guided) if params.guided is not None else None
         request = Request(
             request_id=request_id,
             prompt=text,
@@ -107,6 +111,8 @@ class LLMEngine:
             cache_pins=list(cache_pins or []),
         )
         self.requests[request_id] = request
+        if guide is not None:
+            self._guides[request_id] = guide
         self.scheduler.add(request)
         self.stats.prompt_tokens += len(token_ids)
         return request
@@ -155,15 +161,26 @@ class LLMEngine:
             r = s.request
             if r.num_computed_tokens < r.num_prompt_tokens:
                 self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
+        sampling = [s.request for s, wants in zip(batch, logits_for) if wants]
+        guided_rows = [i for i, r in enumerate(sampling) if r.request_id in self._guides]
+        pending_masks = None
+        if guided_rows:  # computed on a helper thread while the model runs
+            pending_masks = self.guide_factory.start_masks([self._guides[sampling[i].request_id] for i in guided_rows])
         logits = self.runner.execute(batch, logits_for)
 
-        sampling = [s.request for s, wants in zip(batch, logits_for) if wants]
         for s in batch:
             s.request.num_computed_tokens += s.num_new_tokens
             self.cache.cache_computed(s.request)
         if not sampling:
             return []
-        tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling])
+        masks = (guided_rows, pending_masks.result()) if pending_masks is not None else None
+        tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling], masks)
+        logprob_rows = [i for i, r in enumerate(sampling) if r.sampling.logprobs is not None]
+        if logprob_rows:
+            logprobs = compute_logprobs(logits, logprob_rows, [tokens[i] for i in logprob_rows],
+                                        [sampling[i].sampling.logprobs for i in logprob_rows])
+            for i, lp in zip(logprob_rows, logprobs):
+                sampling[i].output_logprobs.append(lp)
         now = time.monotonic()
         outputs = []
         for request, token in zip(sampling, tokens):
@@ -175,11 +192,23 @@ class LLMEngine:
                 request.first_token_time = now
             request.output_token_ids.append(token)
             self.stats.generation_tokens += 1
+            guide = self._guides.get(request.request_id)
+            grammar_done = guide is not None and self._advance_guide(guide, token)
             self._check_stop(request, token)
+            if grammar_done and request.finish_reason in (None, "length"):
+                # the grammar is complete: its next token could only be EOS, so stop now
+                request.finish_reason, request.stop_reason = "stop", None
+                request.output_text = self.tokenizer.decode(request.output_token_ids)
             if request.finish_reason is not None:
                 self._finish(request, request.finish_reason)
             outputs.append(self._output(request, new_tokens=1))
         return outputs
+
+    @staticmethod
+    def _advance_guide(guide: Guide, token: int) -> bool:
+        """Feed the token to the request's grammar; True when the grammar is complete (or, which
+        a masked sample cannot cause, rejected the token): the request ends there."""
+        return not guide.advance(token) or guide.done
 
     def _apply_cache_pins(self, request: Request) -> None:
         for pin in request.cache_pins:
@@ -226,6 +255,7 @@ class LLMEngine:
         request.finish_time = time.monotonic()
         self.scheduler.remove(request)
         self.sampler.forget(request.request_id)
+        self._guides.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         self.stats.finished_requests += 1
 
@@ -258,6 +288,7 @@ class LLMEngine:
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
             ),
             new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
+            logprobs=list(request.output_logprobs) if request.sampling.logprobs is not None else None,
             new_text=new_text,
             cache_write_tokens=self._cache_write_tokens(request),
         )

@@ -39,6 +39,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
+    output_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per output token, when asked
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -113,6 +114,7 @@ class RequestOutput:
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
     cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
+    logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
 
     @property
     def num_prompt_tokens(self) -> int:
