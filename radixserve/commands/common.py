@@ -11,7 +11,8 @@ from radixserve.engine import default_dtype_for
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and engine")
     g.add_argument("--model", default="embedded",
-                   help="'embedded' (SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a .gguf file, "
+                   help="'embedded' (SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a Hub id org/name[@rev] "
+                        "(huggingface_hub's cache; HF_HUB_OFFLINE=1 uses only the cache), a .gguf file, "
                         "or dummy:<preset> (random weights: tiny, smollm2-135m, llama3.2-1b, llama3-8b)")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
