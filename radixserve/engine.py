@@ -289,6 +289,7 @@ class LLMEngine:
             ),
             new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
             logprobs=list(request.output_logprobs) if request.sampling.logprobs is not None else None,
+            new_logprobs=request.output_logprobs[-new_tokens:] if new_tokens and request.output_logprobs else [],
             new_text=new_text,
             cache_write_tokens=self._cache_write_tokens(request),
         )

@@ -115,6 +115,7 @@ class RequestOutput:
     new_text: str = ""
     cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
     logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
+    new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)
 
     @property
     def num_prompt_tokens(self) -> int:

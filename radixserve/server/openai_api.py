@@ -135,17 +135,14 @@ async def _chat_events(
         return _sse(data)
 
     streamer = ToolCallStreamer() if tool_names else None
-    num_logprobs = 0
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for out in stream:
             text = streamer.feed(out.new_text) if streamer is not None else out.new_text
             logprobs = None
-            if out.logprobs is not None and len(out.logprobs) > num_logprobs:
-                logprobs = _chat_logprobs(state, out.logprobs[num_logprobs:], out if out.finished else None,
-                                          offset=num_logprobs)
-                num_logprobs = len(out.logprobs)
-            if text or logprobs:
+            if out.new_logprobs:
+                logprobs = _chat_logprobs(state, out.new_logprobs, out if out.finished else None)
+            if text or (logprobs and logprobs["content"]):
                 yield chunk({"content": text}, logprobs=logprobs)
             if out.finished:
                 calls: list[ToolCall] = []
@@ -171,10 +168,9 @@ async def _chat_events(
         stream.close()  # no-op when finished; aborts when the client went away mid-stream
 
 
-def _chat_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None, offset: int = 0) -> dict:
-    """OpenAI's chat logprobs object; the stop token that ended the output is not listed."""
-    if final is not None and final.finish_reason == "stop" and isinstance(final.stop_reason, int):
-        logprobs = logprobs[: max(0, len(final.token_ids) - 1 - offset)]
+def _chat_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None) -> dict:
+    """OpenAI's chat logprobs object; `final` (the finished output) drops a stop token's entry."""
+    logprobs = _drop_stop_token(logprobs, final)
     tok = state.tokenizer
 
     def entry(token_id: int, logprob: float) -> dict:
@@ -277,16 +273,13 @@ async def _completion_events(
         return _sse(data)
 
     finals: list[RequestOutput] = []
-    sent_logprobs = [0] * len(streams)
     try:
         for index, echo in enumerate(echoes):
             yield chunk(index, echo)
         async for index, out in merge_streams(streams):
             logprobs = None
-            if out.logprobs is not None and len(out.logprobs) > sent_logprobs[index]:
-                logprobs = _completion_logprobs(state, out.logprobs[sent_logprobs[index]:],
-                                                out if out.finished else None, offset=sent_logprobs[index])
-                sent_logprobs[index] = len(out.logprobs)
+            if out.new_logprobs:
+                logprobs = _completion_logprobs(state, out.new_logprobs, out if out.finished else None)
             if out.new_text or out.finished or logprobs:
                 yield chunk(index, out.new_text, _finish_reason(out) if out.finished else None, logprobs)
             if out.finished:
@@ -304,10 +297,17 @@ async def _completion_events(
             stream.close()
 
 
-def _completion_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None, offset: int = 0) -> dict:
+def _drop_stop_token(logprobs: list, final: RequestOutput | None) -> list:
+    """Without the stop token's entry (the last one) when a stop token ended the output: the
+    text does not include it, so neither do the logprobs."""
+    if final is not None and final.finish_reason == "stop" and isinstance(final.stop_reason, int) and logprobs:
+        return logprobs[:-1]
+    return logprobs
+
+
+def _completion_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None) -> dict:
     """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
-    if final is not None and final.finish_reason == "stop" and isinstance(final.stop_reason, int):
-        logprobs = logprobs[: max(0, len(final.token_ids) - 1 - offset)]
+    logprobs = _drop_stop_token(logprobs, final)
     tok = state.tokenizer
 
     def text(token_id: int) -> str:
