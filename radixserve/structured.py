@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from radixserve.errors import InvalidRequestError
@@ -144,11 +145,12 @@ class GuideFactory:
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """logits [n, vocab] with every token whose bit is 0 set to -inf (a new tensor)."""
+    """logits [n, vocab] with every token whose bit is 0 set to -inf (a new tensor). The bits
+    are unpacked by numpy (one pass over vocab/8 bytes per row, cheaper than torch's shifts)."""
     vocab = logits.shape[-1]
-    bits = torch.arange(32, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
-    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    disallowed = torch.from_numpy(bits) == 0
+    return logits.masked_fill(disallowed.to(logits.device), float("-inf"))
 
 
 def schema_json(schema: Any) -> str:
