@@ -5,7 +5,9 @@ Decodes a batch of free (unconstrained) greedy requests alone, then the same bat
 parts only guided rows pay: the mask computation (on a helper thread, overlapping the forward
 pass) and applying it in the sampler. The free requests' tokens are checked to be identical.
 
-    PYTHONPATH=. python bench/guided_overhead.py [--free 8] [--guided 2] [--tokens 48]
+    PYTHONPATH=. python bench/guided_overhead.py [--free 8] [--guided 2] [--tokens 48] [--write]
+
+--write replaces the section `guided-overhead` of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--guided", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--write", action="store_true", help="write the section guided-overhead of docs/benchmarks.md")
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=ModelConfig(source="embedded", show_progress=False),
                                     cache=CacheConfig(num_blocks=512, enable_prefix_caching=False)))
@@ -81,13 +84,29 @@ def main() -> None:
 
     plain_us = timed(None)
     masked_us = timed((list(range(args.guided)), bitmask))
-    print(f"decode step, {args.free} free requests alone:             {statistics.median(alone) * 1e3:7.1f} ms (median)")
-    print(f"decode step, {args.free} free + {args.guided} guided (json_schema):   "
-          f"{statistics.median(mixed) * 1e3:7.1f} ms (median)")
-    print(f"mask computation, one guided row (helper thread): {mask_us:7.0f} us")
-    print(f"sampler, {logits.shape[0]} rows: {plain_us:6.0f} us unmasked, {masked_us:6.0f} us with {args.guided} masked rows")
-    print("free requests' tokens identical with and without guided neighbours: yes")
+    lines = [
+        "| measurement | value |",
+        "|---|---|",
+        f"| decode step, {args.free} free requests alone (median) | {statistics.median(alone) * 1e3:.1f} ms |",
+        f"| decode step, {args.free} free + {args.guided} guided json_schema requests (median) | "
+        f"{statistics.median(mixed) * 1e3:.1f} ms |",
+        f"| mask computation, one guided row (helper thread, overlaps the forward pass) | {mask_us:.0f} us |",
+        f"| sampler over {logits.shape[0]} rows, none masked | {plain_us:.0f} us |",
+        f"| sampler over {logits.shape[0]} rows, {args.guided} masked | {masked_us:.0f} us |",
+        "| free requests' tokens with and without guided neighbours | identical |",
+    ]
+    print("\n".join(lines))
+    if args.write:
+        import sys
+        from pathlib import Path
 
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from bench.report import update_section
+
+        update_section("guided-overhead", "CPU: what grammar-constrained rows cost a batch", "\n".join(lines) + (
+            "\n\nOnly guided rows pay: their masks are computed beside the forward pass and applied to their "
+            "rows alone; the free rows' logits are never touched, so their tokens are identical. Absolute "
+            "times swing with the machine's load (see the load average above); compare rows of one run."))
 
 if __name__ == "__main__":
     main()
