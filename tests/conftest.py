@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tests.redis_server import redis_server  # noqa: F401  (fixture: a fresh redis-server per test)
 
 
 @pytest.fixture(scope="session")
