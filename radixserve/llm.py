@@ -7,8 +7,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from radixserve.engine import LLMEngine, default_dtype_for
+from radixserve.config import EMBEDDED_MODEL, EngineConfig
+from radixserve.engine import LLMEngine
 from radixserve.request import RequestOutput
 from radixserve.sampling import SamplingParams
 
@@ -22,41 +22,11 @@ class LLM:
     >>> llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0))[0].text
     """
 
-    def __init__(
-        self,
-        model: str = "embedded",
-        *,
-        device: str = "cpu",
-        dtype: str | None = None,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_memory_gb: float = 1.0,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        policy: str = "fcfs",
-        max_model_len: int | None = None,
-        show_progress: bool = True,
-    ) -> None:
-        config = EngineConfig(
-            model=ModelConfig(
-                source=model,
-                dtype=dtype or default_dtype_for(device),
-                device=device,
-                max_model_len=max_model_len,
-                show_progress=show_progress,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                num_blocks=num_blocks,
-                kv_cache_memory_gb=kv_cache_memory_gb,
-                enable_prefix_caching=enable_prefix_caching,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=policy
-            ),
-        )
-        self.engine = LLMEngine(config)
+    def __init__(self, model: str = EMBEDDED_MODEL, **options: Any) -> None:
+        """`model`: ModelConfig.source. `options`: any field of ModelConfig, CacheConfig or
+        SchedulerConfig (radixserve/config.py documents each one and its default), e.g.
+        device="cuda", num_blocks=512, enable_prefix_caching=False, policy="lpm"."""
+        self.engine = LLMEngine(EngineConfig.from_options(source=model, **options))
         self.tokenizer = self.engine.tokenizer
 
     @classmethod

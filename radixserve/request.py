@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
 from radixserve.sampling import SamplingParams
 
 
@@ -26,7 +24,8 @@ class CachePin:
 
 @dataclass
 class Request:
-    """One generation request. The engine owns it; the scheduler and cache manager mutate it."""
+    """One generation request: its tokens, sampling and status. The engine owns it; the scheduler
+    sets its status. Its KV state lives in the cache manager (KVCacheManager.kv)."""
 
     request_id: str
     prompt: str | None
@@ -43,11 +42,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
-    # KV state: tokens whose K/V are in `block_ids` (a prefix of all_token_ids)
-    num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
-    tree_node: Any = None  # locked radix-tree node covering the request's cached blocks
-    num_tree_tokens: int = 0  # tokens of this request already inserted in the tree
+    # Request facts the scheduler keeps (the KV state is the cache manager's: KVCacheManager.kv)
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission (reported)
     num_preemptions: int = 0
     times_deferred: int = 0  # scheduler passes over it (lpm policy / in-batch dedup)
@@ -68,9 +63,16 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_computed_tokens < self.num_tokens - 1
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without building the whole prompt + output list (a decode
+        step needs one token of a list thousands long)."""
+        prompt = self.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return prompt[start:] + self.output_token_ids[: end - n]
 
     @property
     def finished(self) -> bool:
@@ -99,20 +101,26 @@ class RequestMetrics:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """What a request produced so far (streamed) or in all (finished)."""
+    """What a request produced since its previous output (streamed), and in all (finished).
+
+    Every output carries the delta: `new_token_ids` and `new_text`; concatenated over a
+    request's outputs they give the whole. Only the finished output (`finished` True) also
+    carries the whole output in `token_ids` and `text`; streamed ones leave them empty, so
+    streaming costs O(1) per token rather than a copy of everything so far.
+    """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
+    new_token_ids: list[int]
+    new_text: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
     stop_reason: str | int | None
     num_cached_tokens: int
     metrics: RequestMetrics
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # the whole output: finished outputs only
+    text: str = ""  # the whole output text: finished outputs only
     cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control
     logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
     new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)

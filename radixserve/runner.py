@@ -1,4 +1,4 @@
-"""ModelRunner: turns a scheduled batch into tensors, runs the model, returns logits.
+"""ModelRunner: turns a step's host metadata (StepInput) into tensors, runs the model, returns logits.
 
 It owns the KV tensors and never makes caching decisions: the scheduler and the cache
 manager decide which blocks hold what; the runner just writes and reads them.
@@ -12,17 +12,7 @@ import torch
 from radixserve.config import CacheConfig
 from radixserve.model.attention import AttentionMetadata, KVCache
 from radixserve.model.loader import LoadedModel
-from radixserve.scheduler import ScheduledRequest
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
-
+from radixserve.step import StepInput
 
 def determine_num_blocks(loaded: LoadedModel, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Pool size: explicit, else from free GPU memory, else from the CPU memory budget."""
@@ -37,18 +27,6 @@ def determine_num_blocks(loaded: LoadedModel, cache: CacheConfig, dtype: torch.d
         budget -= 2 * 1024**3
         return max(int(budget // bytes_per_block), 16)
     return max(int(cache.kv_cache_memory_gb * 1024**3 // bytes_per_block), 16)
-
-
-def _token_slice(request, start: int, end: int) -> list[int]:
-    """request.all_token_ids[start:end] without building the whole prompt + output list
-    (a decode step needs one token; the list is thousands long)."""
-    prompt = request.prompt_token_ids
-    n = len(prompt)
-    if end <= n:
-        return prompt[start:end]
-    if start >= n:
-        return request.output_token_ids[start - n : end - n]
-    return prompt[start:] + request.output_token_ids[: end - n]
 
 
 class ModelRunner:
@@ -86,109 +64,44 @@ class ModelRunner:
                 self.prefill_graphs.capture(pool)
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledRequest], logits_for: list[bool]) -> torch.Tensor:
-        """Compute K/V for each request's next tokens; return logits [n, vocab] (fp32; on CPU
-        for a CPU model, on the GPU for a GPU model) for the requests whose `logits_for` flag is
-        set (those about to sample), in order."""
-        if self.graphs is not None and all(logits_for) and all(s.num_new_tokens == 1 for s in batch):
-            if self.graphs.can_run(len(batch), max(len(s.request.block_ids) for s in batch)):
-                return self._run_graph(batch)
-        if self.prefill_graphs is not None and len(batch) == 1:
-            item = batch[0]
-            if self.prefill_graphs.can_run(item.num_new_tokens, len(item.request.block_ids)):
-                logits = self._run_prefill_graph(item)
-                return logits if logits_for[0] else logits[:0]
-        meta, input_ids, logits_rows = self._prepare(batch, logits_for)
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Compute K/V for the step's new tokens; return the logits [len(step.logits_rows), vocab]
+        (fp32; on the CPU for a CPU model, on the GPU for a GPU model) of its logits rows, in order."""
+        if self.graphs is not None and step.is_decode and self.graphs.can_run(step.num_seqs, step.max_blocks):
+            return self.graphs.run(step)
+        if self.prefill_graphs is not None and step.num_seqs == 1:
+            if self.prefill_graphs.can_run(step.num_tokens, step.max_blocks):
+                logits = self.prefill_graphs.run(step)
+                return logits if step.logits_rows else logits[:0]
+        meta, input_ids, rows = self._device_inputs(step)
         hidden = self.model(input_ids, meta, self.kv_cache)
-        if not logits_rows:
+        if not step.logits_rows:
             return torch.empty(0, self.arch.vocab_size)
-        if self._uploader is not None:  # GPU: the rows came up with the metadata
-            return self.model.compute_logits(hidden.index_select(0, meta.backend_state.pop("logits_rows")))
-        rows = torch.tensor(logits_rows, device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, rows)).float().cpu()
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        return logits if self._uploader is not None else logits.float().cpu()
 
-    def _run_graph(self, batch: list[ScheduledRequest]) -> torch.Tensor:
-        ids, positions, slots, seq_lens = [], [], [], []
-        bs = self.block_size
-        for item in batch:
-            request = item.request
-            pos = request.num_computed_tokens
-            ids.append(_token_slice(request, pos, pos + 1)[0])
-            positions.append(pos)
-            slots.append(request.block_ids[pos // bs] * bs + pos % bs)
-            seq_lens.append(pos + 1)
-        return self.graphs.run(ids, positions, slots, seq_lens, [s.request.block_ids for s in batch])
-
-    def _run_prefill_graph(self, item: ScheduledRequest) -> torch.Tensor:
-        request = item.request
-        start = request.num_computed_tokens
-        end = start + item.num_new_tokens
-        bs = self.block_size
-        blocks = request.block_ids
-        slots = [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-        return self.prefill_graphs.run(_token_slice(request, start, end), start, slots, blocks)
-
-    def _prepare(self, batch: list[ScheduledRequest], logits_for: list[bool]):
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        query_lens: list[int] = []
-        logits_rows: list[int] = []
-        max_blocks = 1
-        for item, wants_logits in zip(batch, logits_for):
-            request = item.request
-            start = request.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids.extend(_token_slice(request, start, end))
-            positions.extend(range(start, end))
-            blocks = request.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(query_start[-1] + item.num_new_tokens)
-            seq_lens.append(end)
-            query_lens.append(item.num_new_tokens)
-            max_blocks = max(max_blocks, len(blocks))
-            if wants_logits:
-                logits_rows.append(query_start[-1] - 1)
-        if self._uploader is not None:
-            return self._prepare_gpu(batch, input_ids, positions, slots, query_start, seq_lens, query_lens, logits_rows, max_blocks)
-        tables = torch.zeros(len(batch), max_blocks, dtype=torch.long)
-        for i, item in enumerate(batch):
-            blocks = item.request.block_ids
-            if blocks:
-                tables[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        dev = self.device
-        meta = AttentionMetadata(
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.long, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            block_tables=tables.to(dev),
-            query_lens=query_lens,
-            seq_lens_list=seq_lens,
-        )
-        return meta, torch.tensor(input_ids, dtype=torch.long, device=dev), logits_rows
-
-    def _prepare_gpu(self, batch, input_ids, positions, slots, query_start, seq_lens, query_lens, logits_rows, max_blocks):
-        """Same metadata as the CPU path, uploaded in one pinned copy (each separate small
-        host->device copy costs a synchronous ~10-20 us)."""
-        tables = np.zeros((len(batch), max_blocks), dtype=np.int64)
-        for i, item in enumerate(batch):
-            blocks = item.request.block_ids
+    def _device_inputs(self, step: StepInput) -> tuple[AttentionMetadata, torch.Tensor, torch.Tensor]:
+        """The step's lists as device tensors: (metadata, input ids, logits rows). On the GPU they
+        go up in one pinned copy (each separate small host->device copy costs a synchronous
+        ~10-20 us)."""
+        num_seqs, width = step.num_seqs, step.max_blocks
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
+        for i, blocks in enumerate(step.block_tables):
             tables[i, : len(blocks)] = blocks
-        ids_t, pos_t, slots_t, qsl_t, lens_t, rows_t, tables_t = self._uploader.upload(
-            [input_ids, positions, slots, query_start, seq_lens, logits_rows, tables.reshape(-1)]
-        )
+        parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
+        if self._uploader is not None:
+            *lists, flat_tables = self._uploader.upload(parts + [tables.reshape(-1)])
+        else:
+            lists = [torch.tensor(p, dtype=torch.long, device=self.device) for p in parts]
+            flat_tables = torch.from_numpy(tables).to(self.device)
+        ids, positions, slots, query_start, seq_lens, rows = lists
         meta = AttentionMetadata(
-            positions=pos_t,
-            slot_mapping=slots_t,
-            query_start_loc=qsl_t,
-            seq_lens=lens_t,
-            block_tables=tables_t.view(len(batch), max_blocks),
-            query_lens=query_lens,
-            seq_lens_list=seq_lens,
+            positions=positions,
+            slot_mapping=slots,
+            query_start_loc=query_start,
+            seq_lens=seq_lens,
+            block_tables=flat_tables.view(num_seqs, width),
+            query_lens=step.query_lens,
+            seq_lens_list=step.seq_lens,
         )
-        meta.backend_state["logits_rows"] = rows_t
-        return meta, ids_t, logits_rows
+        return meta, ids, rows

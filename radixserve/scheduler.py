@@ -15,24 +15,44 @@ from dataclasses import dataclass, field
 
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import SchedulerConfig
+from radixserve.errors import PromptTooLongError
 from radixserve.request import Request, RequestStatus
 from radixserve.sequences import common_prefix_len
+from radixserve.step import StepInput
+
+
+def check_fits(num_prompt: int, max_tokens: int, max_model_len: int | None, block_size: int, num_blocks: int) -> None:
+    """The engine's admission check: raise PromptTooLongError unless a request of `num_prompt`
+    prompt tokens generating up to `max_tokens` fits the context (None: unlimited) and the pool.
+    The advisor's replay calls it too, so both reject exactly the same requests."""
+    if max_model_len is not None and num_prompt >= max_model_len:
+        raise PromptTooLongError(f"the prompt has {num_prompt} tokens but the model's context length is {max_model_len}")
+    if max_model_len is not None and num_prompt + max_tokens > max_model_len:
+        raise PromptTooLongError(
+            f"this model's maximum context length is {max_model_len} tokens, but {num_prompt} prompt "
+            f"tokens + {max_tokens} max_tokens = {num_prompt + max_tokens}; lower max_tokens or shorten the prompt"
+        )
+    needed = -(-(num_prompt + max_tokens) // block_size)
+    if needed > num_blocks:
+        raise PromptTooLongError(
+            f"the request needs {needed} KV blocks but the pool has only {num_blocks}; "
+            "give the engine more KV cache memory"
+        )
 
 
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
+    num_computed_tokens: int  # before this step
+    samples: bool  # this step computes its last token: a new token is sampled from its logits
 
 
 @dataclass(slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+    step: StepInput | None = None  # the runner's input, built once the batch is final
 
 
 class Scheduler:
@@ -54,8 +74,7 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        if request.block_ids or request.tree_node is not None:
-            self.cache.free(request)
+        self.cache.free(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -63,31 +82,52 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:  # memory is tight: let the survivors make progress first
+            self._admit_waiting(out, budget)
+        out.step = self._step_input(out.scheduled)
+        return out
 
-        # 1. running requests, oldest first; preempt the newest when blocks run out
+    @staticmethod
+    def _scheduled(request: Request, num_new: int, computed: int) -> ScheduledRequest:
+        # 0 ..... computed (K/V in its blocks) ..... computed + num_new (this step) ..... num_tokens
+        # A step that reaches num_tokens yields its last token's logits: a new token is sampled.
+        return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
+
+    def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
+        kv = self.cache.kv
+        return StepInput.build(self.cache.block_size, (
+            (s.request.token_slice(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens),
+             s.num_computed_tokens, kv(s.request).block_ids, s.samples)
+            for s in scheduled
+        ))  # fmt: skip
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Running requests, oldest first, each its next tokens; preempt the newest when blocks
+        run out. Returns the budget left."""
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            computed = self.cache.num_computed_tokens(request)
+            num_new = min(request.num_tokens - computed, budget)
             while not self.cache.allocate_slots(request, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
-                    break
-            else:
-                out.scheduled.append(ScheduledRequest(request, num_new))
-                budget -= num_new
-                i += 1
-                continue
-            break  # the request itself was preempted: nothing after it can run either
+                    return budget  # nothing after it can run either
+            out.scheduled.append(self._scheduled(request, num_new, computed))
+            budget -= num_new
+            i += 1
+        return budget
 
-        # 2. admit waiting requests while budget, sequence slots and blocks allow
-        if out.preempted:
-            return out  # memory is tight: let the survivors make progress first
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Admit waiting requests while budget, sequence slots and blocks allow."""
+        if not self.waiting:
+            return
         self._order_waiting()
-        in_flight = [s.request for s in out.scheduled if s.request.is_prefilling]
+        # requests computing more than their last token this step (their blocks may be shared)
+        in_flight = [s.request for s in out.scheduled if s.num_computed_tokens < s.request.num_tokens - 1]
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -101,18 +141,20 @@ class Scheduler:
                 self.cache.free(request)
                 break
             self.waiting.popleft()
-            if request.num_cached_tokens is None:
-                request.num_cached_tokens = cached
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            self._start(request, cached)
+            out.scheduled.append(self._scheduled(request, num_new, cached))
             budget -= num_new
-            if request.is_prefilling or num_new < request.num_tokens - request.num_computed_tokens:
+            if cached < request.num_tokens - 1 or cached + num_new < request.num_tokens:
                 in_flight.append(request)
         self.waiting.extendleft(reversed(deferred))
-        return out
+
+    def _start(self, request: Request, cached: int) -> None:
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = cached
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -120,7 +162,6 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.appendleft(request)
-
     def _order_waiting(self) -> None:
         """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
         if self.config.policy != "lpm" or len(self.waiting) < 2:
@@ -142,18 +183,18 @@ class Scheduler:
         """Hold a request back for a step when another request now prefilling is about to
         compute a longer shared prefix than the cache holds: it then reads those blocks
         instead of computing them a second time. Bounded, so nobody waits forever."""
-        if self.cache.tree is None or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
+        if not self.cache.enable_prefix_caching or not in_flight or request.times_deferred >= self.config.lpm_max_skips * 4:
             return False
-        bs = self.cache.block_size
+        block_size = self.cache.block_size
         tokens = request.all_token_ids
         limit = self.cache.max_cacheable(len(tokens))
         if limit == 0:
             return False
-        first_block = tokens[:bs]
+        first_block = tokens[:block_size]
         for other in in_flight:
-            if other.namespace != request.namespace or other.all_token_ids[:bs] != first_block:
+            if other.namespace != request.namespace or other.all_token_ids[:block_size] != first_block:
                 continue
-            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // bs * bs
-            if shared > other.num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
+            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // block_size * block_size
+            if shared > self.cache.kv(other).num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
                 return True
         return False

@@ -7,7 +7,7 @@
     report = analyze(log.requests, model, AdvisorConfig(capacity_tokens=65536), log=log)
     print(report.render_text())
 
-Modules: request_log (the server's opt-in log writer), logs (reading + rendering + tokenizing),
+Modules: logs (reading + rendering + tokenizing the log that radixserve/request_log.py writes),
 replay (the engine's KVCacheManager over a log), curve (capacity curve), findings (cache-hostile
 patterns), prefix_tree (the shared-prefix tree), report (text and JSON), plot (the PNG).
 """
@@ -17,7 +17,7 @@ from radixserve.advisor.logs import LoadedLog, PromptRequest, read_log, requests
 from radixserve.advisor.model_info import ModelInfo, load_model_info, model_info_from_loaded
 from radixserve.advisor.replay import ReplayConfig, ReplayResult, replay
 from radixserve.advisor.report import AdviceReport
-from radixserve.advisor.request_log import RequestLogWriter
+from radixserve.request_log import RequestLogWriter
 
 __all__ = [
     "AdviceReport",

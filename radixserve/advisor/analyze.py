@@ -89,11 +89,11 @@ def analyze(
     progress: bool = False,
 ) -> AdviceReport:
     """Everything the report shows, for ``requests`` replayed in order on ``model``'s tokens."""
-    bs = config.block_size
+    block_size = config.block_size
     kv_per_token = model.kv_bytes_per_token
     capacity = config.capacity_blocks(kv_per_token)
     base = ReplayConfig(
-        block_size=bs,
+        block_size=block_size,
         capacity_blocks=capacity,
         ttl=config.ttl if _has_timestamps(requests) else None,
         max_num_batched_tokens=config.max_num_batched_tokens,
@@ -119,7 +119,7 @@ def analyze(
     pairs = find_divergences(requests, config.min_shared_tokens)
     reordered: ReplayResult | None = None
     if pairs:
-        findings += divergence_findings(requests, pairs, tokenizer, bs)
+        findings += divergence_findings(requests, pairs, tokenizer, block_size)
         rewritten = [dataclasses.replace(r, token_ids=ids) for r, ids in zip(requests, reorder_for_caching(requests, pairs))]
         reordered = replay(rewritten, base)
         for f in findings:
@@ -127,14 +127,14 @@ def analyze(
     in_groups = {p.request for p in pairs} | {p.partner for p in pairs}
     overlaps = prefix_overlaps(requests)
     findings += prefix_findings(
-        requests, overlaps, block_size=bs, min_prefix_tokens=config.min_prefix_tokens,
+        requests, overlaps, block_size=block_size, min_prefix_tokens=config.min_prefix_tokens,
         head_tokens=template_head_tokens(tokenizer), exclude=in_groups, tokenizer=tokenizer,
     )
-    min_loss = max(bs, int(_MIN_LOSS_FRACTION * main.query_tokens))
+    min_loss = max(block_size, int(_MIN_LOSS_FRACTION * main.query_tokens))
     churn = no_cap.hit_tokens - main.hit_tokens
     if capacity is not None and churn >= min_loss:
         below_knee = main.hit_rate < curve.target * curve.max_hit_rate
-        findings.append(_churn_finding(main, no_cap, curve, kv_per_token, bs, below_knee))
+        findings.append(_churn_finding(main, no_cap, curve, kv_per_token, block_size, below_knee))
     expired = no_ttl.hit_tokens - main.hit_tokens
     if base.ttl is not None and expired >= min_loss:
         findings.append(_ttl_finding(main, no_ttl, base.ttl, requests))
@@ -197,12 +197,12 @@ def _savings(result: ReplayResult, requests: Sequence[PromptRequest], config: Ad
 
 
 def _churn_finding(
-    main: ReplayResult, no_cap: ReplayResult, curve: CapacityCurve, kv_per_token: int, bs: int, below_knee: bool
+    main: ReplayResult, no_cap: ReplayResult, curve: CapacityCurve, kv_per_token: int, block_size: int, below_knee: bool
 ) -> Finding:
     """Hits lost to evictions. Below the knee of the curve it is the working set not fitting
     (high); past it, the tail of rarely reused prefixes that only a much larger cache keeps (info)."""
     lost = no_cap.hit_tokens - main.hit_tokens
-    capacity_tokens = main.num_blocks * bs
+    capacity_tokens = main.num_blocks * block_size
     knee = curve.knee_tokens or capacity_tokens
     everything = curve.points[-1].capacity_tokens if curve.points else capacity_tokens
     detail = (

@@ -39,13 +39,6 @@ class CapacityCurve:
     def knee_tokens(self) -> int | None:
         return None if self.knee_blocks is None else self.knee_blocks * self.block_size
 
-    def hit_rate_at(self, capacity_blocks: int) -> float | None:
-        """The measured hit rate at exactly this capacity, if it is on the curve."""
-        for p in self.points:
-            if p.capacity_blocks == capacity_blocks:
-                return p.hit_rate
-        return None
-
 
 def capacity_curve(
     requests: Sequence[PromptRequest],
@@ -62,11 +55,11 @@ def capacity_curve(
     steps around the knee). ``base`` gives everything but the capacity; ``unbounded`` is a
     replay of ``base`` with no capacity limit, if one was already made; ``known`` maps capacities
     (blocks) already replayed to their results, which join the curve (e.g. the configured one)."""
-    bs = base.block_size
+    block_size = base.block_size
     if unbounded is None:
         unbounded = replay(requests, dataclasses.replace(base, capacity_blocks=None))
     runnable = [r for r in requests if base.max_model_len is None or r.num_tokens + 1 <= base.max_model_len]
-    lo = max((-(-(r.num_tokens + 1) // bs) for r in runnable), default=1)
+    lo = max((-(-(r.num_tokens + 1) // block_size) for r in runnable), default=1)
     # Enough for the largest cached state plus the request being prefilled: nothing is evicted.
     hi = max(lo, unbounded.peak_cached_blocks + lo)
     results: dict[int, ReplayResult] = {b: r for b, r in (known or {}).items() if lo <= b <= hi}
@@ -100,8 +93,8 @@ def capacity_curve(
                 low = mid
         knee = high
     on_grid = set(grid)
-    points = [CurvePoint(b, b * bs, r.hit_rate, r.hit_tokens, b not in on_grid) for b, r in sorted(results.items())]
-    return CapacityCurve(points, max_rate, target, knee, bs)
+    points = [CurvePoint(b, b * block_size, r.hit_rate, r.hit_tokens, b not in on_grid) for b, r in sorted(results.items())]
+    return CapacityCurve(points, max_rate, target, knee, block_size)
 
 
 def geometric_grid(lo: int, hi: int, num_points: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 Accepted lines (JSONL, one request each):
 
-- records written by :class:`~radixserve.advisor.request_log.RequestLogWriter`:
+- records written by :class:`~radixserve.request_log.RequestLogWriter`:
   ``{"ts": ..., "api": "chat", "namespace": "...", "body": {...}}``;
 - OpenAI batch-file lines: ``{"custom_id": ..., "url": "/v1/chat/completions", "body": {...}}``;
 - bare request bodies: OpenAI chat (``messages``), OpenAI completions (``prompt``), Anthropic
@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from radixserve.advisor.request_log import API_KINDS, API_PATHS
+from radixserve.request_log import API_KINDS, API_PATHS
 from radixserve.errors import InvalidRequestError
 
 _TIMESTAMP_KEYS = ("ts", "timestamp", "time", "created_at", "created")

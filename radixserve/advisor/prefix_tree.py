@@ -34,10 +34,6 @@ class PrefixNode:
     def ends_here(self) -> int:
         return len(self.ending)
 
-    @property
-    def is_shared(self) -> bool:
-        return self.count >= 2
-
 
 @dataclass(slots=True)
 class SharedPrefix:

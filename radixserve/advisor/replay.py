@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 
 from radixserve.advisor.logs import PromptRequest
 from radixserve.cache.manager import KVCacheManager
+from radixserve.cache.radix_tree import RadixTree
+from radixserve.errors import PromptTooLongError
 from radixserve.request import Request
 from radixserve.sampling import SamplingParams
+from radixserve.scheduler import check_fits
 
 # Replays one request at a time, so this only names the cache's key; any constant does.
 _MODEL_KEY = "advisor"
@@ -107,12 +110,12 @@ def replay(
     progress: Callable[[Iterable[PromptRequest]], Iterable[PromptRequest]] | None = None,
 ) -> ReplayResult:
     """Run ``requests`` in order through a KVCacheManager of ``config.capacity_blocks`` blocks."""
-    bs = config.block_size
-    num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, bs)
+    block_size = config.block_size
+    num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, block_size)
     clock = _ReplayClock()
-    cache = KVCacheManager(num_blocks, bs, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
-    tree = cache.tree
-    assert tree is not None
+    cache = KVCacheManager(num_blocks, block_size, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
+    tree = cache.prefix_cache
+    assert isinstance(tree, RadixTree)
     result = ReplayResult(config, num_blocks, [0] * len(requests))
     params = SamplingParams(max_tokens=1, temperature=0.0)
     budget = config.max_num_batched_tokens
@@ -122,9 +125,9 @@ def replay(
     iterable: Iterable[PromptRequest] = progress(requests) if progress is not None else requests
     for i, req in enumerate(iterable):
         n = req.num_tokens
-        # The engine's admission checks (LLMEngine._check_fits with max_tokens=1).
-        too_long = config.max_model_len is not None and n + 1 > config.max_model_len
-        if too_long or -(-(n + 1) // bs) > num_blocks:
+        try:  # the engine's own admission check, for a request with max_tokens=1
+            check_fits(n, 1, config.max_model_len, block_size, num_blocks)
+        except PromptTooLongError:
             result.cached_tokens[i] = -1
             result.rejected.append(i)
             continue
@@ -144,12 +147,11 @@ def replay(
         cached = cache.admit(request)
         # Prefill in chunks of the step budget, caching each chunk's full blocks as the engine
         # does after every step (evictions then interleave with inserts exactly as they do there).
-        while request.num_computed_tokens < n:
-            num_new = min(n - request.num_computed_tokens, budget)
+        while (computed := cache.num_computed_tokens(request)) < n:
+            num_new = min(n - computed, budget)
             if not cache.allocate_slots(request, num_new):
                 break  # cannot happen: everything but this request's own blocks is evictable
-            request.num_computed_tokens += num_new
-            cache.cache_computed(request)
+            cache.advance(request, num_new)
         result.peak_cached_blocks = max(result.peak_cached_blocks, tree.num_cached_blocks)
         cache.free(request)
         result.evicted_blocks += cache.stats.evicted_blocks - evicted_before
@@ -168,8 +170,8 @@ def _expire(cache: KVCacheManager, cutoff: float) -> tuple[int, float]:
     nodes are exactly the oldest ones and ``evict`` (LRU, leaves first) takes precisely them
     when asked for their total.
     """
-    tree = cache.tree
-    assert tree is not None
+    tree = cache.prefix_cache
+    assert isinstance(tree, RadixTree)
     stale = 0
     oldest = float("inf")
     for node in tree.iter_nodes():

@@ -64,7 +64,7 @@ class AdviceReport:
     # ---- JSON ---------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict (schema_version 1; fields are only ever added)."""
-        bs = self.config.block_size
+        block_size = self.config.block_size
         kv = self.model.kv_bytes_per_token
         r = self.result
         log = self.log
@@ -89,15 +89,15 @@ class AdviceReport:
             "model": {
                 "id": self.model.model_id,
                 "kv_bytes_per_token": kv,
-                "kv_bytes_per_block": kv * bs,
+                "kv_bytes_per_block": kv * block_size,
                 "kv_formula": self.model.kv_formula(),
                 "max_model_len": self.model.max_model_len,
             },
             "cache": {
-                "block_size": bs,
+                "block_size": block_size,
                 "capacity_blocks": self.capacity_blocks,
-                "capacity_tokens": self.capacity_blocks * bs if self.capacity_blocks else None,
-                "capacity_bytes": self.capacity_blocks * bs * kv if self.capacity_blocks else None,
+                "capacity_tokens": self.capacity_blocks * block_size if self.capacity_blocks else None,
+                "capacity_bytes": self.capacity_blocks * block_size * kv if self.capacity_blocks else None,
                 "eviction": "lru",
                 "ttl_s": self.ttl_applied,
                 "max_num_batched_tokens": self.config.max_num_batched_tokens,
@@ -112,8 +112,8 @@ class AdviceReport:
                 "requests_rejected": len(r.rejected),
                 "evicted_blocks": r.evicted_blocks,
                 "expired_blocks": r.expired_blocks,
-                "peak_cached_tokens": r.peak_cached_blocks * bs,
-                "peak_cached_bytes": r.peak_cached_blocks * bs * kv,
+                "peak_cached_tokens": r.peak_cached_blocks * block_size,
+                "peak_cached_bytes": r.peak_cached_blocks * block_size * kv,
                 "hit_rate_unbounded": self.unbounded.hit_rate,
                 "hit_rate_after_fixes": self.reordered.hit_rate if self.reordered else None,
                 "per_request_cached_tokens": r.cached_tokens,
@@ -163,7 +163,7 @@ class AdviceReport:
     # ---- terminal -----------------------------------------------------------------------
     def render_text(self, width: int = 100) -> str:
         """The human-readable report."""
-        bs = self.config.block_size
+        block_size = self.config.block_size
         kv = self.model.kv_bytes_per_token
         r = self.result
         s = self.savings
@@ -189,14 +189,14 @@ class AdviceReport:
         f = self.model.kv_formula()
         add(
             f"model {self.model.model_id}: KV = 2 x {f['layers']} layers x {f['kv_heads']} kv heads x {f['head_dim']} "
-            f"head dim x {f['dtype_bytes']} B ({f['dtype']}) = {kv:,} B/token, {human_bytes(kv * bs)} per {bs}-token block"
+            f"head dim x {f['dtype_bytes']} B ({f['dtype']}) = {kv:,} B/token, {human_bytes(kv * block_size)} per {block_size}-token block"
         )
         if self.capacity_blocks:
-            cap = f"{self.capacity_blocks * bs:,} tokens ({human_bytes(self.capacity_blocks * bs * kv)})"
+            cap = f"{self.capacity_blocks * block_size:,} tokens ({human_bytes(self.capacity_blocks * block_size * kv)})"
         else:
             cap = "unlimited (never evicts)"
         ttl = f"TTL {self.ttl_applied:g} s" if self.ttl_applied else "no TTL"
-        add(f"cache: {bs}-token blocks, capacity {cap}, LRU eviction, {ttl}")
+        add(f"cache: {block_size}-token blocks, capacity {cap}, LRU eviction, {ttl}")
         add("")
 
         add("Prediction")
@@ -222,7 +222,7 @@ class AdviceReport:
             rows.append(("with unlimited capacity", f"{self.unbounded.hit_rate:6.1%}"))
         rows.append((
             "cache use",
-            f"peak {r.peak_cached_blocks * bs:,} tokens ({human_bytes(r.peak_cached_blocks * bs * kv)}), "
+            f"peak {r.peak_cached_blocks * block_size:,} tokens ({human_bytes(r.peak_cached_blocks * block_size * kv)}), "
             f"{r.evicted_blocks:,} blocks evicted" + (f", {r.expired_blocks:,} expired" if self.ttl_applied else ""),
         ))
         if r.rejected:
@@ -241,7 +241,7 @@ class AdviceReport:
             marks = []
             if self.curve.knee_tokens == p.capacity_tokens:
                 marks.append("<- saturates")
-            if self.capacity_blocks and p.capacity_tokens == self.capacity_blocks * bs:
+            if self.capacity_blocks and p.capacity_tokens == self.capacity_blocks * block_size:
                 marks.append("<- configured")
             add(
                 f"  {p.capacity_tokens:>12,} tokens {human_bytes(p.capacity_tokens * kv):>10}  {p.hit_rate:6.1%} "

@@ -280,7 +280,3 @@ def _loadavg() -> tuple[float, float, float] | None:
         return os.getloadavg()
     except OSError:
         return None
-
-
-def format_server_args(args: list[str]) -> str:
-    return shlex.join(args) if args else "(defaults)"

@@ -1,8 +1,12 @@
-"""KVCacheManager: a request's view of the block pool and the prefix cache.
+"""KVCacheManager: the one owner of every request's KV state.
 
 It decides which blocks a request owns, reuses cached prefixes on admission, inserts newly
-computed full blocks into the radix tree, evicts when the pool runs short and returns
+computed full blocks into the prefix cache, evicts when the pool runs short and returns
 everything on finish. Pure bookkeeping over block ids; the runner owns the tensors.
+
+A request's KV state is a `KVHandle` that only this class writes; the scheduler, the engine and
+the advisor's replay read it (`kv(request)`) and move it forward through the methods below.
+With caching off the prefix cache is a `NullPrefixCache`: same calls, nothing kept.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixserve.cache.block_pool import BlockPool
-from radixserve.cache.radix_tree import RadixTree
+from radixserve.cache.null_cache import NullPrefixCache
+from radixserve.cache.radix_tree import RadixTree, TreeNode
 from radixserve.errors import NoFreeBlocksError
 from radixserve.request import Request
 
@@ -33,6 +38,26 @@ class CacheStats:
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
+@dataclass(slots=True, eq=False)
+class KVHandle:
+    """A request's KV state. Written by KVCacheManager only; read it, never assign to it.
+
+    Over the request's tokens (prompt + output so far):
+
+        0 ........ num_tree_tokens ........ num_computed_tokens ........ + new ........ num_tokens
+        |<- in the tree: shared ->|<- computed, private ->|<- computed this step ->|<- later ->|
+        |<------------------------ block_ids (block_size tokens each) ------------------->|
+
+    The tree part is whole blocks, locked (`node`) so it is not evicted under the request.
+    """
+
+    cache_key: str  # model identity + the request's namespace
+    block_ids: list[int]  # the request's block table, in order
+    node: TreeNode | None  # deepest tree node the request holds a lock on (None: caching off)
+    num_computed_tokens: int  # tokens whose K/V are in block_ids
+    num_tree_tokens: int  # leading tokens inserted in the prefix cache (whole blocks)
+
+
 class KVCacheManager:
     def __init__(
         self,
@@ -46,11 +71,14 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks)
         self.model_key = model_key
         self.enable_prefix_caching = enable_prefix_caching
-        self.tree = RadixTree(self.pool, block_size, clock=clock) if enable_prefix_caching else None
+        self.prefix_cache: RadixTree | NullPrefixCache = (
+            RadixTree(self.pool, block_size, clock=clock) if enable_prefix_caching else NullPrefixCache()
+        )
         self.clock = clock
         self.stats = CacheStats()
+        self._handles: dict[str, KVHandle] = {}
 
-    # ---- keys -------------------------------------------------------------------------
+    # ---- keys and reads -----------------------------------------------------------------
     def cache_key(self, namespace: str) -> str:
         """Everything that changes the KV besides the tokens: the model and the tenant's salt."""
         return f"{self.model_key}\x00{namespace}"
@@ -59,112 +87,118 @@ class KVCacheManager:
         """A full hit still recomputes the last prompt token, so the engine gets its logits."""
         return (num_tokens - 1) // self.block_size * self.block_size
 
-    # ---- admission --------------------------------------------------------------------
+    def kv(self, request: Request) -> KVHandle:
+        """The KV state of an admitted request (KeyError if it holds none)."""
+        return self._handles[request.request_id]
+
+    def num_computed_tokens(self, request: Request) -> int:
+        """Tokens whose K/V the request holds (0 while it waits)."""
+        handle = self._handles.get(request.request_id)
+        return handle.num_computed_tokens if handle is not None else 0
+
     def peek_cached_tokens(self, request: Request) -> int:
         """How many tokens admission would reuse (for cache-aware scheduling)."""
-        if self.tree is None:
-            return 0
         tokens = request.all_token_ids
-        match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
-        return match.num_tokens
+        return self.prefix_cache.match_prefix(self._key(request), tokens, self.max_cacheable(len(tokens))).num_tokens
 
+    # ---- admission and growth -----------------------------------------------------------
     def admit(self, request: Request) -> int:
         """Give a newly scheduled request the cached prefix of its tokens. Returns tokens reused."""
-        assert not request.block_ids and request.tree_node is None
+        assert request.request_id not in self._handles, f"{request.request_id} is already admitted"
         tokens = request.all_token_ids
-        cached = 0
-        if self.tree is not None:
-            match = self.tree.match_prefix(self.cache_key(request.namespace), tokens, self.max_cacheable(len(tokens)))
-            cached = match.num_tokens
-            self.pool.incref_all(match.block_ids)
-            request.block_ids = list(match.block_ids)
-            self.tree.lock(match.node)
-            request.tree_node = match.node
+        key = self._key(request)
+        match = self.prefix_cache.match_prefix(key, tokens, self.max_cacheable(len(tokens)))
+        self.pool.incref_all(match.block_ids)
+        self.prefix_cache.lock(match.node)
+        cached = match.num_tokens
+        self._handles[request.request_id] = KVHandle(key, list(match.block_ids), match.node, cached, cached)
+        if self.enable_prefix_caching:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
-            if cached:
-                self.stats.hits += 1
-                self.stats.hit_tokens += cached
-                self.tree.refresh_pins(match.node)
-        request.num_computed_tokens = cached
-        request.num_tree_tokens = cached
+        if cached:
+            self.stats.hits += 1
+            self.stats.hit_tokens += cached
+            self.prefix_cache.refresh_pins(match.node)
         return cached
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
-        """Make room for the request's next `num_new_tokens` K/V entries; False if the pool can't."""
-        needed_blocks = -(-(request.num_computed_tokens + num_new_tokens) // self.block_size)
-        missing = needed_blocks - len(request.block_ids)
+        """Make room for the request's next `num_new_tokens` K/V entries; False if the pool can't
+        (even after evicting), in which case nothing changed."""
+        handle = self._handles[request.request_id]
+        needed_blocks = -(-(handle.num_computed_tokens + num_new_tokens) // self.block_size)
+        missing = needed_blocks - len(handle.block_ids)
         if missing <= 0:
             return True
-        if missing > self.pool.num_free() and self.tree is not None:
-            self.stats.evicted_blocks += self.tree.evict(missing - self.pool.num_free())
+        if missing > self.pool.num_free():
+            self.stats.evicted_blocks += self.prefix_cache.evict(missing - self.pool.num_free())
         if missing > self.pool.num_free():
             return False
         try:
-            request.block_ids.extend(self.pool.allocate(missing))
+            handle.block_ids.extend(self.pool.allocate(missing))
         except NoFreeBlocksError:
             return False
         return True
 
-    def can_fit(self, num_blocks: int) -> bool:
-        free = self.pool.num_free()
-        if self.tree is not None:
-            free += self.tree.num_evictable_blocks()
-        return num_blocks <= free
+    def advance(self, request: Request, num_new_tokens: int) -> None:
+        """The model computed the request's next `num_new_tokens` (their slots were allocated):
+        count them, and insert the full blocks they completed into the prefix cache."""
+        handle = self._handles[request.request_id]
+        handle.num_computed_tokens += num_new_tokens
+        self._insert_full_blocks(request, handle)
 
-    # ---- caching computed blocks ------------------------------------------------------
-    def cache_computed(self, request: Request) -> None:
-        """Insert the request's computed full blocks into the tree (prompt and output alike).
+    def _insert_full_blocks(self, request: Request, handle: KVHandle) -> None:
+        """Insert the computed full blocks past num_tree_tokens (prompt and output alike).
 
         Where the tree already holds some of those blocks (an identical prefix computed by
         another request at the same time), the request switches to the tree's copies and
         frees its own, so identical prefixes occupy memory once.
         """
-        if self.tree is None:
+        block_size = self.block_size
+        num_full = handle.num_computed_tokens // block_size
+        if num_full * block_size <= handle.num_tree_tokens:
             return
-        num_full = request.num_computed_tokens // self.block_size
-        if num_full * self.block_size <= request.num_tree_tokens:
-            return
-        tokens = request.all_token_ids[: num_full * self.block_size]
-        result = self.tree.insert(self.cache_key(request.namespace), tokens, request.block_ids[:num_full])
+        tokens = request.token_slice(0, num_full * block_size)
+        result = self.prefix_cache.insert(handle.cache_key, tokens, handle.block_ids[:num_full])
+        blocks = handle.block_ids
         for i, tree_block in enumerate(result.block_ids):
-            own = request.block_ids[i]
-            if own != tree_block:
+            if blocks[i] != tree_block:
                 self.pool.incref(tree_block)
-                self.pool.decref(own)
-                request.block_ids[i] = tree_block
-        self.stats.inserted_blocks += num_full - result.num_existing_tokens // self.block_size
-        self.tree.lock(result.node)
-        if request.tree_node is not None:
-            self.tree.unlock(request.tree_node)
-        request.tree_node = result.node
-        request.num_tree_tokens = num_full * self.block_size
+                self.pool.decref(blocks[i])
+                blocks[i] = tree_block
+        self.stats.inserted_blocks += num_full - result.num_existing_tokens // block_size
+        self.prefix_cache.lock(result.node)
+        self.prefix_cache.unlock(handle.node)
+        handle.node = result.node
+        handle.num_tree_tokens = num_full * block_size
 
+    # ---- pins -----------------------------------------------------------------------------
     def pin(self, request: Request, num_tokens: int, ttl: float) -> int:
         """Keep the request's first `num_tokens` cached for `ttl` seconds, refreshed to `ttl`
         again by every later request that reads them all. Returns tokens pinned."""
-        if self.tree is None:
-            return 0
-        tokens = request.all_token_ids[:num_tokens]
-        return self.tree.pin(self.cache_key(request.namespace), tokens, self.clock() + ttl, refresh=ttl)
+        tokens = request.token_slice(0, num_tokens)
+        return self.prefix_cache.pin(self._key(request), tokens, self.clock() + ttl, refresh=ttl)
+
+    def pin_prefix(self, namespace: str, token_ids: list[int], ttl: float) -> int:
+        """Pin an already cached prefix for `ttl` seconds (named caches). Returns tokens pinned."""
+        return self.prefix_cache.pin(self.cache_key(namespace), token_ids, self.clock() + ttl)
+
+    def unpin_prefix(self, namespace: str, token_ids: list[int]) -> None:
+        self.prefix_cache.unpin(self.cache_key(namespace), token_ids)
 
     # ---- release ----------------------------------------------------------------------
     def free(self, request: Request) -> None:
-        """Return a finished, aborted or preempted request's blocks (cached ones stay in the tree)."""
-        self.cache_computed(request)
-        if self.tree is not None and request.tree_node is not None:
-            self.tree.unlock(request.tree_node)
-        self.pool.decref_all(request.block_ids)
-        request.block_ids = []
-        request.tree_node = None
-        request.num_tree_tokens = 0
-        request.num_computed_tokens = 0
+        """Return a finished, aborted or preempted request's blocks (cached ones stay in the
+        tree) and forget its KV state. A request that holds none is ignored."""
+        handle = self._handles.pop(request.request_id, None)
+        if handle is None:
+            return
+        self._insert_full_blocks(request, handle)
+        self.prefix_cache.unlock(handle.node)
+        self.pool.decref_all(handle.block_ids)
 
     def reset_prefix_cache(self) -> int:
         """Drop every cached block no running request uses. Returns blocks freed."""
-        if self.tree is None:
-            return 0
-        freed = self.tree.reset()
+        freed = self.prefix_cache.reset()
         self.stats.evicted_blocks += freed
         return freed
 
@@ -177,8 +211,11 @@ class KVCacheManager:
         return self.pool.num_free()
 
     def num_cached_blocks(self) -> int:
-        return self.tree.num_cached_blocks if self.tree is not None else 0
+        return self.prefix_cache.num_cached_blocks
 
     def usage(self) -> float:
         """Fraction of blocks in use by running requests or the cache."""
         return 1.0 - self.pool.num_free() / self.pool.num_blocks
+
+    def _key(self, request: Request) -> str:
+        return self.cache_key(request.namespace)

@@ -91,14 +91,14 @@ class PrefixMatch:
 
     num_tokens: int  # multiple of block_size
     block_ids: list[int]  # len == num_tokens // block_size
-    node: TreeNode  # deepest node covering the match (the namespace root if nothing matched)
+    node: TreeNode | None  # deepest node covering the match (the namespace root if nothing matched; None: caching off)
 
 
 @dataclass(slots=True)
 class InsertResult:
     """Result of ``RadixTree.insert``."""
 
-    node: TreeNode  # the node ending exactly at the end of the inserted sequence
+    node: TreeNode | None  # the node ending exactly at the end of the inserted sequence (None: caching off)
     num_existing_tokens: int  # leading tokens that were already cached (their blocks not adopted)
     block_ids: list[int]  # the tree's block ids for the whole sequence
 
@@ -153,16 +153,16 @@ class RadixTree:
         """
         tokens = _as_list(token_ids)
         blocks_in = list(block_ids)
-        bs = self.block_size
-        if len(tokens) != len(blocks_in) * bs:
+        block_size = self.block_size
+        if len(tokens) != len(blocks_in) * block_size:
             raise ValueError(
-                f"insert needs whole blocks: {len(tokens)} tokens for {len(blocks_in)} blocks of {bs}"
+                f"insert needs whole blocks: {len(tokens)} tokens for {len(blocks_in)} blocks of {block_size}"
             )
         root = self.root(namespace)
         stamp = self._stamp()
         node, existing, blocks = self._walk(root, tokens, len(tokens), split=True, stamp=stamp)
         if existing < len(tokens):
-            new_blocks = blocks_in[existing // bs :]
+            new_blocks = blocks_in[existing // block_size :]
             # Check before taking any ref, so a bad call leaves the pool and the cached content as they were.
             for block_id in new_blocks:
                 if self.pool.ref_count(block_id) == 0:
@@ -171,7 +171,7 @@ class RadixTree:
                 self.pool.incref(block_id)
             leaf = TreeNode(namespace, tokens[existing:], new_blocks, node, node.depth + len(tokens) - existing)
             leaf.last_access, leaf.access_seq = stamp
-            node.children[tuple(tokens[existing : existing + bs])] = leaf
+            node.children[tuple(tokens[existing : existing + block_size])] = leaf
             self._num_nodes += 1
             self.num_cached_blocks += len(new_blocks)
             blocks.extend(new_blocks)
@@ -370,7 +370,7 @@ class RadixTree:
 
     def check_invariants(self) -> None:
         """Verify the tree's internal bookkeeping (O(tree size); for tests and debugging)."""
-        bs = self.block_size
+        block_size = self.block_size
         seen_blocks: set[int] = set()
         num_nodes = cached = locked = 0
         for ns, root in self._roots.items():
@@ -380,8 +380,8 @@ class RadixTree:
                 parent = node.parent
                 assert parent is not None
                 assert node.namespace == ns
-                assert node.tokens and len(node.tokens) == len(node.block_ids) * bs, node
-                assert parent.children.get(tuple(node.tokens[:bs])) is node, node
+                assert node.tokens and len(node.tokens) == len(node.block_ids) * block_size, node
+                assert parent.children.get(tuple(node.tokens[:block_size])) is node, node
                 assert node.depth == parent.depth + len(node.tokens), node
                 assert node.lock_ref >= sum(c.lock_ref for c in node.children.values()), node
                 for block_id in node.block_ids:
@@ -416,28 +416,16 @@ class RadixTree:
         partway into an edge, ``split`` cuts the edge there and returns its matched upper part;
         without ``split`` the walk stops before that edge. ``stamp`` refreshes LRU keys.
         """
-        bs = self.block_size
+        block_size = self.block_size
         node = root
         pos = 0
         blocks: list[int] = []
         while pos < end:
-            child = node.children.get(tuple(tokens[pos : pos + bs]))
+            child = node.children.get(tuple(tokens[pos : pos + block_size]))
             if child is None:
                 break
-            edge = child.tokens
-            n = len(edge)
-            # Fast path: the whole edge matches (one C-level list comparison).
-            if pos + n <= end:
-                if tokens[pos : pos + n] == edge:
-                    matched = n
-                else:
-                    matched = self._matched_blocks(tokens, pos, edge, n // bs) * bs
-            else:
-                avail = (end - pos) // bs  # >= 1: the first block matched the child's key
-                if tokens[pos:end] == edge[: avail * bs]:
-                    matched = avail * bs
-                else:
-                    matched = self._matched_blocks(tokens, pos, edge, avail) * bs
+            n = len(child.tokens)
+            matched = self._edge_match(tokens, pos, end, child.tokens)
             if matched < n:
                 if not split:
                     break
@@ -451,17 +439,32 @@ class RadixTree:
                 break
         return node, pos, blocks
 
+    def _edge_match(self, tokens: list[int], pos: int, end: int, edge: list[int]) -> int:
+        """How many tokens of ``edge`` (whole blocks) ``tokens[pos:end]`` matches; its first
+        block is known to match (it is the child's key)."""
+        block_size = self.block_size
+        n = len(edge)
+        # Fast path: all of it matches (one C-level list comparison).
+        if pos + n <= end:
+            if tokens[pos : pos + n] == edge:
+                return n
+            return self._matched_blocks(tokens, pos, edge, n // block_size) * block_size
+        avail = (end - pos) // block_size  # >= 1
+        if tokens[pos:end] == edge[: avail * block_size]:
+            return avail * block_size
+        return self._matched_blocks(tokens, pos, edge, avail) * block_size
+
     def _matched_blocks(self, tokens: list[int], pos: int, edge: list[int], hi: int) -> int:
         """Number of leading blocks of ``edge`` equal to ``tokens[pos:]``, known to be < ``hi``.
 
         Binary search over blocks with slice comparisons: O(log) Python steps and O(len) C work,
         instead of a Python loop over tokens. Block 0 always matches (it is the child's key).
         """
-        bs = self.block_size
+        block_size = self.block_size
         lo = 1  # blocks [0, lo) match; the first mismatching block is in [lo, hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if tokens[pos + lo * bs : pos + mid * bs] == edge[lo * bs : mid * bs]:
+            if tokens[pos + lo * block_size : pos + mid * block_size] == edge[lo * block_size : mid * block_size]:
                 lo = mid
             else:
                 hi = mid
@@ -475,10 +478,10 @@ class RadixTree:
         lock on its new parent too) and the LRU key; it takes no pin of its own, since it can
         only be evicted after the child is gone.
         """
-        bs = self.block_size
+        block_size = self.block_size
         parent = child.parent
-        assert parent is not None and 0 < num_tokens < len(child.tokens) and num_tokens % bs == 0
-        num_upper_blocks = num_tokens // bs
+        assert parent is not None and 0 < num_tokens < len(child.tokens) and num_tokens % block_size == 0
+        num_upper_blocks = num_tokens // block_size
         upper = TreeNode(
             child.namespace,
             child.tokens[:num_tokens],
@@ -492,8 +495,8 @@ class RadixTree:
         del child.tokens[:num_tokens]
         del child.block_ids[:num_upper_blocks]
         child.parent = upper
-        upper.children[tuple(child.tokens[:bs])] = child
-        parent.children[tuple(upper.tokens[:bs])] = upper  # same key the child had
+        upper.children[tuple(child.tokens[:block_size])] = child
+        parent.children[tuple(upper.tokens[:block_size])] = upper  # same key the child had
         self._num_nodes += 1
         return upper
 

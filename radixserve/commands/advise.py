@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from radixserve.advisor import AdvisorConfig, analyze, load_model_info, read_log
-    from radixserve.engine import default_dtype_for
+    from radixserve.config import default_dtype_for
 
     dtype = args.dtype or default_dtype_for(args.device)
     progress = not args.no_progress

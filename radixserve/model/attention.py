@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.model.arch import ModelArch, parse_dtype
+from radixserve.step import slot_mapping
 
 
 @dataclass(slots=True)
@@ -93,9 +94,8 @@ class AttentionMetadata:
                 raise ValueError(
                     f"block table of {len(table)} blocks cannot hold {total} tokens (block_size {block_size})"
                 )
-            for pos in range(ctx, total):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            positions.extend(range(ctx, total))
+            slots.extend(slot_mapping(table, ctx, total, block_size))
             seq_lens.append(total)
             starts.append(starts[-1] + n)
         width = max((len(t) for t in block_tables), default=0)
@@ -231,9 +231,9 @@ class TorchAttentionBackend(AttentionBackend):
         v: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        nb, bs, kvh, d = layer_k_cache.shape
-        layer_k_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping, k.to(layer_k_cache.dtype))
-        layer_v_cache.view(nb * bs, kvh, d).index_copy_(0, slot_mapping, v.to(layer_v_cache.dtype))
+        nb, block_size, kvh, d = layer_k_cache.shape
+        layer_k_cache.view(nb * block_size, kvh, d).index_copy_(0, slot_mapping, k.to(layer_k_cache.dtype))
+        layer_v_cache.view(nb * block_size, kvh, d).index_copy_(0, slot_mapping, v.to(layer_v_cache.dtype))
 
     def attend(
         self,
@@ -269,7 +269,7 @@ class TorchAttentionBackend(AttentionBackend):
     @staticmethod
     def _gather(cache: torch.Tensor, blocks: torch.Tensor, length: int) -> torch.Tensor:
         """The first `length` context rows of one sequence -> [length, kv_heads, dim]."""
-        _, bs, kvh, d = cache.shape
+        _, block_size, kvh, d = cache.shape
         return cache.index_select(0, blocks).view(-1, kvh, d)[:length]
 
     def _prefill_one(
@@ -290,8 +290,8 @@ class TorchAttentionBackend(AttentionBackend):
             # Nothing cached: the fresh K/V is the whole context, no gather needed.
             keys, values = k_new, v_new
         else:
-            bs = k_cache.shape[1]
-            blocks = meta.block_tables[i, : (S + bs - 1) // bs]
+            block_size = k_cache.shape[1]
+            blocks = meta.block_tables[i, : (S + block_size - 1) // block_size]
             keys = self._gather(k_cache, blocks, S)
             values = self._gather(v_cache, blocks, S)
         mask = None
@@ -326,22 +326,22 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
     ) -> None:
         _, H, D = q.shape
-        _, bs, kvh, _ = k_cache.shape
+        _, block_size, kvh, _ = k_cache.shape
         group = H // kvh
         B = len(rows)
         seq_lens = [meta.seq_lens_list[i] for i in seqs]
         max_len = max(seq_lens)
-        nblocks = (max_len + bs - 1) // bs
+        nblocks = (max_len + block_size - 1) // block_size
         row_idx = torch.tensor(rows, device=q.device)
         if B == len(meta.query_lens):
             tables = meta.block_tables[:, :nblocks]
         else:
             tables = meta.block_tables[torch.tensor(seqs, device=q.device), :nblocks]
-        # [B * nblocks, bs, kvh, D] -> [B, kvh, S, D]. index_select, not k_cache[tables]: advanced
+        # [B * nblocks, block_size, kvh, D] -> [B, kvh, S, D]. index_select, not k_cache[tables]: advanced
         # indexing with a 2-D index is ~1000x slower on CPU.
         flat = tables.reshape(-1)
-        keys = k_cache.index_select(0, flat).view(B, nblocks * bs, kvh, D)[:, :max_len].transpose(1, 2)
-        values = v_cache.index_select(0, flat).view(B, nblocks * bs, kvh, D)[:, :max_len].transpose(1, 2)
+        keys = k_cache.index_select(0, flat).view(B, nblocks * block_size, kvh, D)[:, :max_len].transpose(1, 2)
+        values = v_cache.index_select(0, flat).view(B, nblocks * block_size, kvh, D)[:, :max_len].transpose(1, 2)
         # A decode query has no causal constraint, so the `group` query heads sharing a KV head
         # can ride as `group` query rows of that head: no K/V repeat, one bigger matmul.
         qg = q.index_select(0, row_idx).view(B, kvh, group, D)

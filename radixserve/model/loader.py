@@ -54,13 +54,13 @@ class LoadedModel:
 
 
 def load_model(config: ModelConfig, backend: AttentionBackend | None = None) -> LoadedModel:
-    """Load `config.source` in `config.dtype` on `config.device`.
+    """Load `config.source` in `config.dtype` (default: by device) on `config.device`.
 
     Raises ModelLoadError (one clear message) for a missing, malformed or unsupported source.
     """
     source = (config.source or "").strip()
     try:
-        dtype = parse_dtype(config.dtype)
+        dtype = parse_dtype(config.resolved_dtype)
         device = torch.device(config.device)
     except (ValueError, RuntimeError) as e:
         raise ModelLoadError(str(e)) from None

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from radixserve.server.metrics import engine_snapshot
 from radixserve.server.state import get_state
 
 router = APIRouter()
@@ -24,7 +23,7 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = get_state(request)
-    snapshot = await state.async_engine.call(engine_snapshot, state.engine)
+    snapshot = await state.async_engine.call(state.engine.snapshot)
     body = state.metrics.render(snapshot, named_caches=len(state.caches))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 

@@ -228,12 +228,11 @@ class AsyncEngine:
 
     def _fail_all(self, error: Exception) -> None:
         dead = EngineDeadError(f"the engine failed while running this request: {error}")
-        for request_id in list(self.engine.requests):
+        for request_id in self.engine.unfinished_request_ids():
             try:
                 self.engine.abort_request(request_id)
-            except Exception:  # noqa: BLE001 - best effort; the request is dropped either way
+            except Exception:  # noqa: BLE001 - best effort; the engine drops the request either way
                 log.exception("could not abort %s", request_id)
-                self.engine.requests.pop(request_id, None)
             self._post(self._fail, request_id, dead)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:

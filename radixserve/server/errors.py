@@ -8,7 +8,6 @@ everything else OpenAI (the named-caches API included).
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -143,8 +142,3 @@ def _status_of(exc: RadixServeError) -> tuple[int, str | None]:
     if isinstance(exc, NotFoundError):
         return 404, None
     return 500, None
-
-
-def sse_error_event(path: str, status: int, message: str) -> dict[str, Any]:
-    """An error to send inside an already started event stream (no status code left to set)."""
-    return error_body(path, status, message)

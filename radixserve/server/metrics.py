@@ -1,73 +1,24 @@
 """Prometheus metrics, in a registry owned by one app (no module-level metric objects).
 
-Counters and gauges that the engine already keeps (EngineStats, CacheStats, pool gauges) are
-not duplicated: a custom collector reports a snapshot taken on the engine thread just before
+Counters and gauges that the engine already keeps (LLMEngine.snapshot()) are not duplicated:
+a custom collector reports a snapshot taken on the engine thread just before
 each scrape. Latency histograms are observed here, on the event loop, as requests finish.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from radixserve.engine import LLMEngine
+from radixserve.engine import EngineSnapshot
 from radixserve.request import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-
-
-@dataclass(slots=True)
-class EngineSnapshot:
-    """The engine's counters and gauges at one instant (taken on the engine thread)."""
-
-    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int  # of those, tokens found cached
-    prefix_cache_hit_rate: float
-    cached_blocks: int
-    free_blocks: int
-    total_blocks: int
-    block_size: int
-    evicted_blocks: int
-    inserted_blocks: int
-    kv_cache_usage: float
-    running: int
-    waiting: int
-    prompt_tokens: int
-    computed_prompt_tokens: int
-    generation_tokens: int
-    finished_requests: int
-    aborted_requests: int
-    preemptions: int
-
-
-def engine_snapshot(engine: LLMEngine) -> EngineSnapshot:
-    """Read the engine's numbers; call it on the engine thread (AsyncEngine.call)."""
-    cache, stats = engine.cache, engine.stats
-    return EngineSnapshot(
-        prefix_cache_queries=cache.stats.query_tokens,
-        prefix_cache_hits=cache.stats.hit_tokens,
-        prefix_cache_hit_rate=cache.stats.hit_rate,
-        cached_blocks=cache.num_cached_blocks(),
-        free_blocks=cache.num_free_blocks(),
-        total_blocks=cache.num_blocks,
-        block_size=cache.block_size,
-        evicted_blocks=cache.stats.evicted_blocks,
-        inserted_blocks=cache.stats.inserted_blocks,
-        kv_cache_usage=cache.usage(),
-        running=len(engine.scheduler.running),
-        waiting=len(engine.scheduler.waiting),
-        prompt_tokens=stats.prompt_tokens,
-        computed_prompt_tokens=stats.computed_prompt_tokens,
-        generation_tokens=stats.generation_tokens,
-        finished_requests=stats.finished_requests,
-        aborted_requests=stats.aborted_requests,
-        preemptions=stats.preemptions,
-    )
 
 
 # (snapshot field, metric name, help); counters get Prometheus' "_total" suffix on exposition

@@ -8,7 +8,7 @@ import uuid
 
 from fastapi import Request
 
-from radixserve.advisor.request_log import RequestLogWriter
+from radixserve.request_log import RequestLogWriter
 from radixserve.engine import LLMEngine
 from radixserve.request import CachePin, RequestOutput
 from radixserve.sampling import SamplingParams
@@ -62,8 +62,7 @@ class ServerState:
     @property
     def max_total_tokens(self) -> int:
         """Prompt + output tokens one request can have: the context, and the KV pool."""
-        cache = self.engine.cache
-        return min(self.engine.max_model_len, cache.num_blocks * cache.block_size)
+        return self.engine.max_total_tokens
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         """When a request sets no limit, it may generate up to the end of its context."""
@@ -71,11 +70,11 @@ class ServerState:
 
     @property
     def prefix_caching(self) -> bool:
-        return self.engine.cache.tree is not None
+        return self.engine.prefix_caching
 
     @property
     def block_size(self) -> int:
-        return self.engine.cache.block_size
+        return self.engine.block_size
 
     # ---- running requests ---------------------------------------------------------------
     async def submit(

@@ -51,8 +51,8 @@ def run_live(loaded, token_lists: list[list[int]], num_blocks: int) -> tuple[flo
             for out in engine.step():
                 if out.finished:
                     cached.append(out.num_cached_tokens)
-    stats = engine.cache.stats
-    return stats.hit_tokens / stats.query_tokens, cached
+    snap = engine.snapshot()
+    return snap.prefix_cache_hits / snap.prefix_cache_queries, cached
 
 
 def predict_and_compare(loaded, records, tmp_path, capacity_blocks: int | None):

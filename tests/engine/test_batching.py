@@ -75,13 +75,16 @@ def test_stop_strings_and_stop_tokens(make_engine):
 def test_streaming_deltas_concatenate_to_the_final_text(make_engine):
     engine = make_engine()
     engine.add_request("Once upon a time", _greedy(30), request_id="x")
-    pieces, final = [], None
+    pieces, tokens, final = [], [], None
     while engine.has_unfinished_requests():
         for out in engine.step():
             pieces.append(out.new_text)
+            tokens.extend(out.new_token_ids)
             if out.finished:
                 final = out
-    assert final is not None and "".join(pieces) == final.text
+            else:  # streamed outputs carry only the delta
+                assert out.token_ids == [] and out.text == ""
+    assert final is not None and "".join(pieces) == final.text and tokens == final.token_ids
     assert final.metrics.time_to_first_token is not None and final.metrics.time_to_first_token > 0
 
 

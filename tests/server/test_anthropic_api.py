@@ -23,7 +23,7 @@ def prompt_ids(server, system: str, messages: list[dict]) -> list[int]:
 def system_prefix_tokens(server, system: str) -> int:
     tok = server.tokenizer
     n = len(tok.encode(tok.apply_chat_template([{"role": "system", "content": system}], add_generation_prompt=False)))
-    return n - n % server.engine.cache.block_size
+    return n - n % server.engine.block_size
 
 
 def test_message_non_streaming(server):

@@ -87,7 +87,7 @@ def _live_pins(server, namespace: str) -> int:
     """Tree nodes of `namespace` holding an unexpired pin (the server is idle when called)."""
     cache = server.engine.cache
     now = cache.clock()
-    return sum(1 for node in cache.tree.iter_nodes(cache.cache_key(namespace)) if node.pinned_until > now)
+    return sum(1 for node in cache.prefix_cache.iter_nodes(cache.cache_key(namespace)) if node.pinned_until > now)
 
 
 def test_named_cache_expires_and_is_unpinned(server):

@@ -114,14 +114,14 @@ def test_second_request_reports_exact_cached_tokens(server):
     first = client.chat.completions.create(messages=first_msgs, **kw)
     second = client.chat.completions.create(messages=second_msgs, **kw)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
-    want = expected_cached(chat_ids(server, first_msgs), chat_ids(server, second_msgs), server.engine.cache.block_size)
+    want = expected_cached(chat_ids(server, first_msgs), chat_ids(server, second_msgs), server.engine.block_size)
     assert want >= 100
     assert second.usage.prompt_tokens_details.cached_tokens == want
     # streamed usage reports the same engine count
     third = list(client.chat.completions.create(messages=second_msgs, stream=True,
                                                 stream_options={"include_usage": True}, **kw))
     assert third[-1].usage.prompt_tokens_details.cached_tokens == expected_cached(
-        chat_ids(server, second_msgs), chat_ids(server, second_msgs), server.engine.cache.block_size)
+        chat_ids(server, second_msgs), chat_ids(server, second_msgs), server.engine.block_size)
 
 
 def test_completions_cached_tokens(server):

@@ -1,4 +1,4 @@
-"""RequestLogWriter: the opt-in request log that `radixserve advise` replays.
+"""RequestLogWriter: the opt-in request log that the server writes and `radixserve advise` replays.
 
 One JSON object per line::
 

@@ -1,0 +1,85 @@
+"""StepInput: one step's host metadata, built once, read by every consumer of the step.
+
+The scheduler builds it from the requests it picked and their KV handles; the runner turns it
+into device tensors (CPU and GPU alike), the CUDA graphs copy it into their static buffers, and
+the attention backends plan launches from its lengths. No Request, no scheduler types: plain
+lists of ints. `slot_mapping` is the one place a token position becomes a KV slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+def slot_mapping(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """KV slots (block_id * block_size + offset) of positions start..end-1 of a sequence whose
+    block table is `block_ids`."""
+    if end - start == 1:  # a decode's one token (the common case): no comprehension
+        return [block_ids[start // block_size] * block_size + start % block_size]
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+@dataclass(slots=True)
+class StepInput:
+    """The T new tokens of B sequences in one step.
+
+    Sequence i's new tokens are rows query_start_loc[i]:query_start_loc[i+1] of the token lists;
+    they sit at the end of its context of seq_lens[i] tokens, whose K/V live in block_tables[i].
+    """
+
+    block_size: int
+    token_ids: list[int] = field(default_factory=list)  # [T]
+    positions: list[int] = field(default_factory=list)  # [T] absolute position of each new token
+    slot_mapping: list[int] = field(default_factory=list)  # [T] where its K/V goes
+    query_start_loc: list[int] = field(default_factory=lambda: [0])  # [B+1] cumulative new-token counts
+    query_lens: list[int] = field(default_factory=list)  # [B] new tokens per sequence
+    seq_lens: list[int] = field(default_factory=list)  # [B] context length after this step
+    block_tables: list[list[int]] = field(default_factory=list)  # [B] block ids of each sequence
+    logits_rows: list[int] = field(default_factory=list)  # rows whose logits are wanted (sampling), in order
+
+    @classmethod
+    def build(cls, block_size: int, seqs: Iterable[tuple[Sequence[int], int, list[int], bool]]) -> StepInput:
+        """A step of sequences given as (new token ids, position of the first, block table,
+        whether the last new token's logits are wanted). One pass, locals only: a decode step
+        has hundreds of sequences and this runs on the critical path of every step."""
+        step = cls(block_size)
+        ids, positions, slots, tables = step.token_ids, step.positions, step.slot_mapping, step.block_tables
+        starts, query_lens, seq_lens, rows = step.query_start_loc, step.query_lens, step.seq_lens, step.logits_rows
+        total = 0
+        for tokens, start, blocks, wants_logits in seqs:
+            n = len(tokens)
+            end = start + n
+            if n == 1:  # a decode: no range, no temporaries
+                ids.append(tokens[0])
+                positions.append(start)
+            else:
+                ids.extend(tokens)
+                positions.extend(range(start, end))
+            slots.extend(slot_mapping(blocks, start, end, block_size))
+            total += n
+            starts.append(total)
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(blocks)
+            if wants_logits:
+                rows.append(total - 1)
+        return step
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def max_blocks(self) -> int:
+        """Width of the block table (at least 1)."""
+        return max((len(t) for t in self.block_tables), default=1) or 1
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence, every one sampled: the shape a decode CUDA graph runs."""
+        return self.num_tokens == self.num_seqs == len(self.logits_rows)
