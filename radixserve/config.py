@@ -27,7 +27,8 @@ class ModelConfig:
     """Which weights to load and how."""
 
     source: str = EMBEDDED_MODEL
-    """'embedded' (SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a .gguf file, or
+    """'embedded' (SmolLM2-135M-Instruct), a Hugging Face checkpoint folder, a Hub id org/name[@rev]
+    (huggingface_hub's cache; HF_HUB_OFFLINE=1 uses only the cache), a .gguf file, or
     dummy:<preset> (random weights: tiny, smollm2-135m, llama3.2-1b, llama3-8b)"""
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     """weights and KV dtype (default: float32 on CPU, bfloat16 on GPU)"""

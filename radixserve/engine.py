@@ -18,8 +18,9 @@ from radixserve.errors import InvalidRequestError
 from radixserve.model.loader import LoadedModel, load_model
 from radixserve.request import CachePin, CachePolicy, Request, RequestMetrics, RequestOutput, RequestStatus
 from radixserve.runner import ModelRunner, determine_num_blocks
-from radixserve.sampling import Sampler, SamplingParams
+from radixserve.sampling import Sampler, SamplingParams, compute_logprobs
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
+from radixserve.structured import Guide, GuideFactory
 
 
 @dataclass(slots=True)
@@ -98,6 +99,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
+        self.guide_factory = GuideFactory(self.tokenizer, loaded.arch.vocab_size)
+        self._guides: dict[str, Guide] = {}  # grammar state of constrained requests
         self.requests: dict[str, Request] = {}
         self._emitted_text: dict[str, str] = {}
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
@@ -130,6 +133,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         token_ids, text = self._prompt_tokens(prompt)
         check_fits(len(token_ids), params.max_tokens, self.max_model_len, self.cache.block_size, self.cache.num_blocks)
+        guide = self.guide_factory.compile(params.guided) if params.guided is not None else None
         request = Request(
             request_id=request_id,
             prompt=text,
@@ -141,6 +145,8 @@ class LLMEngine:
             cache_policy=cache_policy,
         )
         self.requests[request_id] = request
+        if guide is not None:
+            self._guides[request_id] = guide
         self.scheduler.add(request)
         self.stats.prompt_tokens += len(token_ids)
         return request
@@ -183,10 +189,13 @@ class LLMEngine:
         if not plan.scheduled:
             return []
         self.stats.steps += 1
+        guided = [s.request for s in plan.scheduled if s.samples and s.request.request_id in self._guides]
+        # the masks of the guided rows about to sample are computed on a helper thread meanwhile
+        pending = self.guide_factory.start_masks([self._guides[r.request_id] for r in guided]) if guided else None
         logits = self.runner.execute(plan.step)
-        return self._postprocess(plan.scheduled, logits)
+        return self._postprocess(plan.scheduled, logits, pending)
 
-    def _postprocess(self, scheduled: list[ScheduledRequest], logits: torch.Tensor) -> list[RequestOutput]:
+    def _postprocess(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, pending_masks=None) -> list[RequestOutput]:
         """After the forward pass: move every request's KV forward (the cache inserts the full
         blocks), sample a token for those that completed, check stops, emit outputs."""
         for s in scheduled:
@@ -197,13 +206,24 @@ class LLMEngine:
         sampling = [s.request for s in scheduled if s.samples]
         if not sampling:
             return []
-        tokens = self._sample(logits, sampling)
+        masks = None
+        if pending_masks is not None:
+            masks = ([i for i, r in enumerate(sampling) if r.request_id in self._guides], pending_masks.result())
+        tokens = self._sample(logits, sampling, masks)
+        logprob_rows = [i for i, r in enumerate(sampling)
+                        if r.sampling.logprobs is not None and not isinstance(tokens[i], Exception)]
+        if logprob_rows:
+            logprobs = compute_logprobs(logits, logprob_rows, [tokens[i] for i in logprob_rows],
+                                        [sampling[i].sampling.logprobs for i in logprob_rows])
+            for i, lp in zip(logprob_rows, logprobs):
+                sampling[i].output_logprobs.append(lp)
         now = time.monotonic()
         return [self._append_token(r, token, now) for r, token in zip(sampling, tokens) if not r.finished]
 
     def _append_token(self, request: Request, token: int | Exception, now: float) -> RequestOutput:
-        """One sampled token for `request`. A failure here (its sampling, its pins, its stop
-        check, its detokenization) is the request's own: it finishes with "error", the batch goes on."""
+        """One sampled token for `request`. A failure here (its sampling, its pins, its grammar,
+        its stop check, its detokenization) is the request's own: it finishes with "error", the
+        batch goes on."""
         try:
             if isinstance(token, Exception):
                 raise token
@@ -213,26 +233,36 @@ class LLMEngine:
                 request.first_token_time = now
             request.output_token_ids.append(token)
             self.stats.generation_tokens += 1
+            guide = self._guides.get(request.request_id)
+            grammar_done = guide is not None and self._advance_guide(guide, token)
             self._check_stop(request, token)
+            if grammar_done and request.finish_reason in (None, "length"):
+                # the grammar is complete: its next token could only be EOS, so stop now
+                request.finish_reason, request.stop_reason = "stop", None
+                request.output_text = self.tokenizer.decode(request.output_token_ids)
             if request.finish_reason is not None:
                 self._finish(request, request.finish_reason)
             return self._output(request, new_tokens=1)
         except Exception as e:  # noqa: BLE001
             return self._fail_request(request, e)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int | Exception]:
+    def _sample(self, logits: torch.Tensor, requests: list[Request],
+                masks: tuple[list[int], torch.Tensor] | None) -> list[int | Exception]:
         """One token per request; a request whose sampling raises gets the exception instead,
         so one request's bad parameters cannot fail the others in its batch."""
         params = [r.sampling for r in requests]
         ids = [r.request_id for r in requests]
         try:
-            return list(self.sampler.sample(logits, params, ids))
+            return list(self.sampler.sample(logits, params, ids, masks))
         except Exception:  # noqa: BLE001 - retried row by row to find whose it is
             pass
+        masked = {row: j for j, row in enumerate(masks[0])} if masks is not None else {}
         tokens: list[int | Exception] = []
         for i in range(len(requests)):
+            # a grammar mask may already be applied in place; applying it again changes nothing
+            row_mask = ([0], masks[1][masked[i] : masked[i] + 1]) if i in masked else None
             try:
-                tokens.append(self.sampler.sample(logits[i : i + 1], params[i : i + 1], ids[i : i + 1])[0])
+                tokens.append(self.sampler.sample(logits[i : i + 1], params[i : i + 1], ids[i : i + 1], row_mask)[0])
             except Exception as e:  # noqa: BLE001
                 tokens.append(e)
         return tokens
@@ -243,6 +273,12 @@ class LLMEngine:
         if not request.finished:
             self._finish(request, "error")
         return self._output(request)
+
+    @staticmethod
+    def _advance_guide(guide: Guide, token: int) -> bool:
+        """Feed the token to the request's grammar; True when the grammar is complete (or, which
+        a masked sample cannot cause, rejected the token): the request ends there."""
+        return not guide.advance(token) or guide.done
 
     def _apply_cache_pins(self, request: Request) -> None:
         for pin in request.cache_pins:
@@ -292,6 +328,7 @@ class LLMEngine:
         request.finish_time = time.monotonic()
         self.scheduler.remove(request)
         self.sampler.forget(request.request_id)
+        self._guides.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         self.stats.finished_requests += 1
 
@@ -315,6 +352,8 @@ class LLMEngine:
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
             ),
             token_ids=list(request.output_token_ids) if finished else [],
+            logprobs=list(request.output_logprobs) if finished and request.sampling.logprobs is not None else None,
+            new_logprobs=request.output_logprobs[-new_tokens:] if new_tokens and request.output_logprobs else [],
             text=request.output_text if finished else "",
             cache_write_tokens=self._cache_write_tokens(request),
             error=request.error,

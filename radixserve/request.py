@@ -66,6 +66,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     output_text: str = ""
+    output_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per output token, when asked
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None  # why it failed (finish_reason "error")
@@ -153,6 +154,8 @@ class RequestOutput:
     cache_write_tokens: int = 0  # prompt tokens newly pinned by explicit cache control (and accepted)
     error: str | None = None  # why it failed (finish_reason "error")
     num_pinned_tokens: int = 0  # prompt tokens its cache pins hold (a pin over the bounds is refused)
+    logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
+    new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -12,6 +13,18 @@ from radixserve.errors import InvalidRequestError
 # What torch.Generator.manual_seed accepts: a signed or unsigned 64-bit integer.
 SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
+
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """A sampled token's log probability under the model (before temperature and top-k/p, as
+    vLLM reports it; after a grammar mask) and the `k` most likely tokens with theirs."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass(slots=True)
@@ -27,6 +40,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    guided: Any = None  # a structured.GuidedSpec: the output must match it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +66,8 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -67,7 +84,24 @@ class Sampler:
     def __init__(self) -> None:
         self._generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[str]) -> list[int]:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        request_ids: list[str],
+        masks: tuple[list[int], torch.Tensor] | None = None,
+    ) -> list[int]:
+        """One token per row. `masks` = (rows, bitmask [len(rows), vocab/32]): those rows may
+        only pick tokens whose bit is set (grammar-constrained requests). They are masked in
+        place, so their logprobs afterwards are over the allowed tokens; other rows are not
+        touched."""
+        if masks is not None and masks[0]:
+            from radixserve.structured import apply_bitmask
+
+            rows, bitmask = masks
+            with torch.inference_mode():  # the runner's logits are inference tensors
+                index = torch.tensor(rows, device=logits.device)
+                logits.index_copy_(0, index, apply_bitmask(logits.index_select(0, index), bitmask))
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         out = [0] * len(params)
         if greedy_rows:
@@ -108,3 +142,20 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(0, sorted_idx, sorted_probs)
         gen = self._generator(request_id, params, logits.device)
         return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def compute_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
+    """Logprobs of `tokens` (one per row in `rows`) and each row's top ks[i], from raw logits.
+    Only the rows asking pay for the log-softmax."""
+    index = torch.tensor(rows, device=logits.device)
+    logp = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device).unsqueeze(1)).squeeze(1).tolist()
+    k_max = max(ks)
+    if k_max:
+        top_values, top_ids = logp.topk(k_max, dim=-1)
+        top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    out = []
+    for i, (token, lp, k) in enumerate(zip(tokens, chosen, ks)):
+        top = list(zip(top_ids[i][:k], top_values[i][:k])) if k else []
+        out.append(TokenLogprob(token, lp, top))
+    return out

@@ -274,14 +274,14 @@ def _render_chat(api: str, body: dict[str, Any], tokenizer: Any, lenient: Counte
         try:
             if api == "chat":
                 request = openai_protocol.ChatCompletionRequest.model_validate(data)
-                if not request.tools:
-                    return prompting.render(tokenizer, request.turns(), add_generation_prompt=True)
+                return prompting.render(tokenizer, request.turns(), add_generation_prompt=True,
+                                        tools=request.tool_specs())
             else:
                 request = anthropic_protocol.CountTokensRequest.model_validate(data)
-                if not request.tools:
-                    conversation = anthropic_protocol.build_conversation(request)
-                    text = prompting.render(tokenizer, conversation.prompt_turns, add_generation_prompt=True)
-                    return text + (conversation.assistant_prefill or "")
+                conversation = anthropic_protocol.build_conversation(request)
+                text = prompting.render(tokenizer, conversation.prompt_turns, add_generation_prompt=True,
+                                        tools=conversation.tools)
+                return text + (conversation.assistant_prefill or "")
         except (api_error, ValueError):  # pydantic's ValidationError is a ValueError
             pass
     # The server would refuse this body as sent (or is unavailable): analyse its text parts.

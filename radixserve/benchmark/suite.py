@@ -37,7 +37,7 @@ from radixserve.benchmark.loadgen import (
     warm_up,
 )
 from radixserve.benchmark.results import Pricing, SuiteResult, WorkloadResult
-from radixserve.benchmark.workloads import WORKLOADS, make_workload
+from radixserve.benchmark.workloads import DEFAULT_WORKLOADS, WORKLOADS, make_workload
 from radixserve.errors import RadixServeError
 
 MODES = ("on", "off")  # prefix caching on / off: the labels of a workload's two runs
@@ -53,7 +53,7 @@ class SuiteConfig:
     (e.g. ["--device", "cuda", "--model", "dummy:llama3.2-1b"]); server_threads sets torch's
     thread count in them (OMP_NUM_THREADS); on_url / off_url skip starting servers."""
 
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     quick: bool = False
     scale: float = 1.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # workload -> field values

@@ -9,6 +9,7 @@ structure, all made from synthetic text (no downloads).
 | multi-turn                | each turn re-sends the whole conversation       | chat        |
 | generated-shared-prefix   | groups x prompts x prefix x question (SGLang's) | completions |
 | cache-hostile             | system-prompt's content behind a per-request id | chat        |
+| agent                     | tools + system prompt, then call/result turns   | chat + tools|
 
 The same (workload, seed, token_scale) always gives the same requests in the same order, so a
 caching-off run replays exactly what the caching-on run sent. Lengths are in tokens of the
@@ -18,6 +19,7 @@ embedded model's tokenizer (see text.py); `token_scale` adapts them to another t
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,13 +40,14 @@ class BenchRequest:
     index: int
     workload: str
     group: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     max_tokens: int = 16
     shared_prefix: str = ""
     shared_prefix_tokens: int = 0
     session: str | None = None
     turn: int = 0
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools, sent with the messages
 
     @property
     def api(self) -> str:
@@ -55,7 +58,7 @@ class BenchRequest:
     def content(self) -> str:
         """The request's text, messages joined (for structure checks without a tokenizer)."""
         if self.messages is not None:
-            return "".join(m["content"] for m in self.messages)
+            return "".join(m.get("content") or "" for m in self.messages)
         return self.prompt or ""
 
     def body(self, model: str, *, stream: bool = True, temperature: float = 0.0, ignore_eos: bool = True,
@@ -65,6 +68,11 @@ class BenchRequest:
         body: dict[str, Any] = {"model": model, "max_tokens": self.max_tokens, "temperature": temperature}
         if self.messages is not None:
             body["messages"] = self.messages
+            if self.tools:
+                # tool_choice "none": the tools are in the prompt (and its cached prefix) but the
+                # reply streams as text, so TTFT is the first token, not the end of a parsed call
+                body["tools"] = self.tools
+                body["tool_choice"] = "none"
         else:
             body["prompt"] = self.prompt
         if stream:
@@ -361,10 +369,121 @@ class GeneratedSharedPrefixWorkload(Workload):
         ]
 
 
+@dataclass
+class AgentWorkload(Workload):
+    """A tool-using agent loop: a long system prompt and tool schemas (~3k tokens together),
+    then each turn appends the assistant's tool call and the tool's result (200-1000 tokens) and
+    re-sends everything; sessions interleave (turn t of every session, then turn t + 1).
+
+    The calls and results are synthetic and fixed (as multi-turn's assistant turns), so the
+    caching-off run sends exactly the same bytes. Result lengths are drawn in [200, 1000] and,
+    where a session would outgrow `context_tokens` (the embedded model has 8192), the part of
+    each above 200 is scaled down so that it fits.
+    """
+
+    name: ClassVar[str] = "agent"
+    description: ClassVar[str] = ("an agent loop: system prompt + tool schemas (~3k tokens), each turn appends a "
+                                  "tool call and a 200-1000-token result; sessions interleaved")
+    _count_field: ClassVar[str] = "num_sessions"
+    _quick: ClassVar[dict[str, Any]] = {"num_sessions": 2, "turns": 3, "system_tokens": 160, "num_tools": 2,
+                                        "tool_description_tokens": 24, "result_tokens": (32, 64),
+                                        "output_tokens": 4}
+    TOOL_NAMES: ClassVar[tuple[str, ...]] = ("search_logs", "read_file", "run_query", "list_services", "get_metrics",
+                                             "restart_service", "open_ticket", "send_message", "fetch_url",
+                                             "get_deploys")
+
+    num_sessions: int = 20
+    turns: int = 10
+    system_tokens: int = 1800
+    num_tools: int = 8
+    tool_description_tokens: int = 60
+    result_tokens: tuple[int, int] = (200, 1000)
+    context_tokens: int = 7600
+    output_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.result_tokens, list):
+            self.result_tokens = tuple(self.result_tokens)
+
+    def summary(self) -> str:
+        lo, hi = self.result_tokens
+        return (f"{self.num_sessions * self.turns} requests: {self.num_sessions} sessions x {self.turns} turns, "
+                f"{self.system_tokens}-token system prompt + {self.num_tools} tool schemas "
+                f"(~{self.num_tools * (self.tool_description_tokens + 115)} tokens), a call + {lo}-{hi}-token tool "
+                f"result per turn, {self.output_tokens} output tokens")
+
+    def tools(self) -> list[dict[str, Any]]:
+        gen = self._text(0)
+        out = []
+        for k in range(self.num_tools):
+            name = self.TOOL_NAMES[k % len(self.TOOL_NAMES)] + ("" if k < len(self.TOOL_NAMES) else f"_{k}")
+            out.append({"type": "function", "function": {
+                "name": name,
+                "description": gen.text(self.tool_description_tokens),
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "query": {"type": "string", "description": gen.text(12)},
+                        "limit": {"type": "integer", "minimum": 1, "maximum": 100, "description": gen.text(8)},
+                    },
+                    "required": ["query"],
+                },
+            }})
+        return out
+
+    def _result_lengths(self, rng: random.Random) -> list[int]:
+        lo, hi = self.result_tokens
+        lengths = [rng.randint(lo, hi) for _ in range(self.turns - 1)]
+        fixed = self.system_tokens + self.num_tools * (self.tool_description_tokens + 115) + self.output_tokens
+        room = self.context_tokens - fixed - self.turns * 60  # calls, the task, template tokens
+        excess = sum(n - lo for n in lengths)
+        if sum(lengths) > room and excess > 0:
+            f = max(0.0, (room - lo * len(lengths)) / excess)
+            lengths = [lo + int((n - lo) * f) for n in lengths]
+        return lengths
+
+    def build(self) -> list[BenchRequest]:
+        tools = self.tools()
+        system = "You are an operations agent with tools. " + self._text(1).text(self.system_tokens - 8)
+        gen = self._text(2)
+        rng = random.Random(f"{self.name}:{self.seed}:lengths")
+        sessions = []
+        for s in range(self.num_sessions):
+            task = f"Task {s + 1}: " + gen.question(30, s + 1)
+            steps = []
+            for t, n in enumerate(self._result_lengths(rng)):
+                tool = tools[rng.randrange(len(tools))]["function"]["name"]
+                call = {"id": f"call_{s}_{t}", "type": "function",
+                        "function": {"name": tool, "arguments": json.dumps({"query": gen.words(8)})}}
+                steps.append((call, f"Result {t + 1} of {tool}: " + gen.text(n), n))
+            sessions.append((task, steps))
+        out = []
+        for t in range(self.turns):  # round robin: turn t of every session, then turn t + 1
+            for s, (task, steps) in enumerate(sessions):
+                messages: list[dict[str, Any]] = [{"role": "system", "content": system},
+                                                  {"role": "user", "content": task}]
+                for call, result, _ in steps[:t]:
+                    messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                    messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+                shared = "".join(m["content"] for m in (messages[:-1] if t else messages[:1]))
+                out.append(BenchRequest(
+                    index=len(out), workload=self.name, group=f"session-{s}", messages=messages,
+                    max_tokens=self.output_tokens, shared_prefix=shared,
+                    shared_prefix_tokens=self.system_tokens + sum(n for _, _, n in steps[: max(t - 1, 0)]),
+                    session=f"session-{s}", turn=t, tools=tools,
+                ))
+        return out
+
+
 WORKLOADS: dict[str, type[Workload]] = {
     w.name: w for w in (SystemPromptWorkload, FewShotWorkload, RAGWorkload, MultiTurnWorkload,
-                        GeneratedSharedPrefixWorkload, CacheHostileWorkload)
+                        GeneratedSharedPrefixWorkload, CacheHostileWorkload, AgentWorkload)
 }
+
+
+# What `radixserve bench suite` runs unless --workloads says otherwise: `agent` is opt-in (its
+# caching-off run prefills ~1M tokens, tens of minutes on a CPU).
+DEFAULT_WORKLOADS: tuple[str, ...] = tuple(name for name in WORKLOADS if name != "agent")
 
 
 def make_workload(name: str, *, seed: int = 0, token_scale: float = 1.0, quick: bool = False, scale: float = 1.0,
@@ -378,6 +497,6 @@ def make_workload(name: str, *, seed: int = 0, token_scale: float = 1.0, quick: 
 
 
 __all__ = [
-    "BenchRequest", "Workload", "WORKLOADS", "make_workload", "SystemPromptWorkload", "CacheHostileWorkload",
-    "FewShotWorkload", "RAGWorkload", "MultiTurnWorkload", "GeneratedSharedPrefixWorkload",
+    "BenchRequest", "Workload", "WORKLOADS", "DEFAULT_WORKLOADS", "make_workload", "SystemPromptWorkload", "CacheHostileWorkload",
+    "FewShotWorkload", "RAGWorkload", "MultiTurnWorkload", "GeneratedSharedPrefixWorkload", "AgentWorkload",
 ]

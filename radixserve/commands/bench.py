@@ -20,7 +20,7 @@ _NOT_FORWARDED = {"no_prefix_caching"}  # the suite itself turns caching off for
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from radixserve.benchmark.workloads import WORKLOADS
+    from radixserve.benchmark.workloads import DEFAULT_WORKLOADS, WORKLOADS
 
     p = subparsers.add_parser("bench", help="serving benchmarks: the on-vs-off suite, a load generator, reports",
                               description=__doc__.splitlines()[0])
@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "every workload against both, and write the tables and PNGs. Example on a GPU: "
                     "radixserve bench suite --device cuda --model dummy:llama3.2-1b --scale 4",
     )
-    s.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS), metavar="NAME",
-                   help=f"which workloads (default: all): {', '.join(WORKLOADS)}")
+    s.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS), choices=list(WORKLOADS), metavar="NAME",
+                   help=f"which workloads (default: all but agent): {', '.join(WORKLOADS)}")
     s.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in a minute or two")
     s.add_argument("--scale", type=float, default=1.0, help="multiply every workload's request count (default 1)")
     # Concurrency 1 by default: TTFT is then the prefill the cache saves, not also queueing behind

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -71,13 +73,18 @@ def load_model(config: ModelConfig, backend: AttentionBackend | None = None) -> 
             if not source:
                 raise ModelLoadError("no model source given")
             path = Path(source).expanduser()
+            hub_id = None
+            if not path.exists() and is_hub_id(source):
+                hub_id, path = source, resolve_hub_id(source)
             if not path.exists():
                 raise ModelLoadError(
                     f"model source {source!r} not found: expected 'embedded', 'dummy:<preset>', "
-                    "a .gguf file or a Hugging Face checkpoint folder"
+                    "a .gguf file, a Hugging Face checkpoint folder or a Hub id (org/name)"
                 )
             if path.is_dir():
                 loaded = _load_hf_folder(path, config, dtype, device, backend)
+                if hub_id is not None:
+                    loaded.model_id = hub_id.split("@", 1)[0]
             elif path.suffix.lower() == ".gguf":
                 loaded = _load_gguf(path, config, dtype, device, backend, path.stem)
             else:
@@ -89,6 +96,50 @@ def load_model(config: ModelConfig, backend: AttentionBackend | None = None) -> 
     loaded.max_model_len = config.max_model_len or loaded.arch.max_position_embeddings
     loaded.model.rotary.max_positions = loaded.max_model_len
     return loaded
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
+# what a checkpoint needs; a repo's other files (PyTorch .bin twins, ONNX, GGUF variants) are skipped
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"]
+
+
+def is_hub_id(source: str) -> bool:
+    """`org/name` or `org/name@revision` (a path that exists on disk wins over this)."""
+    return bool(_HUB_ID.match(source)) and not source.startswith((".", "/", "~"))
+
+
+def resolve_hub_id(source: str) -> Path:
+    """The local snapshot folder of a Hub model in huggingface_hub's standard cache
+    (HF_HUB_CACHE / HF_HOME), downloading what is missing when online. With HF_HUB_OFFLINE=1
+    only the cache is used. Raises ModelLoadError naming the id when neither works."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    repo_id, _, revision = source.partition("@")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    cache_dir = os.environ.get("HF_HUB_CACHE") or (
+        os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None
+    )
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id, revision=revision or None, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS,
+            local_files_only=offline,
+        )
+    except hub_errors.LocalEntryNotFoundError:
+        where = cache_dir or "the Hugging Face cache"
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise ModelLoadError(f"model {source!r} is not in {where} and {why}: download it once online "
+                             f"(huggingface-cli download {repo_id}) or pass a local folder") from None
+    except hub_errors.GatedRepoError:
+        raise ModelLoadError(f"model {source!r} is gated on the Hugging Face Hub: accept its licence and "
+                             "set HF_TOKEN") from None
+    except hub_errors.RepositoryNotFoundError:
+        raise ModelLoadError(f"model {source!r} was not found on the Hugging Face Hub (or is private: set HF_TOKEN)") from None
+    except hub_errors.RevisionNotFoundError:
+        raise ModelLoadError(f"model {source!r}: revision {revision!r} not found on the Hugging Face Hub") from None
+    except (OSError, hub_errors.HfHubHTTPError) as e:
+        raise ModelLoadError(f"model {source!r} could not be fetched from the Hugging Face Hub: {e}") from None
+    return Path(folder)
 
 
 def find_embedded_gguf() -> Path:

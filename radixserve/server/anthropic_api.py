@@ -31,6 +31,13 @@ from radixserve.server.errors import error_body
 from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import ChatPrompt, build_prompt, prefix_token_count
 from radixserve.server.state import ServerState, collect, turn_texts
+from radixserve.server.tools import (
+    ToolCall,
+    ToolCallStreamer,
+    call_style,
+    parse_tool_calls,
+    tool_call_grammar,
+)
 
 router = APIRouter()
 
@@ -50,6 +57,7 @@ async def create_message(request: Request):
     conversation = build_conversation(body, cache.turns if cache is not None else None)
     state.check_prompt_size(turn_texts(conversation.turns))
     prompt, pins = await asyncio.to_thread(_prompt_and_pins, state, conversation)  # CPU-heavy: off the loop
+    tools, choice = conversation.tools, conversation.tool_choice
     engine_pins = [CachePin(p.num_tokens, TTL_SECONDS[p.ttl] * state.config.cache_ttl_scale) for p in pins]
     if cache is not None and (pin := state.caches.request_pin(cache, prompt)) is not None:
         engine_pins.append(pin)
@@ -60,13 +68,16 @@ async def create_message(request: Request):
         top_k=body.top_k or 0,
         stop=list(body.stop_sequences or []),
     )
+    if choice.forced:
+        params.guided = tool_call_grammar(tools, choice, call_style(state.tokenizer))
     state.log_request("messages", data, namespace)
     stream = await state.submit(prompt.token_ids, params, prefix="msg_", namespace=namespace, cache_pins=engine_pins,
                                 cache_policy=parsed.cache_policy)
     if not state.prefix_caching or not parsed.cache_policy.writes:
         pins = []  # nothing gets written to a cache that is off, or by a request that may not write
+    tool_names = {t.name for t in tools} if choice.mode != "none" else set()
     if body.stream:
-        events = _message_events(stream, state.model_name, pins, request.url.path)
+        events = _message_events(stream, state.model_name, pins, request.url.path, tool_names)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     out = await collect(stream, request)
@@ -75,13 +86,16 @@ async def create_message(request: Request):
     if len(accepted) < len(pins):  # over the pin bounds: said here and in usage (no cache creation)
         headers = {"radixserve-cache-pins-refused": f"{len(pins) - len(accepted)} of {len(pins)} cache_control "
                                                     f"breakpoints were not pinned: {state.pin_bounds_text()}"}
+    content, calls = parse_tool_calls(out.text, tool_names) if tool_names else (out.text, [])
+    blocks: list[dict] = [{"type": "text", "text": content}] if content or not calls else []
+    blocks += [_tool_use_block(call) for call in calls]
     return JSONResponse(headers=headers, content={
         "id": out.request_id,
         "type": "message",
         "role": "assistant",
         "model": state.model_name,
-        "content": [{"type": "text", "text": out.text}],
-        "stop_reason": _stop_reason(out),
+        "content": blocks,
+        "stop_reason": "tool_use" if calls else _stop_reason(out),
         "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None,
         "usage": _usage(out, accepted),
     })
@@ -95,12 +109,13 @@ async def count_tokens(request: Request) -> JSONResponse:
     conversation = build_conversation(body, cache.turns if cache is not None else None)
     state.check_prompt_size(turn_texts(conversation.turns))
     prompt = await asyncio.to_thread(build_prompt, state.tokenizer, conversation.prompt_turns,
-                                     conversation.assistant_prefill)
+                                     conversation.assistant_prefill, tools=conversation.tools)
     return JSONResponse({"input_tokens": len(prompt.token_ids)})
 
 
 def _prompt_and_pins(state: ServerState, conversation: Conversation) -> tuple[ChatPrompt, list[_LabelledPin]]:
-    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill)
+    prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill,
+                          tools=conversation.tools)
     state.check_prompt_tokens(len(prompt.token_ids))  # before re-rendering once per breakpoint
     return prompt, _breakpoint_pins(state, conversation, prompt)
 
@@ -110,7 +125,8 @@ def _breakpoint_pins(state: ServerState, conversation: Conversation, prompt: Cha
     blocks), dropping those under the minimum cacheable length."""
     pins = []
     for b in conversation.breakpoints:
-        n = prefix_token_count(state.tokenizer, prompt, conversation.turns, b.turn_index, b.block_index)
+        n = prefix_token_count(state.tokenizer, prompt, conversation.turns, b.turn_index, b.block_index,
+                               tools=conversation.tools)
         if n < state.config.min_cacheable_tokens:
             continue
         n -= n % state.block_size
@@ -157,9 +173,38 @@ def _stop_reason(out: RequestOutput) -> str:
     return "end_turn"
 
 
+def _tool_use_block(call: ToolCall) -> dict:
+    return {"type": "tool_use", "id": _tool_use_id(call), "name": call.name, "input": call.input()}
+
+
+def _tool_use_id(call: ToolCall) -> str:
+    return "toolu_" + call.id.removeprefix("call_")
+
+
 async def _message_events(
-    stream: RequestStream, model: str, pins: list[_LabelledPin], path: str
+    stream: RequestStream, model: str, pins: list[_LabelledPin], path: str, tool_names: set[str] = frozenset()
 ) -> AsyncIterator[str]:
+    """Anthropic's event stream. With tools, the text block opens only once there is text (an
+    output that is only a call has none), and each call follows as a tool_use block whose input
+    arrives as input_json_delta events."""
+    streamer = ToolCallStreamer() if tool_names else None
+    index = 0
+    text_open = False
+
+    def text_delta(text: str) -> list[str]:
+        nonlocal text_open
+        events = []
+        if not text_open:
+            text_open = True
+            events.append(_event("content_block_start", {
+                "type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""},
+            }))
+        if text:
+            events.append(_event("content_block_delta", {
+                "type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text},
+            }))
+        return events
+
     try:
         # message_start carries the input usage, known once the engine admitted the request:
         # wait for the first output before sending anything
@@ -172,23 +217,45 @@ async def _message_events(
                 "stop_reason": None, "stop_sequence": None, "usage": _usage(first, pins, output_tokens=1),
             },
         })
-        yield _event("content_block_start", {
-            "type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""},
-        })
+        if streamer is None:
+            for event in text_delta(""):
+                yield event
         yield _event("ping", {"type": "ping"})
         out = first
         while True:
-            if out.new_text:
-                yield _event("content_block_delta", {
-                    "type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": out.new_text},
-                })
+            text = streamer.feed(out.new_text) if streamer is not None else out.new_text
+            if text:
+                for event in text_delta(text):
+                    yield event
             if out.finished:
                 break
             out = await stream.next()
-        yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        calls: list[ToolCall] = []
+        if streamer is not None:
+            rest, calls = streamer.finish(tool_names)
+            if rest or (not calls and not text_open):
+                for event in text_delta(rest):
+                    yield event
+        if text_open:
+            yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+            index += 1
+        for call in calls:
+            yield _event("content_block_start", {
+                "type": "content_block_start", "index": index,
+                "content_block": {"type": "tool_use", "id": _tool_use_id(call), "name": call.name, "input": {}},
+            })
+            arguments = call.arguments
+            step = max(1, -(-len(arguments) // 4))  # a few deltas, as Anthropic streams the JSON in pieces
+            for k in range(0, len(arguments), step):
+                yield _event("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": arguments[k:k + step]},
+                })
+            yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
+            index += 1
         yield _event("message_delta", {
             "type": "message_delta",
-            "delta": {"stop_reason": _stop_reason(out),
+            "delta": {"stop_reason": "tool_use" if calls else _stop_reason(out),
                       "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None},
             "usage": _usage(out, pins),
         })

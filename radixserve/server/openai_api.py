@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from radixserve.model.tokenizer import bytes_to_unicode
 from radixserve.request import RequestOutput
 from radixserve.server.async_engine import EngineDeadError, RequestStream, merge_streams
 from radixserve.server.errors import APIError, error_body
@@ -21,6 +22,7 @@ from radixserve.server.openai_protocol import ChatCompletionRequest, CompletionR
 from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import build_prompt
 from radixserve.server.state import ServerState, collect, get_state, turn_texts
+from radixserve.server.tools import ToolCall, ToolCallStreamer, call_style, parse_tool_calls, tool_call_grammar
 
 router = APIRouter()
 
@@ -66,6 +68,14 @@ async def chat_completions(request: Request):
     parsed = await parse_request(request, ChatCompletionRequest)
     state, data, body = parsed.state, parsed.data, parsed.body
     body.check_supported()
+    tools = body.tool_specs()
+    choice = body.tool_choice_spec(tools)
+    guided = body.guided_spec()
+    if choice.forced:
+        if guided is not None:
+            raise APIError(400, "response_format cannot be combined with a required or named tool_choice",
+                           param="response_format")
+        guided = tool_call_grammar(tools, choice, call_style(state.tokenizer))
 
     turns = body.turns()
     state.check_prompt_size(turn_texts(turns))
@@ -76,20 +86,27 @@ async def chat_completions(request: Request):
             raise APIError(400, "a request naming a cached_content takes its system instruction from the cache; "
                                 "remove the system message", param="messages")
         turns = cache.turns + turns
-    prompt = await asyncio.to_thread(build_prompt, state.tokenizer, turns)  # CPU-heavy: off the event loop
+    prompt = await asyncio.to_thread(build_prompt, state.tokenizer, turns, tools=tools)  # CPU-heavy: off the event loop
     pins = []
     if cache is not None and (pin := state.caches.request_pin(cache, prompt)) is not None:
         pins.append(pin)
     limit = body.max_tokens_limit
     params = body.sampling_params(limit if limit is not None else state.default_max_tokens(len(prompt.token_ids)))
+    params.guided = guided
+    params.logprobs = body.num_logprobs()
     state.log_request("chat", data, namespace)
     stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins,
                                 cache_policy=parsed.cache_policy)
     created = int(time.time())
+    tool_names = {t.name for t in tools} if choice.mode != "none" else set()
     if body.stream:
-        events = _chat_events(stream, state.model_name, created, body.include_usage, request.url.path)
+        events = _chat_events(stream, state, created, body.include_usage, request.url.path, tool_names)
         return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
     out = await collect(stream, request)
+    content, calls = parse_tool_calls(out.text, tool_names) if tool_names else (out.text, [])
+    message: dict = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.openai_dict() for c in calls]
     return JSONResponse({
         "id": out.request_id,
         "object": "chat.completion",
@@ -97,9 +114,9 @@ async def chat_completions(request: Request):
         "model": state.model_name,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": out.text},
-            "logprobs": None,
-            "finish_reason": _finish_reason(out),
+            "message": message,
+            "logprobs": _chat_logprobs(state, out.logprobs, out) if out.logprobs is not None else None,
+            "finish_reason": "tool_calls" if calls else _finish_reason(out),
         }],
         "usage": _usage([out]),
         "system_fingerprint": None,
@@ -107,25 +124,42 @@ async def chat_completions(request: Request):
 
 
 async def _chat_events(
-    stream: RequestStream, model: str, created: int, include_usage: bool, path: str
+    stream: RequestStream, state: ServerState, created: int, include_usage: bool, path: str, tool_names: set[str]
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+    model = state.model_name
+
+    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
         data = {
             "id": stream.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if include_usage:
             data["usage"] = None
         return _sse(data)
 
+    streamer = ToolCallStreamer() if tool_names else None
     try:
         yield chunk({"role": "assistant", "content": ""})
         async for out in stream:
-            if out.new_text:
-                yield chunk({"content": out.new_text})
+            text = streamer.feed(out.new_text) if streamer is not None else out.new_text
+            logprobs = None
+            if out.new_logprobs:
+                logprobs = _chat_logprobs(state, out.new_logprobs, out if out.finished else None)
+            if text or (logprobs and logprobs["content"]):
+                yield chunk({"content": text}, logprobs=logprobs)
             if out.finished:
-                yield chunk({}, _finish_reason(out))
+                calls: list[ToolCall] = []
+                if streamer is not None:
+                    rest, calls = streamer.finish(tool_names)
+                    if rest:
+                        yield chunk({"content": rest})
+                for i, call in enumerate(calls):
+                    # the name first, then the arguments: how OpenAI streams a call
+                    yield chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                                 "function": {"name": call.name, "arguments": ""}}]})
+                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})
+                yield chunk({}, "tool_calls" if calls else _finish_reason(out))
                 if include_usage:
                     yield _sse({
                         "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
@@ -136,6 +170,39 @@ async def _chat_events(
         yield _sse(error_body(path, e.status, str(e)))
     finally:
         stream.close()  # no-op when finished; aborts when the client went away mid-stream
+
+
+def _chat_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None) -> dict:
+    """OpenAI's chat logprobs object; `final` (the finished output) drops a stop token's entry."""
+    logprobs = _drop_stop_token(logprobs, final)
+    tok = state.tokenizer
+
+    def entry(token_id: int, logprob: float) -> dict:
+        raw = token_bytes(tok, token_id)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": _finite(logprob), "bytes": list(raw)}
+
+    return {
+        "content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+                    for lp in logprobs],
+        "refusal": None,
+    }
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes a token stands for (byte-level BPE spelling undone; special tokens as text)."""
+    piece = tokenizer.id_to_token(token_id) or ""
+    if tokenizer.is_special(token_id):
+        return piece.encode("utf-8")
+    if all(c in _BYTE_DECODER for c in piece):
+        return bytes(_BYTE_DECODER[c] for c in piece)
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+_BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}  # a constant table
+
+
+def _finite(x: float) -> float:
+    return x if x > -1e30 else -9999.0  # JSON has no -inf; OpenAI reports -9999 for impossible tokens
 
 
 # ---- completions ------------------------------------------------------------------------
@@ -153,12 +220,15 @@ async def completions(request: Request):
     texts = [p for p in raw if isinstance(p, str)]
     encoded = iter(await asyncio.to_thread(state.tokenizer.encode_batch, texts) if texts else [])
     prompts = [next(encoded) if isinstance(p, str) else p for p in raw]
+    echoes = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
     state.log_request("completions", data, namespace)
     streams: list[RequestStream] = []
     try:
         for ids in prompts:
             max_tokens = body.max_tokens if body.max_tokens is not None else state.default_max_tokens(len(ids))
-            streams.append(await state.submit(ids, body.sampling_params(max_tokens), prefix="cmpl-", namespace=namespace,
+            params = body.sampling_params(max_tokens)
+            params.logprobs = body.logprobs
+            streams.append(await state.submit(ids, params, prefix="cmpl-", namespace=namespace,
                                               cache_policy=parsed.cache_policy))
     except BaseException:
         for stream in streams:
@@ -167,8 +237,8 @@ async def completions(request: Request):
     completion_id = streams[0].request_id
     created = int(time.time())
     if body.stream:
-        events = _completion_events(streams, completion_id, state.model_name, created, body.include_usage,
-                                    request.url.path)
+        events = _completion_events(streams, completion_id, state, created, body.include_usage,
+                                    request.url.path, echoes)
         return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
     outs = []
     try:
@@ -183,7 +253,9 @@ async def completions(request: Request):
         "created": created,
         "model": state.model_name,
         "choices": [
-            {"index": i, "text": out.text, "logprobs": None, "finish_reason": _finish_reason(out)}
+            {"index": i, "text": (echoes[i] if echoes else "") + out.text,
+             "logprobs": _completion_logprobs(state, out.logprobs, out) if out.logprobs is not None else None,
+             "finish_reason": _finish_reason(out)}
             for i, out in enumerate(outs)
         ],
         "usage": _usage(outs),
@@ -192,13 +264,16 @@ async def completions(request: Request):
 
 
 async def _completion_events(
-    streams: list[RequestStream], completion_id: str, model: str, created: int, include_usage: bool, path: str
+    streams: list[RequestStream], completion_id: str, state: ServerState, created: int, include_usage: bool,
+    path: str, echoes: list[str],
 ) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> str:
+    model = state.model_name
+
+    def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
         data = {
             "id": completion_id, "object": "text_completion", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if include_usage:
             data["usage"] = None
@@ -206,9 +281,14 @@ async def _completion_events(
 
     finals: list[RequestOutput] = []
     try:
+        for index, echo in enumerate(echoes):
+            yield chunk(index, echo)
         async for index, out in merge_streams(streams):
-            if out.new_text or out.finished:
-                yield chunk(index, out.new_text, _finish_reason(out) if out.finished else None)
+            logprobs = None
+            if out.new_logprobs:
+                logprobs = _completion_logprobs(state, out.new_logprobs, out if out.finished else None)
+            if out.new_text or out.finished or logprobs:
+                yield chunk(index, out.new_text, _finish_reason(out) if out.finished else None, logprobs)
             if out.finished:
                 finals.append(out)
         if include_usage:
@@ -222,6 +302,35 @@ async def _completion_events(
     finally:
         for stream in streams:
             stream.close()
+
+
+def _drop_stop_token(logprobs: list, final: RequestOutput | None) -> list:
+    """Without the stop token's entry (the last one) when a stop token ended the output: the
+    text does not include it, so neither do the logprobs."""
+    if final is not None and final.finish_reason == "stop" and isinstance(final.stop_reason, int) and logprobs:
+        return logprobs[:-1]
+    return logprobs
+
+
+def _completion_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None) -> dict:
+    """The legacy completions logprobs object (tokens, token_logprobs, top_logprobs, text_offset)."""
+    logprobs = _drop_stop_token(logprobs, final)
+    tok = state.tokenizer
+
+    def text(token_id: int) -> str:
+        return token_bytes(tok, token_id).decode("utf-8", errors="replace")
+
+    tokens = [text(lp.token_id) for lp in logprobs]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
+        "top_logprobs": [{text(t): _finite(v) for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
 
 
 # ---- shared -----------------------------------------------------------------------------

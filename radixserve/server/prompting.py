@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jinja2
@@ -29,17 +29,33 @@ BLOCK_SEPARATOR = "\n\n"
 
 @dataclass(slots=True)
 class ChatTurn:
-    """One message: a role ("system", "user", "assistant") and its text blocks."""
+    """One message: a role ("system", "user", "assistant", "tool") and its text blocks; an
+    assistant turn may carry tool calls ({"id", "name", "arguments": dict}), a tool turn
+    answers the call `tool_call_id` of tool `name`."""
 
     role: str
     blocks: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    tool_call_id: str | None = None
+    name: str | None = None
 
     @property
     def text(self) -> str:
         return BLOCK_SEPARATOR.join(self.blocks)
 
-    def as_message(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.text}
+    def as_message(self) -> dict[str, Any]:
+        """The message as transformers hands it to a template (tool calls with dict arguments)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for c in self.tool_calls
+            ]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+            if self.name:
+                message["name"] = self.name
+        return message
 
 
 @dataclass(slots=True)
@@ -50,18 +66,57 @@ class ChatPrompt:
     token_ids: list[int]
 
 
-def render(tokenizer: Any, turns: Sequence[ChatTurn], add_generation_prompt: bool = True) -> str:
-    """The model's chat template over `turns`. Some templates refuse conversations (e.g. roles
-    that do not alternate): that is the client's error, a 400, not a server failure."""
+def render(
+    tokenizer: Any, turns: Sequence[ChatTurn], add_generation_prompt: bool = True, tools: Sequence[Any] = ()
+) -> str:
+    """The model's chat template over `turns` (and `tools`, ToolSpecs; see server/tools.py for
+    templates without tool support). Some templates refuse conversations (e.g. roles that do
+    not alternate): that is the client's error, a 400, not a server failure."""
+    from radixserve.server.tools import template_supports_tools
+
+    kwargs: dict[str, Any] = {}
+    if template_supports_tools(tokenizer):
+        if tools:
+            kwargs["tools"] = [t.openai_dict() for t in tools]
+    else:
+        turns = _fallback_tool_turns(turns, tools)
     messages = [t.as_message() for t in turns]
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
     except jinja2.TemplateError as e:
         raise APIError(400, f"the model's chat template rejected the conversation: {e}", param="messages") from None
 
 
+def _fallback_tool_turns(turns: Sequence[ChatTurn], tools: Sequence[Any]) -> list[ChatTurn]:
+    """Tools, calls and results written as plain text turns (the Hermes convention), for a
+    template that knows nothing of tools. The tool list opens the system message."""
+    from radixserve.server.tools import hermes_call_text, tools_system_text
+
+    out: list[ChatTurn] = []
+    if tools:
+        header = tools_system_text(list(tools))
+        if turns and turns[0].role == "system":
+            out.append(ChatTurn("system", [header] + turns[0].blocks))
+            turns = turns[1:]
+        else:
+            out.append(ChatTurn("system", [header]))
+    for turn in turns:
+        if turn.role == "tool":
+            out.append(ChatTurn("user", [f"<tool_response>\n{turn.text}\n</tool_response>"]))
+        elif turn.tool_calls:
+            calls = [hermes_call_text(c["name"], c["arguments"]) for c in turn.tool_calls]
+            out.append(ChatTurn(turn.role, ([turn.text] if turn.text else []) + ["\n".join(calls)]))
+        else:
+            out.append(turn)
+    return out
+
+
 def build_prompt(
-    tokenizer: Any, turns: Sequence[ChatTurn], assistant_prefill: str | None = None, add_generation_prompt: bool = True
+    tokenizer: Any,
+    turns: Sequence[ChatTurn],
+    assistant_prefill: str | None = None,
+    add_generation_prompt: bool = True,
+    tools: Sequence[Any] = (),
 ) -> ChatPrompt:
     """Render and tokenize. With `assistant_prefill` the reply continues that text (the last
     assistant message of an Anthropic request) instead of starting fresh.
@@ -73,7 +128,7 @@ def build_prompt(
     specials = tokenizer.special_token_strings
     texts = [b for t in turns for b in t.blocks] + ([assistant_prefill] if assistant_prefill else [])
     if not specials or not any(sp in text for text in texts for sp in specials):
-        text = render(tokenizer, turns, add_generation_prompt=add_generation_prompt)
+        text = render(tokenizer, turns, add_generation_prompt=add_generation_prompt, tools=tools)
         if assistant_prefill:
             text += assistant_prefill
         return ChatPrompt(text, tokenizer.encode(text))
@@ -87,8 +142,8 @@ def build_prompt(
     def hide(text: str) -> str:
         return find_special.sub(lambda m: marks[m.group(0)], text)
 
-    text = render(tokenizer, [ChatTurn(t.role, [hide(b) for b in t.blocks]) for t in turns],
-                  add_generation_prompt=add_generation_prompt)
+    text = render(tokenizer, [replace(t, blocks=[hide(b) for b in t.blocks]) for t in turns],
+                  add_generation_prompt=add_generation_prompt, tools=tools)
     if assistant_prefill:
         text += hide(assistant_prefill)
     ids: list[int] = []
@@ -114,13 +169,19 @@ def check_prompt_size(tokenizer: Any, texts: Sequence[str], max_model_len: int) 
 
 
 def prefix_token_count(
-    tokenizer: Any, prompt: ChatPrompt, turns: Sequence[ChatTurn], turn_index: int, block_index: int
+    tokenizer: Any, prompt: ChatPrompt, turns: Sequence[ChatTurn], turn_index: int, block_index: int,
+    tools: Sequence[Any] = (),
 ) -> int:
     """Prompt tokens covering turns[:turn_index] plus the first block_index+1 blocks of
-    turns[turn_index] (including the end-of-turn marker when that block ends its message)."""
+    turns[turn_index] (including the end-of-turn marker when that block ends its message).
+    turn_index -1: the tool definitions alone (they come before the system text)."""
+    if turn_index < 0:
+        return shared_token_prefix(tokenizer, prompt, render(tokenizer, [], add_generation_prompt=False, tools=tools))
     turn = turns[turn_index]
-    truncated = list(turns[:turn_index]) + [ChatTurn(turn.role, turn.blocks[: block_index + 1])]
-    text = render(tokenizer, truncated, add_generation_prompt=False)
+    blocks = turn.blocks[: block_index + 1]
+    calls = turn.tool_calls if block_index + 1 >= len(turn.blocks) else []
+    truncated = list(turns[:turn_index]) + [ChatTurn(turn.role, blocks, calls, turn.tool_call_id, turn.name)]
+    text = render(tokenizer, truncated, add_generation_prompt=False, tools=tools)
     return shared_token_prefix(tokenizer, prompt, text)
 
 

@@ -170,3 +170,35 @@ def test_scale_quick_and_overrides():
     assert len(make_workload("generated-shared-prefix", prompts_per_group=2, num_groups=2).build()) == 4
     with pytest.raises(ValueError, match="unknown workload"):
         make_workload("nope")
+
+
+def test_agent_sessions_grow_by_a_call_and_a_result(tokenizer):
+    """As the server renders them (tools before the system text): every request starts with the
+    same ~3k tokens of tools + system prompt, each turn re-sends its session's previous prompt,
+    results are 200-1000 tokens, and the longest prompt fits the embedded model's context."""
+    from radixserve.server.openai_protocol import ChatCompletionRequest
+    from radixserve.server.prompting import build_prompt
+
+    from radixserve.benchmark.workloads import AgentWorkload
+
+    w = AgentWorkload(num_sessions=3, turns=10)
+    requests = w.build()
+    assert len(requests) == 30 and [r.turn for r in requests[:4]] == [0, 0, 0, 1]
+
+    def ids(r):
+        body = ChatCompletionRequest.model_validate(r.body("m"))
+        return build_prompt(tokenizer, body.turns(), tools=body.tool_specs()).token_ids
+
+    rendered = {(r.session, r.turn): ids(r) for r in requests}
+    first = rendered[("session-0", 0)]
+    assert 2800 <= common_prefix_len(first, rendered[("session-2", 5)]) <= 3400  # tools + system
+    for (session, turn), prompt in rendered.items():
+        assert len(prompt) + w.output_tokens <= 8192
+        if turn:
+            previous = rendered[(session, turn - 1)]
+            grown = len(prompt) - len(previous)
+            assert common_prefix_len(previous, prompt) >= len(previous) - 8  # re-sent (the reply prompt aside)
+            assert 200 <= grown <= 1100, grown
+    body = requests[5].body("m")
+    assert body["tool_choice"] == "none" and len(body["tools"]) == 8
+    assert body["messages"][-1]["role"] == "tool"
