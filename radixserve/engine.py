@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -189,26 +190,42 @@ class LLMEngine:
         if not plan.scheduled:
             return []
         self.stats.steps += 1
-        guided = [s.request for s in plan.scheduled if s.samples and s.request.request_id in self._guides]
-        # the masks of the guided rows about to sample are computed on a helper thread meanwhile
-        pending = self.guide_factory.start_masks([self._guides[r.request_id] for r in guided]) if guided else None
+        sampling = [s.request for s in plan.scheduled if s.samples]
+        pending_masks = self._start_masks(sampling)
         logits = self.runner.execute(plan.step)
-        return self._postprocess(plan.scheduled, logits, pending)
+        return self._postprocess(plan.scheduled, sampling, logits, pending_masks)
 
-    def _postprocess(self, scheduled: list[ScheduledRequest], logits: torch.Tensor, pending_masks=None) -> list[RequestOutput]:
+    def _start_masks(self, sampling: list[Request]) -> tuple[list[int], Future] | None:
+        """(rows, future bitmask) of the grammar-constrained requests about to sample: the masks
+        are computed on a helper thread while the model runs. None (and no work) without any."""
+        if not self._guides:
+            return None
+        rows = [i for i, r in enumerate(sampling) if r.request_id in self._guides]
+        if not rows:
+            return None
+        return rows, self.guide_factory.start_masks([self._guides[sampling[i].request_id] for i in rows])
+
+    def _postprocess(
+        self,
+        scheduled: list[ScheduledRequest],
+        sampling: list[Request],
+        logits: torch.Tensor,
+        pending_masks: tuple[list[int], Future] | None,
+    ) -> list[RequestOutput]:
         """After the forward pass: move every request's KV forward (the cache inserts the full
-        blocks), sample a token for those that completed, check stops, emit outputs."""
+        blocks), sample a token for those in `sampling` (their last new token's logits were
+        computed), check stops, emit outputs."""
         for s in scheduled:
             computed, num_prompt = s.num_computed_tokens, s.request.num_prompt_tokens
             if computed < num_prompt:
                 self.stats.computed_prompt_tokens += min(s.num_new_tokens, num_prompt - computed)
             self.cache.advance(s.request, s.num_new_tokens)
-        sampling = [s.request for s in scheduled if s.samples]
         if not sampling:
             return []
         masks = None
         if pending_masks is not None:
-            masks = ([i for i, r in enumerate(sampling) if r.request_id in self._guides], pending_masks.result())
+            rows, bitmask = pending_masks
+            masks = (rows, bitmask.result())
         tokens = self._sample(logits, sampling, masks)
         logprob_rows = [i for i, r in enumerate(sampling)
                         if r.sampling.logprobs is not None and not isinstance(tokens[i], Exception)]
