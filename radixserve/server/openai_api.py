@@ -214,10 +214,10 @@ async def completions(request: Request):
     namespace = parsed.tenant.namespace(body.cache_salt)
 
     raw = body.prompts()
-    state.check_prompt_size([p for p in raw if isinstance(p, str)])
+    texts = [p for p in raw if isinstance(p, str)]
+    state.check_prompt_size(texts)
     # The whole prompt is the client's text: special-token spellings in it are control tokens
     # (as in vLLM); only chat routes keep them out of message content.
-    texts = [p for p in raw if isinstance(p, str)]
     encoded = iter(await asyncio.to_thread(state.tokenizer.encode_batch, texts) if texts else [])
     prompts = [next(encoded) if isinstance(p, str) else p for p in raw]
     echoes = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
