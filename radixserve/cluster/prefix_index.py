@@ -131,6 +131,11 @@ class PrefixIndex:
             result[replica_id] = count
         return result
 
+    def num_blocks_held(self, replica_id: str) -> int:
+        """Blocks a replica holds or is expected to (its cache's fill, as this index sees it)."""
+        holdings = self.replicas.get(replica_id)
+        return len(holdings.keys) + len(holdings.tentative) if holdings is not None else 0
+
     @property
     def num_keys(self) -> int:
         """Distinct blocks indexed (the index size)."""
@@ -163,9 +168,11 @@ def choose_replica(
     num_prompt_blocks: int,
     balance: float,
     rng: random.Random | None = None,
+    blocks_held: dict[str, int] | None = None,
 ) -> RoutingChoice:
     """The candidate with the best score = reused fraction - balance * (in flight - least in flight).
-    Ties go to the less loaded, then at random (two idle replicas share new prefixes evenly)."""
+    Ties go to the less loaded, then to the one holding fewer blocks (new prefixes spread over
+    the caches instead of piling onto one), then at random."""
     if not candidates:
         raise ValueError("no candidate replicas")
     rng = rng or random
@@ -178,6 +185,7 @@ def choose_replica(
 
     order = list(candidates)
     rng.shuffle(order)
-    best = max(order, key=lambda r: (score(r), -in_flight.get(r, 0)))
+    held = blocks_held or {}
+    best = max(order, key=lambda r: (score(r), -in_flight.get(r, 0), -held.get(r, 0)))
     matched = matched_blocks.get(best, 0)
     return RoutingChoice(best, PREFIX if matched > 0 else BALANCE, matched)

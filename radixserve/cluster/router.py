@@ -78,7 +78,8 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return [[target]] if target is not None else []
         keys = request.keys if request is not None else []
         matched = self.index.matched_blocks(keys, by_id) if keys else {}
-        choice = choose_replica(list(by_id), matched, self.in_flight, len(keys), self.balance, self._rng)
+        held = {r: self.index.num_blocks_held(r) for r in by_id}
+        choice = choose_replica(list(by_id), matched, self.in_flight, len(keys), self.balance, self._rng, held)
         if keys:
             self.index.note_routed(choice.replica_id, keys)
         self.stats["decisions_prefix" if choice.decision == PREFIX else "decisions_balance"] += 1

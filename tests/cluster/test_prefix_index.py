@@ -94,3 +94,8 @@ def test_new_prefixes_spread_evenly_over_idle_replicas():
     picks = [choose_replica(["a", "b"], {}, {}, 10, 0.25, rng).replica_id for _ in range(400)]
     assert 150 < picks.count("a") < 250
     assert choose_replica(["a", "b"], {}, {"a": 1, "b": 0}, 10, 0.25, rng).replica_id == "b"
+
+
+def test_new_prefixes_go_to_the_emptier_cache_when_load_is_equal():
+    choice = choose_replica(["a", "b"], {}, {}, 10, 0.25, blocks_held={"a": 30, "b": 2})
+    assert choice.replica_id == "b" and choice.decision == BALANCE
