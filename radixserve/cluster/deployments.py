@@ -95,6 +95,10 @@ class EngineReplica:
 
     async def handle(self, request: RoutedRequest) -> AsyncIterator[Any]:
         """Run one forwarded HTTP request through the app: yields {status, headers}, then body chunks."""
+        if request.target_replica is not None and request.target_replica != self.replica_id:
+            yield {"status": 404, "headers": [(b"content-type", b"application/json")]}
+            yield b'{"error": {"message": "that replica is gone", "type": "not_found"}}'
+            return
         async for item in call_asgi(self.app, request, extra_headers=[(REPLICA_HEADER.encode(), self.replica_id.encode())]):
             yield item
 
@@ -264,6 +268,8 @@ class Ingress:
             target = RoutedRequest(routed.method, routed.path, routed.query_string, routed.headers, b"",
                                    prompt=routed.path, target_replica=replica_id)
             response = await self._call(self.engine, target)
+            if response.status_code == 404:
+                continue  # stopped since it last published
             if response.status_code != 200:
                 return response  # e.g. 401 without the metrics key: the replica's answer
             text = b"".join([c async for c in response.body_iterator]).decode()

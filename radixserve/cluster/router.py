@@ -75,7 +75,9 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         if request is not None and request.target_replica is not None:
             target = by_id.get(request.target_replica)
             self.stats["decisions_targeted"] += 1
-            return [[target]] if target is not None else []
+            # a replica that is gone: any replica answers 404 at once (an empty rank would make
+            # Ray retry forever)
+            return [[target]] if target is not None else [list(by_id.values())]
         keys = request.keys if request is not None else []
         matched = self.index.matched_blocks(keys, by_id) if keys else {}
         held = {r: self.index.num_blocks_held(r) for r in by_id}
