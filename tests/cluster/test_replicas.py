@@ -162,3 +162,26 @@ def test_killed_replica_gives_a_clean_error_then_recovers(cluster):
             replica in ray.get(ray.get_actor("radixserve-cluster-state").live_replicas.remote()):
         assert time.monotonic() < deadline, "the replica was not restarted"
         time.sleep(1)
+
+
+def test_router_restart_loses_no_named_cache(cluster):
+    created = httpx.post(f"{cluster}/v1/caches", json={
+        "model": "embedded", "system": "Restart survivor: " + SYSTEM, "ttl": "600s"}, timeout=120)
+    assert created.status_code == 200, created.text
+    name = created.json()["name"]
+    ingress = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith(f"SERVE_REPLICA::{APP}#Ingress#")]
+    assert len(ingress) == 1
+    ray.kill(ray.get_actor(ingress[0]["name"], namespace=ingress[0]["namespace"]), no_restart=False)
+    deadline = time.monotonic() + 120
+    while True:  # the ingress (and its router, with an empty index) comes back
+        try:
+            response = client(cluster).chat.completions.with_raw_response.create(
+                model="embedded", messages=[{"role": "user", "content": "Still there?"}], max_tokens=2,
+                extra_body={"cached_content": name})
+            break
+        except (openai.APIConnectionError, openai.APIStatusError):
+            assert time.monotonic() < deadline, "the ingress did not come back"
+            time.sleep(1)
+    out = response.parse()
+    assert out.usage.prompt_tokens_details.cached_tokens >= 32  # served from the named cache's blocks
