@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 import time
 from typing import Any
 
@@ -73,7 +74,12 @@ def run(args: argparse.Namespace) -> int:
     app = build_from_args(args)
     print(f"radixserve: deploying {cluster.replicas} engine replica(s), router {cluster.router} "
           f"({time.monotonic() - started:.0f}s) ...", flush=True)
-    serve.run(app, name="radixserve", route_prefix="/", blocking=False)
+    done = threading.Event()
+    threading.Thread(target=_report_progress, args=(done, started), daemon=True).start()
+    try:
+        serve.run(app, name="radixserve", route_prefix="/", blocking=False)  # returns once every replica is up
+    finally:
+        done.set()
     print(f"radixserve: ready on http://{args.host}:{args.port} with {cluster.replicas} replica(s) "
           f"({time.monotonic() - started:.0f}s); Ctrl-C stops", flush=True)
     try:
@@ -85,3 +91,20 @@ def run(args: argparse.Namespace) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _report_progress(done: threading.Event, started: float, interval: float = 5.0) -> None:
+    """While the application deploys: one line per interval with each deployment's replica states
+    (model loading takes a while; a silent terminal looks hung)."""
+    from ray import serve
+
+    while not done.wait(interval):
+        try:
+            app = serve.status().applications.get("radixserve")
+            if app is None:
+                continue
+            states = "; ".join(f"{name}: " + ", ".join(f"{n} {state.lower()}" for state, n in d.replica_states.items())
+                               for name, d in app.deployments.items())
+            print(f"radixserve:   {time.monotonic() - started:.0f}s {states}", flush=True)
+        except Exception:  # noqa: BLE001 - progress lines are best effort
+            continue
