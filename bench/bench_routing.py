@@ -19,6 +19,7 @@ Writes the section `routing-cpu` of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import statistics
@@ -88,7 +89,8 @@ def direct_latency(engine_options: dict, n: int) -> list[float]:
     from radixserve.server import ServerConfig, create_app
     from tests.live_server import serve_app
 
-    argv = ["serve"] + [a for k, v in engine_options.items() for a in ("--" + k.replace("_", "-"), str(v))]
+    argv = ["serve"] + [a for k, v in engine_options.items() if k != "min_cacheable_tokens"
+                        for a in ("--" + k.replace("_", "-"), str(v))]
     config = engine_config_from_args(build_parser().parse_args(argv))
     config.model.show_progress = False
     with serve_app(create_app(config, ServerConfig())) as base:
@@ -108,6 +110,7 @@ def main() -> int:
     p.add_argument("--serve-opt", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--with-store-runs", action="store_true", help="repeat pow2 and cache-aware with --serve-opt's store")
     p.add_argument("--latency-requests", type=int, default=40)
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (GPUs are detected)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
 
@@ -122,7 +125,10 @@ def main() -> int:
                                     system_tokens=args.system_tokens, output_tokens=args.output_tokens)
     requests = workload.build()
     port = free_port()
-    ray.init(num_cpus=2, namespace="radixserve-bench", include_dashboard=False, log_to_driver=False)
+    # The box is shared: Ray's memory monitor kills workers at 95% of *node* memory, which other
+    # processes can cause; a killed ingress fails every request of a run. Only past 99% here.
+    os.environ.setdefault("RAY_memory_usage_threshold", "0.99")
+    ray.init(num_cpus=args.ray_cpus, namespace="radixserve-bench", include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     runs = [(name, {}) for name in args.routers]
     if args.with_store_runs:
@@ -153,8 +159,12 @@ def main() -> int:
                      f"{decisions.get('prefix', 0)} / {decisions.get('balance', 0)}" if name == "cache-aware" else "",
                      s.num_failed])
         print(rows[-1], flush=True)
+        for failed in [r for r in run.results if not r.ok][:3]:
+            print(f"  failed #{failed.index}: {failed.error}", flush=True)
     # routing overhead: one replica through the routed endpoint vs the plain server, same engine
-    options = {"model": "embedded", "replicas": 1, "router": "cache-aware", "replica_cpus": 0.5, "num_blocks": blocks}
+    # the replica gets every core, like the plain server (Ray sets a worker's torch threads to its CPUs)
+    options = {"model": "embedded", **extra, "replica_cpus": args.ray_cpus, "replicas": 1, "router": "cache-aware",
+               "num_blocks": blocks}
     base = deploy(options, port)
     routed = sequential_latency(base, args.latency_requests)
     text = httpx.get(f"{base}/metrics", timeout=60).text
@@ -162,7 +172,9 @@ def main() -> int:
     decided = sum(float(v) for v in re.findall(r'^radixserve_router_decisions_total\{[^}]*\} (\S+)$', text, re.M))
     serve.shutdown()
     ray.shutdown()
-    direct = direct_latency({"model": "embedded", "num_blocks": blocks}, args.latency_requests)
+    cluster_only = {"replicas", "router", "router_balance", "replica_cpus", "replica_gpus", "ray_address", "ray_num_cpus"}
+    engine_options = {k: v for k, v in {**options, **extra}.items() if k not in cluster_only}
+    direct = direct_latency(engine_options, args.latency_requests)
     p50_routed, p50_direct = statistics.median(routed), statistics.median(direct)
     body = "\n".join([
         f"Workload: {workload.summary()}, arriving mixed (round robin over the prompts), {args.concurrency} "
