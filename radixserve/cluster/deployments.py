@@ -177,7 +177,8 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
             task.cancel()
 
 
-ingress_app = FastAPI(title="radixserve (replicas)")
+# no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
+ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
 
 
 @serve.ingress(ingress_app)
