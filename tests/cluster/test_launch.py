@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import pytest
 
+import subprocess
+import sys
+
 from radixserve.cli import build_parser
 
-pytest.importorskip("ray.serve")
+
+def test_a_plain_serve_never_imports_ray():
+    code = ("import sys; from radixserve.cli import build_parser; import radixserve.server; "
+            "args = build_parser().parse_args(['serve']); assert args.replicas == 0; "
+            "assert 'ray' not in sys.modules, 'ray was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
 
 
 def test_serve_config_args_become_the_same_application():
+    pytest.importorskip("ray.serve")
     from radixserve.cluster.launch import app_from_options
 
     app = app_from_options({"replicas": 3, "router": "pow2", "model": "dummy:tiny", "num_blocks": 64,
@@ -24,6 +34,7 @@ def test_serve_config_args_become_the_same_application():
 
 
 def test_bad_cluster_options_are_refused():
+    pytest.importorskip("ray.serve")
     from radixserve.cluster.launch import cluster_config_from_args
 
     with pytest.raises(ValueError, match="router_balance"):
