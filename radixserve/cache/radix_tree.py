@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.cache.block_pool import BlockPool
+from radixserve.cache.tree_observer import NULL_OBSERVER, TreeObserver
 
 # pinned_until of a node that was never pinned: earlier than any clock reading, fake ones included.
 _NOT_PINNED = -math.inf
@@ -127,6 +128,8 @@ class RadixTree:
         # more is refused (pin returns 0), so pins can never starve the pool.
         self.max_pinned_blocks: int | None = None
         self.max_pinned_blocks_per_namespace: int | None = None
+        # Told when full blocks enter or leave the cache (KV events for scale-out routing).
+        self.observer: TreeObserver = NULL_OBSERVER
 
     # ---- lookup ---------------------------------------------------------------------------
     def match_prefix(self, namespace: str, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
@@ -180,6 +183,7 @@ class RadixTree:
             self.num_cached_blocks += len(new_blocks)
             blocks.extend(new_blocks)
             node = leaf
+            self.observer.blocks_stored(leaf, 0)
         if node is not root and not node.children and node.lock_ref == 0:
             self._push_candidate(node)
         return InsertResult(node, existing, blocks)
@@ -558,6 +562,7 @@ class RadixTree:
     def _trim_leaf(self, node: TreeNode, num_blocks: int) -> int:
         """Drop the last ``num_blocks`` blocks of an unlocked leaf's edge; returns blocks freed."""
         keep = len(node.block_ids) - num_blocks
+        self.observer.blocks_removed(node, keep)
         dropped = node.block_ids[keep:]
         del node.block_ids[keep:]
         del node.tokens[keep * self.block_size :]
@@ -569,6 +574,7 @@ class RadixTree:
         """Detach an unlocked leaf and drop the tree's refs on its blocks; returns blocks freed."""
         parent = node.parent
         assert parent is not None and not node.children and node.lock_ref == 0, node
+        self.observer.blocks_removed(node, 0)
         del parent.children[tuple(node.tokens[: self.block_size])]
         node.parent = None  # marks it detached: lock() on it now raises
         self._num_nodes -= 1

@@ -47,8 +47,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="append each request body (with a timestamp) to this JSONL file for `radixserve advise`; "
                         "off by default (prompts may be sensitive)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_cluster_args(p)
     add_engine_args(p)
     p.set_defaults(func=run)
+
+
+def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """Scale-out flags, from ClusterConfig's fields (radixserve/cluster/config.py imports no Ray)."""
+    import dataclasses
+    import typing
+
+    from radixserve.cluster.config import ClusterConfig
+    from radixserve.config import field_docs
+
+    g = p.add_argument_group("scale-out (Ray Serve; pip install radixserve[cluster])")
+    docs = field_docs(ClusterConfig)
+    hints = typing.get_type_hints(ClusterConfig)
+    for f in dataclasses.fields(ClusterConfig):
+        hint = hints[f.name]
+        kwargs: dict = {"default": f.default, "help": docs.get(f.name, "")}
+        if typing.get_origin(hint) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(hint))
+        else:
+            base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+            kwargs["type"] = base
+        p_flag = "--" + f.name.replace("_", "-")
+        g.add_argument(p_flag, **kwargs)
 
 
 def server_config_from_args(args: argparse.Namespace):
@@ -86,6 +110,10 @@ def _key_policies(items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replicas:
+        from radixserve.cluster.launch import run as run_cluster  # imports Ray; a plain serve never does
+
+        return run_cluster(args)
     import logging
 
     import uvicorn

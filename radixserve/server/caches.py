@@ -74,12 +74,35 @@ class NamedCache:
         }
 
 
+class CacheRegistry:
+    """Where named-cache definitions are shared with other servers: nowhere (one server).
+
+    Scale-out replaces it (cluster/shared_state.py) so that a cache created through one replica
+    is usable through every replica: each replica adopts the definition on first use and builds
+    its own pin as requests naming it run."""
+
+    shared = False
+
+    async def save(self, cache: NamedCache) -> None:
+        pass
+
+    async def load(self, cache_id: str) -> NamedCache | None:
+        return None
+
+    async def delete(self, cache_id: str) -> None:
+        pass
+
+    async def list(self, owner: str) -> list[NamedCache]:
+        return []
+
+
 class NamedCacheStore:
     """The named caches of one server. All methods run on the event loop."""
 
-    def __init__(self, state: ServerState, clock=time.time) -> None:
+    def __init__(self, state: ServerState, clock=time.time, registry: CacheRegistry | None = None) -> None:
         self.state = state
         self.clock = clock
+        self.registry = registry or CacheRegistry()
         self._caches: dict[str, NamedCache] = {}
 
     def __len__(self) -> int:
@@ -148,12 +171,15 @@ class NamedCacheStore:
                      f"({state.pin_bounds_text()}); delete or let expire another cache, or retry later",
             )
         self._caches[cache.cache_id] = cache
+        await self.registry.save(cache)
         return cache
 
     async def get(self, owner: str, name: str) -> NamedCache:
         """The live cache called `name` ("caches/<id>" or "<id>"); NotFoundError otherwise."""
         cache_id = name.removeprefix("caches/")
         cache = self._caches.get(cache_id)
+        if self.registry.shared:
+            cache = await self._sync_from_registry(cache_id, cache)
         if cache is None or cache.owner != owner:
             raise NotFoundError(f"cached content {name!r} was not found (it may have expired or been deleted)")
         if cache.expire_time <= self.clock():
@@ -166,6 +192,32 @@ class NamedCacheStore:
         live = [c for c in self._caches.values() if c.owner == owner and c.expire_time > now]
         return sorted(live, key=lambda c: c.create_time)
 
+    async def list_all(self, owner: str) -> list[NamedCache]:
+        """`list`, over every server sharing the registry."""
+        if not self.registry.shared:
+            return self.list(owner)
+        now = self.clock()
+        live = [c for c in await self.registry.list(owner) if c.expire_time > now]
+        return sorted(live, key=lambda c: c.create_time)
+
+    async def _sync_from_registry(self, cache_id: str, local: NamedCache | None) -> NamedCache | None:
+        """The registry is the truth: adopt a cache created elsewhere, follow a lifetime changed
+        elsewhere, drop one deleted elsewhere."""
+        shared = await self.registry.load(cache_id)
+        if shared is None:
+            if local is not None:
+                await self._drop(local)
+            return None
+        if local is None:  # created through another replica: its KV is pinned here as requests use it
+            shared.pinned_tokens = 0
+            shared.request_pin_tokens = set()
+            self._caches[cache_id] = local = shared
+        elif shared.expire_time != local.expire_time:
+            local.expire_time, local.update_time = shared.expire_time, shared.update_time
+            if local.pinned_tokens:
+                await self._set_pin(local)
+        return local
+
     async def update(self, owner: str, name: str, expire_time: float) -> NamedCache:
         cache = await self.get(owner, name)
         cache.expire_time = expire_time
@@ -173,6 +225,7 @@ class NamedCacheStore:
         # The tree only ever extends a pin, so a shorter TTL needs unpin + pin; both run in one
         # engine call so no step (and no eviction) can happen in between.
         await self._set_pin(cache)
+        await self.registry.save(cache)
         return cache
 
     async def delete(self, owner: str, name: str) -> None:
@@ -231,6 +284,7 @@ class NamedCacheStore:
         CachePin asks `_is_live`); unpin and the twin's re-pin run in one engine call."""
         if self._caches.pop(cache.cache_id, None) is None:
             return
+        await self.registry.delete(cache.cache_id)
         lengths = sorted({n for n in (cache.pinned_tokens, *cache.request_pin_tokens) if n > 0})
         if not lengths or not self.state.async_engine.is_running:
             return

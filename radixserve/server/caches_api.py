@@ -121,7 +121,7 @@ async def create_cache(request: Request) -> JSONResponse:
 async def list_caches(request: Request) -> JSONResponse:
     state = get_state(request)
     tenant = state.auth.authenticate(request)
-    return JSONResponse({"cached_contents": [c.to_json() for c in state.caches.list(tenant.owner)]})
+    return JSONResponse({"cached_contents": [c.to_json() for c in await state.caches.list_all(tenant.owner)]})
 
 
 @router.get("/v1/caches/{cache_id}")

@@ -1,0 +1,315 @@
+"""The Ray Serve application: an HTTP ingress and N engine replicas behind a request router.
+
+    client --HTTP--> Serve proxy --> Ingress (FastAPI, any route) --DeploymentHandle + router-->
+        EngineReplica (the unchanged single-server app: create_app, driven in-process over ASGI)
+
+The ingress does not re-implement any API: it reads the body, computes a routing hint (the
+prompt's content keys, routing_hint.py), and forwards the raw request; the replica runs it
+through the same FastAPI app as `radixserve serve`, and streams the response back chunk by
+chunk (status and headers first). So auth, errors, streaming, named caches and usage behave
+exactly as on one server. Each response carries `x-radixserve-replica: <replica id>`.
+
+The router is pluggable: ``router="cache-aware"`` (ours, router.py), ``"pow2"`` (Ray's default)
+or ``"prefix-affinity"`` (Ray Serve LLM's PrefixCacheAffinityRouter), for side-by-side runs.
+"""
+
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from radixserve.cache.block_keys import CacheIdentity
+from radixserve.cluster.kv_events import KVEventRecorder
+from radixserve.cluster.metrics import cluster_metrics, label_metrics
+from radixserve.cluster.routing_hint import RoutedRequest, RoutingProfile, prompt_hint
+from radixserve.cluster.shared_state import STATE_ACTOR_NAME, get_or_create_state_actor
+from radixserve.config import EngineConfig
+from radixserve.server.caches import CacheRegistry, NamedCache
+from radixserve.server.config import ServerConfig
+
+log = logging.getLogger("radixserve.cluster")
+
+REPLICA_HEADER = "x-radixserve-replica"
+ROUTERS = {
+    "cache-aware": "radixserve.cluster.router:CacheAwareRouter",
+    "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+    "prefix-affinity": "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:"
+                       "PrefixCacheAffinityRouter",
+}
+
+
+class ActorCacheRegistry(CacheRegistry):
+    """Named-cache definitions in the ClusterState actor (shared by every replica)."""
+
+    shared = True
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    async def save(self, cache: NamedCache) -> None:
+        await self.actor.put_cache.remote(cache)
+
+    async def load(self, cache_id: str) -> NamedCache | None:
+        return await self.actor.get_cache.remote(cache_id)
+
+    async def delete(self, cache_id: str) -> None:
+        await self.actor.delete_cache.remote(cache_id)
+
+    async def list(self, owner: str) -> list[NamedCache]:
+        return await self.actor.list_caches.remote(owner)
+
+
+class EngineReplica:
+    """One engine + the single-server app, as a Serve replica. Publishes its KV events."""
+
+    async def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
+                       event_interval_s: float = 0.05, state_actor_name: str = STATE_ACTOR_NAME) -> None:
+        from radixserve.cache.radix_tree import RadixTree
+        from radixserve.server import create_app
+
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.state_actor = get_or_create_state_actor(state_actor_name)
+        self.app = await asyncio.to_thread(create_app, engine_config, server_config)  # loads the model
+        self.state = self.app.state.radixserve
+        self.state.caches.registry = ActorCacheRegistry(self.state_actor)
+        engine = self.state.engine
+        identity = CacheIdentity(model=engine.cache.model_key, block_size=engine.block_size)
+        self.recorder = KVEventRecorder(identity)
+        if isinstance(engine.cache.prefix_cache, RadixTree):
+            self.recorder.attach(engine.cache.prefix_cache)
+        await self.state_actor.set_profile.remote(RoutingProfile(engine.tokenizer, identity, server_config))
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()  # starts the engine thread, as uvicorn would
+        self.event_interval_s = event_interval_s
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
+        log.info("replica %s ready (%s)", self.replica_id, engine.model_id)
+
+    async def handle(self, request: RoutedRequest) -> AsyncIterator[Any]:
+        """Run one forwarded HTTP request through the app: yields {status, headers}, then body chunks."""
+        if request.target_replica is not None and request.target_replica != self.replica_id:
+            yield {"status": 404, "headers": [(b"content-type", b"application/json")]}
+            yield b'{"error": {"message": "that replica is gone", "type": "not_found"}}'
+            return
+        async for item in call_asgi(self.app, request, extra_headers=[(REPLICA_HEADER.encode(), self.replica_id.encode())]):
+            yield item
+
+    async def _publish_forever(self) -> None:
+        async_engine = self.state.async_engine
+        while True:
+            await asyncio.sleep(self.event_interval_s)
+            try:
+                # drained on the engine thread: a snapshot walks the tree, which only that thread changes
+                batch = await async_engine.call(self._drain)
+                if not await self.state_actor.publish.remote(batch):
+                    self.recorder.request_snapshot()
+            except Exception:  # noqa: BLE001 - keep serving; the actor comes back, the next batch is a snapshot
+                log.warning("publishing KV events failed", exc_info=True)
+                self.recorder.request_snapshot()
+                await asyncio.sleep(1.0)
+
+    def _drain(self):
+        engine = self.state.engine
+        return self.recorder.drain(self.replica_id, len(engine.requests), time.time())
+
+    def __del__(self) -> None:
+        publisher = getattr(self, "_publisher", None)
+        if publisher is not None:
+            publisher.cancel()
+
+
+async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[bytes, bytes]] = ()) -> AsyncIterator[Any]:
+    """Drive an ASGI app for one request, streaming: the start message as a dict, then each body
+    chunk. Closing the generator (the client went away) tells the app the client disconnected."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
+        "scheme": "http", "path": request.path, "raw_path": request.path.encode(), "root_path": "",
+        "query_string": request.query_string, "headers": list(request.headers),
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 80),
+    }
+    queue: asyncio.Queue = asyncio.Queue()
+    disconnected = asyncio.Event()
+    body_sent = False
+
+    async def receive() -> dict:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await queue.put(message)
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            await queue.put(None)
+
+    task = asyncio.get_running_loop().create_task(run())
+    try:
+        while True:
+            message = await queue.get()
+            if message is None:
+                break
+            if message["type"] == "http.response.start":
+                yield {"status": message["status"], "headers": list(message.get("headers", [])) + list(extra_headers)}
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    yield bytes(message["body"])
+                if not message.get("more_body", False):
+                    break
+    finally:
+        disconnected.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, timeout=5.0)
+        if not task.done():
+            task.cancel()
+
+
+# no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
+ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@serve.ingress(ingress_app)
+class Ingress:
+    """HTTP in, routed calls to the engine deployment out."""
+
+    def __init__(self, engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> None:
+        from radixserve.server.auth import Authenticator
+        from radixserve.request import CachePolicy
+
+        self.engine = engine.options(stream=True)
+        self.state_actor = get_or_create_state_actor(state_actor_name)
+        self.auth = Authenticator(
+            server_config.api_keys, server_config.namespace_from_api_key, admin_keys=server_config.admin_keys,
+            metrics_keys=server_config.metrics_keys,
+            default_cache_policy=CachePolicy(server_config.default_cache_policy),
+        )
+        self.profile: RoutingProfile | None = None
+        self._named_caches: dict[str, tuple[float, NamedCache | None]] = {}
+
+    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    async def forward(self, path: str, request: Request) -> Response:
+        body = await request.body()
+        # prompt defaults to the path: Ray's PrefixCacheAffinityRouter divides by its length
+        routed = RoutedRequest(request.method, request.url.path, request.url.query.encode(),
+                               list(request.headers.raw), body, prompt=request.url.path)
+        if request.url.path == "/metrics":
+            return await self._metrics(routed)
+        if request.method == "POST" and body:
+            await self._add_hint(routed, request)
+        return await self._call(self.engine, routed)
+
+    async def _call(self, handle: Any, routed: RoutedRequest) -> Response:
+        stream = handle.handle.remote(routed)
+        try:
+            start = await stream.__anext__()
+        except Exception as e:  # noqa: BLE001 - a replica died before answering: a clean 503, never a hang
+            log.warning("engine replica failed before answering: %s", e)
+            return JSONResponse({"error": {"message": f"the engine replica failed: {type(e).__name__}; retry",
+                                           "type": "service_unavailable", "code": "replica_unavailable"}},
+                                status_code=503, headers={"retry-after": "1"})
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
+                   if k.lower() not in (b"content-length", b"transfer-encoding")}
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except Exception as e:  # noqa: BLE001 - a replica died mid-stream: end the stream with an error event
+                log.warning("engine replica failed mid-response: %s", e)
+                if headers.get("content-type", "").startswith("text/event-stream"):
+                    yield (b'event: error\ndata: {"error": {"message": "the engine replica failed mid-stream; retry", '
+                           b'"type": "service_unavailable"}}\n\n')
+            finally:
+                stream.cancel()
+
+        return StreamingResponse(chunks(), status_code=start["status"], headers=headers)
+
+    async def _add_hint(self, routed: RoutedRequest, request: Request) -> None:
+        profile = await self._profile()
+        if profile is None:
+            return
+        named = await self._prefetch_named_cache(routed.body)
+        routed.prompt, routed.keys = await asyncio.to_thread(
+            prompt_hint, profile, self.auth, routed.path, request.headers, routed.body, named.get)
+
+    async def _profile(self) -> RoutingProfile | None:
+        if self.profile is None:
+            self.profile = await self.state_actor.get_profile.remote()
+        return self.profile
+
+    async def _prefetch_named_cache(self, body: bytes) -> dict[str, NamedCache]:
+        """The named cache a request names (its turns come first in the prompt), cached a few seconds."""
+        match = re.search(rb'"cached_content"\s*:\s*"(?:caches/)?([0-9a-f]{1,64})"', body)
+        if match is None:
+            return {}
+        cache_id = match.group(1).decode()
+        seen = self._named_caches.get(cache_id)
+        if seen is None or time.monotonic() - seen[0] > 5.0:
+            seen = self._named_caches[cache_id] = (time.monotonic(), await self.state_actor.get_cache.remote(cache_id))
+        return {cache_id: seen[1]} if seen[1] is not None else {}
+
+    async def _metrics(self, routed: RoutedRequest) -> Response:
+        """Every live replica's /metrics (labelled replica="<id>"), then the router's own."""
+        stats = await self.state_actor.stats.remote()
+        parts = []
+        for replica_id in sorted(stats["replicas"]):
+            target = RoutedRequest(routed.method, routed.path, routed.query_string, routed.headers, b"",
+                                   prompt=routed.path, target_replica=replica_id)
+            response = await self._call(self.engine, target)
+            if response.status_code == 404:
+                continue  # stopped since it last published
+            if response.status_code != 200:
+                return response  # e.g. 401 without the metrics key: the replica's answer
+            text = b"".join([c async for c in response.body_iterator]).decode()
+            parts.append(label_metrics(text, replica_id))
+        parts.append(cluster_metrics(stats))
+        return Response("".join(parts), media_type="text/plain; version=0.0.4")
+
+
+def build_app(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    num_replicas: int = 1,
+    router: str = "cache-aware",
+    balance: float = 0.25,
+    replica_resources: dict[str, float] | None = None,
+    max_ongoing_requests: int = 64,
+):
+    """The Serve application (`serve.run(build_app(...))`). replica_resources: Ray resources of
+    one engine replica, e.g. {"num_gpus": 1} on GPU nodes, {"num_cpus": 4} on CPU."""
+    if router not in ROUTERS:
+        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
+    kwargs: dict[str, Any] = {"balance": balance} if router == "cache-aware" else {}
+    if router == "prefix-affinity":
+        kwargs = {"imbalanced_threshold": 10}
+    router_config = RequestRouterConfig(request_router_class=ROUTERS[router], request_router_kwargs=kwargs)
+    resources = replica_resources or {"num_cpus": 1}
+    engine = serve.deployment(
+        EngineReplica, name="Engine", num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
+        ray_actor_options=resources, request_router_config=router_config,
+        health_check_period_s=2, health_check_timeout_s=30,
+    ).bind(engine_config, server_config)
+    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4 * max_ongoing_requests * num_replicas,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine, server_config)
+
+
+def app_builder(args: dict[str, Any]):
+    """Entry point of a Serve config file (`import_path: radixserve.cluster.deployments:app_builder`);
+    `args` are `radixserve serve` option names (see docs/scaling.md)."""
+    from radixserve.cluster.launch import app_from_options
+
+    return app_from_options(args)

@@ -1,0 +1,110 @@
+"""`radixserve serve --replicas N`: start (or join) Ray, deploy the application, wait.
+
+Ray Serve does the rest: it places the replicas, health-checks them and restarts one that dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from typing import Any
+
+from radixserve.cluster.config import ClusterConfig
+
+log = logging.getLogger("radixserve")
+
+
+def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    return ClusterConfig(
+        replicas=args.replicas, router=args.router, router_balance=args.router_balance,
+        replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, ray_address=args.ray_address,
+        ray_num_cpus=args.ray_num_cpus,
+    )
+
+
+def build_from_args(args: argparse.Namespace):
+    from radixserve.cluster.deployments import build_app
+    from radixserve.commands.common import engine_config_from_args
+    from radixserve.commands.serve import server_config_from_args
+
+    cluster = cluster_config_from_args(args)
+    engine_config = engine_config_from_args(args)
+    engine_config.model.show_progress = False  # replicas log to files; bars would be noise
+    resources: dict[str, float] = {"num_cpus": cluster.replica_cpus}
+    if cluster.replica_gpus:
+        resources["num_gpus"] = cluster.replica_gpus
+    return build_app(engine_config, server_config_from_args(args), num_replicas=max(cluster.replicas, 1),
+                     router=cluster.router, balance=cluster.router_balance, replica_resources=resources)
+
+
+def app_from_options(options: dict[str, Any]):
+    """The application from `radixserve serve` options given as a dict (a Serve config's args:
+    {"replicas": 2, "model": "embedded", "replica_gpus": 1, ...})."""
+    from radixserve.cli import build_parser
+
+    argv = ["serve"]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return build_from_args(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    cluster = cluster_config_from_args(args)
+    started = time.monotonic()
+    print(f"radixserve: starting Ray ({cluster.ray_address or 'local'}) ...", flush=True)
+    if cluster.ray_address:
+        ray.init(address=cluster.ray_address, namespace="radixserve")
+    else:
+        ray.init(num_cpus=cluster.ray_num_cpus, namespace="radixserve", include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    app = build_from_args(args)
+    print(f"radixserve: deploying {cluster.replicas} engine replica(s), router {cluster.router} "
+          f"({time.monotonic() - started:.0f}s) ...", flush=True)
+    done = threading.Event()
+    threading.Thread(target=_report_progress, args=(done, started), daemon=True).start()
+    try:
+        serve.run(app, name="radixserve", route_prefix="/", blocking=False)  # returns once every replica is up
+    finally:
+        done.set()
+    print(f"radixserve: ready on http://{args.host}:{args.port} with {cluster.replicas} replica(s) "
+          f"({time.monotonic() - started:.0f}s); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _report_progress(done: threading.Event, started: float, interval: float = 5.0) -> None:
+    """While the application deploys: one line per interval with each deployment's replica states
+    (model loading takes a while; a silent terminal looks hung)."""
+    from ray import serve
+
+    while not done.wait(interval):
+        try:
+            app = serve.status().applications.get("radixserve")
+            if app is None:
+                continue
+            states = "; ".join(f"{name}: " + ", ".join(f"{n} {state.lower()}" for state, n in d.replica_states.items())
+                               for name, d in app.deployments.items())
+            print(f"radixserve:   {time.monotonic() - started:.0f}s {states}", flush=True)
+        except Exception:  # noqa: BLE001 - progress lines are best effort
+            continue

@@ -1,0 +1,135 @@
+"""ClusterState: the one small Ray actor every replica and router of an application shares.
+
+It holds what must outlive any single replica or router:
+- the KV event relay: replicas publish batches here; the actor keeps each replica's key set
+  (a PrefixIndex) and a bounded log of recent batches, and a router pulls what it has not seen
+  (``updates(cursor)``), or a full snapshot when it is new or fell behind. A replica that stops
+  publishing for ``replica_ttl_s`` is dropped (its entries expire);
+- named-cache definitions, so a cache created through one replica works through all, and a
+  router or replica restart loses none (a Ray actor rather than Redis: it needs no extra
+  server, and definitions are a few KB each; the KV bytes themselves go to the storage tier);
+- the routing profile (tokenizer + cache identity) replicas register for the ingress;
+- the routers' counters, which the ingress's /metrics reports.
+
+Everything in it is bookkeeping: a few dict operations per call; see docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import ray
+
+from radixserve.cluster.kv_events import STORED, EventBatch, KVEvent
+from radixserve.cluster.prefix_index import PrefixIndex
+
+STATE_ACTOR_NAME = "radixserve-cluster-state"
+
+
+class ClusterStateImpl:
+    """The actor's body (plain class, so it can be tested without Ray)."""
+
+    def __init__(self, replica_ttl_s: float = 10.0, log_size: int = 4096) -> None:
+        self.replica_ttl_s = replica_ttl_s
+        self.index = PrefixIndex()
+        self.log: deque[tuple[int, EventBatch]] = deque(maxlen=log_size)
+        self.version = 0
+        self.profile: Any = None
+        self.caches: dict[str, Any] = {}
+        self.router_stats: dict[str, dict[str, float]] = {}
+        self.last_lag_s = 0.0
+
+    # ---- KV events ------------------------------------------------------------------------
+    def publish(self, batch: EventBatch) -> bool:
+        """Apply a replica's batch; False asks it for a snapshot (the actor missed batches, or
+        restarted and knows nothing of it)."""
+        self._expire()
+        if not self.index.apply(batch):
+            return False
+        if batch.sent_at:
+            self.last_lag_s = max(0.0, time.time() - batch.sent_at)
+        if batch.events or batch.snapshot:
+            self.version += 1
+            self.log.append((self.version, batch))
+        return True
+
+    def updates(self, cursor: int) -> tuple[int, list[EventBatch]]:
+        """Batches after ``cursor`` (what a router saw last), or, for a new or lagging router,
+        one snapshot batch per live replica. Dropped replicas come as empty snapshots."""
+        self._expire()
+        if cursor == self.version:
+            return cursor, []
+        if self.log and cursor >= self.log[0][0] - 1 and cursor <= self.version:
+            return self.version, [b for v, b in self.log if v > cursor]
+        return self.version, self._snapshot()
+
+    def live_replicas(self) -> list[str]:
+        self._expire()
+        return sorted(self.index.replicas)
+
+    def drop_replica(self, replica_id: str) -> None:
+        if replica_id in self.index.replicas:
+            self.index.drop_replica(replica_id)
+            self._log_drop(replica_id)
+
+    def _expire(self) -> None:
+        for replica_id in self.index.drop_stale(self.replica_ttl_s):
+            self._log_drop(replica_id)
+
+    def _log_drop(self, replica_id: str) -> None:
+        self.version += 1
+        self.log.append((self.version, EventBatch(replica_id, 0, [], snapshot=True)))
+
+    def _snapshot(self) -> list[EventBatch]:
+        batches = []
+        for replica_id, holdings in self.index.replicas.items():
+            # namespaces do not matter to the index (they are inside the keys)
+            batches.append(EventBatch(replica_id, holdings.seq, [KVEvent(STORED, "", list(holdings.keys))], True))
+        return batches
+
+    # ---- routing profile -------------------------------------------------------------------
+    def set_profile(self, profile: Any) -> None:
+        self.profile = profile
+
+    def get_profile(self) -> Any:
+        return self.profile
+
+    # ---- named caches ------------------------------------------------------------------------
+    def put_cache(self, cache: Any) -> None:
+        self.caches[cache.cache_id] = cache
+
+    def get_cache(self, cache_id: str) -> Any:
+        return self.caches.get(cache_id)
+
+    def delete_cache(self, cache_id: str) -> None:
+        self.caches.pop(cache_id, None)
+
+    def list_caches(self, owner: str) -> list[Any]:
+        return [c for c in self.caches.values() if c.owner == owner]
+
+    # ---- metrics ----------------------------------------------------------------------------
+    def report_router(self, router_id: str, stats: dict[str, float]) -> None:
+        self.router_stats[router_id] = stats
+
+    def stats(self) -> dict[str, Any]:
+        self._expire()
+        return {
+            "replicas": {r: {"blocks": len(h.keys), "seq": h.seq, "unfinished_requests": h.num_running_tokens}
+                         for r, h in self.index.replicas.items()},
+            "index_keys": self.index.num_keys,
+            "index_entries": self.index.num_entries,
+            "event_lag_s": self.last_lag_s,
+            "named_caches": len(self.caches),
+            "routers": dict(self.router_stats),
+        }
+
+
+ClusterState = ray.remote(num_cpus=0, max_restarts=-1)(ClusterStateImpl)
+
+
+def get_or_create_state_actor(name: str = STATE_ACTOR_NAME, namespace: str | None = None) -> Any:
+    """The application's ClusterState (created by whoever comes first; detached, so it outlives
+    the replica or router that created it)."""
+    return ClusterState.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached").remote()
