@@ -80,7 +80,8 @@ class AdvisorConfig:
     def tier_blocks(self, kv_bytes_per_token: int) -> tuple[int, int]:
         """(host, storage) tier sizes in whole blocks (0: no such tier)."""
         block_bytes = kv_bytes_per_token * self.block_size
-        return tuple(int((b or 0) // block_bytes) for b in (self.host_bytes, self.store_bytes))  # type: ignore[return-value]
+        host, store = (int((b or 0) // block_bytes) for b in (self.host_bytes, self.store_bytes))
+        return host, store
 
     def capacity_blocks(self, kv_bytes_per_token: int) -> int | None:
         """The pool size in blocks (rounded down, as the engine sizes its pool), None if unbounded."""

@@ -205,7 +205,8 @@ def replay(
         result.hit_tokens += cached
         result.hits += cached > 0
     result.demoted_to_host_blocks, result.demoted_to_store_blocks = tiers.demoted_to_host, tiers.demoted_to_store
-    result.dropped_from_host_blocks, result.dropped_from_store_blocks = tiers.host.evicted_blocks, tiers.store.evicted_blocks
+    result.dropped_from_host_blocks = tiers.host.evicted_blocks
+    result.dropped_from_store_blocks = tiers.store.evicted_blocks
     return result
 
 

@@ -2,7 +2,8 @@
 
 The prompt part of a request's time to first token is modelled as
 
-    TTFT = computed tokens / prefill rate  +  sum over tiers (tokens loaded from it x KV bytes per token / its bandwidth)
+    TTFT = computed tokens / prefill rate
+         + sum over tiers: tokens loaded from it x KV bytes per token / its bandwidth
 
 A device hit costs nothing (its KV is already in the pool). A tier whose load time per token is
 not below the recompute time per token (KV bytes per token / bandwidth >= 1 / prefill rate) would
@@ -60,7 +61,8 @@ class TierPrediction:
             "device_hit_rate": self.device_hit_rate, "host_hit_rate": self.host_hit_rate,
             "store_hit_rate": self.store_hit_rate, "host_pays": self.host_pays, "store_pays": self.store_pays,
             "break_even_gbps": self.break_even_gbps,
-            "ttft_mean_s_device_only": self.ttft_mean_s_device_only, "ttft_mean_s_with_tiers": self.ttft_mean_s_with_tiers,
+            "ttft_mean_s_device_only": self.ttft_mean_s_device_only,
+            "ttft_mean_s_with_tiers": self.ttft_mean_s_with_tiers,
             "ttft_p50_s_device_only": self.ttft_p50_s_device_only, "ttft_p50_s_with_tiers": self.ttft_p50_s_with_tiers,
             "ttft_speedup": self.ttft_speedup,
         }
@@ -162,8 +164,10 @@ def tier_findings(prediction: TierPrediction, result: ReplayResult, kv_bytes_per
         else:
             findings.append(Finding(
                 kind=f"tier_{name}_too_slow", severity="info",
-                title=f"The {label} at {gbps:g} GB/s is slower than recomputing: its {tokens:,} hits would be recomputed",
-                detail=(f"Loading a token's KV ({kv_bytes_per_token:,} B) takes {_us(kv_bytes_per_token / (gbps * 1e9))}, "
+                title=f"The {label} at {gbps:g} GB/s is slower than recomputing: its {tokens:,} hits would be "
+                      "recomputed",
+                detail=(f"Loading a token's KV ({kv_bytes_per_token:,} B) takes "
+                        f"{_us(kv_bytes_per_token / (gbps * 1e9))}, "
                         f"recomputing it {_us(kv_bytes_per_token / (p.break_even_gbps * 1e9))}; the engine's cost "
                         f"model would recompute, so the tier costs writes and saves nothing."),
                 fix=f"A {label} pays above {p.break_even_gbps:.2f} GB/s for this model and prefill rate; "

@@ -172,7 +172,8 @@ class NamedCacheStore:
             return
         stream = await self.state.submit(
             cache.token_ids, SamplingParams(max_tokens=1, temperature=0.0), prefix="cache-warm-",
-            namespace=cache.namespace, cache_pins=[CachePin(len(cache.token_ids), remaining, alive=lambda: self._is_live(cache))],
+            namespace=cache.namespace,
+            cache_pins=[CachePin(len(cache.token_ids), remaining, alive=lambda: self._is_live(cache))],
         )
         out = await collect(stream)
         if out.finish_reason == "abort" or not self._is_live(cache):

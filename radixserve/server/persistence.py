@@ -134,8 +134,8 @@ def encode_state(
         "pin_edges": [
             {
                 "namespace": e.namespace, "parent": e.parent, "tokens": encode_tokens(e.tokens),
-                # whole milliseconds: an unchanged pin then saves the same bytes
-                "expire_time": None if e.until is None else round(now + e.until, 3), "refresh": e.refresh,
+                # whole seconds: re-reading unchanged pins (wall - monotonic jitter) gives the same bytes
+                "expire_time": None if e.until is None else round(now + e.until), "refresh": e.refresh,
             }
             for e in edges
         ],
@@ -301,7 +301,6 @@ class StateKeeper:
         self._warm_plan: list[WarmRequest] = []
         self._restored_caches: list[NamedCache] = []
         self._tasks: list[asyncio.Task] = []
-        self.saves = 0  # writes that reached the disk (tests, logs)
         self.warm_done = asyncio.Event()
 
     # ---- start ---------------------------------------------------------------------------------
@@ -377,7 +376,6 @@ class StateKeeper:
             ok = await asyncio.to_thread(self.file.save, document)
             if ok:
                 self._last_saved = blob
-                self.saves += 1
             return ok
 
     async def _run_saver(self) -> None:
