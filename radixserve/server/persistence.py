@@ -99,6 +99,7 @@ class SavedPin:
     token_ids: list[int]
     expire_time: float  # wall clock
     refresh: float
+    above: int = -1  # index (in LoadedState.pins) of the nearest shorter live pin on its path; -1: none
 
 
 @dataclass(slots=True)
@@ -204,6 +205,8 @@ def decode_state(data: dict[str, Any], *, model: str, cache_identity: str, now: 
         out.dropped_foreign += sum(1 for e in edges if isinstance(e, dict) and e.get("expire_time") is not None)
         return out
     paths: list[tuple[str, list[int]] | None] = []  # per edge: namespace, tokens from the root
+    pin_above: list[int] = []  # per edge: the nearest live pin on an edge above it (-1: none)
+    pin_of_edge: dict[int, int] = {}
     for i, entry in enumerate(edges):
         try:
             parent = entry["parent"]
@@ -222,14 +225,18 @@ def decode_state(data: dict[str, Any], *, model: str, cache_identity: str, now: 
             log.warning("state file: skipping a pin that cannot be decoded (%s)", exc)
             out.bad_entries += 1
             paths.append(None)
+            pin_above.append(-1)
             continue
         paths.append((namespace, tokens))
+        above = -1 if parent < 0 else pin_of_edge.get(parent, pin_above[parent])
+        pin_above.append(above)
         if expire is None:
             continue
         if expire <= now:
             out.dropped_expired += 1
         else:
-            out.pins.append(SavedPin(namespace, tokens, expire, refresh))
+            pin_of_edge[i] = len(out.pins)
+            out.pins.append(SavedPin(namespace, tokens, expire, refresh, above))
     return out
 
 
@@ -265,17 +272,19 @@ class WarmRequest:
 
 
 def plan_pin_warmup(pins: list[SavedPin]) -> list[WarmRequest]:
-    """One request per deepest pin: a pin whose tokens begin a longer pin's (same namespace)
-    rides on that pin's request. Longest first, so the prefixes shared by many come in early."""
-    plan: list[WarmRequest] = []
-    for pin in sorted(pins, key=lambda p: -len(p.token_ids)):
-        n = len(pin.token_ids)
-        host = next((w for w in plan if w.namespace == pin.namespace and w.token_ids[:n] == pin.token_ids), None)
-        if host is None:
-            plan.append(WarmRequest(pin.namespace, pin.token_ids, [pin]))
-        else:
-            host.pins.append(pin)
-    return plan
+    """One request per deepest pin (no live pin below it), carrying that pin and every pin above
+    it on its path (`SavedPin.above`). Longest first. O(pins x pins on a path)."""
+    has_pin_below = {p.above for p in pins if p.above >= 0}
+    plan = []
+    for i, pin in enumerate(pins):
+        if i in has_pin_below:
+            continue
+        chain, j = [], i
+        while j >= 0:
+            chain.append(pins[j])
+            j = pins[j].above
+        plan.append(WarmRequest(pin.namespace, pin.token_ids, chain))
+    return sorted(plan, key=lambda w: -len(w.token_ids))
 
 
 # ---- the keeper ----------------------------------------------------------------------------------

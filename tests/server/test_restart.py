@@ -214,3 +214,28 @@ def test_token_decoding_refuses_a_partial_id():
     with pytest.raises(ValueError):
         decode_tokens("not base64!")
 
+
+
+def test_the_warm_up_plan_sends_one_request_per_deepest_pin():
+    from radixserve.cache.radix_tree import PinnedEdge
+    from radixserve.server.persistence import decode_state, encode_state, plan_pin_warmup
+
+    # root -[0..3]-> A (pinned) -[4..7]-> B (pinned); A -[8..9]-> C (lapsed); root -[20..21]-> D in "x"
+    edges = [
+        PinnedEdge("", -1, [0, 1, 2, 3], 100.0, 300.0),
+        PinnedEdge("", 0, [4, 5, 6, 7], 200.0, 0.0),
+        PinnedEdge("", 0, [8, 9], -5.0, 0.0),
+        PinnedEdge("x", -1, [20, 21], None, 0.0),
+        PinnedEdge("x", 3, [22, 23], 50.0, 3600.0),
+    ]
+    data = encode_state(model="m", cache_identity="id", named_caches=[], edges=edges, now=1000.0)
+    data = json.loads(json.dumps(data))
+    loaded = decode_state(data, model="m", cache_identity="id", now=1000.5, tokenizer=None)
+    assert loaded.dropped_expired == 1 and loaded.bad_entries == 0
+    plan = plan_pin_warmup(loaded.pins)
+    assert [(w.namespace, w.token_ids, [(len(p.token_ids), p.expire_time, p.refresh) for p in w.pins])
+            for w in plan] == [
+        ("", [0, 1, 2, 3, 4, 5, 6, 7], [(8, 1200.0, 0.0), (4, 1100.0, 300.0)]),
+        ("x", [20, 21, 22, 23], [(4, 1050.0, 3600.0)]),
+    ]
+    assert decode_state(data, model="m", cache_identity="other", now=1000.5, tokenizer=None).pins == []
