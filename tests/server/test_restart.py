@@ -53,6 +53,7 @@ def _saved(state_dir: Path) -> dict:
     return json.loads((state_dir / STATE_FILE_NAME).read_text())["data"]
 
 
+@pytest.mark.slow
 def test_named_cache_and_pin_come_back_after_a_restart(embedded_model, tmp_path: Path):
     with start_server(embedded_model, _config(tmp_path)) as a:
         cache = _create_cache(a, "3600s")
@@ -94,6 +95,7 @@ def test_named_cache_and_pin_come_back_after_a_restart(embedded_model, tmp_path:
         assert sum(len(e.tokens) for e in edges) >= pinned - 16
 
 
+@pytest.mark.slow
 def test_expired_entries_are_gone_after_a_restart(embedded_model, tmp_path: Path, caplog):
     with start_server(embedded_model, _config(tmp_path)) as a:
         short = _create_cache(a, "3600s")
@@ -143,6 +145,7 @@ def test_a_corrupt_state_file_is_set_aside_and_the_server_starts_empty(embedded_
     assert [c["id"] for c in _saved(tmp_path)["named_caches"]] == [cache["name"].removeprefix("caches/")]
 
 
+@pytest.mark.slow
 def test_undecodable_entries_are_skipped_and_the_rest_restored(embedded_model, tmp_path: Path, caplog):
     with start_server(embedded_model, _config(tmp_path)) as a:
         cache = _create_cache(a, "3600s")
@@ -159,6 +162,7 @@ def test_undecodable_entries_are_skipped_and_the_rest_restored(embedded_model, t
     assert (tmp_path / (STATE_FILE_NAME + ".corrupt")).exists()
 
 
+@pytest.mark.slow
 def test_pins_saved_by_another_model_are_dropped(embedded_model, tmp_path: Path, caplog):
     with start_server(embedded_model, _config(tmp_path)) as a:
         _pin_request(a, PIN_DOC, "1h", "Is there a gym?")
