@@ -196,8 +196,12 @@ def decode_state(data: dict[str, Any], *, model: str, cache_identity: str, now: 
         elif cache.model != model:
             out.dropped_foreign += 1
         else:
-            # rendered again with the tokenizer loaded now (the text is what the client gave)
-            cache.token_ids = build_prompt(tokenizer, turns, None, False).token_ids
+            try:  # rendered again with the tokenizer loaded now (the text is what the client gave)
+                cache.token_ids = build_prompt(tokenizer, turns, None, False).token_ids
+            except Exception as exc:  # noqa: BLE001 - a bad saved entry must not stop the server starting
+                log.warning("state file: skipping named cache %s, its turns cannot be rendered (%s)", cache.name, exc)
+                out.bad_entries += 1
+                continue
             out.named_caches.append(cache)
 
     edges = _list(data.get("pin_edges"), out)
