@@ -144,17 +144,30 @@ def encode_state(
 
 
 def _without_named_cache_pins(edges: list[PinnedEdge], named_caches: list[NamedCache]) -> list[PinnedEdge]:
+    """`edges` less the named caches' own pins, and less the edges then left on no pin's path."""
     owned = {(c.namespace, c.pinned_tokens) for c in named_caches if c.pinned_tokens}
     if not owned:
         return edges
     depth: list[int] = []
-    out = []
-    for e in edges:
+    kept = []
+    for i, e in enumerate(edges):
         depth.append((depth[e.parent] if e.parent >= 0 else 0) + len(e.tokens))
         if e.until is not None and e.refresh == 0 and (e.namespace, depth[-1]) in owned \
-                and _path(edges, len(depth) - 1) in _named_prefixes(named_caches, e.namespace, depth[-1]):
+                and _path(edges, i) in _named_prefixes(named_caches, e.namespace, depth[-1]):
             e = PinnedEdge(e.namespace, e.parent, e.tokens, None, 0.0)
-        out.append(e)
+        kept.append(e)
+    on_a_path = [False] * len(kept)
+    for i in range(len(kept) - 1, -1, -1):  # children come after their parents
+        if kept[i].until is not None or on_a_path[i]:
+            on_a_path[i] = True
+            if kept[i].parent >= 0:
+                on_a_path[kept[i].parent] = True
+    index: dict[int, int] = {}
+    out = []
+    for i, e in enumerate(kept):
+        if on_a_path[i]:
+            index[i] = len(out)
+            out.append(PinnedEdge(e.namespace, index[e.parent] if e.parent >= 0 else -1, e.tokens, e.until, e.refresh))
     return out
 
 

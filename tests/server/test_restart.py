@@ -243,3 +243,25 @@ def test_the_warm_up_plan_sends_one_request_per_deepest_pin():
         ("x", [20, 21, 22, 23], [(4, 1050.0, 3600.0)]),
     ]
     assert decode_state(data, model="m", cache_identity="other", now=1000.5, tokenizer=None).pins == []
+
+
+def test_a_named_caches_own_pin_is_not_saved_as_a_pin():
+    from radixserve.cache.radix_tree import PinnedEdge
+    from radixserve.server.caches import NamedCache
+    from radixserve.server.persistence import encode_state
+
+    def named(tokens):
+        return NamedCache(cache_id=str(tokens[0]), display_name="", model="m", owner="", namespace="", turns=[],
+                          token_ids=tokens + [99], create_time=0.0, update_time=0.0, expire_time=2000.0,
+                          pinned_tokens=len(tokens))
+
+    edges = [
+        PinnedEdge("", -1, [0, 1, 2, 3], 1000.0, 0.0),  # named cache A's own pin...
+        PinnedEdge("", 0, [4, 5], 500.0, 300.0),  # ... with a cache_control pin below it
+        PinnedEdge("", -1, [7, 8], 1000.0, 0.0),  # named cache C's own pin, nothing else
+        PinnedEdge("", -1, [9, 9], 1000.0, 0.0),  # a fixed pin that no named cache owns
+    ]
+    data = encode_state(model="m", cache_identity="id", named_caches=[named([0, 1, 2, 3]), named([7, 8])],
+                        edges=edges, now=0.0)
+    saved = [(e["parent"], decode_tokens(e["tokens"]), e["expire_time"]) for e in data["pin_edges"]]
+    assert saved == [(-1, [0, 1, 2, 3], None), (0, [4, 5], 500), (-1, [9, 9], 1000)]
