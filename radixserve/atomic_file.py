@@ -48,16 +48,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomically(path: Path, data: bytes | memoryview, *, fsync: bool = True, durable_rename: bool = False) -> None:
+def write_atomically(
+    path: Path, data: bytes | memoryview, *, fsync: bool = True, durable_rename: bool = False, mode: int = 0o644
+) -> None:
     """Replace ``path`` with ``data`` atomically.
 
     fsync: flush the temp file before the rename, so even a power loss never leaves a short file
     under the real name (a killed process cannot: the page cache survives it).
     durable_rename: also fsync the directory, so the new file survives a power loss.
+    mode: the new file's permission bits (before the umask).
     On any error the temp file is removed and the OSError propagates; ``path`` is untouched.
     """
     tmp = temp_path_for(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
             _write_all(fd, data)

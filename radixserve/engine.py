@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.cache.manager import KVCacheManager
+from radixserve.cache.radix_tree import PinnedEdge
 from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError
@@ -68,7 +69,7 @@ class LLMEngine:
     abort_request, step, has_unfinished_requests, unfinished_request_ids; tokenizer, model_id,
     config, max_model_len, block_size, prefix_caching, num_kv_blocks, max_total_tokens, pin_bounds,
     stats (EngineStats, read only), snapshot() and pinned_blocks(); pin_prefix, unpin_prefix,
-    reset_prefix_cache.
+    pinned_paths, cache_identity, reset_prefix_cache.
     Everything else (cache, scheduler, runner, requests) is internal.
     """
 
@@ -301,7 +302,7 @@ class LLMEngine:
         for pin in request.cache_pins:
             if pin.alive is not None and not pin.alive():
                 continue  # its named cache was deleted or expired while this request ran
-            pinned = self.cache.pin(request, min(pin.num_tokens, request.num_prompt_tokens), pin.ttl)
+            pinned = self.cache.pin(request, min(pin.num_tokens, request.num_prompt_tokens), pin.ttl, pin.refresh)
             request.num_pinned_tokens = max(request.num_pinned_tokens, pinned)  # 0: refused (pin bounds)
 
     def _check_stop(self, request: Request, token: int) -> None:
@@ -466,6 +467,16 @@ class LLMEngine:
 
     def unpin_prefix(self, token_ids: list[int], cache_namespace: str = "") -> None:
         self.cache.unpin_prefix(cache_namespace, token_ids)
+
+    def pinned_paths(self) -> list[PinnedEdge]:
+        """Every live pin, as the edges of its path with seconds left (call it on the engine's
+        thread): what the server saves so that pins survive a restart."""
+        return self.cache.pinned_paths()
+
+    @property
+    def cache_identity(self) -> str:
+        """What the KV depends on besides the tokens: model, weights + tokenizer fingerprint, dtype."""
+        return self.loaded.cache_identity
 
     @property
     def device(self) -> torch.device:

@@ -47,6 +47,9 @@ class CachePin:
     num_tokens: int
     ttl: float
     alive: Callable[[], bool] | None = None
+    # Seconds each later read of the whole prefix extends the pin by (None: `ttl`). A pin
+    # re-created after a restart keeps its original refresh while `ttl` is what was left of it.
+    refresh: float | None = None
 
 
 @dataclass

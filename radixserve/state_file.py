@@ -69,7 +69,7 @@ class StateFile:
             if not isinstance(data, dict):
                 raise ValueError("no data object")
         except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-            self._set_aside(f"cannot be loaded ({exc})")
+            self.set_aside(f"cannot be loaded ({exc})")
             return {}
         return data
 
@@ -86,7 +86,8 @@ class StateFile:
         with self._lock:  # saves land in call order
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(self.path, blob, durable_rename=True)
+                # 0600: the state holds tenants' prompts (named caches' text)
+                write_atomically(self.path, blob, durable_rename=True, mode=0o600)
             except OSError as exc:
                 log.error("state file %s: save failed (%s); the previous state stays on disk", self.path, exc)
                 return False
@@ -100,10 +101,12 @@ class StateFile:
                 except OSError:
                     pass
 
-    def _set_aside(self, reason: str) -> None:
+    def set_aside(self, reason: str, outcome: str = "starting empty") -> None:
+        """Move the file to ``corrupt_path`` (logged with ``reason``): for a file this class
+        loaded but whose contents its owner could not use, so a human can still inspect it."""
         try:
             os.replace(self.path, self.corrupt_path)
             where = f"moved to {self.corrupt_path}"
         except OSError as exc:
             where = f"could not be moved aside: {exc}"
-        log.warning("state file %s %s; %s; starting empty", self.path, reason, where)
+        log.warning("state file %s %s; %s; %s", self.path, reason, where, outcome)

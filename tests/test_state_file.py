@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,51 @@ def test_kill_mid_save_leaves_the_previous_state(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*.tmp"))) == 1  # the interrupted save, under a temp name
     assert StateFile(path).load() == {"generation": 1}
     assert os.listdir(tmp_path) == ["state.json"]  # load swept it
+
+
+SAVE_FOREVER = textwrap.dedent(
+    """
+    import sys
+    from radixserve.state_file import StateFile
+
+    state = StateFile(sys.argv[1])
+    generation = state.load().get("generation", 0)
+    while True:
+        generation += 1
+        caches = [{"id": f"c{i}", "turns": [{"role": "system", "blocks": ["x" * 2000]}]} for i in range(generation % 50)]
+        assert state.save({"generation": generation, "named_caches": caches})
+        print(generation, flush=True)  # acknowledged: on disk
+    """
+)
+
+
+def test_kill_9_in_a_loop_never_loses_an_acknowledged_save(tmp_path: Path) -> None:
+    """The server's pattern (save, then answer the client), SIGKILLed at random moments 15 times:
+    every start loads a whole file holding at least the last acknowledged save."""
+    import random
+    import threading
+
+    path = tmp_path / "server-state.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    rng = random.Random(13)
+    acknowledged = 0
+    for _ in range(15):
+        proc = subprocess.Popen([sys.executable, "-c", SAVE_FOREVER, str(path)], stdout=subprocess.PIPE, text=True,
+                                env=env)
+        seen: list[int] = []
+        reader = threading.Thread(target=lambda: seen.extend(int(line) for line in proc.stdout), daemon=True)
+        reader.start()
+        while not seen:  # at least one save per round, so the rounds make progress
+            assert proc.poll() is None
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()
+        acknowledged = max([acknowledged, *seen])
+        state = StateFile(path)
+        data = state.load()
+        assert data["generation"] >= acknowledged
+        assert len(data["named_caches"]) == data["generation"] % 50
+        assert not state.corrupt_path.exists()

@@ -23,6 +23,7 @@ from radixserve.advisor.model_info import ModelInfo
 from radixserve.advisor.prefix_tree import build_prefix_tree, top_shared_prefixes
 from radixserve.advisor.replay import ReplayConfig, ReplayResult, replay
 from radixserve.advisor.report import AdviceReport, Savings, human_bytes
+from radixserve.advisor.tier_costs import DEFAULT_HOST_GBPS, DEFAULT_STORE_GBPS, predict_tiers, tier_findings
 
 # A loss is worth a finding when it is at least this fraction of all prompt tokens.
 _MIN_LOSS_FRACTION = 0.02
@@ -54,6 +55,11 @@ class AdvisorConfig:
     curve_points: int = 10
     curve_target: float = 0.95
     top_prefixes: int = 5
+    # Tiers below the device pool (advisor/tiers.py), in bytes of KV; None: no such tier.
+    host_bytes: int | None = None
+    store_bytes: int | None = None
+    host_gbps: float = DEFAULT_HOST_GBPS  # host -> device copy bandwidth, GB/s (10^9 B)
+    store_gbps: float = DEFAULT_STORE_GBPS  # storage read bandwidth, GB/s
 
     def __post_init__(self) -> None:
         if self.capacity_tokens is not None and self.capacity_bytes is not None:
@@ -66,6 +72,16 @@ class AdvisorConfig:
             raise ValueError("the price must be >= 0")
         if self.min_prefix_tokens < 0 or self.min_shared_tokens < 1:
             raise ValueError("min_prefix_tokens must be >= 0 and min_shared_tokens >= 1")
+        if any(b is not None and b < 0 for b in (self.host_bytes, self.store_bytes)):
+            raise ValueError("tier sizes must be >= 0")
+        if not (self.host_gbps > 0 and self.store_gbps > 0):
+            raise ValueError("tier bandwidths must be > 0 GB/s")
+
+    def tier_blocks(self, kv_bytes_per_token: int) -> tuple[int, int]:
+        """(host, storage) tier sizes in whole blocks (0: no such tier)."""
+        block_bytes = kv_bytes_per_token * self.block_size
+        host, store = (int((b or 0) // block_bytes) for b in (self.host_bytes, self.store_bytes))
+        return host, store
 
     def capacity_blocks(self, kv_bytes_per_token: int) -> int | None:
         """The pool size in blocks (rounded down, as the engine sizes its pool), None if unbounded."""
@@ -100,7 +116,10 @@ def analyze(
         max_model_len=model.max_model_len,
     )
     bar = _progress_bar(progress, len(requests))
-    main = replay(requests, base, progress=bar)
+    host_blocks, store_blocks = config.tier_blocks(kv_per_token)
+    # The tiers change nothing on the device (a loaded block enters the pool as a recomputed one
+    # would), so this one replay is also the device-only prediction.
+    main = replay(requests, dataclasses.replace(base, host_blocks=host_blocks, store_blocks=store_blocks), progress=bar)
     # The same log without the capacity limit (churn) and without the TTL (expiry).
     no_cap = main if capacity is None else replay(requests, dataclasses.replace(base, capacity_blocks=None))
     no_ttl = main if base.ttl is None else replay(requests, dataclasses.replace(base, ttl=None))
@@ -138,6 +157,12 @@ def analyze(
     expired = no_ttl.hit_tokens - main.hit_tokens
     if base.ttl is not None and expired >= min_loss:
         findings.append(_ttl_finding(main, no_ttl, base.ttl, requests))
+    tiers = None
+    if host_blocks or store_blocks:
+        tiers = predict_tiers(main, [r.num_tokens for r in requests], kv_bytes_per_token=kv_per_token,
+                              prefill_tokens_per_s=config.prefill_tokens_per_s, host_gbps=config.host_gbps,
+                              store_gbps=config.store_gbps)
+        findings += tier_findings(tiers, main, kv_per_token, min_tokens=min_loss)
     findings.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), -f.tokens_lost))
 
     roots = build_prefix_tree(requests)
@@ -166,6 +191,7 @@ def analyze(
         divergence_pairs=pairs,
         requests=list(requests),
         notes=notes,
+        tiers=tiers,
     )
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from radixserve.advisor.logs import PromptRequest
+from radixserve.advisor.tiers import DemotingTree, LowerTiers
+from radixserve.cache.block_keys import BlockKey, CacheIdentity, prefix_keys
 from radixserve.cache.manager import KVCacheManager
 from radixserve.cache.radix_tree import RadixTree
 from radixserve.errors import PromptTooLongError
@@ -44,6 +46,8 @@ class ReplayConfig:
     ttl: float | None = None
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
+    host_blocks: int = 0  # host-RAM tier below the device pool (0: none); see advisor/tiers.py
+    store_blocks: int = 0  # storage tier below that (0: none)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -54,6 +58,8 @@ class ReplayConfig:
             raise ValueError(f"ttl must be > 0 seconds, got {self.ttl}")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        if self.host_blocks < 0 or self.store_blocks < 0:
+            raise ValueError("tier sizes must be >= 0 blocks")
 
 
 @dataclass(slots=True)
@@ -70,6 +76,15 @@ class ReplayResult:
     expired_blocks: int = 0  # dropped by the TTL
     peak_cached_blocks: int = 0
     rejected: list[int] = field(default_factory=list)  # indices of requests that could not run
+    # Lower tiers (zero without them): per request, prompt tokens found past the device match.
+    host_tokens: list[int] = field(default_factory=list)
+    store_tokens: list[int] = field(default_factory=list)
+    host_hit_tokens: int = 0
+    store_hit_tokens: int = 0
+    demoted_to_host_blocks: int = 0
+    demoted_to_store_blocks: int = 0
+    dropped_from_host_blocks: int = 0  # pushed out of the host tier (into storage, if any)
+    dropped_from_store_blocks: int = 0
 
     @property
     def num_requests(self) -> int:
@@ -84,6 +99,16 @@ class ReplayResult:
     def request_hit_rate(self) -> float:
         """Fraction of requests that reused at least one block."""
         return self.hits / self.num_requests if self.num_requests else 0.0
+
+    @property
+    def host_hit_rate(self) -> float:
+        """Fraction of prompt tokens found in the host tier (past the device's match)."""
+        return self.host_hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    @property
+    def store_hit_rate(self) -> float:
+        """Fraction of prompt tokens found in storage (past the device's and the host's)."""
+        return self.store_hit_tokens / self.query_tokens if self.query_tokens else 0.0
 
 
 class _ReplayClock:
@@ -114,9 +139,18 @@ def replay(
     num_blocks = config.capacity_blocks if config.capacity_blocks is not None else blocks_to_hold(requests, block_size)
     clock = _ReplayClock()
     cache = KVCacheManager(num_blocks, block_size, _MODEL_KEY, enable_prefix_caching=True, clock=clock)
+    tiers = LowerTiers(config.host_blocks, config.store_blocks)
+    block_keys: dict[int, BlockKey] = {}  # device block id -> content key of the block it holds
+    identity = CacheIdentity(_MODEL_KEY, block_size)
+    if tiers.enabled:  # the same tree, telling the tiers what it evicts
+        cache.prefix_cache = DemotingTree(
+            cache.pool, block_size, clock=clock,
+            on_evict=lambda ids: [tiers.demote(block_keys.pop(b)) for b in ids if b in block_keys],
+        )
     tree = cache.prefix_cache
     assert isinstance(tree, RadixTree)
-    result = ReplayResult(config, num_blocks, [0] * len(requests))
+    result = ReplayResult(config, num_blocks, [0] * len(requests), host_tokens=[0] * len(requests),
+                          store_tokens=[0] * len(requests))
     params = SamplingParams(max_tokens=1, temperature=0.0)
     budget = config.max_num_batched_tokens
     ttl = config.ttl
@@ -136,7 +170,7 @@ def replay(
         last_time = max(last_time, t)
         clock.now = last_time
         if ttl is not None and clock.now - ttl > oldest:
-            expired, oldest_left = _expire(cache, clock.now - ttl)
+            expired, oldest_left = _expire(cache, clock.now - ttl, block_keys)
             # Blocks used from now on are at least this recent.
             oldest = min(oldest_left, clock.now)
             result.expired_blocks += expired
@@ -145,6 +179,14 @@ def replay(
         )
         evicted_before = cache.stats.evicted_blocks
         cached = cache.admit(request)
+        keys: list[BlockKey] = []
+        if tiers.enabled:  # the match continues in the host tier, then in storage
+            keys = prefix_keys(identity, req.namespace, req.token_ids)
+            first, last = cached // block_size, cache.max_cacheable(n) // block_size
+            host, store = tiers.lookup(keys[first:last])
+            result.host_tokens[i], result.store_tokens[i] = host * block_size, store * block_size
+            result.host_hit_tokens += host * block_size
+            result.store_hit_tokens += store * block_size
         # Prefill in chunks of the step budget, caching each chunk's full blocks as the engine
         # does after every step (evictions then interleave with inserts exactly as they do there).
         while (computed := cache.num_computed_tokens(request)) < n:
@@ -153,17 +195,24 @@ def replay(
                 break  # cannot happen: everything but this request's own blocks is evictable
             cache.advance(request, num_new)
         result.peak_cached_blocks = max(result.peak_cached_blocks, tree.num_cached_blocks)
+        if keys:  # the request's full blocks are the tree's now: remember what each holds
+            for block_id, key in zip(cache.kv(request).block_ids, keys):
+                block_keys[block_id] = key
         cache.free(request)
         result.evicted_blocks += cache.stats.evicted_blocks - evicted_before
         result.cached_tokens[i] = cached
         result.query_tokens += n
         result.hit_tokens += cached
         result.hits += cached > 0
+    result.demoted_to_host_blocks, result.demoted_to_store_blocks = tiers.demoted_to_host, tiers.demoted_to_store
+    result.dropped_from_host_blocks = tiers.host.evicted_blocks
+    result.dropped_from_store_blocks = tiers.store.evicted_blocks
     return result
 
 
-def _expire(cache: KVCacheManager, cutoff: float) -> tuple[int, float]:
-    """Drop every cached block last used before ``cutoff``.
+def _expire(cache: KVCacheManager, cutoff: float, block_keys: dict[int, BlockKey]) -> tuple[int, float]:
+    """Drop every cached block last used before ``cutoff`` (dropped, not demoted to a lower
+    tier: the TTL models a hosted prompt cache forgetting the prefix).
 
     Returns (blocks dropped, the oldest LRU time left in the tree). A node's LRU time is never
     older than any of its descendants' (a match or insert stamps the whole path), so the expired
@@ -181,4 +230,10 @@ def _expire(cache: KVCacheManager, cutoff: float) -> tuple[int, float]:
             oldest = min(oldest, node.last_access)
     if stale == 0:
         return 0, oldest
-    return tree.evict(stale), oldest
+    if not isinstance(tree, DemotingTree):
+        return tree.evict(stale), oldest
+    demote, tree.on_evict = tree.on_evict, lambda ids: [block_keys.pop(b, None) for b in ids]
+    try:
+        return tree.evict(stale), oldest
+    finally:
+        tree.on_evict = demote

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from radixserve.advisor.model_info import ModelInfo
     from radixserve.advisor.prefix_tree import PrefixNode, SharedPrefix
     from radixserve.advisor.replay import ReplayResult
+    from radixserve.advisor.tier_costs import TierPrediction
 
 JSON_SCHEMA_VERSION = 1
 
@@ -56,6 +57,7 @@ class AdviceReport:
     divergence_pairs: list[DivergencePair]
     requests: list[PromptRequest]
     notes: list[str] = field(default_factory=list)
+    tiers: TierPrediction | None = None  # --host-gb / --store-gb
 
     @property
     def hit_rate(self) -> float:
@@ -158,6 +160,24 @@ class AdviceReport:
             ],
             "findings": [f.to_json() for f in self.findings],
             "notes": list(self.notes),
+            "tiers": self._tiers_json() if self.tiers is not None else None,
+        }
+
+    def _tiers_json(self) -> dict[str, Any]:
+        r = self.result
+        block_bytes = self.model.kv_bytes_per_token * self.config.block_size
+        return {
+            **self.tiers.to_json(),
+            "host_bytes": self.tiers.host_blocks * block_bytes,
+            "store_bytes": self.tiers.store_blocks * block_bytes,
+            "host_hit_tokens": r.host_hit_tokens,
+            "store_hit_tokens": r.store_hit_tokens,
+            "demoted_to_host_blocks": r.demoted_to_host_blocks,
+            "demoted_to_store_blocks": r.demoted_to_store_blocks,
+            "dropped_from_host_blocks": r.dropped_from_host_blocks,
+            "dropped_from_store_blocks": r.dropped_from_store_blocks,
+            "per_request_host_tokens": r.host_tokens,
+            "per_request_store_tokens": r.store_tokens,
         }
 
     # ---- terminal -----------------------------------------------------------------------
@@ -232,6 +252,8 @@ class AdviceReport:
             add(f"  {k:<{label_w}}  {v}")
         add("")
 
+        if self.tiers is not None:
+            self._render_tiers(add)
         add(f"Capacity curve (hit rate by cache size; saturation = {self.curve.target:.0%} of the maximum)")
         max_rate = max((p.hit_rate for p in self.curve.points), default=0.0) or 1.0
         for p in self.curve.points:
@@ -287,6 +309,30 @@ class AdviceReport:
         for note in self.notes:
             add(f"  note: {note}")
         return "\n".join(out) + "\n"
+
+
+    def _render_tiers(self, add) -> None:
+        t, r = self.tiers, self.result
+        block_bytes = self.model.kv_bytes_per_token * self.config.block_size
+
+        def pays(value: bool | None) -> str:
+            return "" if value is None else ("  loads beat recomputing" if value else "  slower than recomputing")
+
+        add("Tiers (prompt tokens found in each; a lower tier is asked past the device's match)")
+        add(f"  device pool                          {t.device_hit_rate:6.1%}  ({r.hit_tokens:,} tokens)")
+        if t.host_blocks:
+            add(f"  host RAM {human_bytes(t.host_blocks * block_bytes):>10} at {t.host_gbps:>5g} GB/s   "
+                f"{t.host_hit_rate:6.1%}  ({r.host_hit_tokens:,} tokens){pays(t.host_pays)}")
+        if t.store_blocks:
+            add(f"  storage  {human_bytes(t.store_blocks * block_bytes):>10} at {t.store_gbps:>5g} GB/s   "
+                f"{t.store_hit_rate:6.1%}  ({r.store_hit_tokens:,} tokens){pays(t.store_pays)}")
+        if t.ttft_mean_s_device_only is not None and t.ttft_mean_s_with_tiers is not None:
+            add(f"  est. prompt TTFT: mean {_seconds(t.ttft_mean_s_device_only)} -> {_seconds(t.ttft_mean_s_with_tiers)}, "
+                f"p50 {_seconds(t.ttft_p50_s_device_only or 0.0)} -> {_seconds(t.ttft_p50_s_with_tiers or 0.0)} "
+                f"(device pool only -> with the tiers); break-even bandwidth {t.break_even_gbps:.2f} GB/s")
+        else:
+            add("  est. prompt TTFT: unknown (give --prefill-tokens-per-s)")
+        add("")
 
 
 def human_bytes(num_bytes: float) -> str:

@@ -11,13 +11,14 @@ With caching off the prefix cache is a `NullPrefixCache`: same calls, nothing ke
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from radixserve.cache.block_pool import BlockPool
 from radixserve.cache.null_cache import NullPrefixCache
-from radixserve.cache.radix_tree import RadixTree, TreeNode
+from radixserve.cache.radix_tree import PinnedEdge, RadixTree, TreeNode
 from radixserve.errors import NoFreeBlocksError
 from radixserve.request import Request
 
@@ -184,13 +185,14 @@ class KVCacheManager:
         handle.num_tree_tokens = num_full * block_size
 
     # ---- pins -----------------------------------------------------------------------------
-    def pin(self, request: Request, num_tokens: int, ttl: float) -> int:
-        """Keep the request's first `num_tokens` cached for `ttl` seconds, refreshed to `ttl`
-        again by every later request that reads them all. Returns tokens pinned."""
+    def pin(self, request: Request, num_tokens: int, ttl: float, refresh: float | None = None) -> int:
+        """Keep the request's first `num_tokens` cached for `ttl` seconds, refreshed to `refresh`
+        (default: `ttl`) again by every later request that reads them all. Returns tokens pinned."""
         if not request.cache_policy.writes:
             return 0
         tokens = request.token_slice(0, num_tokens)
-        return self.prefix_cache.pin(self._key(request), tokens, self.clock() + ttl, refresh=ttl)
+        return self.prefix_cache.pin(self._key(request), tokens, self.clock() + ttl,
+                                     refresh=ttl if refresh is None else refresh)
 
     def pin_prefix(self, namespace: str, token_ids: list[int], ttl: float) -> int:
         """Pin an already cached prefix for `ttl` seconds (named caches). Returns tokens pinned."""
@@ -210,6 +212,19 @@ class KVCacheManager:
                 or cache.max_pinned_blocks_per_namespace is None:
             return None
         return cache.max_pinned_blocks, cache.max_pinned_blocks_per_namespace
+
+    def pinned_paths(self) -> list[PinnedEdge]:
+        """The edges of every live pin's path (RadixTree.pinned_paths), with each namespace as
+        requests give it (no model key) and `until` in seconds from now."""
+        if not isinstance(self.prefix_cache, RadixTree):
+            return []
+        now = self.clock()
+        prefix = self.cache_key("")
+        return [
+            dataclasses.replace(e, namespace=e.namespace.removeprefix(prefix),
+                                until=None if e.until is None else e.until - now)
+            for e in self.prefix_cache.pinned_paths()
+        ]
 
     def pinned_blocks(self, namespace: str | None = None) -> int:
         """Blocks pins hold now: all of them, or those of one namespace (its cache_key)."""

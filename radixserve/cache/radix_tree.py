@@ -96,6 +96,17 @@ class PrefixMatch:
 
 
 @dataclass(slots=True)
+class PinnedEdge:
+    """One edge on the path of a live pin (``RadixTree.pinned_paths``)."""
+
+    namespace: str
+    parent: int  # index of the edge above in the same list (-1: the namespace root)
+    tokens: list[int]  # this edge's tokens (whole blocks)
+    until: float | None  # this edge's own pin (clock time); None: it only lies on a deeper pin's path
+    refresh: float  # seconds a read extends the pin by (0: a fixed end)
+
+
+@dataclass(slots=True)
 class InsertResult:
     """Result of ``RadixTree.insert``."""
 
@@ -411,6 +422,29 @@ class RadixTree:
         node.pinned_until = _NOT_PINNED
         node.pin_refresh = 0.0
         self._pinned.discard(node)
+
+    def pinned_paths(self) -> list[PinnedEdge]:
+        """Every edge on a live pin's path, parents before children: what a restart needs to
+        re-create the pins (radixserve/server/persistence.py).
+
+        An edge is listed once however many pins pass through it, so the tokens listed total
+        exactly the pinned blocks (bounded by ``max_pinned_blocks``). ``parent`` indexes the
+        listed edge above (-1: the namespace root); ``until`` is None on an edge that only lies
+        on the path of a deeper pin. Read-only, O(pinned blocks).
+        """
+        covered = self._pinned_nodes()
+        now = self.clock()
+        index: dict[TreeNode, int] = {}
+        edges: list[PinnedEdge] = []
+        for node in sorted(covered, key=lambda n: n.depth):  # a parent is shallower than its child
+            live = node.pinned_until > now
+            parent = node.parent
+            index[node] = len(edges)
+            edges.append(PinnedEdge(
+                namespace=node.namespace, parent=index[parent] if parent in index else -1, tokens=list(node.tokens),
+                until=node.pinned_until if live else None, refresh=node.pin_refresh if live else 0.0,
+            ))
+        return edges
 
     # ---- introspection --------------------------------------------------------------------
     @property

@@ -34,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--ttl", type=float, default=None,
                    help="drop cached prefixes unused for this many seconds (needs timestamps in the log)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the scheduler's prefill chunk (default 2048)")
+    t = p.add_argument_group("tiers below the device pool (evicted blocks move down, LRU; see docs/internals.md)")
+    t.add_argument("--host-gb", type=float, default=None, help="a host-RAM tier of this many GiB of KV")
+    t.add_argument("--store-gb", type=float, default=None, help="a storage tier (disk, Redis) of this many GiB of KV")
+    # defaults: advisor/tier_costs.py (not imported here: the advisor package pulls in torch)
+    t.add_argument("--host-gbps", type=float, default=None,
+                   help="host -> device copy bandwidth in GB/s (default 20: PCIe 4.0 x16, pinned memory)")
+    t.add_argument("--store-gbps", type=float, default=None,
+                   help="storage read bandwidth in GB/s, checksum included (default 2: one NVMe SSD)")
     e = p.add_argument_group("savings")
     e.add_argument("--prefill-tokens-per-s", type=float, default=None,
                    help="prefill rate for the TTFT estimate (default: measured on --model and --device)")
@@ -85,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         min_shared_tokens=args.min_shared_tokens,
         max_num_batched_tokens=args.max_num_batched_tokens,
         curve_points=args.curve_points,
+        host_bytes=int(args.host_gb * 2**30) if args.host_gb is not None else None,
+        store_bytes=int(args.store_gb * 2**30) if args.store_gb is not None else None,
+        **{k: v for k, v in (("host_gbps", args.host_gbps), ("store_gbps", args.store_gbps)) if v is not None},
     )
     report = analyze(log.requests, model, config, log=log, progress=progress)
     if args.png:

@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--request-log", metavar="PATH", default=None,
                    help="append each request body (with a timestamp) to this JSONL file for `radixserve advise`; "
                         "off by default (prompts may be sensitive)")
+    g.add_argument("--state-dir", metavar="PATH", default=None,
+                   help="save named caches and unexpired cache_control pins in PATH/server-state.json and re-create "
+                        "them at start (their KV recomputed in the background); off by default (the file holds "
+                        "prompt text). One server per directory")
+    g.add_argument("--max-named-caches", type=int, default=1024,
+                   help="live named caches this server keeps; creating more gets 429 (default 1024)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_cluster_args(p)
     add_engine_args(p)
@@ -96,6 +102,8 @@ def server_config_from_args(args: argparse.Namespace):
         cache_ttl_scale=args.cache_ttl_scale,
         log_level=args.log_level,
         request_log=args.request_log,
+        state_dir=args.state_dir,
+        max_named_caches=args.max_named_caches,
     )
 
 

@@ -40,4 +40,5 @@ async def reset_prefix_cache(request: Request) -> JSONResponse:
     state = get_state(request)
     state.auth.authenticate_admin(request)
     freed = await state.async_engine.call(state.engine.reset_prefix_cache)
+    state.keeper.mark_dirty()  # the pins are gone: a restart must not bring them back
     return JSONResponse({"freed_blocks": freed})

@@ -39,7 +39,9 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for level, line in security_summary(state):
             log.log(level, "%s", line)
+        state.keeper.restore()  # before listening: a restored cache name resolves from the first request
         state.async_engine.start()
+        state.keeper.start()
         sweeper = asyncio.create_task(state.caches.run_sweeper(config.cache_sweep_interval))
         try:
             yield
@@ -47,6 +49,7 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await state.keeper.close()  # the last save reads the pins, so before the engine stops
             await state.async_engine.stop()
             if state.request_log is not None:
                 state.request_log.close()

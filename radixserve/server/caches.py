@@ -123,6 +123,7 @@ class NamedCacheStore:
         state = self.state
         if not state.prefix_caching:
             raise APIError(400, "named caches need the prefix cache, and this server runs with --no-prefix-caching")
+        self._check_room()
         if not turns:
             raise APIError(400, "a cache needs a system instruction or at least one message", param="messages")
         state.check_prompt_size([block for turn in turns for block in turn.blocks])
@@ -172,7 +173,43 @@ class NamedCacheStore:
             )
         self._caches[cache.cache_id] = cache
         await self.registry.save(cache)
+        await state.keeper.save_now()  # on disk before the client hears "created" (--state-dir)
         return cache
+
+    def _check_room(self) -> None:
+        limit = self.state.config.max_named_caches
+        if len(self._caches) >= limit:
+            raise APIError(429, f"this server holds {limit} named caches, its limit (--max-named-caches); delete "
+                                "one or let one expire, or retry later")
+
+    def adopt(self, cache: NamedCache) -> None:
+        """Take over a cache restored from the saved state (radixserve/server/persistence.py):
+        same id, owner and expiry; its KV is recomputed by `warm` or on first use."""
+        self._caches[cache.cache_id] = cache
+
+    async def warm(self, cache: NamedCache) -> None:
+        """Recompute a restored cache's KV and pin it again until its expiry, as `create` does."""
+        from radixserve.server.state import collect  # state imports this module
+
+        remaining = cache.expire_time - self.clock()
+        if not self._is_live(cache) or remaining <= 0:
+            return
+        stream = await self.state.submit(
+            cache.token_ids, SamplingParams(max_tokens=1, temperature=0.0), prefix="cache-warm-",
+            namespace=cache.namespace,
+            cache_pins=[CachePin(len(cache.token_ids), remaining, alive=lambda: self._is_live(cache))],
+        )
+        out = await collect(stream)
+        if out.finish_reason == "abort" or not self._is_live(cache):
+            return
+        cache.pinned_tokens = max(cache.pinned_tokens, out.num_pinned_tokens)
+        if cache.pinned_tokens:
+            await self._set_pin(cache)
+
+    def live(self) -> list[NamedCache]:
+        """Every unexpired cache (what the saved state holds)."""
+        now = self.clock()
+        return [c for c in self._caches.values() if c.expire_time > now]
 
     async def get(self, owner: str, name: str) -> NamedCache:
         """The live cache called `name` ("caches/<id>" or "<id>"); NotFoundError otherwise."""
@@ -226,11 +263,13 @@ class NamedCacheStore:
         # engine call so no step (and no eviction) can happen in between.
         await self._set_pin(cache)
         await self.registry.save(cache)
+        await self.state.keeper.save_now()
         return cache
 
     async def delete(self, owner: str, name: str) -> None:
         cache = await self.get(owner, name)
         await self._drop(cache)
+        await self.state.keeper.save_now()
 
     # ---- use by requests ----------------------------------------------------------------
     def request_pin(self, cache: NamedCache, prompt: ChatPrompt) -> CachePin | None:
@@ -258,6 +297,8 @@ class NamedCacheStore:
         expired = [c for c in self._caches.values() if c.expire_time <= now]
         for cache in expired:
             await self._drop(cache)
+        if expired:
+            self.state.keeper.mark_dirty()
         return len(expired)
 
     async def run_sweeper(self, interval: float) -> None:

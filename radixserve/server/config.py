@@ -35,6 +35,10 @@ class ServerConfig:
     cache_sweep_interval: float = 1.0  # how often expired named caches are unpinned (seconds)
     log_level: str = "info"
     request_log: str | None = None  # opt-in JSONL of request bodies for `radixserve advise`
+    # Named caches and unexpired pins are saved here and re-created at start (off when None:
+    # the file holds tenants' prompt text, so nothing is written unless asked for).
+    state_dir: str | None = None
+    max_named_caches: int = 1024  # live named caches one server keeps (bounds memory and the state file)
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
@@ -45,6 +49,8 @@ class ServerConfig:
             raise ValueError(f"body_read_timeout must be > 0, got {self.body_read_timeout}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.max_named_caches < 0:
+            raise ValueError(f"max_named_caches must be >= 0, got {self.max_named_caches}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in [*self.api_keys, *self.admin_keys, *self.metrics_keys]):

@@ -18,6 +18,7 @@ from radixserve.server.auth import Authenticator
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import APIError
 from radixserve.server.metrics import ServerMetrics
+from radixserve.server.persistence import NoStateKeeper, StateKeeper
 from radixserve.server.prompting import ChatTurn, check_prompt_size
 
 
@@ -31,7 +32,7 @@ class ServerState:
         self.config = config
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics()
-        self.async_engine = AsyncEngine(engine, on_finished=self.metrics.observe_finished)
+        self.async_engine = AsyncEngine(engine, on_finished=self._on_finished)
         self.auth = Authenticator(
             config.api_keys, config.namespace_from_api_key, admin_keys=config.admin_keys,
             metrics_keys=config.metrics_keys,
@@ -41,8 +42,15 @@ class ServerState:
         self.model_name = config.served_model_name or engine.model_id
         self.created = int(time.time())
         self.caches = NamedCacheStore(self)
+        # what clients were promised (named caches, pins), saved to survive a restart (opt-in)
+        self.keeper: StateKeeper | NoStateKeeper = StateKeeper(self, config.state_dir) if config.state_dir \
+            else NoStateKeeper()
         # opt-in: prompts can be sensitive, so nothing is logged unless a path is given
         self.request_log = RequestLogWriter(config.request_log) if config.request_log else None
+
+    def _on_finished(self, out: RequestOutput) -> None:
+        self.metrics.observe_finished(out)
+        self.keeper.on_finished(out)
 
     def log_request(self, api: str, body: dict, namespace: str) -> None:
         """Append an accepted request body to the request log (if one is configured)."""

@@ -324,6 +324,18 @@ class CacheMachine(RuleBasedStateMachine):
         assert protected <= self.cached.keys(), "a locked or pinned prefix is missing"
         assert tree.num_evictable_blocks() == len(self.cached.keys() - protected)
 
+    @invariant()
+    def pinned_paths_are_the_live_pins(self) -> None:
+        """What a restart saves (RadixTree.pinned_paths) is every live pin, each edge once."""
+        edges = self.tree.pinned_paths()
+        paths: list[tuple[int, ...]] = []
+        for i, e in enumerate(edges):
+            assert -1 <= e.parent < i and (e.parent < 0 or edges[e.parent].namespace == e.namespace)
+            paths.append((paths[e.parent] if e.parent >= 0 else ()) + tuple(e.tokens))
+        saved = {(e.namespace, paths[i]): e.until for i, e in enumerate(edges) if e.until is not None}
+        assert saved == {k: until for k, until in self.pins.items() if until > self.clock.now}
+        assert sum(len(e.tokens) for e in edges) == self.tree.pinned_blocks() * self.block_size
+
     def teardown(self) -> None:
         for rid in list(self.requests):
             self.release(self.requests.pop(rid))

@@ -567,3 +567,35 @@ def test_tree_node_repr_is_short() -> None:
     r = cache(tree, seq(0, 40))
     assert isinstance(r.node, TreeNode)
     assert len(repr(r.node)) < 200
+
+
+def test_pinned_paths_list_each_pinned_edge_once_parents_first() -> None:
+    tree, _, clock = make_tree()  # block_size 2
+    cache(tree, seq(0, 8))
+    cache(tree, seq(0, 4) + [90, 91, 92, 93])  # branches after 2 blocks
+    cache(tree, seq(50, 4))  # never pinned
+    cache(tree, seq(0, 6), ns="other")
+    assert tree.pinned_paths() == []
+    tree.pin("ns", seq(0, 8), until=10.0, refresh=5.0)
+    tree.pin("ns", seq(0, 4) + [90, 91, 92, 93], until=20.0)
+    tree.pin("ns", seq(0, 2), until=30.0)  # a pin on a prefix of both
+    tree.pin("other", seq(0, 6), until=15.0)
+    edges = tree.pinned_paths()
+    for i, e in enumerate(edges):
+        assert e.parent < i
+    paths = {}
+    for i, e in enumerate(edges):
+        paths[i] = (paths[e.parent] if e.parent >= 0 else []) + e.tokens
+    pinned = sorted((e.namespace, tuple(paths[i]), e.until, e.refresh) for i, e in enumerate(edges) if e.until)
+    assert pinned == [
+        ("ns", tuple(seq(0, 2)), 30.0, 0.0),
+        ("ns", tuple(seq(0, 8)), 10.0, 5.0),
+        ("ns", tuple(seq(0, 4) + [90, 91, 92, 93]), 20.0, 0.0),
+        ("other", tuple(seq(0, 6)), 15.0, 0.0),
+    ]
+    # every pinned block is listed exactly once: the tokens total the pinned blocks
+    assert sum(len(e.tokens) for e in edges) == 2 * tree.pinned_blocks()
+    clock.now = 12.0  # the refreshable pin lapsed (nobody read it), its edge is gone from the list
+    after = tree.pinned_paths()
+    assert sum(len(e.tokens) for e in after) == 2 * tree.pinned_blocks()
+    assert not any(e.until == 10.0 for e in after)
