@@ -61,6 +61,13 @@ class EngineSnapshot:
     preemptions: int
 
 
+def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
+    try:
+        return CachePolicy(value)
+    except ValueError:
+        raise InvalidRequestError(f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {value!r}") from None
+
+
 class LLMEngine:
     """Requests in, outputs out, one step at a time.
 
@@ -125,12 +132,7 @@ class LLMEngine:
         `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks."""
         params = sampling_params or SamplingParams()
         params.validate()
-        try:
-            cache_policy = CachePolicy(cache_policy)
-        except ValueError:
-            raise InvalidRequestError(
-                f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {cache_policy!r}"
-            ) from None
+        cache_policy = _parse_cache_policy(cache_policy)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")

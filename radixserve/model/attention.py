@@ -296,6 +296,17 @@ class TorchAttentionBackend(AttentionBackend):
         _, block_size, kvh, d = cache.shape
         return cache.index_select(0, blocks).view(-1, kvh, d)[:length]
 
+    @staticmethod
+    def _causal_mask(num_new: int, context: int, total: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for the last `num_new` of `total` tokens attending to all of them."""
+        if num_new == 1:
+            return None, False  # the one query is the last position: it sees every key
+        if context == 0:
+            return None, True
+        # Query j sits at position context + j and sees keys 0..context + j.
+        pos_q = torch.arange(context, total, device=device)
+        return torch.arange(total, device=device)[None, :] <= pos_q[:, None], False
+
     def _prefill_one(
         self,
         q: torch.Tensor,
@@ -318,15 +329,7 @@ class TorchAttentionBackend(AttentionBackend):
             blocks = meta.block_tables[i, : (S + block_size - 1) // block_size]
             keys = self._gather(k_cache, blocks, S)
             values = self._gather(v_cache, blocks, S)
-        mask = None
-        causal = False
-        if L > 1:
-            if ctx == 0:
-                causal = True
-            else:
-                # Query j sits at position ctx + j and sees keys 0..ctx + j.
-                pos_q = torch.arange(ctx, S, device=q.device)
-                mask = torch.arange(S, device=q.device)[None, :] <= pos_q[:, None]
+        mask, causal = self._causal_mask(L, ctx, S, q.device)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(0).transpose(1, 2),
             keys.unsqueeze(0).transpose(1, 2),
