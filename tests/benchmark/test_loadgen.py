@@ -149,6 +149,16 @@ def test_head_of_line_requests_follow_their_timeline_and_are_reported(bench_serv
     assert "negative control" not in text  # not reported as the cache-hostile control
 
 
+def test_a_timeline_sends_requests_concurrently_whatever_the_concurrency(bench_servers):
+    """A request sent on the timeline is in flight at once, not queued behind the client's
+    connection limit: the short request's first token comes while the long one still decodes."""
+    requests = make_workload("head-of-line", quick=True, num_short=1, delay=0.0, long_output_tokens=40).build()
+    config = LoadConfig(base_url=bench_servers["off"], model=MODEL, concurrency=1, progress=False)
+    long, short = run_load_sync(requests, config, "off").results
+    assert long.ok and short.ok and long.completion_tokens == 40
+    assert short.start + short.ttft < long.end
+
+
 def test_failures_are_recorded_not_raised(bench_servers):
     requests = small("cache-hostile", num_requests=2).build()
     config = LoadConfig(base_url=bench_servers["on"], model="no-such-model", concurrency=2, progress=False)
