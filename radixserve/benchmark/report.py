@@ -166,8 +166,8 @@ def verdict(comparisons: list[Comparison]) -> str:
             (short_on, long_on, before_on), (short_off, long_off, before_off) = c.head_of_line["on"], c.head_of_line["off"]
             lines.append(
                 f"- **{c.name}** (short requests arriving while an uncached long prompt prefills): the short "
-                f"requests' TTFT p50 {fmt_seconds(short_on)} / {fmt_seconds(short_off)} (caching on / off: nothing "
-                f"is shared, so the two runs measure the same thing) against {fmt_seconds(long_on)} / "
+                f"requests' TTFT p50 {fmt_seconds(short_on)} / {fmt_seconds(short_off)} (caching on / off) against "
+                f"{fmt_seconds(long_on)} / "
                 f"{fmt_seconds(long_off)} for the long prompt's first token; {before_on} / {before_off} short requests "
                 "had their first token before the long prompt had its own (none would, if the long prefill "
                 "held every step)."
