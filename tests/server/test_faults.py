@@ -42,10 +42,12 @@ def srv(embedded_model):
 
 
 def assert_healthy(server) -> None:
-    """No request left running or waiting, /health ok, and free + cached blocks == total."""
+    """No request left running or waiting, /health ok, free + cached blocks == total, and the
+    prefix cache's own bookkeeping consistent."""
     m = server.wait_idle(timeout=HANG)
     assert httpx.get(f"{server.base_url}/health", timeout=HANG).json() == {"status": "ok"}
     assert m["radixserve_kv_free_blocks"] + m["radixserve_prefix_cache_blocks"] == m["radixserve_kv_total_blocks"]
+    server.engine.check_cache_invariants()  # an idle engine: reading it here is safe
 
 
 def assert_not_5xx(r: httpx.Response) -> None:
