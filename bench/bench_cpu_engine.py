@@ -144,11 +144,12 @@ def bench_prefix_cache(loaded, repeats: int, rounds: int) -> str:
                 reusable += 16
             ceiling_hits += reusable
             seen.update(tuple(prompt[:end]) for end in range(16, len(prompt) + 1, 16))
-    stats = engine.cache.stats
+    snap = engine.snapshot()
     interleaved = markdown_table(
         ["workload", "requests", "prompt tokens", "reused tokens", "hit rate", "ceiling"],
-        [[f"4 system prompts (800 tokens) x {rounds} questions, round robin", stats.queries, stats.query_tokens,
-          stats.hit_tokens, f"{stats.hit_rate:.1%}", f"{ceiling_hits / stats.query_tokens:.1%}"]],
+        [[f"4 system prompts (800 tokens) x {rounds} questions, round robin", engine.stats.finished_requests,
+          snap.prefix_cache_queries, snap.prefix_cache_hits, f"{snap.prefix_cache_hit_rate:.1%}",
+          f"{ceiling_hits / snap.prefix_cache_queries:.1%}"]],
     )  # fmt: skip
     return (
         f"Embedded model, fp32, block size 16. Cold and cached requests alternate (medians of {len(cold)}).\n\n"

@@ -78,10 +78,10 @@ def isolation_cost(loaded, args, text: TextGenerator) -> list[list[object]]:
             firsts_a, firsts_b, blocks = [], [], []
             for _ in range(args.rounds):
                 system = text.text(args.prompt_tokens)
-                before = engine.cache.num_cached_blocks()
+                before = engine.snapshot().cached_blocks
                 firsts_a.append(a.send("embedded", system + "\n\nQuestion: " + text.text(12)).ttft)
                 firsts_b.append(b.send("embedded", system + "\n\nQuestion: " + text.text(12)).ttft)
-                blocks.append(engine.cache.num_cached_blocks() - before)
+                blocks.append(engine.snapshot().cached_blocks - before)
             a.close()
             b.close()
         rows.append([mode, ms(firsts_a), ms(firsts_b), f"{statistics.median(blocks):.0f}"])
@@ -98,12 +98,12 @@ def policy_cost(loaded, args, text: TextGenerator) -> list[list[object]]:
             for _ in range(args.rounds):
                 prompt = text.text(args.prompt_tokens) + "\n\nQuestion: "
                 writer.send("embedded", prompt + text.text(12))  # someone stored this prefix before
-                before = engine.cache.num_cached_blocks()
+                before = engine.snapshot().cached_blocks
                 probe = client.send("embedded", prompt + text.text(12))
                 # a second, different question: does the first one's suffix stay cached?
                 ttfts.append(probe.ttft)
                 cached.append(probe.cached_tokens)
-                stored.append(engine.cache.num_cached_blocks() - before)
+                stored.append(engine.snapshot().cached_blocks - before)
             client.close()
             writer.close()
             rows.append([policy, ms(ttfts), f"{statistics.median(cached):.0f}", f"{statistics.median(stored):.0f}"])

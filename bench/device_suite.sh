@@ -133,7 +133,7 @@ for i in "${!MODELS[@]}"; do
   TMPDIR="$STAGE/tmp" timeout --signal=TERM --kill-after=20 $((limit + 60)) \
     "$PYTHON" -m radixserve bench suite --device "$DEVICE" --model "$model" "${DTYPE[@]}" --label "$label" \
       --scale "$SCALE" "${QUICK[@]}" --time-limit "$limit" --startup-timeout 300 --no-progress \
-      --workloads system-prompt cache-hostile generated-shared-prefix rag multi-turn few-shot \
+      --workloads system-prompt cache-hostile generated-shared-prefix rag multi-turn few-shot head-of-line \
       --json "$OUTDIR/serving-$label.json" --out "$STAGE/docs" \
       --command "$COMMAND" "${NOTES[@]}" "${EXTRA[@]}" 2>&1 | tee -a "$LOG"
   rc=$?

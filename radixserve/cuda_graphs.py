@@ -106,16 +106,12 @@ class DecodeGraphs:
 
     def _meta(self, bs: int) -> AttentionMetadata:
         tables = self._dev[self._offsets["tables"] :].view(self.max_bs, self.width)[:bs]
-        return AttentionMetadata(
-            positions=self._view("pos", bs),
-            slot_mapping=self._view("slots", bs),
-            query_start_loc=self._view("qsl", bs + 1),
-            seq_lens=self._view("seq_lens", bs),
-            block_tables=tables,
-            query_lens=[1] * bs,
-            seq_lens_list=[1] * bs,  # nominal: decode launch shapes never depend on lengths
-            lengths_are_nominal=True,
-        )
+        # nominal lengths (one token of context each): decode launch shapes never depend on them
+        step = StepInput(self.block_size, query_lens=[1] * bs, seq_lens=[1] * bs)
+        return AttentionMetadata.from_step(
+            step, self._view("pos", bs), self._view("slots", bs), self._view("qsl", bs + 1),
+            self._view("seq_lens", bs), tables, lengths_are_nominal=True,
+        )  # fmt: skip
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.model(self._view("ids", bs), meta, self.kv_cache)
@@ -178,6 +174,7 @@ class PrefillGraphs:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, block_size: int, max_model_len: int) -> None:
         self.model = model
         self.kv_cache = kv_cache
+        self.block_size = block_size
         self.buckets = PREFILL_BUCKETS
         self.max_tokens = self.buckets[-1]
         self.max_model_len = max_model_len
@@ -206,16 +203,12 @@ class PrefillGraphs:
         # Host lists are nominal: a long context and `tokens` new tokens, so the attention plan
         # (query blocks, key splits) covers any real length in the bucket and never takes the
         # fresh-prefill shortcut.
-        return AttentionMetadata(
-            positions=self._view("pos", tokens),
-            slot_mapping=self._view("slots", tokens),
-            query_start_loc=self._view("qsl", 2),
-            seq_lens=self._view("seq_lens", 1),
-            block_tables=self._dev[self._offsets["tables"] :].view(1, self.width),
-            query_lens=[tokens],
-            seq_lens_list=[self.max_model_len],
+        step = StepInput(self.block_size, query_lens=[tokens], seq_lens=[self.max_model_len])
+        return AttentionMetadata.from_step(
+            step, self._view("pos", tokens), self._view("slots", tokens), self._view("qsl", 2),
+            self._view("seq_lens", 1), self._dev[self._offsets["tables"] :].view(1, self.width),
             lengths_are_nominal=True,
-        )
+        )  # fmt: skip
 
     def _forward(self, tokens: int, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.model(self._view("ids", tokens), meta, self.kv_cache)

@@ -62,15 +62,25 @@ class EngineSnapshot:
     preemptions: int
 
 
+def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
+    try:
+        return CachePolicy(value)
+    except ValueError:
+        raise InvalidRequestError(f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {value!r}") from None
+
+
 class LLMEngine:
     """Requests in, outputs out, one step at a time.
 
     Its public surface (what the server, the advisor and the offline API use): add_request,
     abort_request, step, has_unfinished_requests, unfinished_request_ids; tokenizer, model_id,
     config, max_model_len, block_size, prefix_caching, num_kv_blocks, max_total_tokens, pin_bounds,
-    stats (EngineStats, read only), snapshot() and pinned_blocks(); pin_prefix, unpin_prefix,
-    pinned_paths, cache_identity, reset_prefix_cache.
-    Everything else (cache, scheduler, runner, requests) is internal.
+    device, cuda_graphs, stats (EngineStats, read only), snapshot(), pinned_blocks() and
+    check_cache_invariants(); pin_prefix, unpin_prefix, pinned_paths, cache_identity,
+    reset_prefix_cache.
+    Everything else (cache, scheduler, runner, requests, loaded) is internal: nothing outside
+    this module reads it (scripts/check_structure.py checks the server, the advisor, the
+    benchmarks and the tests).
     """
 
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
@@ -124,12 +134,7 @@ class LLMEngine:
         `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks."""
         params = sampling_params or SamplingParams()
         params.validate()
-        try:
-            cache_policy = CachePolicy(cache_policy)
-        except ValueError:
-            raise InvalidRequestError(
-                f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {cache_policy!r}"
-            ) from None
+        cache_policy = _parse_cache_policy(cache_policy)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -450,9 +455,19 @@ class LLMEngine:
         at construction, so any thread may read it."""
         return self.cache.pin_bounds()
 
-    def pinned_blocks(self) -> int:
-        """KV blocks all pins hold now (call it on the engine's thread)."""
-        return self.cache.pinned_blocks()
+    def pinned_blocks(self, cache_namespace: str | None = None) -> int:
+        """KV blocks pins hold now: all of them, or those of one cache namespace (call it on the
+        engine's thread)."""
+        return self.cache.pinned_blocks(None if cache_namespace is None else self.cache.cache_key(cache_namespace))
+
+    def check_cache_invariants(self) -> None:
+        """Raise AssertionError unless the KV bookkeeping is consistent: the prefix cache's own
+        invariants, and with nothing running every block free or cached (no leak). What the
+        fault suite checks after a storm; O(cache size), call it on the engine's thread."""
+        self.cache.prefix_cache.check_invariants()
+        if not self.scheduler.has_work():
+            free, cached, total = self.cache.num_free_blocks(), self.cache.num_cached_blocks(), self.cache.num_blocks
+            assert free + cached == total, f"{free} free + {cached} cached blocks != {total}: blocks leaked"
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self.requests)
@@ -481,6 +496,12 @@ class LLMEngine:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps and one-sequence prefills of up to 512 tokens replay captured CUDA
+        graphs (CUDA with the Triton backend, unless enforce_eager)."""
+        return self.runner.graphs is not None
 
 
 __all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for"]

@@ -6,11 +6,10 @@ manager decide which blocks hold what; the runner just writes and reads them.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from radixserve.config import CacheConfig
-from radixserve.model.attention import AttentionMetadata, KVCache
+from radixserve.model.attention import AttentionMetadata, KVCache, padded_block_tables
 from radixserve.model.loader import LoadedModel
 from radixserve.step import StepInput
 
@@ -84,10 +83,7 @@ class ModelRunner:
         """The step's lists as device tensors: (metadata, input ids, logits rows). On the GPU they
         go up in one pinned copy (each separate small host->device copy costs a synchronous
         ~10-20 us)."""
-        num_seqs, width = step.num_seqs, step.max_blocks
-        tables = np.zeros((num_seqs, width), dtype=np.int64)
-        for i, blocks in enumerate(step.block_tables):
-            tables[i, : len(blocks)] = blocks
+        tables = padded_block_tables(step)
         parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
         if self._uploader is not None:
             *lists, flat_tables = self._uploader.upload(parts + [tables.reshape(-1)])
@@ -95,13 +91,6 @@ class ModelRunner:
             lists = [torch.tensor(p, dtype=torch.long, device=self.device) for p in parts]
             flat_tables = torch.from_numpy(tables).to(self.device)
         ids, positions, slots, query_start, seq_lens, rows = lists
-        meta = AttentionMetadata(
-            positions=positions,
-            slot_mapping=slots,
-            query_start_loc=query_start,
-            seq_lens=seq_lens,
-            block_tables=flat_tables.view(num_seqs, width),
-            query_lens=step.query_lens,
-            seq_lens_list=step.seq_lens,
-        )
+        block_tables = flat_tables.view(step.num_seqs, step.max_blocks)
+        meta = AttentionMetadata.from_step(step, positions, slots, query_start, seq_lens, block_tables)
         return meta, ids, rows

@@ -40,12 +40,22 @@ def check_fits(num_prompt: int, max_tokens: int, max_model_len: int | None, bloc
         )
 
 
+def is_prefilling(num_computed_tokens: int, num_tokens: int) -> bool:
+    """More than the last token is left to compute: a prefill (or a chunk of one), not a decode.
+    (A decode computes exactly the last token, the one sampled at the previous step.)"""
+    return num_computed_tokens < num_tokens - 1
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int
     num_computed_tokens: int  # before this step
     samples: bool  # this step computes its last token: a new token is sampled from its logits
+
+    @property
+    def prefilling(self) -> bool:
+        return is_prefilling(self.num_computed_tokens, self.request.num_tokens)
 
 
 @dataclass(slots=True)
@@ -103,7 +113,7 @@ class Scheduler:
         ))  # fmt: skip
 
     def _prefilling(self, request: Request) -> bool:
-        return self.cache.num_computed_tokens(request) < request.num_tokens - 1
+        return is_prefilling(self.cache.num_computed_tokens(request), request.num_tokens)
 
     def _room_for_new(self) -> int:
         """Tokens a prefill chunk leaves for a new prompt: none unless someone waits and could run."""
@@ -123,7 +133,7 @@ class Scheduler:
             request = self.running[i]
             computed = self.cache.num_computed_tokens(request)
             num_new = min(request.num_tokens - computed, budget)
-            if computed < request.num_tokens - 1:  # prefilling
+            if is_prefilling(computed, request.num_tokens):
                 num_new = max(1, min(num_new, budget - decodes_left - room_for_new))
             else:
                 decodes_left -= 1
@@ -144,7 +154,7 @@ class Scheduler:
             return
         self._order_waiting()
         # requests computing more than their last token this step (their blocks may be shared)
-        in_flight = [s.request for s in out.scheduled if s.num_computed_tokens < s.request.num_tokens - 1]
+        in_flight = [s.request for s in out.scheduled if s.prefilling]
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -163,7 +173,7 @@ class Scheduler:
             self._start(request, cached)
             out.scheduled.append(self._scheduled(request, num_new, cached))
             budget -= num_new
-            if cached < request.num_tokens - 1 or cached + num_new < request.num_tokens:
+            if is_prefilling(cached, request.num_tokens) or cached + num_new < request.num_tokens:
                 in_flight.append(request)
         self.waiting.extendleft(reversed(deferred))
 

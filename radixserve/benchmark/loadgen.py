@@ -10,7 +10,8 @@ Two arrival disciplines, as in vLLM's and SGLang's serving benchmarks:
 - open loop (`request_rate=R`): Poisson arrivals at R requests/s from a seeded generator
   (`inf`: all at once), whatever the server's pace.
 Multi-turn sessions are honoured under both: a turn is sent only after the session's previous
-turn finished, as a chat user would.
+turn finished, as a chat user would. A workload whose requests carry `send_at` (head-of-line)
+brings its own timeline: each request is sent at that time, under either discipline.
 """
 
 from __future__ import annotations
@@ -138,7 +139,10 @@ async def run_load(requests: Sequence[BenchRequest], config: LoadConfig, label: 
     results: list[RequestResult] = []
     bar = tqdm(total=len(requests), desc=config.description or label or "requests", unit="req",
                disable=not config.progress, leave=True, dynamic_ncols=True)
-    limits = httpx.Limits(max_connections=max(config.concurrency or len(requests), 1), max_keepalive_connections=64)
+    timeline = any(req.send_at is not None for req in requests)
+    # a connection per client; on a timeline every request may be in flight at once
+    connections = len(requests) if timeline else config.concurrency or len(requests)
+    limits = httpx.Limits(max_connections=max(connections, 1), max_keepalive_connections=64)
     timeout = httpx.Timeout(config.timeout, connect=30.0)
     clock0 = time.perf_counter()
     started_at = time.time()
@@ -162,7 +166,13 @@ async def run_load(requests: Sequence[BenchRequest], config: LoadConfig, label: 
                 bar.set_postfix_str(f"hit {hit:.0%}", refresh=False)
 
         try:
-            if config.request_rate is not None:
+            if timeline:  # the workload's own
+                async def at(req: BenchRequest) -> None:
+                    await asyncio.sleep(max(0.0, clock0 + (req.send_at or 0.0) - time.perf_counter()))
+                    await one(req)
+
+                await asyncio.gather(*(at(req) for req in requests))
+            elif config.request_rate is not None:
                 rng = random.Random(config.seed)
                 tasks = []
                 for req in requests:

@@ -142,6 +142,7 @@ class WorkloadResult:
     summary: str  # the workload's shape, one line
     shares_prefix: bool
     runs: dict[str, LoadRun] = field(default_factory=dict)
+    kind: str = ""  # Workload.kind ("" in results saved before it existed: read shares_prefix)
 
 
 @dataclass(slots=True)

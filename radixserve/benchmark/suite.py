@@ -247,7 +247,8 @@ def run_suite(config: SuiteConfig) -> SuiteResult:
             workload = make_workload(name, seed=config.seed, token_scale=token_scale, quick=config.quick,
                                      scale=config.scale, **config.overrides.get(name, {}))
             requests = workload.build()
-            result = WorkloadResult(name=name, summary=workload.summary(), shares_prefix=workload.shares_prefix)
+            result = WorkloadResult(name=name, summary=workload.summary(), shares_prefix=workload.shares_prefix,
+                                    kind=workload.kind)
             # Alternate which server goes first, so a drift in the machine's load (shared
             # machines) does not always favour the same side.
             for mode in MODES if position % 2 == 0 else MODES[::-1]:

@@ -10,6 +10,7 @@ structure, all made from synthetic text (no downloads).
 | generated-shared-prefix   | groups x prompts x prefix x question (SGLang's) | completions |
 | cache-hostile             | system-prompt's content behind a per-request id | chat        |
 | agent                     | tools + system prompt, then call/result turns   | chat + tools|
+| head-of-line              | nothing: short requests behind a long prefill   | both        |
 
 The same (workload, seed, token_scale) always gives the same requests in the same order, so a
 caching-off run replays exactly what the caching-on run sent. Lengths are in tokens of the
@@ -48,6 +49,9 @@ class BenchRequest:
     session: str | None = None
     turn: int = 0
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools, sent with the messages
+    # Seconds after the run's start at which to send it, whatever the arrival discipline: a
+    # workload whose point is its timeline (head-of-line) sets it on every request.
+    send_at: float | None = None
 
     @property
     def api(self) -> str:
@@ -92,6 +96,9 @@ class Workload:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     shares_prefix: ClassVar[bool] = True  # False: the negative control, expected hit rate ~0
+    # What the report says about it: "shared-prefix" (hit rate, TTFT on/off), "control" (the
+    # negative control), "head-of-line" (the short requests' TTFT behind a long prefill).
+    kind: ClassVar[str] = "shared-prefix"
     _count_field: ClassVar[str] = "num_requests"
     _quick: ClassVar[dict[str, Any]] = {}
 
@@ -475,9 +482,56 @@ class AgentWorkload(Workload):
         return out
 
 
+@dataclass
+class HeadOfLineWorkload(Workload):
+    """Head-of-line blocking: an uncached long prompt, then short chat requests arriving while it
+    prefills. What it measures is the short requests' TTFT (report: "head-of-line"): a scheduler
+    that gives a long prefill the whole token budget of every step makes them wait for all of it
+    (issue #12: 25.6 s behind an 8191-token prompt); one that keeps room in each step for new
+    prompts serves them within a step or two. Every request is sent at a fixed time (`send_at`),
+    whatever the suite's arrival discipline. Nothing is shared, so caching on and off see the same
+    work: the two runs are two measurements of the same thing. bench/bench_head_of_line.py
+    measures the same case standalone, with the scheduler's room for new prompts on and off."""
+
+    name: ClassVar[str] = "head-of-line"
+    description: ClassVar[str] = "short chat requests arriving while an uncached long prompt prefills"
+    shares_prefix: ClassVar[bool] = False
+    kind: ClassVar[str] = "head-of-line"
+    _count_field: ClassVar[str] = "num_short"
+    _quick: ClassVar[dict[str, Any]] = {"long_tokens": 600, "num_short": 2, "output_tokens": 4}
+
+    long_tokens: int = 4000
+    num_short: int = 4
+    question_tokens: int = 12
+    delay: float = 0.5  # seconds after the long prompt that the first short request is sent
+    interval: float = 0.5  # seconds between short requests
+    long_output_tokens: int = 1
+
+    def summary(self) -> str:
+        return (f"{self.num_short} chat requests of ~{self.question_tokens} tokens sent {self.delay:g} s after an "
+                f"uncached {self.long_tokens}-token completions prompt, {self.interval:g} s apart; "
+                f"{self.output_tokens} output tokens (the long prompt: {self.long_output_tokens})")
+
+    def build(self) -> list[BenchRequest]:
+        # A random id first: the long prompt is never a prefix of anything cached (not even the
+        # suite's warm-up), in either run.
+        gen = self._text(1)
+        long_prompt = f"[{gen.hex_id()}] " + gen.text(self.long_tokens)
+        out = [BenchRequest(index=0, workload=self.name, group="long", prompt=long_prompt,
+                            max_tokens=self.long_output_tokens, send_at=0.0)]
+        questions = self._text(2)
+        for i in range(self.num_short):
+            out.append(BenchRequest(
+                index=len(out), workload=self.name, group="short", max_tokens=self.output_tokens,
+                messages=[{"role": "user", "content": questions.question(self.question_tokens, i + 1)}],
+                send_at=self.delay + i * self.interval,
+            ))
+        return out
+
+
 WORKLOADS: dict[str, type[Workload]] = {
     w.name: w for w in (SystemPromptWorkload, FewShotWorkload, RAGWorkload, MultiTurnWorkload,
-                        GeneratedSharedPrefixWorkload, CacheHostileWorkload, AgentWorkload)
+                        GeneratedSharedPrefixWorkload, CacheHostileWorkload, AgentWorkload, HeadOfLineWorkload)
 }
 
 
@@ -499,4 +553,5 @@ def make_workload(name: str, *, seed: int = 0, token_scale: float = 1.0, quick: 
 __all__ = [
     "BenchRequest", "Workload", "WORKLOADS", "DEFAULT_WORKLOADS", "make_workload", "SystemPromptWorkload", "CacheHostileWorkload",
     "FewShotWorkload", "RAGWorkload", "MultiTurnWorkload", "GeneratedSharedPrefixWorkload", "AgentWorkload",
+    "HeadOfLineWorkload",
 ]

@@ -100,6 +100,26 @@ class DiskKVStore(KVStore):
 
     def _scan(self) -> None:
         """Rebuild the LRU index from the files (mtime order) and sweep leftover temp files."""
+        found, oversized = self._list_records()
+        found.sort()
+        for _, key, size in found:
+            self._index[key] = size
+            self._used += size
+        evicted = self._make_room(0)
+        log.info(
+            "KV store %s: %d records, %d of %d bytes%s%s%s",
+            self.name,
+            len(self._index),
+            self._used,
+            self._capacity,
+            f"; swept {self.removed_temp_files} leftover temp files" if self.removed_temp_files else "",
+            f"; evicted {evicted} records over the capacity" if evicted else "",
+            f"; ignored {oversized} files larger than the capacity" if oversized else "",
+        )
+
+    def _list_records(self) -> tuple[list[tuple[int, bytes, int]], int]:
+        """(mtime_ns, key, size) of every record file, and how many files were too large to be
+        a record of this store; leftover temp files are deleted on the way."""
         found: list[tuple[int, bytes, int]] = []
         oversized = 0
         for sub in os.scandir(self._blocks_dir):
@@ -126,21 +146,7 @@ class DiskKVStore(KVStore):
                     oversized += 1
                     continue
                 found.append((st.st_mtime_ns, key, st.st_size))
-        found.sort()
-        for _, key, size in found:
-            self._index[key] = size
-            self._used += size
-        evicted = self._make_room(0)
-        log.info(
-            "KV store %s: %d records, %d of %d bytes%s%s%s",
-            self.name,
-            len(self._index),
-            self._used,
-            self._capacity,
-            f"; swept {self.removed_temp_files} leftover temp files" if self.removed_temp_files else "",
-            f"; evicted {evicted} records over the capacity" if evicted else "",
-            f"; ignored {oversized} files larger than the capacity" if oversized else "",
-        )
+        return found, oversized
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -271,23 +277,11 @@ class DiskKVStore(KVStore):
         failures: list[str] = []
         disk_full: OSError | None = None
         for key, raw in items:
-            with self._lock:
-                if key in self._index or key in self._pending:
-                    if key in self._index:
-                        self._index.move_to_end(key)
-                    held.append(True)
-                    continue
-                if disk_full is not None:  # the rest of the batch would fail the same way
-                    held.append(False)
-                    continue
-                reserved = len(raw) <= self._capacity
-                if reserved:
-                    self._make_room(len(raw))
-                    self._used += len(raw)
-                    self._pending.add(key)
-            if not reserved:
-                failures.append(f"{key.hex()[:16]}..: {len(raw)} bytes exceed the capacity")
-                held.append(False)
+            state = self._reserve(key, len(raw), skip=disk_full is not None)
+            if state != "reserved":
+                if state == "too large":
+                    failures.append(f"{key.hex()[:16]}..: {len(raw)} bytes exceed the capacity")
+                held.append(state == "held")
                 continue
             ok = False
             try:
@@ -296,16 +290,7 @@ class DiskKVStore(KVStore):
                 failures.append(f"{key.hex()[:16]}..: {exc}")
                 if exc.errno in _DISK_FULL:
                     disk_full = exc
-            with self._lock:
-                if key in self._pending:  # else a vanished-root recovery already dropped it
-                    self._pending.discard(key)
-                    if ok:
-                        self._index[key] = len(raw)
-                    else:
-                        self._used -= len(raw)
-                elif ok:
-                    self._index[key] = len(raw)
-                    self._used += len(raw)
+            self._settle(key, len(raw), ok)
             if ok:
                 written += 1
                 nbytes += len(raw)
@@ -322,6 +307,37 @@ class DiskKVStore(KVStore):
                 "; ".join(failures[:3]) + (" ..." if len(failures) > 3 else ""),
             )
         return held
+
+    def _reserve(self, key: BlockKey, size: int, skip: bool) -> str:
+        """Before writing a record, under the lock: "held" (stored or being stored already; its
+        recency bumped), "skipped" (`skip`: the batch hit a full disk), "too large" (over the
+        capacity), or "reserved" (room made, its bytes counted, the key pending)."""
+        with self._lock:
+            if key in self._index or key in self._pending:
+                if key in self._index:
+                    self._index.move_to_end(key)
+                return "held"
+            if skip:
+                return "skipped"
+            if size > self._capacity:
+                return "too large"
+            self._make_room(size)
+            self._used += size
+            self._pending.add(key)
+            return "reserved"
+
+    def _settle(self, key: BlockKey, size: int, ok: bool) -> None:
+        """After a reserved write, under the lock: index the record, or give its bytes back."""
+        with self._lock:
+            if key in self._pending:  # else a vanished-root recovery already dropped it
+                self._pending.discard(key)
+                if ok:
+                    self._index[key] = size
+                else:
+                    self._used -= size
+            elif ok:
+                self._index[key] = size
+                self._used += size
 
     def _write_file(self, key: BlockKey, raw: bytes) -> bool:
         path = self.path_of(key)

@@ -53,3 +53,6 @@ class NullPrefixCache:
 
     def reset(self) -> int:
         return 0
+
+    def check_invariants(self) -> None:
+        pass  # holds nothing: nothing can be inconsistent

@@ -96,6 +96,25 @@ def parse_redis_spec(spec: str) -> tuple[str, dict[str, object]]:
     return url, options
 
 
+def _connection_pool(url: str, connect_timeout_s: float, socket_timeout_s: float) -> redis.ConnectionPool:
+    """redis-py's pool for `url` with our timeouts and retry rule; KVStoreError for a bad URL or
+    option (found here, by building one connection object, not at every operation)."""
+    try:
+        pool = redis.ConnectionPool.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            socket_read_size=SOCKET_READ_SIZE,
+            # One immediate retry on a dropped connection (a pooled socket the server closed
+            # or a restart reset), none on a timeout: a hung server costs one timeout.
+            retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        )
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError) as exc:
+        raise KVStoreError(f"bad Redis KV store URL {url!r}: {exc}") from None
+    return pool
+
+
 class RedisKVStore(KVStore):
     """KV records in Redis/Valkey under ``<key_prefix><identity hash>:<key hex>``; see the module doc.
 
@@ -127,19 +146,7 @@ class RedisKVStore(KVStore):
         self._retry_min_s = retry_min_s
         self._retry_max_s = retry_max_s
         self._info_max_age_s = info_max_age_s
-        try:
-            self._pool = redis.ConnectionPool.from_url(
-                url,
-                socket_connect_timeout=connect_timeout_s,
-                socket_timeout=socket_timeout_s,
-                socket_read_size=SOCKET_READ_SIZE,
-                # One immediate retry on a dropped connection (a pooled socket the server closed
-                # or a restart reset), none on a timeout: a hung server costs one timeout.
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            )
-            self._pool.connection_class(**self._pool.connection_kwargs)  # bad options fail here, not per op
-        except (ValueError, TypeError) as exc:
-            raise KVStoreError(f"bad Redis KV store URL {url!r}: {exc}") from None
+        self._pool = _connection_pool(url, connect_timeout_s, socket_timeout_s)
         self._client = redis.Redis(connection_pool=self._pool)
         self._state_lock = threading.Lock()
         self._down_since: float | None = None  # monotonic time of the first failure, None while up

@@ -11,18 +11,20 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from radixserve.model.arch import ModelArch, parse_dtype
-from radixserve.step import slot_mapping
+from radixserve.step import StepInput
 
 
 @dataclass(slots=True)
 class AttentionMetadata:
     """Where the T new tokens of a step come from and where their K/V goes.
 
-    Build one with `AttentionMetadata.build(...)` unless you already have the tensors.
+    Build one from a step's record with `AttentionMetadata.from_step(...)` (the runner, the CUDA
+    graphs), or from plain lists with `AttentionMetadata.build(...)` (tests, benchmarks).
     Sequence i owns new tokens query_start_loc[i]:query_start_loc[i+1]; its context is
     seq_lens[i] tokens long, of which the last query_lens[i] are the new ones.
     """
@@ -65,6 +67,32 @@ class AttentionMetadata:
         return [s - q for s, q in zip(self.seq_lens_list, self.query_lens)]
 
     @classmethod
+    def from_step(
+        cls,
+        step: StepInput,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        lengths_are_nominal: bool = False,
+    ) -> AttentionMetadata:
+        """The one builder every path uses: a step's record (its host lengths, which the CPU
+        backend and the Triton planner read) and the device copies of its lists, wherever they
+        were put (one pinned upload in the runner, a CUDA graph's static buffers, plain tensors).
+        `lengths_are_nominal`: the step's lengths are capture placeholders (see the field)."""
+        return cls(
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables,
+            query_lens=step.query_lens,
+            seq_lens_list=step.seq_lens,
+            lengths_are_nominal=lengths_are_nominal,
+        )
+
+    @classmethod
     def build(
         cls,
         block_tables: Sequence[Sequence[int]],
@@ -73,7 +101,7 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
-        """Metadata for B sequences.
+        """Metadata for B sequences (tests, benchmarks: no token ids needed).
 
         block_tables[i]: the block ids holding sequence i's context (cached prefix and new
         tokens), in order; it must cover context_lens[i] + query_lens[i] tokens.
@@ -82,37 +110,33 @@ class AttentionMetadata:
         """
         if not (len(block_tables) == len(context_lens) == len(query_lens)):
             raise ValueError("block_tables, context_lens and query_lens must have the same length")
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
         for table, ctx, n in zip(block_tables, context_lens, query_lens):
             if n < 1:
                 raise ValueError("every sequence needs at least one new token")
-            total = ctx + n
-            if len(table) * block_size < total:
+            if len(table) * block_size < ctx + n:
                 raise ValueError(
-                    f"block table of {len(table)} blocks cannot hold {total} tokens (block_size {block_size})"
+                    f"block table of {len(table)} blocks cannot hold {ctx + n} tokens (block_size {block_size})"
                 )
-            positions.extend(range(ctx, total))
-            slots.extend(slot_mapping(table, ctx, total, block_size))
-            seq_lens.append(total)
-            starts.append(starts[-1] + n)
-        width = max((len(t) for t in block_tables), default=0)
-        padded = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        step = StepInput.build(block_size, (
+            ([0] * n, ctx, list(table), False) for table, ctx, n in zip(block_tables, context_lens, query_lens)
+        ))  # fmt: skip
 
-        def tensor(x: list) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long, device=device)
+        def tensor(x) -> torch.Tensor:
+            return torch.as_tensor(x, dtype=torch.long).to(device)
 
-        return cls(
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
-            query_start_loc=tensor(starts),
-            seq_lens=tensor(seq_lens),
-            block_tables=tensor(padded).view(len(block_tables), width),
-            query_lens=list(query_lens),
-            seq_lens_list=seq_lens,
-        )
+        return cls.from_step(
+            step, tensor(step.positions), tensor(step.slot_mapping), tensor(step.query_start_loc),
+            tensor(step.seq_lens), tensor(padded_block_tables(step)),
+        )  # fmt: skip
+
+
+def padded_block_tables(step: StepInput) -> np.ndarray:
+    """The step's block tables as one int64 array [B, step.max_blocks], padded with block 0
+    (never read: attention stops at each sequence's length)."""
+    tables = np.zeros((step.num_seqs, step.max_blocks), dtype=np.int64)
+    for i, blocks in enumerate(step.block_tables):
+        tables[i, : len(blocks)] = blocks
+    return tables
 
 
 @dataclass(slots=True)
@@ -272,6 +296,17 @@ class TorchAttentionBackend(AttentionBackend):
         _, block_size, kvh, d = cache.shape
         return cache.index_select(0, blocks).view(-1, kvh, d)[:length]
 
+    @staticmethod
+    def _causal_mask(num_new: int, context: int, total: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(attn_mask, is_causal) for the last `num_new` of `total` tokens attending to all of them."""
+        if num_new == 1:
+            return None, False  # the one query is the last position: it sees every key
+        if context == 0:
+            return None, True
+        # Query j sits at position context + j and sees keys 0..context + j.
+        pos_q = torch.arange(context, total, device=device)
+        return torch.arange(total, device=device)[None, :] <= pos_q[:, None], False
+
     def _prefill_one(
         self,
         q: torch.Tensor,
@@ -294,15 +329,7 @@ class TorchAttentionBackend(AttentionBackend):
             blocks = meta.block_tables[i, : (S + block_size - 1) // block_size]
             keys = self._gather(k_cache, blocks, S)
             values = self._gather(v_cache, blocks, S)
-        mask = None
-        causal = False
-        if L > 1:
-            if ctx == 0:
-                causal = True
-            else:
-                # Query j sits at position ctx + j and sees keys 0..ctx + j.
-                pos_q = torch.arange(ctx, S, device=q.device)
-                mask = torch.arange(S, device=q.device)[None, :] <= pos_q[:, None]
+        mask, causal = self._causal_mask(L, ctx, S, q.device)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(0).transpose(1, 2),
             keys.unsqueeze(0).transpose(1, 2),

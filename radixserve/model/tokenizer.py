@@ -128,6 +128,7 @@ class Tokenizer:
         self._fingerprint: str | None = None
         self._special_ids: frozenset[int] | None = None
         self._special_strings: tuple[str, ...] | None = None
+        self._splits_at_specials: bool | None = None
         self._literal_backend: HFTokenizer | None = None  # specials spelled out, for client text
         self._max_token_bytes: int | None = None
 
@@ -289,6 +290,27 @@ class Tokenizer:
             spellings = {t.content for t in added.values() if t.special and t.content}
             self._special_strings = tuple(sorted(spellings, key=lambda t: (-len(t), t)))
         return self._special_strings
+
+    @property
+    def splits_at_specials(self) -> bool:
+        """Whether text may be tokenized in pieces cut before and after each special token, with
+        exactly the ids of one call. The backend splits a text at its added tokens before it
+        normalizes or pre-tokenizes anything, so this holds unless an added token strips the
+        whitespace around it or the pre-tokenizer treats each piece's start specially (a prefix
+        space): the tokens' options and a probe text rule both out. Checked once."""
+        if self._splits_at_specials is None:
+            self._splits_at_specials = self._check_splits_at_specials()
+        return self._splits_at_specials
+
+    def _check_splits_at_specials(self) -> bool:
+        added = [t for t in self.backend.get_added_tokens_decoder().values() if t.special and t.content]
+        if not added or any(t.lstrip or t.rstrip or t.single_word for t in added):
+            return False
+        for special in self.special_token_strings[:8]:
+            pieces = ["a ", special, "\n b", special, " \nc. ", special, "  d"]
+            if self.encode("".join(pieces)) != [i for piece in pieces for i in self.encode(piece)]:
+                return False
+        return True
 
     def min_num_tokens(self, num_bytes: int) -> int:
         """A lower bound on the tokens of any text of `num_bytes` UTF-8 bytes, without

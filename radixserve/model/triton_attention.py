@@ -133,6 +133,30 @@ class TritonAttentionBackend(AttentionBackend):
         if cached is not None:
             return cached
         qlens, slens = meta.query_lens, meta.seq_lens_list
+        fresh, gathered, decode, prefill = self._classify(meta, have_kv)
+        launches: list[_Launch] = []
+        everyone = len(qlens)
+        group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
+        if decode:
+            ids = None if len(decode) == everyone else torch.tensor(decode, dtype=torch.int32).to(device)
+            splits = self.decode_splits(len(decode), num_kv_heads, device)
+            cfg = dict(DECODE_CFG, block_m=max(DECODE_CFG["block_m"], group_p))
+            launches.append(_Launch(ids, len(decode), 1, splits, cfg))
+        if prefill:
+            ids = None if len(prefill) == everyone else torch.tensor(prefill, dtype=torch.int32).to(device)
+            launches.append(self._prefill_launch(ids, [qlens[i] for i in prefill], [slens[i] for i in prefill],
+                                                 num_kv_heads, group_p, head_dim, elem_bytes, device))
+        plan = _StepPlan(fresh, gathered, launches)
+        meta.backend_state["triton"] = plan
+        return plan
+
+    @staticmethod
+    def _classify(
+        meta: AttentionMetadata, have_kv: bool
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int, int, int]], list[int], list[int]]:
+        """Which path each sequence takes: (fresh SDPA (start, n), gathered SDPA (seq, start, n,
+        context), paged decode seqs, paged prefill seqs)."""
+        qlens, slens = meta.query_lens, meta.seq_lens_list
         starts = [0]
         for n in qlens:
             starts.append(starts[-1] + n)
@@ -154,31 +178,26 @@ class TritonAttentionBackend(AttentionBackend):
                 gathered.append((i, starts[i], n, s))
             else:
                 prefill.append(i)
-        launches: list[_Launch] = []
-        everyone = len(qlens)
-        group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
-        if decode:
-            ids = None if len(decode) == everyone else torch.tensor(decode, dtype=torch.int32).to(device)
-            splits = self.decode_splits(len(decode), num_kv_heads, device)
-            cfg = dict(DECODE_CFG, block_m=max(DECODE_CFG["block_m"], group_p))
-            launches.append(_Launch(ids, len(decode), 1, splits, cfg))
-        if prefill:
-            ids = None if len(prefill) == everyone else torch.tensor(prefill, dtype=torch.int32).to(device)
-            max_q = max(qlens[i] for i in prefill)
-            cfg = PREFILL_LONG_CFG if max_q * group_p >= 1024 else PREFILL_SHORT_CFG
-            cfg = _fit_stages(dict(cfg, block_m=max(cfg["block_m"], group_p)), head_dim, elem_bytes, device)
-            block_q = cfg["block_m"] // group_p
-            n_qblocks = -(-max_q // block_q)
-            programs = sum(-(-qlens[i] // block_q) for i in prefill) * num_kv_heads
-            tiles = -(-max(slens[i] for i in prefill) // cfg["block_n"])
-            splits = 1
-            sms = _num_sms(device)
-            if programs < sms and tiles >= 8:  # at most one wave: a partial second wave costs a whole one
-                splits = max(1, min(MAX_SPLITS, sms // programs, tiles // 4))
-            launches.append(_Launch(ids, len(prefill), n_qblocks, splits, cfg))
-        plan = _StepPlan(fresh, gathered, launches)
-        meta.backend_state["triton"] = plan
-        return plan
+        return fresh, gathered, decode, prefill
+
+    @staticmethod
+    def _prefill_launch(
+        ids: torch.Tensor | None, qlens: list[int], slens: list[int], num_kv_heads: int, group_p: int,
+        head_dim: int, elem_bytes: int, device: torch.device,
+    ) -> _Launch:  # fmt: skip
+        """The paged prefill launch over sequences of these query and context lengths."""
+        max_q = max(qlens)
+        cfg = PREFILL_LONG_CFG if max_q * group_p >= 1024 else PREFILL_SHORT_CFG
+        cfg = _fit_stages(dict(cfg, block_m=max(cfg["block_m"], group_p)), head_dim, elem_bytes, device)
+        block_q = cfg["block_m"] // group_p
+        n_qblocks = -(-max_q // block_q)
+        programs = sum(-(-q // block_q) for q in qlens) * num_kv_heads
+        tiles = -(-max(slens) // cfg["block_n"])
+        splits = 1
+        sms = _num_sms(device)
+        if programs < sms and tiles >= 8:  # at most one wave: a partial second wave costs a whole one
+            splits = max(1, min(MAX_SPLITS, sms // programs, tiles // 4))
+        return _Launch(ids, len(qlens), n_qblocks, splits, cfg)
 
     # ---- attention ---------------------------------------------------------------------
     def attend(self, q, layer_k_cache, layer_v_cache, meta, scale, k=None, v=None) -> torch.Tensor:

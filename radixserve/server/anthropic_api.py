@@ -116,7 +116,7 @@ async def count_tokens(request: Request) -> JSONResponse:
 def _prompt_and_pins(state: ServerState, conversation: Conversation) -> tuple[ChatPrompt, list[_LabelledPin]]:
     prompt = build_prompt(state.tokenizer, conversation.prompt_turns, conversation.assistant_prefill,
                           tools=conversation.tools)
-    state.check_prompt_tokens(len(prompt.token_ids))  # before re-rendering once per breakpoint
+    state.check_prompt_tokens(len(prompt.token_ids))  # before rendering once per breakpoint
     return prompt, _breakpoint_pins(state, conversation, prompt)
 
 

@@ -7,10 +7,18 @@ content block") occupies. `prefix_token_count` answers that from the template it
 right for any template: it renders the conversation truncated after the block, finds where that
 text stops agreeing with the full prompt, and counts the tokens the two tokenizations share up
 to there (a token straddling the boundary is not counted: it would differ in another request).
+
+The prompt is tokenized once. `build_prompt` tokenizes it in pieces cut around the template's
+control tokens, where the tokenizer itself starts afresh (`Tokenizer.splits_at_specials`), so
+the ids are exactly those of one call, and it keeps where each piece ends. The prefix's
+tokenization then equals the prompt's up to the last piece end before the boundary: only the rest
+of that one piece is tokenized again (nothing at all for a breakpoint that ends a message, since
+the end-of-turn marker ends a piece), never the prompt up to the breakpoint.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 import uuid
 from collections.abc import Sequence
@@ -60,10 +68,14 @@ class ChatTurn:
 
 @dataclass(slots=True)
 class ChatPrompt:
-    """A rendered conversation: the text the template produced and its token ids."""
+    """A rendered conversation: the text the template produced and its token ids.
+
+    `piece_ends`: (characters, tokens) at the end of each piece the text was tokenized in, in
+    order: the prompt's first `tokens` ids are exactly the tokenization of text[:characters]."""
 
     text: str
     token_ids: list[int]
+    piece_ends: list[tuple[int, int]] = field(default_factory=list)
 
 
 def render(
@@ -131,12 +143,11 @@ def build_prompt(
         text = render(tokenizer, turns, add_generation_prompt=add_generation_prompt, tools=tools)
         if assistant_prefill:
             text += assistant_prefill
-        return ChatPrompt(text, tokenizer.encode(text))
+        return tokenize_prompt(tokenizer, text, {})
     # Hide each client-written spelling behind a marker no client can guess, render, then
     # tokenize the template's text normally and each hidden spelling literally.
     nonce = uuid.uuid4().hex
     marks = {sp: f"\ue000{nonce}.{i}\ue001" for i, sp in enumerate(specials)}
-    spellings = {mark: sp for sp, mark in marks.items()}
     find_special = re.compile("|".join(re.escape(sp) for sp in specials))  # longest first
 
     def hide(text: str) -> str:
@@ -146,15 +157,38 @@ def build_prompt(
                   add_generation_prompt=add_generation_prompt, tools=tools)
     if assistant_prefill:
         text += hide(assistant_prefill)
-    ids: list[int] = []
+    return tokenize_prompt(tokenizer, text, {mark: sp for sp, mark in marks.items()})
+
+
+def tokenize_prompt(tokenizer: Any, text: str, hidden: dict[str, str]) -> ChatPrompt:
+    """Tokenize a rendered prompt once, in pieces cut around each control token the template
+    wrote (where the tokenizer starts afresh anyway, when `splits_at_specials`) and around each
+    hidden client spelling (`hidden`: marker -> spelling, tokenized literally and put
+    back in the text). Plain pieces go through one `encode_batch` call."""
+    cuts = list(hidden) + (list(tokenizer.special_token_strings) if tokenizer.splits_at_specials else [])
+    if not cuts:
+        ids = tokenizer.encode(text)
+        return ChatPrompt(text, ids, [(len(text), len(ids))])
+    pieces: list[tuple[str, bool]] = []  # (text, literal)
     pos = 0
-    find_mark = re.compile("|".join(re.escape(mark) for mark in spellings))
-    for m in find_mark.finditer(text):
-        ids += tokenizer.encode(text[pos:m.start()])
-        ids += tokenizer.encode_literal(spellings[m.group(0)])
+    for m in re.finditer("|".join(re.escape(c) for c in sorted(cuts, key=len, reverse=True)), text):
+        spelling = hidden.get(m.group(0))
+        if spelling is None:  # a template control token: a piece of its own
+            pieces += [(text[pos:m.start()], False), (m.group(0), False)]
+        else:
+            pieces += [(text[pos:m.start()], False), (spelling, True)]
         pos = m.end()
-    ids += tokenizer.encode(text[pos:])
-    return ChatPrompt(find_mark.sub(lambda m: spellings[m.group(0)], text), ids)
+    pieces.append((text[pos:], False))
+    pieces = [(t, literal) for t, literal in pieces if t]
+    encoded = iter(tokenizer.encode_batch([t for t, literal in pieces if not literal]))
+    ids: list[int] = []
+    piece_ends: list[tuple[int, int]] = []
+    chars = 0
+    for piece, literal in pieces:
+        ids += tokenizer.encode_literal(piece) if literal else next(encoded)
+        chars += len(piece)
+        piece_ends.append((chars, len(ids)))
+    return ChatPrompt("".join(t for t, _ in pieces), ids, piece_ends)
 
 
 def check_prompt_size(tokenizer: Any, texts: Sequence[str], max_model_len: int) -> None:
@@ -186,9 +220,16 @@ def prefix_token_count(
 
 
 def shared_token_prefix(tokenizer: Any, prompt: ChatPrompt, prefix_text: str) -> int:
-    """How many of the prompt's tokens are exactly the tokens of `prefix_text`'s agreeing part."""
+    """How many of the prompt's tokens are exactly the tokens of `prefix_text`'s agreeing part.
+
+    Up to the last piece end at or before the boundary the tokens are the prompt's own; only the
+    rest of that piece is tokenized again (a piece ending at the boundary: nothing)."""
     offset = common_prefix_len(prefix_text, prompt.text)
     if offset == 0:
         return 0
-    ids = tokenizer.encode(prompt.text[:offset])
-    return common_prefix_len(ids, prompt.token_ids)
+    i = bisect.bisect_right(prompt.piece_ends, (offset, len(prompt.token_ids))) - 1
+    chars, tokens = prompt.piece_ends[i] if i >= 0 else (0, 0)
+    if chars == offset:
+        return tokens
+    ids = tokenizer.encode(prompt.text[chars:offset])
+    return tokens + common_prefix_len(ids, prompt.token_ids[tokens:])

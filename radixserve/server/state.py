@@ -104,9 +104,9 @@ class ServerState:
         bound = self.pin_bounds()
         if bound is None:
             return "pins are unbounded"
-        cfg = self.engine.config.cache
-        return (f"at most {bound[1]} blocks per namespace ({cfg.max_pinned_fraction_per_namespace:.0%} of the pool) "
-                f"and {bound[0]} in total ({cfg.max_pinned_fraction:.0%})")
+        pool = self.engine.num_kv_blocks
+        return (f"at most {bound[1]} blocks per namespace ({bound[1] / pool:.0%} of the pool) "
+                f"and {bound[0]} in total ({bound[0] / pool:.0%})")
 
     @property
     def prefix_caching(self) -> bool:

@@ -12,7 +12,7 @@ import pytest
 
 from radixserve.benchmark.loadgen import LoadConfig, reset_prefix_cache, run_load_sync, served_model
 from radixserve.benchmark.report import compare, write_report
-from radixserve.benchmark.results import SuiteResult
+from radixserve.benchmark.results import SuiteResult, percentile
 from radixserve.benchmark.suite import SuiteConfig, run_suite
 from radixserve.benchmark.workloads import make_workload
 from radixserve.cli import main as cli_main
@@ -43,12 +43,14 @@ def suite(bench_servers, checkpoint):
     return run_suite(config)
 
 
-def check_metrics(run, max_tokens: int) -> None:
+def check_metrics(run, max_tokens: int | None) -> None:
+    """max_tokens None: each request's own (a workload of mixed lengths)."""
     assert run.results and all(r.ok for r in run.results), [r.error for r in run.results]
     for r in run.results:
         assert 0 < r.ttft <= r.e2e
-        assert r.completion_tokens == max_tokens  # ignore_eos: fixed output length
-        assert r.tpot is not None and 0 < r.tpot < r.e2e
+        if max_tokens is not None:
+            assert r.completion_tokens == max_tokens  # ignore_eos: fixed output length
+            assert r.tpot is not None and 0 < r.tpot < r.e2e
         assert r.prompt_tokens > 0 and r.cached_tokens is not None and 0 <= r.cached_tokens < r.prompt_tokens
     assert run.duration >= max(r.e2e for r in run.results)
 
@@ -120,6 +122,41 @@ def test_sessions_run_turns_in_order(bench_servers):
             assert r.start >= by_key[(session, turn - 1)].end  # a turn waits for the previous reply
     later = [r for r in run.results if r.turn > 0]
     assert all(r.cached_tokens > 0 for r in later)  # the earlier turns are read from the cache
+
+
+def test_head_of_line_requests_follow_their_timeline_and_are_reported(bench_servers, tmp_path):
+    """Each request leaves at its send_at (whatever the discipline); the report states the short
+    requests' TTFT against the long prompt's."""
+    config = SuiteConfig(workloads=["head-of-line"], quick=True, on_url=bench_servers["on"],
+                         off_url=bench_servers["off"], progress=False, warmup_tokens=32, concurrency=1)
+    suite = run_suite(config)
+    (w,) = suite.workloads
+    assert w.kind == "head-of-line"
+    requests = make_workload("head-of-line", quick=True).build()
+    for mode in ("on", "off"):
+        results = w.runs[mode].results
+        check_metrics(w.runs[mode], max_tokens=None)
+        assert [r.group for r in results] == ["long", "short", "short"]
+        for req, r in zip(requests, results):  # sent on the timeline, not by the closed loop
+            assert req.send_at <= r.start < req.send_at + 5.0
+    (c,) = compare(suite)
+    short_p50, long_ttft, before = c.head_of_line["on"]
+    assert short_p50 == percentile([r.ttft for r in w.runs["on"].results[1:]], 50)
+    assert long_ttft == w.runs["on"].results[0].ttft
+    assert before in ("0 of 2", "1 of 2", "2 of 2")
+    text = write_report(suite, tmp_path).read_text()
+    assert "**head-of-line** (short requests arriving while an uncached long prompt prefills)" in text
+    assert "negative control" not in text  # not reported as the cache-hostile control
+
+
+def test_a_timeline_sends_requests_concurrently_whatever_the_concurrency(bench_servers):
+    """A request sent on the timeline is in flight at once, not queued behind the client's
+    connection limit: the short request's first token comes while the long one still decodes."""
+    requests = make_workload("head-of-line", quick=True, num_short=1, delay=0.0, long_output_tokens=40).build()
+    config = LoadConfig(base_url=bench_servers["off"], model=MODEL, concurrency=1, progress=False)
+    long, short = run_load_sync(requests, config, "off").results
+    assert long.ok and short.ok and long.completion_tokens == 40
+    assert short.start + short.ttft < long.end
 
 
 def test_failures_are_recorded_not_raised(bench_servers):

@@ -202,3 +202,18 @@ def test_agent_sessions_grow_by_a_call_and_a_result(tokenizer):
     body = requests[5].body("m")
     assert body["tool_choice"] == "none" and len(body["tools"]) == 8
     assert body["messages"][-1]["role"] == "tool"
+
+
+def test_head_of_line_is_a_long_uncached_prompt_then_short_requests_on_a_timeline(tokenizer):
+    from radixserve.benchmark.workloads import HeadOfLineWorkload
+
+    w = HeadOfLineWorkload(long_tokens=3000, num_short=3, delay=0.5, interval=0.25)
+    long, *short = w.build()
+    assert long.group == "long" and long.api == "completions" and long.send_at == 0.0 and long.max_tokens == 1
+    assert abs(len(prompt_ids(tokenizer, long)) - 3000) <= 60
+    assert [r.group for r in short] == ["short"] * 3 and all(r.api == "chat" for r in short)
+    assert [r.send_at for r in short] == [0.5, 0.75, 1.0]
+    assert all(len(prompt_ids(tokenizer, r)) < 60 for r in short)
+    other_seed = HeadOfLineWorkload(long_tokens=3000, seed=1).build()[0]
+    assert common_prefix_len(prompt_ids(tokenizer, long), prompt_ids(tokenizer, other_seed)) < BLOCK  # uncached
+    assert len(make_workload("head-of-line", scale=2.0).build()) == 1 + 8  # scale counts the short requests

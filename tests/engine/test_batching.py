@@ -38,7 +38,7 @@ def test_batched_chunked_preempted_equals_one_at_a_time(make_engine):
         assert got[str(i)].token_ids == expected[str(i)].token_ids, PROMPTS[i]
         assert len(got[str(i)].token_ids) == 24
         assert got[str(i)].finish_reason == "length"
-    assert batched.cache.num_free_blocks() == batched.cache.num_blocks
+    assert batched.snapshot().free_blocks == batched.num_kv_blocks
 
 
 def test_seeded_sampling_is_reproducible_within_a_batch(make_engine):
@@ -97,7 +97,7 @@ def test_abort_frees_everything(make_engine):
     for i in range(len(PROMPTS)):
         engine.abort_request(str(i))
     assert not engine.has_unfinished_requests()
-    cache = engine.cache
-    assert cache.num_free_blocks() + cache.num_cached_blocks() == cache.num_blocks
+    snap = engine.snapshot()
+    assert snap.free_blocks + snap.cached_blocks == snap.total_blocks
     engine.reset_prefix_cache()
-    assert cache.num_free_blocks() == cache.num_blocks
+    assert engine.snapshot().free_blocks == snap.total_blocks

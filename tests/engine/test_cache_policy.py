@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from radixserve.errors import InvalidRequestError
 from radixserve.request import CachePin, CachePolicy
+from radixserve.sequences import common_prefix_len
 from radixserve.sampling import SamplingParams
 from tests.conftest import run_to_completion
 
@@ -20,16 +21,12 @@ def _greedy(n: int = 8) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def _cached_sequences(engine) -> list[list[int]]:
-    """Every token path the tree indexes, root to node, all namespaces."""
-    paths = []
-    for node in engine.cache.prefix_cache.iter_nodes():
-        tokens, n = [], node
-        while n is not None and not n.is_root:
-            tokens[:0] = n.tokens
-            n = n.parent
-        paths.append(tokens)
-    return paths
+def _cached_prefix_len(engine, tokens: list[int]) -> int:
+    """How many leading tokens of `tokens` the prefix cache holds (whole blocks), as a read_only
+    request reading them reports it (a read_only request stores nothing itself)."""
+    rid = f"probe-{len(engine.unfinished_request_ids())}-{engine.stats.finished_requests}"
+    engine.add_request(tokens, _greedy(1), request_id=rid, cache_policy="read_only")
+    return run_to_completion(engine)[rid].num_cached_tokens
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:
@@ -37,8 +34,9 @@ def _prompt(rng: random.Random, n: int) -> list[int]:
 
 
 def _assert_no_leak(engine) -> None:
-    assert engine.cache.num_free_blocks() + engine.cache.num_cached_blocks() == engine.cache.num_blocks
-    engine.cache.prefix_cache.check_invariants()
+    snap = engine.snapshot()
+    assert snap.free_blocks + snap.cached_blocks == snap.total_blocks
+    engine.check_cache_invariants()
 
 
 def test_none_stores_nothing_and_reads_nothing(make_engine):
@@ -48,8 +46,7 @@ def test_none_stores_nothing_and_reads_nothing(make_engine):
                        cache_pins=[CachePin(96, 60.0)])
     out = run_to_completion(engine)["secret"]
     assert out.num_cached_tokens == 0 and out.cache_write_tokens == 0
-    assert engine.cache.num_cached_blocks() == 0
-    assert _cached_sequences(engine) == []
+    assert engine.snapshot().cached_blocks == 0
     _assert_no_leak(engine)
     # the same prompt again, default policy: a miss, since nothing was stored
     engine.add_request(prompt, _greedy(), request_id="again")
@@ -65,14 +62,13 @@ def test_read_only_reads_but_adds_nothing(make_engine):
     shared = _prompt(rng, 64)
     engine.add_request(shared + _prompt(rng, 5), _greedy(1), request_id="seed")
     run_to_completion(engine)
-    before = sorted(map(tuple, _cached_sequences(engine)))
-    blocks_before = engine.cache.num_cached_blocks()
+    blocks_before = engine.snapshot().cached_blocks
     engine.add_request(shared + _prompt(rng, 70), _greedy(), request_id="ro", cache_policy="read_only",
                        cache_pins=[CachePin(128, 60.0)])
     out = run_to_completion(engine)["ro"]
     assert out.num_cached_tokens == 64 and out.cache_write_tokens == 0
-    assert engine.cache.num_cached_blocks() == blocks_before
-    assert sorted(map(tuple, _cached_sequences(engine))) == before
+    assert engine.snapshot().cached_blocks == blocks_before
+    assert _cached_prefix_len(engine, out.prompt_token_ids + out.token_ids) == 64  # only the shared part
     _assert_no_leak(engine)
 
 
@@ -92,7 +88,7 @@ def test_no_wait_for_a_prefix_that_will_not_be_stored(make_engine):
     outs = run_to_completion(engine)
     assert outs["a"].num_cached_tokens == outs["b"].num_cached_tokens == 0
     assert outs["a"].token_ids == outs["b"].token_ids
-    assert engine.cache.num_cached_blocks() == 0
+    assert engine.snapshot().cached_blocks == 0
     _assert_no_leak(engine)
 
 
@@ -104,9 +100,9 @@ def test_no_wait_for_a_prefix_that_will_not_be_stored(make_engine):
     num_blocks=st.sampled_from([24, 64]),
 )
 def test_no_block_of_a_non_writing_request_stays_cached(make_engine, policies, seed, num_blocks):
-    """Whatever the mix (shared prefixes, tight pool with preemption, chunked prefill), every path
-    the tree holds is a prefix of some read_write request's tokens: nothing computed only by a
-    read_only or none request is left behind."""
+    """Whatever the mix (shared prefixes, tight pool with preemption, chunked prefill), nothing
+    computed only by a read_only or none request is left behind: of each one's tokens, the cache
+    holds at most what it shares with some read_write request."""
     engine = make_engine(num_blocks=num_blocks, max_num_batched_tokens=48)
     rng = random.Random(seed)
     shared = _prompt(rng, 40)
@@ -115,8 +111,11 @@ def test_no_block_of_a_non_writing_request_stays_cached(make_engine, policies, s
         engine.add_request(head + _prompt(rng, rng.randrange(10, 50)), _greedy(rng.randrange(1, 6)),
                            request_id=f"r{i}", cache_policy=policy)
     finals = run_to_completion(engine)
-    writers = [o.prompt_token_ids + o.token_ids for i, o in sorted(finals.items())
-               if policies[int(i[1:])] is CachePolicy.READ_WRITE]
-    for path in _cached_sequences(engine):
-        assert any(w[: len(path)] == path for w in writers), "a block only a non-writing request computed is cached"
+    sequences = {i: o.prompt_token_ids + o.token_ids for i, o in finals.items()}
+    writers = [seq for i, seq in sequences.items() if policies[int(i[1:])] is CachePolicy.READ_WRITE]
+    _assert_no_leak(engine)
+    for i, seq in sorted(sequences.items()):
+        if policies[int(i[1:])] is not CachePolicy.READ_WRITE:
+            shared_with_writers = max((common_prefix_len(seq, w) for w in writers), default=0)
+            assert _cached_prefix_len(engine, seq) <= shared_with_writers, "a block only a non-writing request computed is cached"
     _assert_no_leak(engine)

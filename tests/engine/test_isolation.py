@@ -9,8 +9,8 @@ from tests.conftest import run_to_completion
 
 
 def _all_blocks_back(engine) -> bool:
-    cache = engine.cache
-    return cache.num_free_blocks() + cache.num_cached_blocks() == cache.num_blocks
+    snap = engine.snapshot()
+    return snap.free_blocks + snap.cached_blocks == snap.total_blocks
 
 
 def test_a_request_whose_sampling_fails_fails_alone(make_engine):
@@ -40,30 +40,34 @@ def _pin_prompt(engine, num_tokens: int, ttl: float = 3600.0, namespace: str = "
 def test_pins_are_bounded_per_namespace_and_in_total(make_engine):
     engine = make_engine(num_blocks=16)  # defaults: 50% in total (8 blocks), 25% per namespace (4)
     assert _pin_prompt(engine, 5 * 16) == 0  # 5 blocks > 4: refused
-    assert engine.cache.prefix_cache.pinned_blocks() == 0
+    assert engine.pinned_blocks() == 0
     assert _pin_prompt(engine, 4 * 16, namespace="a") == 64
     assert _pin_prompt(engine, 3 * 16, namespace="b") == 48
     assert _pin_prompt(engine, 2 * 16, namespace="c") == 0  # 4 + 3 + 2 > 8 in total
-    assert engine.cache.prefix_cache.pinned_blocks() == 7
+    assert engine.pinned_blocks() == 7
     assert _all_blocks_back(engine)
 
 
-def test_a_request_that_only_fits_without_the_pins_runs_anyway(make_engine):
+def test_a_request_that_only_fits_without_the_pins_runs_anyway(embedded_model):
     # the issue's case, scaled down: a pin holds most of the pool, the next prompt needs more
-    engine = make_engine(num_blocks=16)
-    engine.cache.prefix_cache.max_pinned_blocks = engine.cache.prefix_cache.max_pinned_blocks_per_namespace = None  # unbounded
+    from radixserve.config import CacheConfig, EngineConfig, ModelConfig
+    from radixserve.engine import LLMEngine
+
+    cache = CacheConfig(num_blocks=16, max_pinned_fraction=1.0, max_pinned_fraction_per_namespace=1.0)  # pins unbounded
+    engine = LLMEngine(EngineConfig(model=ModelConfig(source="embedded", show_progress=False), cache=cache),
+                       loaded=embedded_model)
     assert _pin_prompt(engine, 12 * 16) == 192
     req = engine.add_request([5] * 120, SamplingParams(max_tokens=4, temperature=0))  # 8 blocks > 4 unpinned
     finished = run_to_completion(engine, max_steps=200)
     assert finished[req.request_id].finish_reason == "length"
-    assert engine.cache.prefix_cache.pinned_blocks() == 0  # the pin yielded
+    assert engine.pinned_blocks() == 0  # the pin yielded
     assert _all_blocks_back(engine)
 
 
 def test_a_pin_whose_owner_is_gone_is_not_applied(make_engine):
     engine = make_engine(num_blocks=128)
     assert _pin_prompt(engine, 64, alive=lambda: False) == 0
-    assert engine.cache.prefix_cache.pinned_blocks() == 0
+    assert engine.pinned_blocks() == 0
     assert _pin_prompt(engine, 64, alive=lambda: True) == 64
 
 

@@ -95,7 +95,7 @@ def test_outputs_identical_with_cache_on_and_off(make_engine, embedded_model):
     # sequential with a roomy pool: lots of hits
     roomy = make_engine(num_blocks=512)
     assert _run_workload(roomy, items, concurrent=False) == reference
-    assert roomy.cache.stats.hit_tokens > 0
+    assert roomy.snapshot().prefix_cache_hits > 0
 
     # concurrent with a pool so small that the tree must evict and running requests get preempted
     tight = make_engine(num_blocks=20, max_num_batched_tokens=48)
@@ -103,11 +103,11 @@ def test_outputs_identical_with_cache_on_and_off(make_engine, embedded_model):
     got = _run_workload(tight, twice, concurrent=True)
     for i in range(len(twice)):
         assert got[str(i)] == reference[str(i % len(items))], f"request {i}"
-    assert tight.cache.stats.evicted_blocks > 0
+    assert tight.snapshot().evicted_blocks > 0
     assert tight.stats.preemptions > 0
-    assert tight.cache.stats.hit_tokens > 0
-    cache = tight.cache
-    assert cache.num_free_blocks() + cache.num_cached_blocks() == cache.num_blocks
+    assert tight.snapshot().prefix_cache_hits > 0
+    snap = tight.snapshot()
+    assert snap.free_blocks + snap.cached_blocks == snap.total_blocks
 
 
 def test_namespaces_never_share(make_engine, embedded_model):
@@ -168,4 +168,4 @@ def test_cache_off_reports_zero_and_counts(make_engine, embedded_model):
     for i in range(2):
         engine.add_request(prompt, _greedy(2), request_id=str(i))
         assert run_to_completion(engine)[str(i)].num_cached_tokens == 0
-    assert engine.cache.stats.queries == 0
+    assert engine.snapshot().prefix_cache_queries == 0

@@ -83,11 +83,9 @@ def test_named_cache_lifecycle(server):
     assert e.value.body["error"]["type"] == "not_found_error"
 
 
-def _live_pins(server, namespace: str) -> int:
-    """Tree nodes of `namespace` holding an unexpired pin (the server is idle when called)."""
-    cache = server.engine.cache
-    now = cache.clock()
-    return sum(1 for node in cache.prefix_cache.iter_nodes(cache.cache_key(namespace)) if node.pinned_until > now)
+def _pinned_blocks(server, namespace: str) -> int:
+    """KV blocks unexpired pins hold in `namespace` (the server is idle when called)."""
+    return server.engine.pinned_blocks(namespace)
 
 
 def test_named_cache_expires_and_is_unpinned(server):
@@ -97,35 +95,37 @@ def test_named_cache_expires_and_is_unpinned(server):
                                           "contents": [{"role": "user", "parts": [{"text": "Hello"}]}],
                                           "ttl": "2s", "cache_salt": salt}).json()
     name = cache["name"]
-    assert _live_pins(server, f"salt:{salt}") == 1
+    assert _pinned_blocks(server, f"salt:{salt}") > 0
     time.sleep(max(0.0, (_rfc3339(cache["expire_time"]) - datetime.now(UTC)).total_seconds()) + 0.1)
     r = http.get(f"/v1/{name}")
     assert r.status_code == 404 and "expired" in r.json()["error"]["message"]
-    assert _live_pins(server, f"salt:{salt}") == 0
+    assert _pinned_blocks(server, f"salt:{salt}") == 0
 
 
 def test_sweeper_unpins_expired_caches(server):
     http = server.http()
     salt = f"sweep-{time.time()}"
     cache = http.post("/v1/caches", json={"system": LONG_SYSTEM, "ttl": "1s", "cache_salt": salt}).json()
-    assert _live_pins(server, f"salt:{salt}") == 1
+    assert _pinned_blocks(server, f"salt:{salt}") > 0
     deadline = time.monotonic() + 10
     while any(c.cache_id in cache["name"] for c in server.state.caches._caches.values()):
         assert time.monotonic() < deadline, "the sweeper did not drop the expired cache"
         time.sleep(0.1)
-    assert _live_pins(server, f"salt:{salt}") == 0
+    assert _pinned_blocks(server, f"salt:{salt}") == 0
 
 
 def test_delete_unpins_at_once(server):
     http = server.http()
     salt = f"delete-{time.time()}"
     name = http.post("/v1/caches", json={"system": LONG_SYSTEM, "ttl": "600s", "cache_salt": salt}).json()["name"]
+    pinned = _pinned_blocks(server, f"salt:{salt}")
+    assert pinned > 0
     twin = http.post("/v1/caches", json={"system": LONG_SYSTEM, "ttl": "300s", "cache_salt": salt}).json()["name"]
-    assert _live_pins(server, f"salt:{salt}") == 1  # identical content: one tree node
+    assert _pinned_blocks(server, f"salt:{salt}") == pinned  # identical content: the same blocks, one pin
     assert http.delete(f"/v1/{name}").status_code == 200
-    assert _live_pins(server, f"salt:{salt}") == 1  # still pinned for the twin
+    assert _pinned_blocks(server, f"salt:{salt}") == pinned  # still pinned for the twin
     assert http.delete(f"/v1/{twin}").status_code == 200
-    assert _live_pins(server, f"salt:{salt}") == 0  # evictable now, long before 300 s
+    assert _pinned_blocks(server, f"salt:{salt}") == 0  # evictable now, long before 300 s
 
 
 @pytest.mark.parametrize("body, status, message", [

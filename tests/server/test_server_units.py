@@ -111,23 +111,25 @@ def test_async_engine_abort_delivers_final_output(engine):
     final = _run(main())
     assert final.finished and final.finish_reason == "abort"
     assert 1 <= len(final.token_ids) < max_tokens
-    assert engine.requests == {} and not engine.has_unfinished_requests()
+    assert engine.unfinished_request_ids() == [] and not engine.has_unfinished_requests()
     assert _all_blocks_back(engine)
 
 
 def test_async_engine_survives_a_failing_step(engine):
-    # fault injection on the real runner: its first forward pass raises, later ones run normally
-    real_execute = engine.runner.execute
+    # fault injection on the real engine: its first step runs (blocks allocated, a forward pass
+    # done), then raises; later steps run normally
+    real_step = engine.step
     calls = []
 
-    @functools.wraps(real_execute)
-    def execute_failing_once(*args, **kwargs):
+    @functools.wraps(real_step)
+    def step_failing_once():
         calls.append(1)
+        outputs = real_step()
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return real_execute(*args, **kwargs)
+        return outputs
 
-    engine.runner.execute = execute_failing_once
+    engine.step = step_failing_once
 
     async def main():
         ae = AsyncEngine(engine)
@@ -145,7 +147,7 @@ def test_async_engine_survives_a_failing_step(engine):
     final, running = _run(main())
     assert running and final.finish_reason == "length" and len(final.token_ids) == 3
     assert len(calls) > 1
-    assert engine.requests == {} and _all_blocks_back(engine)
+    assert engine.unfinished_request_ids() == [] and _all_blocks_back(engine)
 
 
 def test_async_engine_call_runs_on_the_engine_thread(engine):
