@@ -77,6 +77,7 @@ class LLMEngine:
     config, max_model_len, block_size, prefix_caching, num_kv_blocks, max_total_tokens, pin_bounds,
     device, cuda_graphs, stats (EngineStats, read only), snapshot(), pinned_blocks() and
     check_cache_invariants(); pin_prefix, unpin_prefix, pinned_paths, cache_identity,
+    attach_tree_observer,
     reset_prefix_cache.
     Everything else (cache, scheduler, runner, requests, loaded) is internal: nothing outside
     this module reads it (scripts/check_structure.py checks the server, the advisor, the
@@ -492,6 +493,17 @@ class LLMEngine:
     def cache_identity(self) -> str:
         """What the KV depends on besides the tokens: model, weights + tokenizer fingerprint, dtype."""
         return self.loaded.cache_identity
+
+    def attach_tree_observer(self, observer) -> bool:
+        """Hand the radix tree to `observer.attach(tree)` (the scale-out KV-event recorder), so it
+        is told when full blocks enter or leave the cache. False when caching is off."""
+        from radixserve.cache.radix_tree import RadixTree
+
+        tree = self.cache.prefix_cache
+        if not isinstance(tree, RadixTree):
+            return False
+        observer.attach(tree)
+        return True
 
     @property
     def device(self) -> torch.device:

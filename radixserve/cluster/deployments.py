@@ -73,7 +73,6 @@ class EngineReplica:
 
     async def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
                        event_interval_s: float = 0.05, state_actor_name: str = STATE_ACTOR_NAME) -> None:
-        from radixserve.cache.radix_tree import RadixTree
         from radixserve.server import create_app
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -82,10 +81,9 @@ class EngineReplica:
         self.state = self.app.state.radixserve
         self.state.caches.registry = ActorCacheRegistry(self.state_actor)
         engine = self.state.engine
-        identity = CacheIdentity(model=engine.cache.model_key, block_size=engine.block_size)
+        identity = CacheIdentity(model=engine.cache_identity, block_size=engine.block_size)
         self.recorder = KVEventRecorder(identity)
-        if isinstance(engine.cache.prefix_cache, RadixTree):
-            self.recorder.attach(engine.cache.prefix_cache)
+        engine.attach_tree_observer(self.recorder)
         await self.state_actor.set_profile.remote(RoutingProfile(engine.tokenizer, identity, server_config))
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # starts the engine thread, as uvicorn would
@@ -118,7 +116,7 @@ class EngineReplica:
 
     def _drain(self):
         engine = self.state.engine
-        return self.recorder.drain(self.replica_id, len(engine.requests), time.time())
+        return self.recorder.drain(self.replica_id, len(engine.unfinished_request_ids()), time.time())
 
     def __del__(self) -> None:
         publisher = getattr(self, "_publisher", None)

@@ -29,9 +29,9 @@ def served(embedded_model):
                                     cache=CacheConfig(num_blocks=512)), loaded=embedded_model)
     config = ServerConfig(api_keys=KEYS, namespace_from_api_key=True, min_cacheable_tokens=16)
     app = create_app(engine, config)
-    identity = CacheIdentity(model=engine.cache.model_key, block_size=engine.block_size)
+    identity = CacheIdentity(model=engine.cache_identity, block_size=engine.block_size)
     recorder = KVEventRecorder(identity)
-    recorder.attach(engine.cache.prefix_cache)
+    assert engine.attach_tree_observer(recorder)
     profile = RoutingProfile(engine.tokenizer, identity, config)
     with serve_app(app) as base:
         yield base, recorder, profile, app.state.radixserve.auth
