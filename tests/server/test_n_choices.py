@@ -79,3 +79,15 @@ def test_n_over_the_maximum_is_a_400_naming_n(server, path, body):
         r = http.post(path, json={"model": "embedded", "max_tokens": 2, "n": 17, **body})
     err = _openai_error(r, 400)
     assert err["param"] == "n" and "between 1 and 16" in err["message"], err
+
+
+def test_each_choice_gets_its_own_grammar_and_logprobs(server):
+    client = server.openai()
+    r = client.chat.completions.create(model="embedded", messages=MESSAGES, n=2, max_tokens=16, temperature=1.0,
+                                       seed=3, logprobs=True, top_logprobs=2,
+                                       response_format={"type": "json_object"})
+    assert [c.index for c in r.choices] == [0, 1]
+    for choice in r.choices:
+        assert choice.message.content.startswith("{")  # each choice decodes under its own grammar
+        assert choice.logprobs.content and all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert r.usage.completion_tokens >= sum(len(c.logprobs.content) for c in r.choices)
