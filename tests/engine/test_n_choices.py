@@ -20,6 +20,7 @@ def _all_blocks_back(engine) -> None:
         assert cache.num_free_blocks() == cache.num_blocks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caching", [True, False])
 def test_n4_greedy_computes_the_prompt_once(make_engine, caching):
     """Four choices, one prefill: the prompt-token counter moves by the prompt's length once."""
@@ -46,6 +47,7 @@ def test_n4_greedy_computes_the_prompt_once(make_engine, caching):
     _all_blocks_back(fresh)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("caching, policy", [(True, "read_write"), (True, "none"), (False, "read_write")])
 def test_seeded_choices_match_their_own_solo_runs(make_engine, caching, policy):
     """Each choice samples with its own derived seed; if one choice's writes reached another's

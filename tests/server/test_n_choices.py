@@ -13,6 +13,7 @@ from tests.server.test_bad_requests import _openai_error
 MESSAGES = [{"role": "user", "content": "Name a colour and say why you like it."}]
 
 
+@pytest.mark.slow
 def test_chat_n3_greedy_gives_three_equal_choices_and_prompt_counted_once(server):
     client = server.openai()
     salt = uuid.uuid4().hex  # a namespace of its own: nothing cached, the prefill is real
@@ -29,6 +30,7 @@ def test_chat_n3_greedy_gives_three_equal_choices_and_prompt_counted_once(server
     assert after - before == r.usage.prompt_tokens  # computed once for three choices
 
 
+@pytest.mark.slow
 def test_completions_seeded_choices_are_reproducible_and_distinct(server):
     client = server.openai()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
+
 from tests.server.test_tools import ANTHROPIC_TOOLS, OPENAI_TOOLS
 
 
@@ -39,6 +41,7 @@ def test_openai_tool_call_arguments_stream_in_pieces(server):
     assert set(json.loads(arguments)) == {"city", "unit"}
 
 
+@pytest.mark.slow
 def test_anthropic_input_json_streams_in_pieces(server):
     client = server.anthropic()
     args = dict(model="embedded", max_tokens=48, extra_body={"temperature": 0}, tools=ANTHROPIC_TOOLS,
