@@ -5,6 +5,7 @@ Single-threaded by design: the HTTP server drives it from its own loop thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from concurrent.futures import Future
@@ -18,9 +19,17 @@ from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError
 from radixserve.model.loader import LoadedModel, load_model
-from radixserve.request import CachePin, CachePolicy, Request, RequestMetrics, RequestOutput, RequestStatus
+from radixserve.request import (
+    CachePin,
+    CachePolicy,
+    Request,
+    RequestMetrics,
+    RequestOutput,
+    RequestStatus,
+    choice_request_ids,
+)
 from radixserve.runner import ModelRunner, determine_num_blocks
-from radixserve.sampling import Sampler, SamplingParams, compute_logprobs
+from radixserve.sampling import Sampler, SamplingParams, choice_seed, compute_logprobs
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 from radixserve.structured import Guide, GuideFactory
 
@@ -132,29 +141,45 @@ class LLMEngine:
         cache_policy: CachePolicy | str = CachePolicy.READ_WRITE,
     ) -> Request:
         """Queue a request. Raises InvalidRequestError / PromptTooLongError for bad input.
-        `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks."""
+        `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks.
+
+        With `sampling_params.n` > 1 it has n choices, each a Request of its own (ids:
+        `choice_request_ids(request_id, n)`, outputs carry `index`): choice 0 is queued and
+        prefills the prompt once; the others fork off its KV when that prefill completes. Each
+        choice samples independently (a seed gives each a distinct derived seed: `choice_seed`).
+        Returns choice 0."""
         params = sampling_params or SamplingParams()
         params.validate()
         cache_policy = _parse_cache_policy(cache_policy)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        request_ids = choice_request_ids(request_id, params.n)
+        for rid in request_ids:
+            if rid in self.requests:
+                raise InvalidRequestError(f"request id {rid!r} is already in use")
         token_ids, text = self._prompt_tokens(prompt)
         check_fits(len(token_ids), params.max_tokens, self.max_model_len, self.cache.block_size, self.cache.num_blocks)
-        guide = self.guide_factory.compile(params.guided) if params.guided is not None else None
-        request = Request(
-            request_id=request_id,
-            prompt=text,
-            prompt_token_ids=token_ids,
-            sampling=params,
-            namespace=cache_namespace,
-            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
-            cache_pins=list(cache_pins or []),
-            cache_policy=cache_policy,
-        )
-        self.requests[request_id] = request
-        if guide is not None:
-            self._guides[request_id] = guide
+        guides = [self.guide_factory.compile(params.guided) for _ in request_ids] if params.guided is not None else []
+        arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        choices = [
+            Request(
+                request_id=rid,
+                prompt=text,
+                prompt_token_ids=token_ids,
+                sampling=params if params.n == 1 else dataclasses.replace(params, n=1, seed=choice_seed(params.seed, i)),
+                namespace=cache_namespace,
+                arrival_time=arrival_time,
+                cache_pins=list(cache_pins or []) if i == 0 else [],  # the prompt's pins: applied once
+                cache_policy=cache_policy,
+                index=i,
+            )
+            for i, rid in enumerate(request_ids)
+        ]
+        request = choices[0]
+        request.forks = choices[1:]
+        for choice in choices:
+            self.requests[choice.request_id] = choice
+        for choice, guide in zip(choices, guides):
+            self._guides[choice.request_id] = guide
         self.scheduler.add(request)
         self.stats.prompt_tokens += len(token_ids)
         return request
@@ -198,9 +223,27 @@ class LLMEngine:
             return []
         self.stats.steps += 1
         sampling = [s.request for s in plan.scheduled if s.samples]
+        logits_rows = None
+        if any(r.forks for r in sampling):
+            sampling, logits_rows = self._with_forks(sampling)
         pending_masks = self._start_masks(sampling)
         logits = self.runner.execute(plan.step)
+        if logits_rows is not None:
+            with torch.inference_mode():
+                logits = logits.index_select(0, torch.tensor(logits_rows, device=logits.device))
         return self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+
+    @staticmethod
+    def _with_forks(sampling: list[Request]) -> tuple[list[Request], list[int]]:
+        """The requests sampling this step with, right after each whose prefill completes now,
+        the choices that fork off it (n > 1); and for each, its row of the step's logits: a
+        forked choice samples its first token from its parent's row, independently."""
+        requests, rows = [], []
+        for row, request in enumerate(sampling):
+            for choice in (request, *request.forks):
+                requests.append(choice)
+                rows.append(row)
+        return requests, rows
 
     def _start_masks(self, sampling: list[Request]) -> tuple[list[int], Future] | None:
         """(rows, future bitmask) of the grammar-constrained requests about to sample: the masks
@@ -227,6 +270,11 @@ class LLMEngine:
             if computed < num_prompt:
                 self.stats.computed_prompt_tokens += min(s.num_new_tokens, num_prompt - computed)
             self.cache.advance(s.request, s.num_new_tokens)
+        for request in sampling:
+            if request.forks:  # its prefill completed: the other choices share its KV from here
+                for choice in request.forks:
+                    self.scheduler.fork(request, choice)
+                request.forks = []
         if not sampling:
             return []
         masks = None
@@ -351,10 +399,25 @@ class LLMEngine:
         request.status = RequestStatus.FINISHED
         request.finish_time = time.monotonic()
         self.scheduler.remove(request)
+        self._hand_over_forks(request)
         self.sampler.forget(request.request_id)
         self._guides.pop(request.request_id, None)
         self._detokenizers.pop(request.request_id, None)
         self.stats.finished_requests += 1
+
+    def _hand_over_forks(self, request: Request) -> None:
+        """Keep the other choices of an n > 1 request alive when `request` ends early: a choice
+        still waiting for the prefill leaves its group; a request that ends (aborted) before its
+        prefill completed passes the prefill on to its next choice."""
+        if request.forks:
+            heir, *rest = request.forks
+            request.forks, heir.forks = [], rest
+            self.scheduler.add(heir)
+        elif request.index > 0 and request.first_scheduled_time is None:
+            for holder in self.requests.values():
+                if any(choice is request for choice in holder.forks):
+                    holder.forks = [choice for choice in holder.forks if choice is not request]
+                    return
 
     def _output(self, request: Request, new_tokens: int = 0) -> RequestOutput:
         """A streamed output carries what is new (tokens, text); the finished one also the whole."""
@@ -382,6 +445,7 @@ class LLMEngine:
             cache_write_tokens=self._cache_write_tokens(request),
             error=request.error,
             num_pinned_tokens=request.num_pinned_tokens,
+            index=request.index,
         )
 
     def _text_delta(self, request: Request) -> str:

@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from radixserve.config import EMBEDDED_MODEL, EngineConfig
 from radixserve.engine import LLMEngine
-from radixserve.request import RequestOutput
+from radixserve.request import RequestOutput, choice_request_ids
 from radixserve.sampling import SamplingParams
 
 Message = dict[str, Any]
@@ -45,7 +45,8 @@ class LLM:
         cache_namespace: str = "",
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids); outputs come back in prompt order."""
+        """Generate for every prompt (text or token ids); outputs come back in prompt order
+        (with SamplingParams.n > 1: the n choices of each prompt in a row, `index` 0..n-1)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
@@ -58,7 +59,8 @@ class LLM:
         ids = []
         try:
             for prompt, params in zip(prompts, params_list):
-                ids.append(self.engine.add_request(prompt, params, cache_namespace=cache_namespace).request_id)
+                request_id = self.engine.add_request(prompt, params, cache_namespace=cache_namespace).request_id
+                ids.extend(choice_request_ids(request_id, params.n))
         except Exception:
             for request_id in ids:
                 self.engine.abort_request(request_id)

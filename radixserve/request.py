@@ -6,6 +6,8 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
 from radixserve.sampling import SamplingParams
 
 
@@ -52,6 +54,12 @@ class CachePin:
     refresh: float | None = None
 
 
+def choice_request_ids(request_id: str, n: int) -> list[str]:
+    """The request ids of the n choices of request `request_id`: choice 0 is the request itself
+    (it runs the prefill), choice i > 0 is `<request_id>/<i>`."""
+    return [request_id] + [f"{request_id}/{i}" for i in range(1, n)]
+
+
 @dataclass
 class Request:
     """One generation request: its tokens, sampling and status. The engine owns it; the scheduler
@@ -65,6 +73,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     cache_pins: list[CachePin] = field(default_factory=list)
     cache_policy: CachePolicy = CachePolicy.READ_WRITE
+    index: int = 0  # which choice of its request this is (n > 1); 0 runs the prefill
+    # the other choices (n > 1), waiting for this one's prefill: when it completes they fork off
+    # its KV (KVCacheManager.fork) and sample their first tokens from the same logits
+    forks: list[Request] = field(default_factory=list)
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -159,6 +171,7 @@ class RequestOutput:
     num_pinned_tokens: int = 0  # prompt tokens its cache pins hold (a pin over the bounds is refused)
     logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
     new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)
+    index: int = 0  # the choice (n > 1): request_id is choice_request_ids(first id, n)[index]
 
     @property
     def num_prompt_tokens(self) -> int:

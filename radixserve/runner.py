@@ -65,7 +65,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Compute K/V for the step's new tokens; return the logits [len(step.logits_rows), vocab]
-        (fp32; on the CPU for a CPU model, on the GPU for a GPU model) of its logits rows, in order."""
+        (fp32; on the CPU for a CPU model, on the GPU for a GPU model) of its logits rows, in order.
+        The step's block copies (copy-on-write of forked choices) go first, on every path."""
+        self.kv_cache.copy_blocks(step.block_copies)
         if self.graphs is not None and step.is_decode and self.graphs.can_run(step.num_seqs, step.max_blocks):
             return self.graphs.run(step)
         if self.prefill_graphs is not None and step.num_seqs == 1:

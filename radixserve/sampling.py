@@ -15,6 +15,17 @@ SEED_MIN = -(2**63)
 SEED_MAX = 2**64 - 1
 
 MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's top_logprobs
+MAX_N = 16  # choices per request (n): they share one prefill, then decode side by side
+
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads consecutive choice indices apart
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of a request seeded with `seed` (n > 1): choice 0 keeps the
+    request's seed (so n=1 samples exactly as before), the others get distinct, reproducible ones."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * _SEED_STRIDE) % 2**64
 
 
 @dataclass(slots=True)
@@ -42,6 +53,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
     guided: Any = None  # a structured.GuidedSpec: the output must match it
+    n: int = 1  # choices: independent samples that share the prompt's KV (one prefill)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +78,8 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty")
+        if not isinstance(self.n, int) or isinstance(self.n, bool) or not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {self.n!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
 

@@ -89,6 +89,16 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def fork(self, parent: Request, child: Request) -> None:
+        """Start `child`, another choice of `parent`'s prompt (n > 1), as a running request on
+        the parent's KV: the parent's prefill just completed, so the child goes straight to
+        decoding. It is the newest running request (the first to be preempted)."""
+        self.cache.fork(parent, child)
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.first_scheduled_time = parent.first_scheduled_time
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
+
     # ---- one step ---------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -110,7 +120,7 @@ class Scheduler:
             (s.request.token_slice(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens),
              s.num_computed_tokens, kv(s.request).block_ids, s.samples)
             for s in scheduled
-        ))  # fmt: skip
+        ), self.cache.take_block_copies())  # fmt: skip
 
     def _prefilling(self, request: Request) -> bool:
         return is_prefilling(self.cache.num_computed_tokens(request), request.num_tokens)
@@ -158,6 +168,8 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            if request.forks and self.running and len(self.running) + 1 + len(request.forks) > self.config.max_num_seqs:
+                break  # its choices fork off it after the prefill: they need their seats too
             if self._should_wait_for_shared_prefix(request, in_flight):
                 request.times_deferred += 1
                 deferred.append(self.waiting.popleft())

@@ -37,13 +37,17 @@ class StepInput:
     seq_lens: list[int] = field(default_factory=list)  # [B] context length after this step
     block_tables: list[list[int]] = field(default_factory=list)  # [B] block ids of each sequence
     logits_rows: list[int] = field(default_factory=list)  # rows whose logits are wanted (sampling), in order
+    # (src, dst) whole-block K/V copies to apply before the forward writes anything: copy-on-write
+    # of a partial block shared by forked choices (n > 1). Empty on almost every step.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, block_size: int, seqs: Iterable[tuple[Sequence[int], int, list[int], bool]]) -> StepInput:
+    def build(cls, block_size: int, seqs: Iterable[tuple[Sequence[int], int, list[int], bool]],
+              block_copies: list[tuple[int, int]] | None = None) -> StepInput:
         """A step of sequences given as (new token ids, position of the first, block table,
         whether the last new token's logits are wanted). One pass, locals only: a decode step
         has hundreds of sequences and this runs on the critical path of every step."""
-        step = cls(block_size)
+        step = cls(block_size, block_copies=block_copies or [])
         ids, positions, slots, tables = step.token_ids, step.positions, step.slot_mapping, step.block_tables
         starts, query_lens, seq_lens, rows = step.query_start_loc, step.query_lens, step.seq_lens, step.logits_rows
         total = 0

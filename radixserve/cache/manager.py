@@ -33,6 +33,8 @@ class CacheStats:
     hit_tokens: int = 0  # tokens reused
     evicted_blocks: int = 0
     inserted_blocks: int = 0
+    forks: int = 0  # handles forked off another request's (n > 1: the choices share one prefill)
+    copied_blocks: int = 0  # shared partial blocks copied on write
 
     @property
     def hit_rate(self) -> float:
@@ -84,6 +86,9 @@ class KVCacheManager:
         self.clock = clock
         self.stats = CacheStats()
         self._handles: dict[str, KVHandle] = {}
+        # (src, dst) block copies that the next forward must apply before writing any K/V:
+        # copy-on-write of shared partial blocks, drained by the scheduler into its StepInput
+        self._block_copies: list[tuple[int, int]] = []
 
     # ---- keys and reads -----------------------------------------------------------------
     def cache_key(self, namespace: str) -> str:
@@ -131,23 +136,58 @@ class KVCacheManager:
             self.prefix_cache.refresh_pins(match.node)
         return cached
 
+    def fork(self, parent: Request, child: Request) -> None:
+        """Give `child` (another choice of the same prompt, n > 1) the parent's KV: the same block
+        table, one more reference on every block, the same tree lock. Nothing is computed or
+        copied now; the partial last block is copied when one of them first writes into it
+        (allocate_slots), so n choices cost one prefill."""
+        assert child.request_id not in self._handles, f"{child.request_id} is already admitted"
+        handle = self._handles[parent.request_id]
+        self.pool.incref_all(handle.block_ids)
+        self.prefix_cache.lock(handle.node)
+        self._handles[child.request_id] = KVHandle(
+            handle.cache_key, list(handle.block_ids), handle.node, handle.num_computed_tokens, handle.num_tree_tokens
+        )
+        self.stats.forks += 1
+
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for the request's next `num_new_tokens` K/V entries; False if the pool can't
-        (even after evicting), in which case nothing changed."""
+        (even after evicting), in which case nothing changed.
+
+        A partial last block that another request shares (a fork) is copied first, so that this
+        request's writes never reach the other's K/V: the copy goes into `take_block_copies()`."""
         handle = self._handles[request.request_id]
-        needed_blocks = -(-(handle.num_computed_tokens + num_new_tokens) // self.block_size)
-        missing = needed_blocks - len(handle.block_ids)
-        if missing <= 0:
+        block_size, computed = self.block_size, handle.num_computed_tokens
+        needed_blocks = -(-(computed + num_new_tokens) // block_size)
+        missing = max(0, needed_blocks - len(handle.block_ids))
+        # only a fork shares a partial block: the tree holds full blocks only
+        tail = computed // block_size
+        copy_tail = num_new_tokens > 0 and computed % block_size != 0 and self.pool.ref_count(handle.block_ids[tail]) > 1
+        wanted = missing + copy_tail
+        if wanted == 0:
             return True
-        if missing > self.pool.num_free():
-            self.stats.evicted_blocks += self.prefix_cache.evict(missing - self.pool.num_free())
-        if missing > self.pool.num_free():
+        if wanted > self.pool.num_free():
+            self.stats.evicted_blocks += self.prefix_cache.evict(wanted - self.pool.num_free())
+        if wanted > self.pool.num_free():
             return False
         try:
-            handle.block_ids.extend(self.pool.allocate(missing))
+            blocks = self.pool.allocate(wanted)
         except NoFreeBlocksError:
             return False
+        if copy_tail:
+            shared, copy = handle.block_ids[tail], blocks.pop()
+            self._block_copies.append((shared, copy))
+            handle.block_ids[tail] = copy
+            self.pool.decref(shared)  # the other owners keep it
+            self.stats.copied_blocks += 1
+        handle.block_ids.extend(blocks)
         return True
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """The (src, dst) block copies decided since the last call; the runner applies them
+        before the step's forward (the scheduler puts them in StepInput.block_copies)."""
+        copies, self._block_copies = self._block_copies, []
+        return copies
 
     def advance(self, request: Request, num_new_tokens: int) -> None:
         """The model computed the request's next `num_new_tokens` (their slots were allocated):

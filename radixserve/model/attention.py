@@ -190,6 +190,21 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.key_caches)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks, every layer's K and V at once: block dst := block src for each
+        (src, dst) pair (copy-on-write of a partial block shared by forked choices). All sources
+        are read before any destination is written."""
+        if not copies:
+            return
+        device = self.key_caches[0].device
+        src = torch.tensor([s for s, _ in copies], dtype=torch.long, device=device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.long, device=device)
+        if self.storage is not None:  # [layers, 2, blocks, ...]: one gather, one scatter
+            self.storage.index_copy_(2, dst, self.storage.index_select(2, src))
+            return
+        for cache in self.key_caches + self.value_caches:
+            cache.index_copy_(0, dst, cache.index_select(0, src))
+
     @property
     def nbytes(self) -> int:
         """Total bytes of the pool."""

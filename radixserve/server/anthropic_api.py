@@ -32,6 +32,10 @@ from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import ChatPrompt, build_prompt, prefix_token_count
 from radixserve.server.state import ServerState, collect, turn_texts
 from radixserve.server.tools import (
+    ArgumentsDelta,
+    CallStart,
+    StreamEvent,
+    TextDelta,
     ToolCall,
     ToolCallStreamer,
     call_style,
@@ -185,25 +189,51 @@ async def _message_events(
     stream: RequestStream, model: str, pins: list[_LabelledPin], path: str, tool_names: set[str] = frozenset()
 ) -> AsyncIterator[str]:
     """Anthropic's event stream. With tools, the text block opens only once there is text (an
-    output that is only a call has none), and each call follows as a tool_use block whose input
-    arrives as input_json_delta events."""
-    streamer = ToolCallStreamer() if tool_names else None
-    index = 0
-    text_open = False
+    output that is only a call has none), and each call is a tool_use block that opens once the
+    model wrote the tool's name, its input arriving as input_json_delta events as the model
+    writes the arguments."""
+    streamer = ToolCallStreamer(tool_names) if tool_names else None
+    index = 0  # the content block being written
+    open_block: str | None = None  # "text" | "tool_use" | None
+    calls: list[ToolCall] = []
 
-    def text_delta(text: str) -> list[str]:
-        nonlocal text_open
-        events = []
-        if not text_open:
-            text_open = True
-            events.append(_event("content_block_start", {
-                "type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""},
-            }))
-        if text:
-            events.append(_event("content_block_delta", {
-                "type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text},
-            }))
-        return events
+    def close_block() -> list[str]:
+        nonlocal index, open_block
+        if open_block is None:
+            return []
+        event = _event("content_block_stop", {"type": "content_block_stop", "index": index})
+        index, open_block = index + 1, None
+        return [event]
+
+    def blocks(events: list[StreamEvent]) -> list[str]:
+        nonlocal open_block
+        out: list[str] = []
+        for e in events:
+            if isinstance(e, TextDelta):
+                if open_block != "text":
+                    out += close_block()
+                    open_block = "text"
+                    out.append(_event("content_block_start", {
+                        "type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""},
+                    }))
+                if e.text:
+                    out.append(_event("content_block_delta", {
+                        "type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": e.text},
+                    }))
+            elif isinstance(e, CallStart):
+                out += close_block()
+                open_block = "tool_use"
+                call_id = _tool_use_id(ToolCall(e.id, e.name, ""))
+                out.append(_event("content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": "tool_use", "id": call_id, "name": e.name, "input": {}},
+                }))
+            elif isinstance(e, ArgumentsDelta):
+                out.append(_event("content_block_delta", {
+                    "type": "content_block_delta", "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": e.text},
+                }))
+        return out
 
     try:
         # message_start carries the input usage, known once the engine admitted the request:
@@ -218,41 +248,25 @@ async def _message_events(
             },
         })
         if streamer is None:
-            for event in text_delta(""):
+            for event in blocks([TextDelta("")]):
                 yield event
         yield _event("ping", {"type": "ping"})
         out = first
         while True:
-            text = streamer.feed(out.new_text) if streamer is not None else out.new_text
-            if text:
-                for event in text_delta(text):
-                    yield event
+            events = streamer.feed(out.new_text) if streamer is not None else [TextDelta(out.new_text)]
+            for event in blocks([e for e in events if not isinstance(e, TextDelta) or e.text]):
+                yield event
             if out.finished:
                 break
             out = await stream.next()
-        calls: list[ToolCall] = []
         if streamer is not None:
-            rest, calls = streamer.finish(tool_names)
-            if rest or (not calls and not text_open):
-                for event in text_delta(rest):
-                    yield event
-        if text_open:
-            yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
-        for call in calls:
-            yield _event("content_block_start", {
-                "type": "content_block_start", "index": index,
-                "content_block": {"type": "tool_use", "id": _tool_use_id(call), "name": call.name, "input": {}},
-            })
-            arguments = call.arguments
-            step = max(1, -(-len(arguments) // 4))  # a few deltas, as Anthropic streams the JSON in pieces
-            for k in range(0, len(arguments), step):
-                yield _event("content_block_delta", {
-                    "type": "content_block_delta", "index": index,
-                    "delta": {"type": "input_json_delta", "partial_json": arguments[k:k + step]},
-                })
-            yield _event("content_block_stop", {"type": "content_block_stop", "index": index})
-            index += 1
+            rest, calls = streamer.finish()
+            if not rest and index == 0 and open_block is None:
+                rest = [TextDelta("")]  # nothing at all: an empty text block, as before
+            for event in blocks(rest):
+                yield event
+        for event in close_block():
+            yield event
         yield _event("message_delta", {
             "type": "message_delta",
             "delta": {"stop_reason": "tool_use" if calls else _stop_reason(out),

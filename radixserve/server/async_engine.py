@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixserve.engine import LLMEngine
-from radixserve.request import CachePin, CachePolicy, RequestOutput
+from radixserve.request import CachePin, CachePolicy, RequestOutput, choice_request_ids
 from radixserve.sampling import SamplingParams
 
 log = logging.getLogger("radixserve.server")
@@ -164,10 +164,29 @@ class AsyncEngine:
         arrival_time: float | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
     ) -> RequestStream:
-        """Queue a request; returns once the engine accepted it. Bad input raises here
-        (InvalidRequestError, PromptTooLongError), before any response has been started."""
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        """Queue a request (params.n == 1); returns once the engine accepted it. Bad input raises
+        here (InvalidRequestError, PromptTooLongError), before any response has been started."""
+        assert params.n == 1, "add_choices takes n > 1"
+        streams = await self.add_choices(prompt_token_ids, params, request_id=request_id, namespace=namespace,
+                                         cache_pins=cache_pins, arrival_time=arrival_time, cache_policy=cache_policy)
+        return streams[0]
+
+    async def add_choices(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        request_id: str,
+        namespace: str = "",
+        cache_pins: list[CachePin] | None = None,
+        arrival_time: float | None = None,
+        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+    ) -> list[RequestStream]:
+        """Queue a request of params.n choices (one prefill, shared); one stream per choice, in
+        index order. Bad input raises here, as in add_request."""
+        ids = choice_request_ids(request_id, params.n)
+        queues = {rid: asyncio.Queue() for rid in ids}
+        self._streams.update(queues)
         try:
             await self.call(
                 self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time,
@@ -175,13 +194,15 @@ class AsyncEngine:
             )
         except asyncio.CancelledError:
             # the add may still run on the engine thread: make sure the request dies with us
-            self._streams.pop(request_id, None)
-            self.abort(request_id)
+            for rid in ids:
+                self._streams.pop(rid, None)
+                self.abort(rid)
             raise
         except BaseException:
-            self._streams.pop(request_id, None)
+            for rid in ids:
+                self._streams.pop(rid, None)
             raise
-        return RequestStream(self, request_id, queue)
+        return [RequestStream(self, rid, queues[rid]) for rid in ids]
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once); its final output still arrives."""

@@ -21,8 +21,17 @@ from radixserve.server.errors import APIError, error_body
 from radixserve.server.openai_protocol import ChatCompletionRequest, CompletionRequest
 from radixserve.server.preamble import parse_request, resolve_named_cache
 from radixserve.server.prompting import build_prompt
-from radixserve.server.state import ServerState, collect, get_state, turn_texts
-from radixserve.server.tools import ToolCall, ToolCallStreamer, call_style, parse_tool_calls, tool_call_grammar
+from radixserve.server.state import ServerState, collect_all, get_state, turn_texts
+from radixserve.server.tools import (
+    CallStart,
+    StreamEvent,
+    TextDelta,
+    ToolCall,
+    ToolCallStreamer,
+    call_style,
+    parse_tool_calls,
+    tool_call_grammar,
+)
 
 router = APIRouter()
 
@@ -95,81 +104,108 @@ async def chat_completions(request: Request):
     params.guided = guided
     params.logprobs = body.num_logprobs()
     state.log_request("chat", data, namespace)
-    stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins,
-                                cache_policy=parsed.cache_policy)
+    streams = await state.submit_choices(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace,
+                                         cache_pins=pins, cache_policy=parsed.cache_policy)
     created = int(time.time())
     tool_names = {t.name for t in tools} if choice.mode != "none" else set()
     if body.stream:
-        events = _chat_events(stream, state, created, body.include_usage, request.url.path, tool_names)
+        events = _chat_events(streams, state, created, body.include_usage, request.url.path, tool_names)
         return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-    out = await collect(stream, request)
-    content, calls = parse_tool_calls(out.text, tool_names) if tool_names else (out.text, [])
-    message: dict = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = [c.openai_dict() for c in calls]
+    outs = await collect_all(streams, request)
     return JSONResponse({
-        "id": out.request_id,
+        "id": streams[0].request_id,
         "object": "chat.completion",
         "created": created,
         "model": state.model_name,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "logprobs": _chat_logprobs(state, out.logprobs, out) if out.logprobs is not None else None,
-            "finish_reason": "tool_calls" if calls else _finish_reason(out),
-        }],
-        "usage": _usage([out]),
+        "choices": [_chat_choice(state, out, tool_names) for out in outs],
+        "usage": _usage(outs),
         "system_fingerprint": None,
     })
 
 
-async def _chat_events(
-    stream: RequestStream, state: ServerState, created: int, include_usage: bool, path: str, tool_names: set[str]
-) -> AsyncIterator[str]:
-    model = state.model_name
+def _chat_choice(state: ServerState, out: RequestOutput, tool_names: set[str]) -> dict:
+    content, calls = parse_tool_calls(out.text, tool_names) if tool_names else (out.text, [])
+    message: dict = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.openai_dict() for c in calls]
+    return {
+        "index": out.index,
+        "message": message,
+        "logprobs": _chat_logprobs(state, out.logprobs, out) if out.logprobs is not None else None,
+        "finish_reason": "tool_calls" if calls else _finish_reason(out),
+    }
 
-    def chunk(delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
+
+async def _chat_events(
+    streams: list[RequestStream], state: ServerState, created: int, include_usage: bool, path: str,
+    tool_names: set[str],
+) -> AsyncIterator[str]:
+    """The chat chunk stream of one request's choices (n > 1: interleaved, each chunk naming its
+    choice `index`). Tool calls stream as they are written: the name first, then the arguments
+    in pieces."""
+    model, request_id = state.model_name, streams[0].request_id
+
+    def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
         data = {
-            "id": stream.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if include_usage:
             data["usage"] = None
         return _sse(data)
 
-    streamer = ToolCallStreamer() if tool_names else None
+    def deltas(events: list[StreamEvent]) -> list[dict]:
+        out = []
+        for event in events:
+            if isinstance(event, TextDelta):
+                out.append({"content": event.text})
+            elif isinstance(event, CallStart):
+                out.append({"tool_calls": [{"index": event.index, "id": event.id, "type": "function",
+                                            "function": {"name": event.name, "arguments": ""}}]})
+            else:
+                out.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+        return out
+
+    streamers = [ToolCallStreamer(tool_names) for _ in streams] if tool_names else None
+    finals: list[RequestOutput] = []
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for out in stream:
-            text = streamer.feed(out.new_text) if streamer is not None else out.new_text
+        for index in range(len(streams)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, out in merge_streams(streams):
             logprobs = None
             if out.new_logprobs:
                 logprobs = _chat_logprobs(state, out.new_logprobs, out if out.finished else None)
-            if text or (logprobs and logprobs["content"]):
-                yield chunk({"content": text}, logprobs=logprobs)
+            if streamers is None:
+                events: list[StreamEvent] = [TextDelta(out.new_text)] if out.new_text else []
+            else:
+                events = streamers[index].feed(out.new_text)
+            pieces = deltas(events)
+            if logprobs and logprobs["content"]:  # with the first piece of content, or alone
+                if not pieces or "content" not in pieces[0]:
+                    pieces.insert(0, {"content": ""})
+                yield chunk(index, pieces.pop(0), logprobs=logprobs)
+            for delta in pieces:
+                yield chunk(index, delta)
             if out.finished:
                 calls: list[ToolCall] = []
-                if streamer is not None:
-                    rest, calls = streamer.finish(tool_names)
-                    if rest:
-                        yield chunk({"content": rest})
-                for i, call in enumerate(calls):
-                    # the name first, then the arguments: how OpenAI streams a call
-                    yield chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
-                                                 "function": {"name": call.name, "arguments": ""}}]})
-                    yield chunk({"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]})
-                yield chunk({}, "tool_calls" if calls else _finish_reason(out))
-                if include_usage:
-                    yield _sse({
-                        "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
-                        "model": model, "system_fingerprint": None, "choices": [], "usage": _usage([out]),
-                    })
+                if streamers is not None:
+                    rest, calls = streamers[index].finish()
+                    for delta in deltas(rest):
+                        yield chunk(index, delta)
+                yield chunk(index, {}, "tool_calls" if calls else _finish_reason(out))
+                finals.append(out)
+        if include_usage:
+            yield _sse({
+                "id": request_id, "object": "chat.completion.chunk", "created": created,
+                "model": model, "system_fingerprint": None, "choices": [], "usage": _usage(finals),
+            })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
         yield _sse(error_body(path, e.status, str(e)))
     finally:
-        stream.close()  # no-op when finished; aborts when the client went away mid-stream
+        for stream in streams:
+            stream.close()  # no-op when finished; aborts when the client went away mid-stream
 
 
 def _chat_logprobs(state: ServerState, logprobs: list, final: RequestOutput | None) -> dict:
@@ -222,31 +258,27 @@ async def completions(request: Request):
     prompts = [next(encoded) if isinstance(p, str) else p for p in raw]
     echoes = [p if isinstance(p, str) else state.tokenizer.decode(p) for p in raw] if body.echo else []
     state.log_request("completions", data, namespace)
+    # choice index = prompt number * n + choice of that prompt, as OpenAI numbers them
     streams: list[RequestStream] = []
     try:
         for ids in prompts:
             max_tokens = body.max_tokens if body.max_tokens is not None else state.default_max_tokens(len(ids))
             params = body.sampling_params(max_tokens)
             params.logprobs = body.logprobs
-            streams.append(await state.submit(ids, params, prefix="cmpl-", namespace=namespace,
-                                              cache_policy=parsed.cache_policy))
+            streams += await state.submit_choices(ids, params, prefix="cmpl-", namespace=namespace,
+                                                  cache_policy=parsed.cache_policy)
     except BaseException:
         for stream in streams:
             stream.close()
         raise
+    echoes = [echo for echo in echoes for _ in range(body.n)]  # one per choice
     completion_id = streams[0].request_id
     created = int(time.time())
     if body.stream:
         events = _completion_events(streams, completion_id, state, created, body.include_usage,
                                     request.url.path, echoes)
         return StreamingResponse(events, media_type="text/event-stream", headers=_SSE_HEADERS)
-    outs = []
-    try:
-        for stream in streams:
-            outs.append(await collect(stream, request))
-    finally:
-        for stream in streams:
-            stream.close()
+    outs = await collect_all(streams, request)
     return JSONResponse({
         "id": completion_id,
         "object": "text_completion",
@@ -335,13 +367,16 @@ def _completion_logprobs(state: ServerState, logprobs: list, final: RequestOutpu
 
 # ---- shared -----------------------------------------------------------------------------
 def _usage(outs: list[RequestOutput]) -> dict:
-    prompt = sum(o.num_prompt_tokens for o in outs)
+    """Each prompt's tokens (and cached tokens) once, however many choices (n) share it: they
+    were computed once; completion tokens over every choice."""
+    firsts = [o for o in outs if o.index == 0]
+    prompt = sum(o.num_prompt_tokens for o in firsts)
     completion = sum(len(o.token_ids) for o in outs)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
+        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)},
     }
 
 

@@ -1,9 +1,10 @@
 """OpenAI request bodies (pydantic), and the checks that turn them into engine inputs.
 
 Unknown fields are ignored, as in vLLM: clients send many optional ones. Fields we cannot honour
-with a non-default value (n > 1, penalties, logit_bias...) are rejected with a clear 400
+with a non-default value (penalties, logit_bias...) are rejected with a clear 400
 rather than silently ignored. Tools, tool_choice, response_format (json_object, json_schema),
-logprobs / top_logprobs and (completions) echo are honoured. Extensions: top_k, ignore_eos, cache_salt (the prefix-cache
+logprobs / top_logprobs, n (up to MAX_N choices sharing one prefill) and (completions) echo are
+honoured. Extensions: top_k, ignore_eos, cache_salt (the prefix-cache
 namespace) and cached_content (a named cache, "caches/<id>").
 """
 
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from radixserve.sampling import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from radixserve.sampling import MAX_LOGPROBS, MAX_N, SEED_MAX, SEED_MIN, SamplingParams
 from radixserve.server.errors import APIError
 from radixserve.server.prompting import ChatTurn
 from radixserve.server.tools import (
@@ -27,7 +28,6 @@ from radixserve.server.tools import (
 )
 from radixserve.structured import GuidedSpec
 
-MAX_N = 1  # choices per request: n > 1 is not implemented yet
 MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's limit
 
 
@@ -77,8 +77,7 @@ class _SamplingFields(_Body):
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
-            raise APIError(400, f"n must be between 1 and {MAX_N} (this server returns one choice per prompt), "
-                                f"got {self.n}", param="n")
+            raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise APIError(400, f"{name} is not supported; omit it or send 0", param=name)
@@ -99,6 +98,7 @@ class _SamplingFields(_Body):
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,
+            n=self.n,
         )
 
 

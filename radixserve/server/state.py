@@ -127,11 +127,26 @@ class ServerState:
         cache_pins: list[CachePin] | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
     ) -> RequestStream:
-        """Hand a request to the engine; its id is `prefix` + a random suffix."""
+        """Hand a request (one choice) to the engine; its id is `prefix` + a random suffix."""
+        streams = await self.submit_choices(prompt_token_ids, params, prefix=prefix, namespace=namespace,
+                                            cache_pins=cache_pins, cache_policy=cache_policy)
+        return streams[0]
+
+    async def submit_choices(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        *,
+        prefix: str,
+        namespace: str,
+        cache_pins: list[CachePin] | None = None,
+        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+    ) -> list[RequestStream]:
+        """Hand a request of params.n choices to the engine (one prefill); a stream per choice."""
         if not self.prefix_caching or not cache_policy.writes:
             cache_pins = None  # nothing to pin: the cache is off, or this request may not write
         request_id = f"{prefix}{uuid.uuid4().hex[:24]}"
-        return await self.async_engine.add_request(
+        return await self.async_engine.add_choices(
             prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
             arrival_time=time.monotonic(), cache_policy=cache_policy,
         )
@@ -157,10 +172,23 @@ async def collect(stream: RequestStream, request: Request | None = None) -> Requ
         stream.close()
 
 
-async def _abort_on_disconnect(request: Request, stream: RequestStream) -> None:
+async def collect_all(streams: list[RequestStream], request: Request | None = None) -> list[RequestOutput]:
+    """collect() for the choices of one request (n > 1): a client that hangs up aborts them all."""
+    watcher = asyncio.create_task(_abort_on_disconnect(request, *streams)) if request is not None else None
+    try:
+        return [await stream.result() for stream in streams]
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        for stream in streams:
+            stream.close()
+
+
+async def _abort_on_disconnect(request: Request, *streams: RequestStream) -> None:
     # The body has been read, so the next ASGI message can only be the disconnect.
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            stream.close()
+            for stream in streams:
+                stream.close()
             return

@@ -228,23 +228,174 @@ def _call_from_json(body: str, tool_names: set[str]) -> ToolCall | None:
             args = json.loads(args)
         except ValueError:
             return None
-    return ToolCall(new_call_id(), data["name"], json.dumps(args, ensure_ascii=False))
+    # the model's own argument text where it is the object itself: exactly what streaming sent
+    raw = _CallBodyScanner().scan(body).arguments
+    if not raw or not isinstance(args, dict) or _loads_or_none(raw) != args:
+        raw = json.dumps(args, ensure_ascii=False)
+    return ToolCall(new_call_id(), data["name"], raw)
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class _CallBodyScanner:
+    """Reads one call's JSON (`{"name": ..., "arguments": {...}}`) as it arrives, character by
+    character: the name once its string closes, then the arguments object's text as it grows.
+
+    Only that plain shape streams (name first, arguments an object); anything else (arguments
+    first, double-encoded arguments, other keys) stops the scan and waits for the final parse.
+    The argument text is the model's own, so the streamed pieces concatenate to exactly the
+    `arguments` that parsing the whole output gives."""
+
+    __slots__ = ("state", "key", "buf", "escape", "in_string", "depth", "name", "arguments")
+
+    def __init__(self) -> None:
+        self.state = "start"  # start | key_or_end | key | colon | value | name | arguments | stopped
+        self.key: str | None = None
+        self.buf: list[str] = []  # the string being read (a key or the name), raw
+        self.escape = False
+        self.in_string = False
+        self.depth = 0
+        self.name: str | None = None
+        self.arguments = ""  # the arguments' text so far
+
+    def scan(self, text: str) -> _CallBodyScanner:
+        self.feed(text)
+        return self
+
+    def feed(self, text: str) -> str:
+        """Read more of the call; returns the argument text it added."""
+        added: list[str] = []
+        for c in text:
+            state = self.state
+            if state == "stopped":
+                break
+            if state == "arguments":
+                added.append(c)
+                if self.in_string:
+                    if self.escape:
+                        self.escape = False
+                    elif c == "\\":
+                        self.escape = True
+                    elif c == '"':
+                        self.in_string = False
+                elif c == '"':
+                    self.in_string = True
+                elif c in "{[":
+                    self.depth += 1
+                elif c in "}]":
+                    self.depth -= 1
+                    if self.depth == 0:
+                        self.state = "key_or_end"
+            elif state in ("key", "name"):
+                if self.escape:
+                    self.escape = False
+                elif c == "\\":
+                    self.escape = True
+                elif c == '"':
+                    value = _loads_or_none('"' + "".join(self.buf) + '"')
+                    self.buf = []
+                    if not isinstance(value, str):
+                        self.state = "stopped"
+                    elif state == "key":
+                        self.key, self.state = value, "colon"
+                    else:
+                        self.name, self.state = value, "key_or_end"
+                    continue
+                self.buf.append(c)
+            elif c in " \t\r\n":
+                continue
+            elif state == "start":
+                self.state = "key_or_end" if c == "{" else "stopped"
+            elif state == "key_or_end":
+                if c == '"':
+                    self.state = "key"
+                elif c == "}":
+                    self.state = "stopped"  # the call is complete
+                elif c != ",":
+                    self.state = "stopped"
+            elif state == "colon":
+                self.state = "value" if c == ":" else "stopped"
+            elif state == "value":
+                if self.key == "name" and c == '"' and self.name is None:
+                    self.state = "name"
+                elif self.key in ("arguments", "parameters") and c == "{" and self.name is not None \
+                        and not self.arguments:
+                    self.state, self.depth = "arguments", 1
+                    added.append(c)
+                else:
+                    self.state = "stopped"
+        piece = "".join(added)
+        self.arguments += piece
+        return piece
+
+
+@dataclass(slots=True)
+class TextDelta:
+    """Content text (outside any call)."""
+
+    text: str
+
+
+@dataclass(slots=True)
+class CallStart:
+    """A call begins: its index among the output's calls, id and name (arguments follow)."""
+
+    index: int
+    id: str
+    name: str
+
+
+@dataclass(slots=True)
+class ArgumentsDelta:
+    """The next piece of call `index`'s arguments JSON text."""
+
+    index: int
+    text: str
+
+
+StreamEvent = TextDelta | CallStart | ArgumentsDelta
 
 
 class ToolCallStreamer:
-    """Streams content while it cannot be a tool call, then holds the rest back so that the
-    calls are sent whole (as tool_calls / tool_use blocks) when the output ends."""
+    """Turns streamed output text into content and tool-call events as it arrives.
 
-    def __init__(self) -> None:
+    Content streams while it cannot be a call. A Hermes `<tool_call>` streams as the model
+    writes it: a CallStart once the name is complete (and is one of `tool_names`), then the
+    arguments' text in ArgumentsDelta pieces. At the end the whole output is parsed exactly as
+    parse_tool_calls does; what the stream has not sent yet (a call in another shape, a Llama 3
+    JSON call, which is only known to be a call once the output ends) follows then. A call cut
+    off mid-arguments (max_tokens) has sent what it had, and is not in `finish`'s calls."""
+
+    def __init__(self, tool_names: set[str]) -> None:
+        self.tool_names = tool_names
         self.text = ""
-        self.emitted = 0
-        self.holding = False
+        self.emitted = 0  # content sent so far: self.text[:emitted]
+        self.holding = False  # a call may have started: no more content until the end
+        self.first_call = -1  # where the first <tool_call> starts (-1: none)
+        self.scanners: list[_CallBodyScanner] = []  # one per <tool_call> seen, in order
+        self.body_start = 0  # where the body of the last <tool_call> starts in self.text
+        self.body_end = -1  # where that body ends (its </tool_call>), -1 while open
+        self.started: dict[int, tuple[int, str]] = {}  # call number -> (index, id), streamed calls
+        self._scanned = 0  # characters of the open body fed to its scanner
 
-    def feed(self, new_text: str) -> str:
-        """Add output text; returns the content that can be sent now."""
+    def feed(self, new_text: str) -> list[StreamEvent]:
+        """Add output text; returns what can be sent now."""
         self.text += new_text
-        if self.holding:
-            return ""
+        events: list[StreamEvent] = []
+        if not self.holding:
+            content = self._content()
+            if content:
+                events.append(TextDelta(content))
+        if self.first_call >= 0:
+            events += self._scan_calls()
+        return events
+
+    def _content(self) -> str:
         head = self.text.lstrip()
         if not head:
             return ""
@@ -255,7 +406,9 @@ class ToolCallStreamer:
             return ""  # may still become <|python_tag|>
         start = self.text.find(TOOL_CALL_OPEN, self.emitted)
         if start >= 0:
-            self.holding = True
+            self.holding, self.first_call = True, start
+            self.scanners.append(_CallBodyScanner())
+            self.body_start = start + len(TOOL_CALL_OPEN)
             out, self.emitted = self.text[self.emitted:start], start
             return out
         end = len(self.text)  # hold back a possible start of "<tool_call>"
@@ -266,14 +419,65 @@ class ToolCallStreamer:
         out, self.emitted = self.text[self.emitted:end], max(self.emitted, end)
         return out
 
-    def finish(self, tool_names: set[str]) -> tuple[str, list[ToolCall]]:
-        """At the end: (content still to send, calls)."""
-        _, calls = parse_tool_calls(self.text, tool_names)
-        if calls:
-            start = self.text.find(TOOL_CALL_OPEN)
-            before = self.text[:start] if start >= 0 else ""
-            return before[self.emitted:].rstrip(), calls
-        return self.text[self.emitted:], []
+    def _scan_calls(self) -> list[StreamEvent]:
+        """Feed the open call's scanner what arrived; move on to the next <tool_call> once it closes."""
+        events: list[StreamEvent] = []
+        text = self.text
+        while True:
+            if self.body_end < 0:
+                scanner, number = self.scanners[-1], len(self.scanners) - 1
+                close = text.find(TOOL_CALL_CLOSE, self.body_start)
+                end = close if close >= 0 else len(text)
+                scanned = self.body_start + self._scanned
+                piece = scanner.feed(text[scanned:end])
+                self._scanned = end - self.body_start
+                if number not in self.started and scanner.name is not None and scanner.name in self.tool_names:
+                    self.started[number] = (len(self.started), new_call_id())
+                    events.append(CallStart(*self.started[number], scanner.name))
+                    piece = scanner.arguments  # everything so far (the name may complete with them)
+                if piece and number in self.started:
+                    events.append(ArgumentsDelta(self.started[number][0], piece))
+                if close < 0:
+                    return events
+                self.body_end = close + len(TOOL_CALL_CLOSE)
+            following = text.find(TOOL_CALL_OPEN, self.body_end)
+            if following < 0:
+                return events
+            self.scanners.append(_CallBodyScanner())
+            self.body_start, self.body_end, self._scanned = following + len(TOOL_CALL_OPEN), -1, 0
+
+    def finish(self) -> tuple[list[StreamEvent], list[ToolCall]]:
+        """At the end: (the events still to send, the output's calls, as parse_tool_calls finds them)."""
+        content, parsed = parse_tool_calls(self.text, self.tool_names)
+        if self.first_call < 0:
+            if parsed:  # Llama 3 JSON: a call only now that the output is complete
+                return [e for i, c in enumerate(parsed) for e in (CallStart(i, c.id, c.name),
+                                                                  ArgumentsDelta(i, c.arguments))], parsed
+            rest = self.text[self.emitted:]
+            return ([TextDelta(rest)] if rest else []), []
+        if not parsed and not self.started:  # no call after all: it was all content
+            rest = self.text[self.emitted:]
+            return ([TextDelta(rest)] if rest else []), []
+        events: list[StreamEvent] = []
+        rest = self.text[self.emitted:self.first_call].rstrip()
+        if rest and not self.started:
+            events.append(TextDelta(rest))
+        bodies = _HERMES.findall(self.text[self.first_call:])
+        calls, next_index = [], len(self.started)
+        for number, body in enumerate(bodies):
+            call = _call_from_json(body, self.tool_names)
+            if call is None:
+                continue
+            if number in self.started:
+                index, call.id = self.started[number]
+                sent = self.scanners[number].arguments
+                if call.arguments.startswith(sent) and len(call.arguments) > len(sent):
+                    events.append(ArgumentsDelta(index, call.arguments[len(sent):]))
+            else:
+                index, next_index = next_index, next_index + 1
+                events += [CallStart(index, call.id, call.name), ArgumentsDelta(index, call.arguments)]
+            calls.append(call)
+        return events, calls
 
 
 # ---- forcing a call ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments
      "messages.2.tool_call_id", "'call_2'"),
     ({"messages": USER + [{"role": "assistant", "tool_calls": [{**CALL, "function": {"name": "f", "arguments": "{"}}]}]},
      "messages.1.tool_calls.0.function.arguments", "not valid JSON"),
-    ({"n": 2}, "n", "between 1 and 1"),
+    ({"n": 17}, "n", "between 1 and 16"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "between 0 and 20"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", "between 0 and 20"),
     ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),

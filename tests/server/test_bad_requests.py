@@ -38,7 +38,7 @@ def _anthropic_error(r, status: int, kind: str) -> str:
     ({"model": "embedded", "messages": USER, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": "embedded", "messages": USER, "max_tokens": "many"}, 400, "max_tokens"),
     ({"model": "embedded", "messages": USER, "temperature": -1}, 400, "temperature"),
-    ({"model": "embedded", "messages": USER, "n": 3}, 400, "n must be between 1 and 1"),
+    ({"model": "embedded", "messages": USER, "n": 17}, 400, "n must be between 1 and 16"),
     ({"model": "embedded", "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ({"model": "embedded", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "only 'text'"),
     ({"model": "embedded", "messages": USER, "stop": ["", "x"]}, 400, "stop strings must be non-empty"),
