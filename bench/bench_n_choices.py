@@ -48,9 +48,10 @@ def run(loaded, args, prompt: list[int], shared: bool) -> dict:
         outputs += sum(o.finished for o in engine.step())
     seconds = time.perf_counter() - start
     assert outputs == args.n
-    assert engine.cache.num_free_blocks() == engine.cache.num_blocks, "blocks leaked"
-    return {"computed": engine.stats.computed_prompt_tokens, "seconds": seconds,
-            "generated": engine.stats.generation_tokens, "copied": engine.cache.stats.copied_blocks}
+    snap = engine.snapshot()
+    assert snap.free_blocks == snap.total_blocks, "blocks leaked"
+    return {"computed": snap.computed_prompt_tokens, "seconds": seconds,
+            "generated": snap.generation_tokens, "copied": snap.copied_blocks}
 
 
 def main() -> None:

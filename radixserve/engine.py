@@ -69,6 +69,7 @@ class EngineSnapshot:
     finished_requests: int
     aborted_requests: int
     preemptions: int
+    copied_blocks: int  # partial blocks copied on write by n > 1 choices
 
 
 def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
@@ -76,6 +77,11 @@ def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
         return CachePolicy(value)
     except ValueError:
         raise InvalidRequestError(f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {value!r}") from None
+
+
+def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Choice `index`'s sampling: as asked for n == 1; else one sample with its own derived seed."""
+    return params if params.n == 1 else dataclasses.replace(params, n=1, seed=choice_seed(params.seed, index))
 
 
 class LLMEngine:
@@ -162,18 +168,17 @@ class LLMEngine:
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         choices = [
             Request(
-                request_id=rid,
-                prompt=text,
-                prompt_token_ids=token_ids,
-                sampling=params if params.n == 1 else dataclasses.replace(params, n=1, seed=choice_seed(params.seed, i)),
-                namespace=cache_namespace,
-                arrival_time=arrival_time,
+                request_id=rid, prompt=text, prompt_token_ids=token_ids, sampling=_choice_params(params, i),
+                namespace=cache_namespace, arrival_time=arrival_time, cache_policy=cache_policy, index=i,
                 cache_pins=list(cache_pins or []) if i == 0 else [],  # the prompt's pins: applied once
-                cache_policy=cache_policy,
-                index=i,
             )
             for i, rid in enumerate(request_ids)
         ]
+        self._queue_choices(choices, guides)
+        return choices[0]
+
+    def _queue_choices(self, choices: list[Request], guides: list[Guide]) -> None:
+        """Register a request's choices; only choice 0 is scheduled, the others fork off it."""
         request = choices[0]
         request.forks = choices[1:]
         for choice in choices:
@@ -181,8 +186,7 @@ class LLMEngine:
         for choice, guide in zip(choices, guides):
             self._guides[choice.request_id] = guide
         self.scheduler.add(request)
-        self.stats.prompt_tokens += len(token_ids)
-        return request
+        self.stats.prompt_tokens += len(request.prompt_token_ids)
 
     def _prompt_tokens(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
         """(token ids, text) of a prompt given as text or token ids; InvalidRequestError if bad."""
@@ -512,6 +516,7 @@ class LLMEngine:
             finished_requests=stats.finished_requests,
             aborted_requests=stats.aborted_requests,
             preemptions=stats.preemptions,
+            copied_blocks=cache.stats.copied_blocks,
         )
 
     @property

@@ -14,10 +14,11 @@ PROMPT = "In 1492, Columbus sailed across the Atlantic Ocean. He was looking for
 
 
 def _all_blocks_back(engine) -> None:
-    cache = engine.cache
-    assert cache.num_free_blocks() + cache.num_cached_blocks() == cache.num_blocks
+    engine.check_cache_invariants()
+    snap = engine.snapshot()
+    assert snap.free_blocks + snap.cached_blocks == snap.total_blocks
     if not engine.prefix_caching:
-        assert cache.num_free_blocks() == cache.num_blocks
+        assert snap.free_blocks == snap.total_blocks
 
 
 @pytest.mark.slow
@@ -68,7 +69,7 @@ def test_seeded_choices_match_their_own_solo_runs(make_engine, caching, policy):
     assert [outs[rid].token_ids for rid in choice_request_ids("r", 3)] == expected
     _all_blocks_back(engine)
     if policy != "read_write":
-        assert engine.cache.num_free_blocks() == engine.cache.num_blocks  # it stored nothing
+        assert engine.snapshot().free_blocks == engine.num_kv_blocks  # it stored nothing
 
 
 def test_abort_before_and_during_decoding(make_engine):
@@ -86,7 +87,7 @@ def test_abort_before_and_during_decoding(make_engine):
                        request_id="b")
     for _ in range(2):
         engine.step()
-    assert len(engine.scheduler.running) == 4  # all four choices decode side by side
+    assert engine.snapshot().running == 4  # all four choices decode side by side
     for rid in choice_request_ids("b", 4):
         assert engine.abort_request(rid).finish_reason == "abort"
     assert not engine.has_unfinished_requests()

@@ -55,6 +55,6 @@ def test_forked_choices_match_solo_runs_on_gpu(tiny_fp32, eager, caching):
     outs = run_to_completion(engine)
     assert [outs[rid].token_ids for rid in choice_request_ids("r", 4)] == expected
     assert engine.stats.computed_prompt_tokens == len(PROMPT)
-    assert engine.cache.stats.copied_blocks == 3
-    cache = engine.cache
-    assert cache.num_free_blocks() + cache.num_cached_blocks() == cache.num_blocks
+    snap = engine.snapshot()
+    assert snap.copied_blocks == 3
+    assert snap.free_blocks + snap.cached_blocks == snap.total_blocks
