@@ -6,12 +6,15 @@ Single-threaded by design: the HTTP server drives it from its own loop thread.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from radixserve.cache.block_keys import CacheIdentity
+from radixserve.cache.kv_store import open_kv_store
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
@@ -22,6 +25,9 @@ from radixserve.runner import ModelRunner, determine_num_blocks
 from radixserve.sampling import Sampler, SamplingParams, compute_logprobs
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 from radixserve.structured import Guide, GuideFactory
+from radixserve.tier_io import TierIO
+
+log = logging.getLogger("radixserve.engine")
 
 
 @dataclass(slots=True)
@@ -97,7 +103,13 @@ class LLMEngine:
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
             max_pinned_fraction=cache_cfg.max_pinned_fraction,
             max_pinned_fraction_per_namespace=cache_cfg.max_pinned_fraction_per_namespace,
+            **self._tier_options(loaded),
         )
+        # None with the tiers off: then a step does no tier work at all
+        self.tier_io: TierIO | None = None
+        if self.cache.tiered:
+            self.tier_io = TierIO(self.runner.kv_cache, self.cache.identity.describe(), self.cache.store,
+                                  self.cache.host, self.cache.cost_model)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
         self.guide_factory = GuideFactory(self.tokenizer, loaded.arch.vocab_size)
@@ -107,6 +119,42 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
+
+    def _tier_options(self, loaded: LoadedModel) -> dict:
+        """The lower tiers the config asks for (host RAM on a GPU, a KV store), opened once."""
+        cfg = self.config.cache
+        if not cfg.kv_store and not cfg.host_cache_gb:
+            return {}
+        if not cfg.enable_prefix_caching:
+            log.warning("--kv-store / --host-cache-gb ignored: prefix caching is off")
+            return {}
+        from radixserve.host_cache import HostKVCache
+        from radixserve.kv_transfer import block_layout
+
+        identity = CacheIdentity(loaded.cache_identity, cfg.block_size)
+        kv_cache = self.runner.kv_cache
+        host = None
+        if cfg.host_cache_gb and kv_cache.storage.device.type != "cuda":
+            log.info("--host-cache-gb %.1f ignored on %s: the KV pool already is host RAM (use --kv-store to "
+                     "keep evicted blocks)", cfg.host_cache_gb, kv_cache.storage.device.type)
+        elif cfg.host_cache_gb:
+            host = HostKVCache(kv_cache, int(cfg.host_cache_gb * 2**30))
+            log.info("host-RAM tier: %d blocks (%.1f GiB pinned)", host.num_slots, host.capacity_bytes / 2**30)
+        store = open_kv_store(cfg.kv_store, int(cfg.kv_store_gb * 2**30), identity.describe())
+        if cfg.kv_store:
+            log.info("storage tier: %s (%.1f GiB)", store.name, cfg.kv_store_gb)
+        return {"identity": identity, "store": store, "host": host, "block_bytes": block_layout(kv_cache).nbytes,
+                "write_through_all": cfg.kv_store_write == "through"}
+
+    def close(self) -> None:
+        """Write the prefix cache down to the KV store (what only the device held too: a
+        restarted engine then finds it), wait for the writes and close the store (a disk
+        store's directory lock is released, so another engine may open it). Idempotent."""
+        if self.tier_io is not None:
+            self.cache.list_tree_for_storage()
+            self.tier_io.run(self.cache.take_transfers())
+            self.tier_io.close()
+            self.tier_io = None
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(
@@ -187,13 +235,23 @@ class LLMEngine:
         """Run one batch. Returns an output for every request that produced tokens or finished."""
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
+        if self.tier_io is not None:
+            transfers = self.cache.take_transfers()
+            if transfers:  # evicted blocks are copied out before anything overwrites them
+                self.tier_io.run(transfers)
         if not plan.scheduled:
             return []
         self.stats.steps += 1
         sampling = [s.request for s in plan.scheduled if s.samples]
         pending_masks = self._start_masks(sampling)
+        if self.tier_io is None:
+            logits = self.runner.execute(plan.step)
+            return self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        start = time.perf_counter()  # the prefill rate the load-or-recompute choice compares with
         logits = self.runner.execute(plan.step)
-        return self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        outputs = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        self.cache.cost_model.observe_prefill(plan.step.num_tokens, time.perf_counter() - start)
+        return outputs
 
     def _start_masks(self, sampling: list[Request]) -> tuple[list[int], Future] | None:
         """(rows, future bitmask) of the grammar-constrained requests about to sample: the masks
@@ -365,6 +423,7 @@ class LLMEngine:
             finish_reason=request.finish_reason if finished else None,
             stop_reason=request.stop_reason,
             num_cached_tokens=request.num_cached_tokens or 0,
+            cached_tokens_by_tier=request.cached_tokens_by_tier,
             metrics=RequestMetrics(
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
             ),

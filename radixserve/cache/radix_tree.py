@@ -127,6 +127,10 @@ class RadixTree:
         # more is refused (pin returns 0), so pins can never starve the pool.
         self.max_pinned_blocks: int | None = None
         self.max_pinned_blocks_per_namespace: int | None = None
+        # Called with the block ids ``evict`` drops, before the tree's refs on them go (the
+        # blocks are still intact then), so a lower tier can write them down. The tree stays
+        # about the tree: what an evicted block was is the hook owner's to know.
+        self.on_evict: Callable[[list[int]], None] | None = None
 
     # ---- lookup ---------------------------------------------------------------------------
     def match_prefix(self, namespace: str, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
@@ -256,6 +260,8 @@ class RadixTree:
                 heapq.heappush(heap, entry)  # still the same leaf with the same LRU key
             else:
                 parent = node.parent
+                if self.on_evict is not None:
+                    self.on_evict(list(node.block_ids))
                 freed += self._remove_leaf(node)
                 if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                     self._push_candidate(parent)
@@ -559,6 +565,8 @@ class RadixTree:
         """Drop the last ``num_blocks`` blocks of an unlocked leaf's edge; returns blocks freed."""
         keep = len(node.block_ids) - num_blocks
         dropped = node.block_ids[keep:]
+        if self.on_evict is not None:
+            self.on_evict(dropped)
         del node.block_ids[keep:]
         del node.tokens[keep * self.block_size :]
         node.depth -= num_blocks * self.block_size
