@@ -65,6 +65,23 @@ class EngineSnapshot:
     finished_requests: int
     aborted_requests: int
     preemptions: int
+    tiers: TierSnapshot | None = None  # the lower tiers (None: off)
+
+
+@dataclass(slots=True)
+class TierSnapshot:
+    """The prefix cache's tiers at one instant (LLMEngine.snapshot; /metrics labels them by tier)."""
+
+    hit_tokens: dict[str, int]  # prompt tokens served, per tier (device, host, storage)
+    hit_bytes: dict[str, int]  # their KV bytes
+    used_bytes: dict[str, int]  # occupancy per tier
+    capacity_bytes: dict[str, int]
+    records: dict[str, int]  # blocks held per tier
+    decisions: dict[str, int]  # admissions that found blocks below the device: "load" / "recompute"
+    corrupt_records: int  # storage records refused (checksum, truncation, wrong key or identity)
+    written_blocks: int  # blocks the storage tier took
+    write_failures: int  # blocks it could not take (full disk, I/O error) or the writer dropped
+    load_seconds: list[tuple[str, float]]  # (tier, seconds) of each load since the previous snapshot
 
 
 class LLMEngine:
@@ -109,7 +126,7 @@ class LLMEngine:
         self.tier_io: TierIO | None = None
         if self.cache.tiered:
             self.tier_io = TierIO(self.runner.kv_cache, self.cache.identity.describe(), self.cache.store,
-                                  self.cache.host, self.cache.cost_model)
+                                  self.cache.host, self.cache.cost_model, self.cache.load_seconds)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
         self.guide_factory = GuideFactory(self.tokenizer, loaded.arch.vocab_size)
@@ -155,6 +172,7 @@ class LLMEngine:
             self.tier_io.run(self.cache.take_transfers())
             self.tier_io.close()
             self.tier_io = None
+            self.cache.detach_tiers()  # the engine may go on serving, from the device alone
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(
@@ -500,6 +518,32 @@ class LLMEngine:
             finished_requests=stats.finished_requests,
             aborted_requests=stats.aborted_requests,
             preemptions=stats.preemptions,
+            tiers=self._tier_snapshot(),
+        )
+
+    def _tier_snapshot(self) -> TierSnapshot | None:
+        cache, io = self.cache, self.tier_io
+        if io is None:
+            return None
+        ts = cache.tier_stats
+        block_bytes = cache.block_bytes
+        used = {"device": cache.num_cached_blocks() * block_bytes}
+        capacity = {"device": cache.num_blocks * block_bytes}
+        records = {"device": cache.num_cached_blocks()}
+        for tier, lower in (("host", cache.host), ("storage", cache.store)):
+            if lower is not None:
+                used[tier], capacity[tier], records[tier] = lower.used_bytes, lower.capacity_bytes, lower.num_records
+        store_stats = cache.store.stats if cache.store is not None else None
+        writer = io.writer.stats if io.writer is not None else None
+        load_seconds = list(cache.load_seconds)
+        cache.load_seconds.clear()
+        return TierSnapshot(
+            hit_tokens=dict(ts.hit_tokens), hit_bytes=dict(ts.hit_bytes), used_bytes=used, capacity_bytes=capacity,
+            records=records, decisions={"load": ts.load_decisions, "recompute": ts.recompute_decisions},
+            corrupt_records=store_stats.corrupt_records if store_stats else 0,
+            written_blocks=writer.written if writer else 0,
+            write_failures=(writer.failed + writer.dropped) if writer else 0,
+            load_seconds=load_seconds,
         )
 
     @property
@@ -531,4 +575,4 @@ class LLMEngine:
         return self.runner.device
 
 
-__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for"]
+__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "TierSnapshot", "default_dtype_for"]

@@ -18,7 +18,7 @@ A block already held below (or already queued for writing) is not copied again.
 from __future__ import annotations
 
 import logging
-import time
+from collections import deque
 
 import torch
 
@@ -41,6 +41,7 @@ class TierIO:
         store: KVStore | None,
         host: HostKVCache | None,
         cost_model: LoadCostModel,
+        load_seconds: deque[tuple[str, float]] | None = None,
         max_pending_bytes: int = 1 << 30,
     ) -> None:
         self.kv_cache = kv_cache
@@ -50,9 +51,13 @@ class TierIO:
         self.cost_model = cost_model
         self.layout: KVLayout = block_layout(kv_cache)
         self.writer = StoreWriter(store, max_pending_bytes) if store is not None else None
+        self.load_seconds = load_seconds if load_seconds is not None else deque(maxlen=4096)
         if host is not None:
-            host.on_bandwidth = lambda nbytes, seconds: cost_model.observe_read("host", nbytes, seconds)
-        self.store_load_seconds: list[float] = []  # per load batch, drained by the metrics
+            host.on_bandwidth = self._observe_host_load
+
+    def _observe_host_load(self, nbytes: int, seconds: float) -> None:
+        self.cost_model.observe_read("host", nbytes, seconds)
+        self.load_seconds.append(("host", seconds))
 
     def run(self, transfers: TierTransfers) -> None:
         protected = {k for _, k in transfers.host_loads}
@@ -68,11 +73,9 @@ class TierIO:
         if transfers.host_loads:
             blocks, keys = zip(*transfers.host_loads)
             self.host.load(blocks, keys)
-        if transfers.store_loads:
-            start = time.perf_counter()
+        if transfers.store_loads:  # read and verified at admission: a copy into the pool is left
             blocks, records = zip(*transfers.store_loads)
             records_to_blocks(self.kv_cache, blocks, records)
-            self.store_load_seconds.append(time.perf_counter() - start)
 
     def _write_to_store(self, blocks: list[int], keys: list[BlockKey]) -> None:
         """Copy the blocks the store does not hold yet out of the pool; the writer puts them."""

@@ -12,6 +12,7 @@ With caching off the prefix cache is a `NullPrefixCache`: same calls, nothing ke
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,6 +108,7 @@ class KVCacheManager:
         self.write_through_all = write_through_all and self.store is not None
         self.cost_model = LoadCostModel()
         self.tier_stats = TierStats()
+        self.load_seconds: deque[tuple[str, float]] = deque(maxlen=4096)  # (tier, s) per load, for /metrics
         self._transfers = TierTransfers()
         self._loading: list[KVHandle] = []  # handles whose loads are in self._transfers
         self._block_keys: dict[int, BlockKey] = {}  # key of each block the tree indexes (tiers on)
@@ -193,8 +195,9 @@ class KVCacheManager:
             if tier == "storage":
                 start = time.perf_counter()
                 records = self.store.get(wanted[:n])
-                self.cost_model.observe_read(
-                    tier, sum(len(r.payload) for r in records if r is not None), time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self.cost_model.observe_read(tier, sum(len(r.payload) for r in records if r is not None), seconds)
+                self.load_seconds.append((tier, seconds))
                 found = records.index(None) if None in records else n
                 if found < n:
                     self.tier_stats.short_loads += 1  # missing or corrupt: the rest is prefilled
@@ -253,6 +256,15 @@ class KVCacheManager:
                  for b in node.block_ids if b in self._block_keys]
         self._transfers.write_through.extend(saves)
         return len(saves)
+
+    def detach_tiers(self) -> None:
+        """Stop using the lower tiers (their store was closed); nothing pending may be left."""
+        assert not self._transfers, "detach_tiers with transfers not yet run"
+        self.tiered = self.write_through_all = False
+        self.store = self.host = None
+        self._block_keys.clear()
+        if isinstance(self.prefix_cache, RadixTree):
+            self.prefix_cache.on_evict = None
 
     def _write_through(self, namespace_key: str, tokens: list[int]) -> None:
         """A pinned prefix goes to storage now, so a restart or another replica finds it."""

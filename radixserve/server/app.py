@@ -48,6 +48,8 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
             await state.async_engine.stop()
+            # the engine thread is gone: write the prefix cache down to the KV store, if any
+            await asyncio.to_thread(state.engine.close)
             if state.request_log is not None:
                 state.request_log.close()
 
