@@ -202,3 +202,13 @@ def test_agent_sessions_grow_by_a_call_and_a_result(tokenizer):
     body = requests[5].body("m")
     assert body["tool_choice"] == "none" and len(body["tools"]) == 8
     assert body["messages"][-1]["role"] == "tool"
+
+
+def test_working_set_cycles_through_more_prompts_than_a_small_pool_holds():
+    from radixserve.benchmark.workloads import DEFAULT_WORKLOADS
+
+    reqs = make_workload("working-set").build()
+    groups = [r.group for r in reqs]
+    assert len(set(groups)) == 16 and groups[:16] == groups[16:32]  # round robin
+    assert all(r.shared_prefix_tokens == 2000 for r in reqs)
+    assert "working-set" not in DEFAULT_WORKLOADS
