@@ -219,3 +219,54 @@ def test_tiers_off_lists_nothing(make_engine):
     run_to_completion(engine)
     assert not engine.cache._transfers and not engine.cache._block_keys
     assert engine.snapshot().tiers is None
+
+
+_WRITER_CHILD = """
+import random, sys
+from radixserve.config import CacheConfig, EngineConfig, ModelConfig
+from radixserve.engine import LLMEngine
+from radixserve.sampling import SamplingParams
+engine = LLMEngine(EngineConfig(model=ModelConfig(show_progress=False),
+                                cache=CacheConfig(num_blocks=64, kv_store=sys.argv[1], kv_store_write="through")))
+rng = random.Random(0)
+for i in range(10_000):  # computes and writes through until killed
+    engine.add_request([rng.randrange(1000, 40000) for _ in range(80)],
+                       SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    print("served", i, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_killed_mid_write_leaves_a_store_that_serves_only_right_kv(make_engine, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store_dir = tmp_path / "store"
+    child = subprocess.Popen([sys.executable, "-c", _WRITER_CHILD, f"disk:{store_dir}"], stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
+    try:
+        for _ in range(3):  # a few prompts computed and written through, more on their way
+            assert child.stdout.readline().startswith("served"), "the writer process died"
+        time.sleep(0.05)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert _records(store_dir)
+
+    rng = random.Random(0)  # the child's first prompt
+    first = [rng.randrange(1000, 40000) for _ in range(80)]
+    reference = make_engine(num_blocks=64, enable_prefix_caching=False)
+    reference.add_request(first, _greedy(), request_id="ref")
+    want = run_to_completion(reference)["ref"].token_ids
+    engine = make_engine(num_blocks=64, kv_store=f"disk:{store_dir}")  # sweeps the killed writer's temp files
+    assert not list(store_dir.glob("blocks/*/.*.tmp"))
+    engine.add_request(first, _greedy(), request_id="after-kill")
+    out = run_to_completion(engine)["after-kill"]
+    assert out.token_ids == want
+    assert out.cached_tokens_by_tier["storage"] == 4 * BLOCK
+    assert engine.cache.store.stats.corrupt_records == 0
