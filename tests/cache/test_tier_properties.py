@@ -15,6 +15,7 @@ tree indexes has the right key, ref counts add up, and the store stays within it
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -40,7 +41,21 @@ def content(namespace: str, tokens: list[int]) -> bytes:
     return hashlib.sha256(f"{namespace}|{tokens}".encode()).digest()[:16]
 
 
+class FakeHost:
+    """The host-RAM tier as HostKVCache behaves (LRU slots by key, protected keys, spill of its
+    victims), over bytes: HostKVCache itself is tested in tests/test_host_cache.py."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.slots: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def contains(self, keys) -> list[bool]:
+        return [k in self.slots for k in keys]
+
+
 class TierMachine(RuleBasedStateMachine):
+    with_host = False
+
     def __init__(self) -> None:
         super().__init__()
         record_size = len(_encoded_size_probe())
@@ -51,8 +66,9 @@ class TierMachine(RuleBasedStateMachine):
         self.history: list[tuple[str, list[int]]] = []  # prompts seen, for repeats (hits below the device)
 
     def _new_manager(self) -> None:
+        self.host = FakeHost(6) if self.with_host else None  # host RAM does not survive a restart
         self.cache = KVCacheManager(NUM_BLOCKS, BLOCK, "model", identity=IDENTITY, store=self.store,
-                                    block_bytes=LAYOUT.nbytes)
+                                    host=self.host, block_bytes=LAYOUT.nbytes)
         self.cache.cost_model.prefill_tokens_per_s = 1e-6  # always load: exercise the load path
         self.device = [b"\0" * 16] * NUM_BLOCKS  # the simulated pool
         self.running: list[Request] = []
@@ -60,12 +76,30 @@ class TierMachine(RuleBasedStateMachine):
     # ---- the simulated tensor side ---------------------------------------------------------
     def _apply_transfers(self) -> None:
         t = self.cache.take_transfers()
-        assert not t.host_loads
+        if self.host is None:
+            assert not t.host_loads
         records = []
-        for block_id, key in t.write_back + t.write_through:  # copied out before anything else
+        to_store = list(t.write_through) if self.host is not None else t.write_back + t.write_through
+        for block_id, key in to_store:  # copied out before anything else
             assert self.device[block_id] == self.expected[key], "a block saved under another key"
             records.append(KVRecord(key, IDENTITY.describe(), LAYOUT, bytearray(self.device[block_id])))
+        if self.host is not None:
+            protected = {k for _, k in t.host_loads}
+            for block_id, key in t.write_back:
+                assert self.device[block_id] == self.expected[key], "a block saved under another key"
+                if key in self.host.slots:
+                    continue
+                if len(self.host.slots) >= self.host.num_slots:
+                    victim = next((k for k in self.host.slots if k not in protected), None)
+                    if victim is None:
+                        continue
+                    records.append(KVRecord(victim, IDENTITY.describe(), LAYOUT, bytearray(self.host.slots.pop(victim))))
+                self.host.slots[key] = self.device[block_id]
         self.store.put(records)
+        for block_id, key in t.host_loads:
+            assert self.host.slots[key] == self.expected[key]
+            self.host.slots.move_to_end(key)
+            self.device[block_id] = self.host.slots[key]
         for block_id, record in t.store_loads:
             assert bytes(record.payload) == self.expected[record.key]
             self.device[block_id] = bytes(record.payload)
@@ -204,3 +238,13 @@ TierMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 test_tiers_state_machine = TierMachine.TestCase
+
+
+class TierMachineWithHost(TierMachine):
+    """The same with a host-RAM tier between the device and the store (device -> host -> storage)."""
+
+    with_host = True
+
+
+TierMachineWithHost.TestCase.settings = TierMachine.TestCase.settings
+test_tiers_with_host_state_machine = TierMachineWithHost.TestCase
