@@ -254,9 +254,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
         if self.tier_io is not None:
-            transfers = self.cache.take_transfers()
-            if transfers:  # evicted blocks are copied out before anything overwrites them
-                self.tier_io.run(transfers)
+            self._run_tier_transfers()  # evicted blocks are copied out before anything overwrites them
         if not plan.scheduled:
             return []
         self.stats.steps += 1
@@ -269,7 +267,13 @@ class LLMEngine:
         logits = self.runner.execute(plan.step)
         outputs = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
         self.cache.cost_model.observe_prefill(plan.step.num_tokens, time.perf_counter() - start)
+        self._run_tier_transfers()  # pins (and write-through) of this step: stored now, not at the next step
         return outputs
+
+    def _run_tier_transfers(self) -> None:
+        transfers = self.cache.take_transfers()
+        if transfers:
+            self.tier_io.run(transfers)
 
     def _start_masks(self, sampling: list[Request]) -> tuple[list[int], Future] | None:
         """(rows, future bitmask) of the grammar-constrained requests about to sample: the masks
