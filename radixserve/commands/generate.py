@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
-
 import argparse
+import atexit
 import json
 import sys
 
