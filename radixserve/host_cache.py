@@ -68,6 +68,24 @@ class HostKVCache:
         self._pending_timing: tuple[torch.cuda.Event, torch.cuda.Event, int] | None = None
         self.on_bandwidth: Callable[[int, float], None] | None = None  # (bytes, seconds) of a finished load
 
+    def measure_bandwidth(self, nbytes: int = 256 << 20) -> float:
+        """Host->device bytes/s of a copy from the pinned buffer (best of 3), the cost model's
+        first estimate for this tier; 0 on CPU."""
+        if self.stream is None:
+            return 0.0
+        flat = self.buffer.view(-1).view(torch.uint8)
+        n = min(nbytes, flat.numel())
+        target = torch.empty(n, dtype=torch.uint8, device=self.device)
+        best = float("inf")
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(flat[:n], non_blocking=True)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1000)
+        return n / best
+
     # ---- the index ----------------------------------------------------------------------
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         return [key in self._slots for key in keys]

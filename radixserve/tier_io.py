@@ -54,6 +54,10 @@ class TierIO:
         self.load_seconds = load_seconds if load_seconds is not None else deque(maxlen=4096)
         if host is not None:
             host.on_bandwidth = self._observe_host_load
+            measured = host.measure_bandwidth()
+            if measured:
+                cost_model.read_bytes_per_s["host"] = measured
+                log.info("host-RAM tier: host->device %.1f GB/s measured", measured / 1e9)
 
     def _observe_host_load(self, nbytes: int, seconds: float) -> None:
         self.cost_model.observe_read("host", nbytes, seconds)

@@ -68,3 +68,13 @@ def test_a_host_tier_smaller_than_a_block_is_refused():
 
 def host_block_bytes(kv: KVCache) -> int:
     return kv.storage[:, :, 0].numel() * kv.storage.element_size()
+
+
+def test_cost_model_explores_a_tier_it_judged_slower():
+    from radixserve.cache.tiers import LoadCostModel
+
+    model = LoadCostModel(read_bytes_per_s={"host": 1.0, "storage": 1.0}, prefill_tokens_per_s=1e9, explore_every=4)
+    decisions = [model.should_load("storage", 16, 10**6) for _ in range(8)]
+    assert decisions == [False, False, False, True] * 2
+    model.observe_read("storage", 10**9, 1.0)  # the exploring load measured 1 GB/s
+    assert model.read_bytes_per_s["storage"] > 1e8

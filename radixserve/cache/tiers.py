@@ -76,6 +76,10 @@ class LoadCostModel:
     prefill_tokens_per_s: float = 2000.0
     alpha: float = 0.3
     min_prefill_sample_tokens: int = 64  # smaller steps measure launch overhead, not the rate
+    # A tier judged slower is never read, so its estimate would never improve: one recompute
+    # decision in `explore_every` loads anyway (a bounded cost) to measure it again.
+    explore_every: int = 64
+    _recomputes: dict[str, int] = field(default_factory=dict)
 
     def predicted_load_s(self, tier: str, nbytes: int) -> float:
         return nbytes / self.read_bytes_per_s[tier]
@@ -84,7 +88,10 @@ class LoadCostModel:
         return num_tokens / self.prefill_tokens_per_s
 
     def should_load(self, tier: str, num_tokens: int, nbytes: int) -> bool:
-        return self.predicted_load_s(tier, nbytes) < self.predicted_prefill_s(num_tokens)
+        if self.predicted_load_s(tier, nbytes) < self.predicted_prefill_s(num_tokens):
+            return True
+        self._recomputes[tier] = self._recomputes.get(tier, 0) + 1
+        return self.explore_every > 0 and self._recomputes[tier] % self.explore_every == 0
 
     def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
         if nbytes > 0 and seconds > 0:
