@@ -146,6 +146,8 @@ class HostKVCache:
         index = torch.tensor([b for b, _ in todo], dtype=torch.long).to(self.device, non_blocking=True)
         with self._on_copy_stream():
             # [L, 2, n, ...] -> [n, L, 2, ...]: one gather, slot-major like the host buffer
+            if self.stream is not None:
+                index.record_stream(self.stream)  # made on the main stream, read on this one
             gathered = self.storage.index_select(2, index).permute(2, 0, 1, 3, 4, 5).contiguous()
         if self.stream is not None:
             # the forward may overwrite the evicted blocks once the gather is done
@@ -175,6 +177,8 @@ class HostKVCache:
             if self.stream is not None:
                 timing = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 timing[0].record(self.stream)
+            if self.stream is not None:
+                index.record_stream(self.stream)
             staging = torch.empty((n_blocks, *self.block_shape), dtype=self.storage.dtype, device=self.device)
             for pos, first, n in slot_runs(slots):
                 staging[pos : pos + n].copy_(self.buffer[first : first + n], non_blocking=True)
