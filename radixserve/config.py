@@ -68,11 +68,27 @@ class CacheConfig:
     a pin over it is refused, so pins can never starve the pool"""
     max_pinned_fraction_per_namespace: float = 0.25
     """share of the KV pool the pins of one cache namespace (one API key + cache_salt) may hold"""
+    kv_store: str | None = None
+    """storage tier of the prefix cache: disk:PATH, memory, or redis://HOST:PORT[/DB] (shared by
+    replicas). Blocks evicted from the device go there, pinned prefixes are written through, and
+    a prefix found there is loaded where that beats recomputing it (default: none)"""
+    kv_store_gb: float = 16.0
+    """capacity of a disk: or memory KV store in GiB, kept by LRU (a Redis store's is the server's maxmemory)"""
+    kv_store_write: Literal["back", "through"] = "back"
+    """when blocks reach the KV store: back (when evicted from the device, when pinned, and at
+    shutdown) or through (as soon as computed: replicas sharing a store see them at once; costs a
+    copy of every block)"""
+    host_cache_gb: float = 0.0
+    """GPU: host-RAM tier of the prefix cache in GiB (pinned memory between the device pool and
+    --kv-store); ignored on CPU, where the KV pool already is host RAM"""
 
     def __post_init__(self) -> None:
         for name in ("max_pinned_fraction", "max_pinned_fraction_per_namespace"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("kv_store_gb", "host_cache_gb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(slots=True)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
+from radixserve.cache.block_keys import CacheIdentity
+from radixserve.cache.kv_store import open_kv_store
 from radixserve.cache.manager import KVCacheManager
 from radixserve.cache.radix_tree import PinnedEdge
 from radixserve.config import EngineConfig, default_dtype_for
@@ -32,6 +35,9 @@ from radixserve.runner import ModelRunner, determine_num_blocks
 from radixserve.sampling import Sampler, SamplingParams, choice_seed, compute_logprobs
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 from radixserve.structured import Guide, GuideFactory
+from radixserve.tier_io import TierIO
+
+log = logging.getLogger("radixserve.engine")
 
 
 @dataclass(slots=True)
@@ -70,6 +76,23 @@ class EngineSnapshot:
     aborted_requests: int
     preemptions: int
     copied_blocks: int  # partial blocks copied on write by n > 1 choices
+    tiers: TierSnapshot | None = None  # the lower tiers (None: off)
+
+
+@dataclass(slots=True)
+class TierSnapshot:
+    """The prefix cache's tiers at one instant (LLMEngine.snapshot; /metrics labels them by tier)."""
+
+    hit_tokens: dict[str, int]  # prompt tokens served, per tier (device, host, storage)
+    hit_bytes: dict[str, int]  # their KV bytes
+    used_bytes: dict[str, int]  # occupancy per tier
+    capacity_bytes: dict[str, int]
+    records: dict[str, int]  # blocks held per tier
+    decisions: dict[str, int]  # admissions that found blocks below the device: "load" / "recompute"
+    corrupt_records: int  # storage records refused (checksum, truncation, wrong key or identity)
+    written_blocks: int  # blocks the storage tier took
+    write_failures: int  # blocks it could not take (full disk, I/O error) or the writer dropped
+    load_seconds: list[tuple[str, float]]  # (tier, seconds) of each load since the previous snapshot
 
 
 def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
@@ -124,7 +147,13 @@ class LLMEngine:
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
             max_pinned_fraction=cache_cfg.max_pinned_fraction,
             max_pinned_fraction_per_namespace=cache_cfg.max_pinned_fraction_per_namespace,
+            **self._tier_options(loaded),
         )
+        # None with the tiers off: then a step does no tier work at all
+        self.tier_io: TierIO | None = None
+        if self.cache.tiered:
+            self.tier_io = TierIO(self.runner.kv_cache, self.cache.identity.describe(), self.cache.store,
+                                  self.cache.host, self.cache.cost_model, self.cache.load_seconds)
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
         self.guide_factory = GuideFactory(self.tokenizer, loaded.arch.vocab_size)
@@ -134,6 +163,43 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
+
+    def _tier_options(self, loaded: LoadedModel) -> dict:
+        """The lower tiers the config asks for (host RAM on a GPU, a KV store), opened once."""
+        cfg = self.config.cache
+        if not cfg.kv_store and not cfg.host_cache_gb:
+            return {}
+        if not cfg.enable_prefix_caching:
+            log.warning("--kv-store / --host-cache-gb ignored: prefix caching is off")
+            return {}
+        from radixserve.host_cache import HostKVCache
+        from radixserve.kv_transfer import block_layout
+
+        identity = CacheIdentity(loaded.cache_identity, cfg.block_size)
+        kv_cache = self.runner.kv_cache
+        host = None
+        if cfg.host_cache_gb and kv_cache.storage.device.type != "cuda":
+            log.info("--host-cache-gb %.1f ignored on %s: the KV pool already is host RAM (use --kv-store to "
+                     "keep evicted blocks)", cfg.host_cache_gb, kv_cache.storage.device.type)
+        elif cfg.host_cache_gb:
+            host = HostKVCache(kv_cache, int(cfg.host_cache_gb * 2**30))
+            log.info("host-RAM tier: %d blocks (%.1f GiB pinned)", host.num_slots, host.capacity_bytes / 2**30)
+        store = open_kv_store(cfg.kv_store, int(cfg.kv_store_gb * 2**30), identity.describe())
+        if cfg.kv_store:
+            log.info("storage tier: %s (%.1f GiB)", store.name, cfg.kv_store_gb)
+        return {"identity": identity, "store": store, "host": host, "block_bytes": block_layout(kv_cache).nbytes,
+                "write_through_all": cfg.kv_store_write == "through"}
+
+    def close(self) -> None:
+        """Write the prefix cache down to the KV store (what only the device held too: a
+        restarted engine then finds it), wait for the writes and close the store (a disk
+        store's directory lock is released, so another engine may open it). Idempotent."""
+        if self.tier_io is not None:
+            self.cache.list_tree_for_storage()
+            self.tier_io.run(self.cache.take_transfers())
+            self.tier_io.close()
+            self.tier_io = None
+            self.cache.detach_tiers()  # the engine may go on serving, from the device alone
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(
@@ -223,6 +289,8 @@ class LLMEngine:
         """Run one batch. Returns an output for every request that produced tokens or finished."""
         plan = self.scheduler.schedule()
         self.stats.preemptions += len(plan.preempted)
+        if self.tier_io is not None:
+            self._run_tier_transfers()  # evicted blocks are copied out before anything overwrites them
         if not plan.scheduled:
             return []
         self.stats.steps += 1
@@ -231,11 +299,21 @@ class LLMEngine:
         if any(r.forks for r in sampling):
             sampling, logits_rows = self._with_forks(sampling)
         pending_masks = self._start_masks(sampling)
+        start = time.perf_counter()  # the prefill rate the load-or-recompute choice compares with
         logits = self.runner.execute(plan.step)
         if logits_rows is not None:
             with torch.inference_mode():
                 logits = logits.index_select(0, torch.tensor(logits_rows, device=logits.device))
-        return self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        outputs = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        if self.tier_io is not None:
+            self.cache.cost_model.observe_prefill(plan.step.num_tokens, time.perf_counter() - start)
+            self._run_tier_transfers()  # pins (and write-through) of this step: stored now, not at the next step
+        return outputs
+
+    def _run_tier_transfers(self) -> None:
+        transfers = self.cache.take_transfers()
+        if transfers:
+            self.tier_io.run(transfers)
 
     @staticmethod
     def _with_forks(sampling: list[Request]) -> tuple[list[Request], list[int]]:
@@ -439,6 +517,7 @@ class LLMEngine:
             finish_reason=request.finish_reason if finished else None,
             stop_reason=request.stop_reason,
             num_cached_tokens=request.num_cached_tokens or 0,
+            cached_tokens_by_tier=request.cached_tokens_by_tier,
             metrics=RequestMetrics(
                 request.arrival_time, request.first_scheduled_time, request.first_token_time, request.finish_time
             ),
@@ -517,6 +596,32 @@ class LLMEngine:
             aborted_requests=stats.aborted_requests,
             preemptions=stats.preemptions,
             copied_blocks=cache.stats.copied_blocks,
+            tiers=self._tier_snapshot(),
+        )
+
+    def _tier_snapshot(self) -> TierSnapshot | None:
+        cache, io = self.cache, self.tier_io
+        if io is None:
+            return None
+        ts = cache.tier_stats
+        block_bytes = cache.block_bytes
+        used = {"device": cache.num_cached_blocks() * block_bytes}
+        capacity = {"device": cache.num_blocks * block_bytes}
+        records = {"device": cache.num_cached_blocks()}
+        for tier, lower in (("host", cache.host), ("storage", cache.store)):
+            if lower is not None:
+                used[tier], capacity[tier], records[tier] = lower.used_bytes, lower.capacity_bytes, lower.num_records
+        store_stats = cache.store.stats if cache.store is not None else None
+        writer = io.writer.stats if io.writer is not None else None
+        load_seconds = list(cache.load_seconds)
+        cache.load_seconds.clear()
+        return TierSnapshot(
+            hit_tokens=dict(ts.hit_tokens), hit_bytes=dict(ts.hit_bytes), used_bytes=used, capacity_bytes=capacity,
+            records=records, decisions={"load": ts.load_decisions, "recompute": ts.recompute_decisions},
+            corrupt_records=store_stats.corrupt_records if store_stats else 0,
+            written_blocks=writer.written if writer else 0,
+            write_failures=(writer.failed + writer.dropped) if writer else 0,
+            load_seconds=load_seconds,
         )
 
     @property
@@ -585,4 +690,4 @@ class LLMEngine:
         return self.runner.graphs is not None
 
 
-__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "default_dtype_for"]
+__all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "TierSnapshot", "default_dtype_for"]

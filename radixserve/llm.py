@@ -29,6 +29,17 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_options(source=model, **options))
         self.tokenizer = self.engine.tokenizer
 
+    def close(self) -> None:
+        """With a KV store (kv_store=...): write the prefix cache down and close the store, so a
+        later LLM over the same store starts warm. `with LLM(...) as llm:` calls it."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLM:
         """Build from an explicit EngineConfig (the CLI does this)."""

@@ -89,6 +89,7 @@ class Request:
     # Request facts the scheduler keeps (the KV state is the cache manager's: KVCacheManager.kv)
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission (reported)
     num_pinned_tokens: int = 0  # the longest of its cache_pins the tree accepted (0: none or refused)
+    cached_tokens_by_tier: dict[str, int] | None = None  # num_cached_tokens split device/host/storage (tiers on)
     num_preemptions: int = 0
     times_deferred: int = 0  # scheduler passes over it (lpm policy / in-batch dedup)
 
@@ -172,6 +173,7 @@ class RequestOutput:
     logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
     new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)
     index: int = 0  # the choice (n > 1): request_id is choice_request_ids(first id, n)[index]
+    cached_tokens_by_tier: dict[str, int] | None = None  # num_cached_tokens by tier: device/host/storage (tiers on)
 
     @property
     def num_prompt_tokens(self) -> int:

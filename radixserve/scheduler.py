@@ -192,6 +192,10 @@ class Scheduler:
     def _start(self, request: Request, cached: int) -> None:
         if request.num_cached_tokens is None:
             request.num_cached_tokens = cached
+            if self.cache.tiered:
+                kv = self.cache.kv(request)
+                host, storage = kv.num_host_hit_tokens, kv.num_storage_hit_tokens
+                request.cached_tokens_by_tier = {"device": cached - host - storage, "host": host, "storage": storage}
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()
         request.status = RequestStatus.RUNNING

@@ -28,17 +28,25 @@ def make_engine(embedded_model):
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 64,
         policy: str = "fcfs",
+        kv_store: str | None = None,
+        kv_store_gb: float = 1.0,
     ) -> LLMEngine:
         config = EngineConfig(
             model=ModelConfig(source="embedded", show_progress=False),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
+                              kv_store=kv_store, kv_store_gb=kv_store_gb),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=policy
             ),
         )
-        return LLMEngine(config, loaded=embedded_model)
+        engine = LLMEngine(config, loaded=embedded_model)
+        engines.append(engine)
+        return engine
 
-    return make
+    engines = []
+    yield make
+    for engine in engines:  # a disk store's directory lock goes with its engine
+        engine.close()
 
 
 def run_to_completion(engine, request_ids=None, max_steps: int = 100_000) -> dict:

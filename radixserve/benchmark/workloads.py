@@ -198,6 +198,23 @@ class CacheHostileWorkload(SystemPromptWorkload):
 
 
 @dataclass
+class WorkingSetWorkload(SystemPromptWorkload):
+    """A working set larger than the device pool: many long system prompts, requested round
+    robin, so with the device pool alone LRU evicts each one before its turn comes again. The
+    tiered cache keeps them below the device (--kv-store, --host-cache-gb on a GPU). Meaningful
+    with a pool of a few prompts: run it with --num-blocks (~4 prompts' worth), tiers off vs on."""
+
+    name: ClassVar[str] = "working-set"
+    description: ClassVar[str] = ("16 system prompts round robin, more than a small device pool holds "
+                                  "(compare --kv-store off / disk:PATH at a fixed --num-blocks)")
+    _quick: ClassVar[dict[str, Any]] = {"num_requests": 8, "system_tokens": 256, "num_system_prompts": 4,
+                                        "output_tokens": 4}
+
+    num_requests: int = 48
+    num_system_prompts: int = 16
+
+
+@dataclass
 class FewShotWorkload(Workload):
     """A classifier prompt: fixed instruction, 5 labelled examples, the new item last."""
 
@@ -531,13 +548,15 @@ class HeadOfLineWorkload(Workload):
 
 WORKLOADS: dict[str, type[Workload]] = {
     w.name: w for w in (SystemPromptWorkload, FewShotWorkload, RAGWorkload, MultiTurnWorkload,
-                        GeneratedSharedPrefixWorkload, CacheHostileWorkload, AgentWorkload, HeadOfLineWorkload)
+                        GeneratedSharedPrefixWorkload, CacheHostileWorkload, AgentWorkload, HeadOfLineWorkload,
+                        WorkingSetWorkload)
 }
 
 
 # What `radixserve bench suite` runs unless --workloads says otherwise: `agent` is opt-in (its
-# caching-off run prefills ~1M tokens, tens of minutes on a CPU).
-DEFAULT_WORKLOADS: tuple[str, ...] = tuple(name for name in WORKLOADS if name != "agent")
+# caching-off run prefills ~1M tokens, tens of minutes on a CPU), and so is `working-set` (it
+# measures the tiers, and only means something with a pool smaller than its 16 prompts).
+DEFAULT_WORKLOADS: tuple[str, ...] = tuple(name for name in WORKLOADS if name not in ("agent", "working-set"))
 
 
 def make_workload(name: str, *, seed: int = 0, token_scale: float = 1.0, quick: bool = False, scale: float = 1.0,
@@ -554,4 +573,5 @@ __all__ = [
     "BenchRequest", "Workload", "WORKLOADS", "DEFAULT_WORKLOADS", "make_workload", "SystemPromptWorkload", "CacheHostileWorkload",
     "FewShotWorkload", "RAGWorkload", "MultiTurnWorkload", "GeneratedSharedPrefixWorkload", "AgentWorkload",
     "HeadOfLineWorkload",
+    "WorkingSetWorkload",
 ]

@@ -140,6 +140,12 @@ class BlockKeyChain:
         self.namespace = namespace
         self.keys: list[BlockKey] = []
 
+    def copy(self) -> BlockKeyChain:
+        """An independent chain with the same keys so far (a forked sequence: n > 1 choices)."""
+        chain = BlockKeyChain(self.identity, self.namespace)
+        chain.keys = list(self.keys)
+        return chain
+
     def update(self, token_ids: Sequence[int]) -> list[BlockKey]:
         """Key the newly full blocks of ``token_ids``; returns just those new keys."""
         block_size = self.identity.block_size

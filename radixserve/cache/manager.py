@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from radixserve.cache.block_keys import BlockKey, BlockKeyChain, CacheIdentity
 from radixserve.cache.block_pool import BlockPool
+from radixserve.cache.kv_store import KVStore, NullKVStore
 from radixserve.cache.null_cache import NullPrefixCache
 from radixserve.cache.radix_tree import PinnedEdge, RadixTree, TreeNode
+from radixserve.cache.tiers import KeyIndex, LoadCostModel, TierStats, TierTransfers
 from radixserve.errors import NoFreeBlocksError
 from radixserve.request import Request
 
@@ -59,6 +63,10 @@ class KVHandle:
     node: TreeNode | None  # deepest tree node the request holds a lock on (None: caching off)
     num_computed_tokens: int  # tokens whose K/V are in block_ids
     num_tree_tokens: int  # leading tokens inserted in the prefix cache (whole blocks)
+    keys: BlockKeyChain | None = None  # content keys of its full blocks (tiers on only)
+    num_host_hit_tokens: int = 0  # of the tokens reused at admission, those loaded from host RAM
+    num_storage_hit_tokens: int = 0  # ... and from the storage tier
+    num_loading_tokens: int = 0  # loaded tokens whose copy into block_ids is still pending (this step)
 
 
 class KVCacheManager:
@@ -71,6 +79,11 @@ class KVCacheManager:
         clock: Callable[[], float] = time.monotonic,
         max_pinned_fraction: float = 1.0,
         max_pinned_fraction_per_namespace: float = 1.0,
+        identity: CacheIdentity | None = None,
+        store: KVStore | None = None,
+        host: KeyIndex | None = None,
+        block_bytes: int = 0,
+        write_through_all: bool = False,
     ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
@@ -89,6 +102,25 @@ class KVCacheManager:
         # (src, dst) block copies that the next forward must apply before writing any K/V:
         # copy-on-write of shared partial blocks, drained by the scheduler into its StepInput
         self._block_copies: list[tuple[int, int]] = []
+        # Lower tiers (cache/tiers.py): host RAM (`host`, GPU only) and storage (`store`). Off
+        # unless one is given; then nothing below runs, not even key hashing.
+        self.identity = identity
+        self.store = store if store is not None and not isinstance(store, NullKVStore) else None
+        self.host = host
+        self.tiered = isinstance(self.prefix_cache, RadixTree) and identity is not None \
+            and (self.store is not None or host is not None)
+        self.block_bytes = block_bytes  # one block's KV, every layer (what a load reads)
+        # store every block as it enters the tree, not only on eviction (replicas sharing a store)
+        self.write_through_all = write_through_all and self.store is not None
+        self.cost_model = LoadCostModel()
+        self.tier_stats = TierStats()
+        self.load_seconds: deque[tuple[str, float]] = deque(maxlen=4096)  # (tier, s) per load, for /metrics
+        self._transfers = TierTransfers()
+        self._loading: list[KVHandle] = []  # handles whose loads are in self._transfers
+        self._block_keys: dict[int, BlockKey] = {}  # key of each block the tree indexes (tiers on)
+        if self.tiered:
+            assert isinstance(self.prefix_cache, RadixTree)
+            self.prefix_cache.on_evict = self._write_back
 
     # ---- keys and reads -----------------------------------------------------------------
     def cache_key(self, namespace: str) -> str:
@@ -126,7 +158,13 @@ class KVCacheManager:
         self.pool.incref_all(match.block_ids)
         self.prefix_cache.lock(match.node)
         cached = match.num_tokens
-        self._handles[request.request_id] = KVHandle(key, list(match.block_ids), match.node, cached, cached)
+        handle = self._handles[request.request_id] = KVHandle(key, list(match.block_ids), match.node, cached, cached)
+        if self.tiered:
+            handle.keys = BlockKeyChain(self.identity, request.namespace)
+            if reads:
+                cached += self._load_from_lower_tiers(tokens, handle, self.max_cacheable(len(tokens)))
+                self.tier_stats.hit_tokens["device"] += match.num_tokens
+                self.tier_stats.hit_bytes["device"] += len(match.block_ids) * self.block_bytes
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
@@ -146,9 +184,117 @@ class KVCacheManager:
         self.pool.incref_all(handle.block_ids)
         self.prefix_cache.lock(handle.node)
         self._handles[child.request_id] = KVHandle(
-            handle.cache_key, list(handle.block_ids), handle.node, handle.num_computed_tokens, handle.num_tree_tokens
+            handle.cache_key, list(handle.block_ids), handle.node, handle.num_computed_tokens, handle.num_tree_tokens,
+            keys=handle.keys.copy() if handle.keys is not None else None,
         )
         self.stats.forks += 1
+
+    def _load_from_lower_tiers(self, tokens: list[int], handle: KVHandle, limit: int) -> int:
+        """Continue the device match by content key: host RAM first, then storage, as long as
+        each tier holds the next blocks and the cost model says loading them beats prefilling
+        them. Found blocks get fresh pool blocks and a load listed for this step. Returns the
+        tokens to be loaded (they count as cached).
+
+            0 ... device match ... host blocks ... storage blocks ... limit ... num_tokens
+        """
+        block_size = self.block_size
+        keys = handle.keys.update(tokens[:limit])
+        wanted = keys[handle.num_computed_tokens // block_size :]
+        loaded = 0
+        for tier, index in (("host", self.host), ("storage", self.store)):
+            if not wanted or index is None:
+                continue
+            present = index.contains(wanted)
+            n = full = present.index(False) if False in present else len(present)
+            if n == 0:
+                continue
+            if not self.cost_model.should_load(tier, n * block_size, n * self.block_bytes):
+                self.tier_stats.recompute_decisions += 1
+                break  # lower tiers are slower still
+            self.tier_stats.load_decisions += 1
+            records = None
+            if tier == "storage":
+                start = time.perf_counter()
+                records = self.store.get(wanted[:n])
+                seconds = time.perf_counter() - start
+                self.cost_model.observe_read(tier, sum(len(r.payload) for r in records if r is not None), seconds)
+                self.load_seconds.append((tier, seconds))
+                found = records.index(None) if None in records else n
+                if found < n:
+                    self.tier_stats.short_loads += 1  # missing or corrupt: the rest is prefilled
+                n = found
+            blocks = self._allocate_for_load(n)
+            n = len(blocks)
+            if n == 0:
+                break
+            if records is None:
+                self._transfers.host_loads.extend(zip(blocks, wanted[:n]))
+                handle.num_host_hit_tokens += n * block_size
+            else:
+                self._transfers.store_loads.extend(zip(blocks, records[:n]))
+                handle.num_storage_hit_tokens += n * block_size
+            self.tier_stats.hit_tokens[tier] += n * block_size
+            self.tier_stats.hit_bytes[tier] += n * self.block_bytes
+            handle.block_ids.extend(blocks)
+            handle.num_computed_tokens += n * block_size
+            loaded += n * block_size
+            if n < full:
+                break  # cut short (pool full, corrupt record): prefill the rest
+            wanted = wanted[n:]
+        if loaded:
+            handle.num_loading_tokens = loaded
+            self._loading.append(handle)
+        return loaded
+
+    def _allocate_for_load(self, num_blocks: int) -> list[int]:
+        """Up to `num_blocks` fresh blocks (evicting first); fewer if the pool cannot spare them."""
+        if num_blocks > self.pool.num_free():
+            self.stats.evicted_blocks += self.prefix_cache.evict(num_blocks - self.pool.num_free())
+        return self.pool.allocate(min(num_blocks, self.pool.num_free()))
+
+    def take_transfers(self) -> TierTransfers:
+        """The block copies listed since the last call (the engine runs them before the step's
+        forward pass). Loads listed now count as done: their blocks may enter the tree."""
+        transfers, self._transfers = self._transfers, TierTransfers()
+        for handle in self._loading:
+            handle.num_loading_tokens = 0
+        self._loading.clear()
+        return transfers
+
+    def _write_back(self, block_ids: list[int]) -> None:
+        """The tree evicts these blocks (still intact): list their copy down a tier."""
+        keys = self._block_keys
+        saves = [(b, keys.pop(b)) for b in block_ids if b in keys]
+        self._transfers.write_back.extend(saves)
+        self.tier_stats.saved_blocks += len(saves)
+
+    def list_tree_for_storage(self) -> int:
+        """List every block the tree holds for storage (a graceful shutdown: what only the
+        device held is then found by the next process). Returns blocks listed."""
+        if self.store is None:
+            return 0
+        saves = [(b, self._block_keys[b]) for node in self.prefix_cache.iter_nodes()
+                 for b in node.block_ids if b in self._block_keys]
+        self._transfers.write_through.extend(saves)
+        return len(saves)
+
+    def detach_tiers(self) -> None:
+        """Stop using the lower tiers (their store was closed); nothing pending may be left."""
+        assert not self._transfers, "detach_tiers with transfers not yet run"
+        self.tiered = self.write_through_all = False
+        self.store = self.host = None
+        self._block_keys.clear()
+        if isinstance(self.prefix_cache, RadixTree):
+            self.prefix_cache.on_evict = None
+
+    def _write_through(self, namespace_key: str, tokens: list[int]) -> None:
+        """A pinned prefix goes to storage now, so a restart or another replica finds it."""
+        if self.store is None:
+            return
+        match = self.prefix_cache.match_prefix(namespace_key, tokens)
+        saves = [(b, self._block_keys[b]) for b in match.block_ids if b in self._block_keys]
+        self._transfers.write_through.extend(saves)
+        self.tier_stats.saved_blocks += len(saves)
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for the request's next `num_new_tokens` K/V entries; False if the pool can't
@@ -219,6 +365,16 @@ class KVCacheManager:
                 self.pool.decref(blocks[i])
                 blocks[i] = tree_block
         self.stats.inserted_blocks += num_full - result.num_existing_tokens // block_size
+        if self.tiered and handle.keys is not None:
+            keys = handle.keys.keys
+            if len(keys) < num_full:
+                handle.keys.update(tokens)
+            new = range(result.num_existing_tokens // block_size, num_full)
+            for i in new:
+                self._block_keys[result.block_ids[i]] = keys[i]
+            if self.write_through_all:
+                self._transfers.write_through.extend((result.block_ids[i], keys[i]) for i in new)
+                self.tier_stats.saved_blocks += len(new)
         self.prefix_cache.lock(result.node)
         self.prefix_cache.unlock(handle.node)
         handle.node = result.node
@@ -231,12 +387,18 @@ class KVCacheManager:
         if not request.cache_policy.writes:
             return 0
         tokens = request.token_slice(0, num_tokens)
-        return self.prefix_cache.pin(self._key(request), tokens, self.clock() + ttl,
-                                     refresh=ttl if refresh is None else refresh)
+        pinned = self.prefix_cache.pin(self._key(request), tokens, self.clock() + ttl,
+                                       refresh=ttl if refresh is None else refresh)
+        if pinned and self.tiered:
+            self._write_through(self._key(request), tokens[:pinned])
+        return pinned
 
     def pin_prefix(self, namespace: str, token_ids: list[int], ttl: float) -> int:
         """Pin an already cached prefix for `ttl` seconds (named caches). Returns tokens pinned."""
-        return self.prefix_cache.pin(self.cache_key(namespace), token_ids, self.clock() + ttl)
+        pinned = self.prefix_cache.pin(self.cache_key(namespace), token_ids, self.clock() + ttl)
+        if pinned and self.tiered:
+            self._write_through(self.cache_key(namespace), token_ids[:pinned])
+        return pinned
 
     def unpin_prefix(self, namespace: str, token_ids: list[int]) -> None:
         self.prefix_cache.unpin(self.cache_key(namespace), token_ids)
@@ -277,13 +439,29 @@ class KVCacheManager:
         handle = self._handles.pop(request.request_id, None)
         if handle is None:
             return
+        if handle.num_loading_tokens:
+            self._cancel_loads(handle)
         self._insert_full_blocks(request, handle)
         self.prefix_cache.unlock(handle.node)
         self.pool.decref_all(handle.block_ids)
 
+    def _cancel_loads(self, handle: KVHandle) -> None:
+        """Freed before its loads ran (admitted, then no room this step): its loaded blocks hold
+        nothing yet, so they must not enter the tree; they go back to the pool with the rest."""
+        pending = set(handle.block_ids)
+        t = self._transfers
+        t.host_loads = [(b, k) for b, k in t.host_loads if b not in pending]
+        t.store_loads = [(b, r) for b, r in t.store_loads if b not in pending]
+        handle.num_computed_tokens -= handle.num_loading_tokens
+        handle.num_host_hit_tokens = handle.num_storage_hit_tokens = handle.num_loading_tokens = 0
+        self._loading.remove(handle)
+
     def reset_prefix_cache(self) -> int:
         """Drop every cached block no running request uses. Returns blocks freed."""
         freed = self.prefix_cache.reset()
+        if self.tiered:  # keep the keys of the blocks still indexed (locked by running requests)
+            indexed = {b for node in self.prefix_cache.iter_nodes() for b in node.block_ids}
+            self._block_keys = {b: k for b, k in self._block_keys.items() if b in indexed}
         self.stats.evicted_blocks += freed
         return freed
 

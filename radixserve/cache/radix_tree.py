@@ -141,6 +141,10 @@ class RadixTree:
         self.max_pinned_blocks_per_namespace: int | None = None
         # Told when full blocks enter or leave the cache (KV events for scale-out routing).
         self.observer: TreeObserver = NULL_OBSERVER
+        # Called with the block ids ``evict`` drops, before the tree's refs on them go (the
+        # blocks are still intact then), so a lower tier can write them down. The tree stays
+        # about the tree: what an evicted block was is the hook owner's to know.
+        self.on_evict: Callable[[list[int]], None] | None = None
 
     # ---- lookup ---------------------------------------------------------------------------
     def match_prefix(self, namespace: str, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
@@ -271,6 +275,8 @@ class RadixTree:
                 heapq.heappush(heap, entry)  # still the same leaf with the same LRU key
             else:
                 parent = node.parent
+                if self.on_evict is not None:
+                    self.on_evict(list(node.block_ids))
                 freed += self._remove_leaf(node)
                 if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                     self._push_candidate(parent)
@@ -598,6 +604,8 @@ class RadixTree:
         keep = len(node.block_ids) - num_blocks
         self.observer.blocks_removed(node, keep)
         dropped = node.block_ids[keep:]
+        if self.on_evict is not None:
+            self.on_evict(dropped)
         del node.block_ids[keep:]
         del node.tokens[keep * self.block_size :]
         node.depth -= num_blocks * self.block_size

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import sys
 
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidRequestError("--prompt must not be empty")
     messages = _load_messages(args.messages) if args.messages else None
     llm = LLM.from_config(engine_config_from_args(args))
+    atexit.register(llm.close)  # with --kv-store: the prefix cache is written down for the next run
     system = [{"role": "system", "content": args.system}] if args.system else []
 
     def answer(conversation_or_prompt) -> str:

@@ -160,13 +160,16 @@ def creation_by_ttl(pins: list[_LabelledPin], cached: int) -> dict[str, int]:
 def _usage(out: RequestOutput, pins: list[_LabelledPin], output_tokens: int | None = None) -> dict:
     written = creation_by_ttl(pins, out.num_cached_tokens)
     creation = written["5m"] + written["1h"]
-    return {
+    usage = {
         "input_tokens": out.num_prompt_tokens - out.num_cached_tokens - creation,
         "output_tokens": len(out.token_ids) if output_tokens is None else output_tokens,
         "cache_creation_input_tokens": creation,
         "cache_read_input_tokens": out.num_cached_tokens,
         "cache_creation": {"ephemeral_5m_input_tokens": written["5m"], "ephemeral_1h_input_tokens": written["1h"]},
     }
+    if out.cached_tokens_by_tier is not None:  # extension field (tiers on): where the read tokens came from
+        usage["cache_read_input_tokens_by_tier"] = dict(out.cached_tokens_by_tier)
+    return usage
 
 
 def _stop_reason(out: RequestOutput) -> str:

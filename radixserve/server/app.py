@@ -51,6 +51,8 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
                 await sweeper
             await state.keeper.close()  # the last save reads the pins, so before the engine stops
             await state.async_engine.stop()
+            # the engine thread is gone: write the prefix cache down to the KV store, if any
+            await asyncio.to_thread(state.engine.close)
             if state.request_log is not None:
                 state.request_log.close()
 

@@ -14,10 +14,11 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from radixserve.engine import EngineSnapshot
+from radixserve.engine import EngineSnapshot, TierSnapshot
 from radixserve.request import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -61,6 +62,37 @@ class _EngineCollector(Collector):
         for key, name, doc in _GAUGES:
             yield GaugeMetricFamily(name, doc, value=values[key])
         yield GaugeMetricFamily("radixserve_named_caches", "Live named caches (/v1/caches)", value=self.named_caches)
+        if snap.tiers is not None:
+            yield from _tier_metrics(snap.tiers)
+
+
+def _labelled(family, labels: dict[str, int]):
+    for label, value in labels.items():
+        family.add_metric([label], value)
+    return family
+
+
+def _tier_metrics(t: TierSnapshot) -> Iterator[Metric]:
+    """The prefix cache's tiers (device / host / storage), each metric labelled by tier."""
+    yield _labelled(CounterMetricFamily("radixserve_tier_hit_tokens", "Prompt tokens served from each cache tier",
+                                        labels=["tier"]), t.hit_tokens)
+    yield _labelled(CounterMetricFamily("radixserve_tier_hit_bytes", "KV bytes served from each cache tier",
+                                        labels=["tier"]), t.hit_bytes)
+    yield _labelled(GaugeMetricFamily("radixserve_tier_used_bytes", "KV bytes each cache tier holds",
+                                      labels=["tier"]), t.used_bytes)
+    yield _labelled(GaugeMetricFamily("radixserve_tier_capacity_bytes", "KV bytes each cache tier may hold "
+                                      "(a Redis store: its maxmemory, 0 = unlimited)", labels=["tier"]), t.capacity_bytes)
+    yield _labelled(GaugeMetricFamily("radixserve_tier_blocks", "KV blocks each cache tier holds",
+                                      labels=["tier"]), t.records)
+    yield _labelled(CounterMetricFamily("radixserve_tier_load_decisions", "Admissions that found a prefix below the "
+                                        "device: loaded, or recomputed because loading was predicted slower",
+                                        labels=["decision"]), t.decisions)
+    yield CounterMetricFamily("radixserve_tier_corrupt_records", "Stored KV records refused (checksum, truncation, "
+                              "wrong key or identity): each a miss, never loaded", value=t.corrupt_records)
+    yield CounterMetricFamily("radixserve_tier_written_blocks", "KV blocks written to the storage tier",
+                              value=t.written_blocks)
+    yield CounterMetricFamily("radixserve_tier_write_failures", "KV blocks the storage tier could not take "
+                              "(full disk, I/O error, writer queue full)", value=t.write_failures)
 
 
 class ServerMetrics:
@@ -77,6 +109,10 @@ class ServerMetrics:
         self.time_per_output_token = Histogram(
             "radixserve_time_per_output_token_seconds", "Mean time between generated tokens, per request",
             buckets=_TPOT_BUCKETS, registry=self.registry,
+        )
+        self.tier_load_latency = Histogram(
+            "radixserve_tier_load_seconds", "Time to read a prefix's blocks from a lower cache tier",
+            labelnames=["tier"], buckets=_LOAD_BUCKETS, registry=self.registry,
         )
         self.e2e_latency = Histogram(
             "radixserve_e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS,
@@ -97,5 +133,8 @@ class ServerMetrics:
     def render(self, snapshot: EngineSnapshot, named_caches: int) -> bytes:
         """Prometheus text exposition with this snapshot of the engine."""
         self._engine.snapshot = snapshot
+        if snapshot.tiers is not None:
+            for tier, seconds in snapshot.tiers.load_seconds:
+                self.tier_load_latency.labels(tier).observe(seconds)
         self._engine.named_caches = named_caches
         return generate_latest(self.registry)

@@ -372,12 +372,25 @@ def _usage(outs: list[RequestOutput]) -> dict:
     firsts = [o for o in outs if o.index == 0]
     prompt = sum(o.num_prompt_tokens for o in firsts)
     completion = sum(len(o.token_ids) for o in outs)
+    details: dict = {"cached_tokens": sum(o.num_cached_tokens for o in firsts)}
+    by_tier = tier_breakdown(firsts)
+    if by_tier is not None:  # extension field: which tier the cached tokens came from
+        details["cached_tokens_by_tier"] = by_tier
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in firsts)},
+        "prompt_tokens_details": details,
     }
+
+
+def tier_breakdown(outs: list[RequestOutput]) -> dict[str, int] | None:
+    """Cached tokens per tier (device / host / storage) summed over outputs; None with the
+    tiers off (then every cached token is a device hit and the field is left out)."""
+    parts = [o.cached_tokens_by_tier for o in outs if o.cached_tokens_by_tier is not None]
+    if not parts:
+        return None
+    return {tier: sum(p[tier] for p in parts) for tier in ("device", "host", "storage")}
 
 
 def _finish_reason(out: RequestOutput) -> str:

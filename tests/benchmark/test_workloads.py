@@ -217,3 +217,13 @@ def test_head_of_line_is_a_long_uncached_prompt_then_short_requests_on_a_timelin
     other_seed = HeadOfLineWorkload(long_tokens=3000, seed=1).build()[0]
     assert common_prefix_len(prompt_ids(tokenizer, long), prompt_ids(tokenizer, other_seed)) < BLOCK  # uncached
     assert len(make_workload("head-of-line", scale=2.0).build()) == 1 + 8  # scale counts the short requests
+
+
+def test_working_set_cycles_through_more_prompts_than_a_small_pool_holds():
+    from radixserve.benchmark.workloads import DEFAULT_WORKLOADS
+
+    reqs = make_workload("working-set").build()
+    groups = [r.group for r in reqs]
+    assert len(set(groups)) == 16 and groups[:16] == groups[16:32]  # round robin
+    assert all(r.shared_prefix_tokens == 2000 for r in reqs)
+    assert "working-set" not in DEFAULT_WORKLOADS

@@ -119,3 +119,43 @@ def test_no_block_of_a_non_writing_request_stays_cached(make_engine, policies, s
             shared_with_writers = max((common_prefix_len(seq, w) for w in writers), default=0)
             assert _cached_prefix_len(engine, seq) <= shared_with_writers, "a block only a non-writing request computed is cached"
     _assert_no_leak(engine)
+
+
+def test_no_block_of_a_none_request_in_any_tier(make_engine):
+    """With a storage tier: a `none` request's blocks reach neither the tree nor the store (not on
+    eviction, not by its pins, not at shutdown), and a `read_only` request loads from the store
+    but stores nothing of its own."""
+    from radixserve.cache.block_keys import prefix_keys
+
+    rng = random.Random(7)
+    engine = make_engine(num_blocks=8, kv_store="memory")
+    identity, store = engine.cache.identity, engine.cache.store
+
+    def stored(tokens: list[int]) -> list[bool]:
+        engine.tier_io.flush()
+        return store.contains(prefix_keys(identity, "", tokens))
+
+    secret = _prompt(rng, 70)
+    engine.add_request(secret, _greedy(4), request_id="secret", cache_policy="none", cache_pins=[CachePin(64, 60.0)])
+    out = run_to_completion(engine)["secret"]
+    engine.add_request(_prompt(rng, 100), _greedy(4), request_id="evictor")  # fills the pool
+    run_to_completion(engine)
+    assert not any(stored(secret + out.token_ids))
+
+    shared = _prompt(rng, 64)
+    engine.add_request(shared + [5], _greedy(4), request_id="writer")
+    run_to_completion(engine)
+    engine.add_request(_prompt(rng, 100), _greedy(4), request_id="evictor2")  # writes `shared` back
+    run_to_completion(engine)
+    assert stored(shared)[1:] == [True] * 3  # the tail was evicted (the tree trims a leaf from its end)
+    own = shared + _prompt(rng, 40)
+    engine.add_request(own, _greedy(4), request_id="reader", cache_policy="read_only")
+    out = run_to_completion(engine)["reader"]
+    assert out.cached_tokens_by_tier["storage"] > 0  # it loads...
+    engine.add_request(_prompt(rng, 100), _greedy(4), request_id="evictor3")
+    run_to_completion(engine)
+    assert not any(stored(own + out.token_ids)[4:])  # ...but its own blocks are stored nowhere
+
+    engine.close()  # the shutdown write-back sees only the tree
+    assert not any(store.contains(prefix_keys(identity, "", secret))[:4])
+    _assert_no_leak(engine)

@@ -95,14 +95,15 @@ class RunningServer:
 
 @contextmanager
 def start_server(loaded_model, server_config: ServerConfig | None = None, *, num_blocks: int = 1024,
-                 max_num_batched_tokens: int = 2048, api_key: str | None = None) -> Iterator[RunningServer]:
+                 max_num_batched_tokens: int = 2048, api_key: str | None = None,
+                 kv_store: str | None = None) -> Iterator[RunningServer]:
     """Run a server in a background thread on a free 127.0.0.1 port until the block exits."""
     from radixserve.engine import LLMEngine
 
     engine = LLMEngine(
         EngineConfig(
             model=ModelConfig(source="embedded", show_progress=False),
-            cache=CacheConfig(num_blocks=num_blocks),
+            cache=CacheConfig(num_blocks=num_blocks, kv_store=kv_store),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
         ),
         loaded=loaded_model,
