@@ -150,10 +150,7 @@ class LLMEngine:
             **self._tier_options(loaded),
         )
         # None with the tiers off: then a step does no tier work at all
-        self.tier_io: TierIO | None = None
-        if self.cache.tiered:
-            self.tier_io = TierIO(self.runner.kv_cache, self.cache.identity.describe(), self.cache.store,
-                                  self.cache.host, self.cache.cost_model, self.cache.load_seconds)
+        self.tier_io: TierIO | None = self._tier_io() if self.cache.tiered else None
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
         self.guide_factory = GuideFactory(self.tokenizer, loaded.arch.vocab_size)
@@ -163,6 +160,11 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
+
+    def _tier_io(self) -> TierIO:
+        cache = self.cache
+        return TierIO(self.runner.kv_cache, cache.identity.describe(), cache.store, cache.host, cache.cost_model,
+                      cache.load_seconds)
 
     def _tier_options(self, loaded: LoadedModel) -> dict:
         """The lower tiers the config asks for (host RAM on a GPU, a KV store), opened once."""

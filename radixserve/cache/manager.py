@@ -102,8 +102,12 @@ class KVCacheManager:
         # (src, dst) block copies that the next forward must apply before writing any K/V:
         # copy-on-write of shared partial blocks, drained by the scheduler into its StepInput
         self._block_copies: list[tuple[int, int]] = []
-        # Lower tiers (cache/tiers.py): host RAM (`host`, GPU only) and storage (`store`). Off
-        # unless one is given; then nothing below runs, not even key hashing.
+        self._init_tiers(identity, store, host, block_bytes, write_through_all)
+
+    def _init_tiers(self, identity: CacheIdentity | None, store: KVStore | None, host: KeyIndex | None,
+                    block_bytes: int, write_through_all: bool) -> None:
+        """Lower tiers (cache/tiers.py): host RAM (`host`, GPU only) and storage (`store`). Off
+        unless one is given; then nothing below runs, not even key hashing."""
         self.identity = identity
         self.store = store if store is not None and not isinstance(store, NullKVStore) else None
         self.host = host
@@ -197,10 +201,9 @@ class KVCacheManager:
 
             0 ... device match ... host blocks ... storage blocks ... limit ... num_tokens
         """
-        block_size = self.block_size
+        block_size, loaded = self.block_size, 0
         keys = handle.keys.update(tokens[:limit])
         wanted = keys[handle.num_computed_tokens // block_size :]
-        loaded = 0
         for tier, index in (("host", self.host), ("storage", self.store)):
             if not wanted or index is None:
                 continue
@@ -212,29 +215,14 @@ class KVCacheManager:
                 self.tier_stats.recompute_decisions += 1
                 break  # lower tiers are slower still
             self.tier_stats.load_decisions += 1
-            records = None
-            if tier == "storage":
-                start = time.perf_counter()
-                records = self.store.get(wanted[:n])
-                seconds = time.perf_counter() - start
-                self.cost_model.observe_read(tier, sum(len(r.payload) for r in records if r is not None), seconds)
-                self.load_seconds.append((tier, seconds))
-                found = records.index(None) if None in records else n
-                if found < n:
-                    self.tier_stats.short_loads += 1  # missing or corrupt: the rest is prefilled
-                n = found
+            records = self._read_storage(wanted[:n]) if tier == "storage" else None
+            if records is not None and None in records:
+                n = records.index(None)
             blocks = self._allocate_for_load(n)
             n = len(blocks)
             if n == 0:
                 break
-            if records is None:
-                self._transfers.host_loads.extend(zip(blocks, wanted[:n]))
-                handle.num_host_hit_tokens += n * block_size
-            else:
-                self._transfers.store_loads.extend(zip(blocks, records[:n]))
-                handle.num_storage_hit_tokens += n * block_size
-            self.tier_stats.hit_tokens[tier] += n * block_size
-            self.tier_stats.hit_bytes[tier] += n * self.block_bytes
+            self._list_loads(tier, handle, blocks, wanted, records)
             handle.block_ids.extend(blocks)
             handle.num_computed_tokens += n * block_size
             loaded += n * block_size
@@ -245,6 +233,30 @@ class KVCacheManager:
             handle.num_loading_tokens = loaded
             self._loading.append(handle)
         return loaded
+
+    def _read_storage(self, keys: list[BlockKey]) -> list:
+        """Read and verify these records now (a corrupt or missing one ends the usable run)."""
+        start = time.perf_counter()
+        records = self.store.get(keys)
+        seconds = time.perf_counter() - start
+        self.cost_model.observe_read("storage", sum(len(r.payload) for r in records if r is not None), seconds)
+        self.load_seconds.append(("storage", seconds))
+        if None in records:
+            self.tier_stats.short_loads += 1  # missing or corrupt: the rest is prefilled
+        return records
+
+    def _list_loads(self, tier: str, handle: KVHandle, blocks: list[int], wanted: list[BlockKey],
+                    records: list | None) -> None:
+        """List the copies into `blocks` for this step and count them as `tier` hits."""
+        n = len(blocks)
+        if records is None:
+            self._transfers.host_loads.extend(zip(blocks, wanted[:n]))
+            handle.num_host_hit_tokens += n * self.block_size
+        else:
+            self._transfers.store_loads.extend(zip(blocks, records[:n]))
+            handle.num_storage_hit_tokens += n * self.block_size
+        self.tier_stats.hit_tokens[tier] += n * self.block_size
+        self.tier_stats.hit_bytes[tier] += n * self.block_bytes
 
     def _allocate_for_load(self, num_blocks: int) -> list[int]:
         """Up to `num_blocks` fresh blocks (evicting first); fewer if the pool cannot spare them."""
