@@ -70,10 +70,12 @@ def _run_scenarios(attend, q_all, k_cache, v_cache, table, length, block_size, d
     return results
 
 
-def _check(results, reference, tol):
+def _check(results, reference, tol, bitwise=None):
+    """Every scenario bitwise equal to the first (or those in `bitwise`), all close to the reference."""
     first = next(iter(results.values()))
     for name, out in results.items():
-        assert torch.equal(out, first), name
+        if bitwise is None or name in bitwise:
+            assert torch.equal(out, first), name
     rel = ((first.float() - reference.float()).norm() / reference.float().norm()).item()
     assert rel < tol, rel
 
@@ -119,7 +121,12 @@ def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, wit
     results = _run_scenarios(
         lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device, others
     )
-    _check(results, _dense_reference(q_all, k_cache, v_cache, table, length), 1e-4 if INTERPRET else 2e-2)
+    # The interpreter's tl.dot is numpy's BLAS, whose result for a row depends on the row's place
+    # in the tile (edge micro-kernels); a GPU's MMA does every row alike. So on the interpreter only
+    # the scenario whose query tiles line up with the fresh prefill's (a cached prefix of a whole
+    # number of query tiles) must match bitwise; that still checks the fixed key chunks and merge.
+    aligned = ["fresh prefill", "prefill over a cached prefix at a block boundary"] if INTERPRET else None
+    _check(results, _dense_reference(q_all, k_cache, v_cache, table, length), 1e-4 if INTERPRET else 2e-2, aligned)
 
 
 @pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
