@@ -53,7 +53,7 @@ def greedy(n: int = N_TOKENS) -> SamplingParams:
 @pytest.fixture(scope="module")
 def prompts(embedded_model):
     tok = embedded_model.tokenizer
-    target = tok.encode(TEXT)[:44]
+    target = tok.encode(TEXT * 3)[:44]
     others = [tok.encode(f"Write {i + 1} short lines about the sea. ") * (i + 1) for i in range(3)]
     return target, others
 
@@ -79,11 +79,13 @@ def _ways(loaded, target, others) -> dict[str, tuple[list[torch.Tensor], list[in
     ways["batched"] = e
     ways["chunks of 12"] = make(loaded, chunk=12)  # (c)
     ways["chunks of 12"].add_request(target, greedy(), request_id="t")
-    # (d) a pool too small for all three: someone is preempted and recomputed
+    # (d) preempted and recomputed: the three prompts fill the 24-block pool exactly (10 + 3 + 11
+    # blocks of 4 tokens), so the first decode step needs a block and the newest request, ours,
+    # is preempted; it is recomputed once the others finish.
     e = make(loaded, num_blocks=24, block_size=4)
-    for i, o in enumerate(others[1:]):
-        e.add_request(o + o, greedy(8), request_id=f"o{i}")
-    e.add_request(target, greedy(), request_id="t")
+    e.add_request(others[1] + others[1], greedy(6), request_id="o0")  # 40 tokens
+    e.add_request(others[0], greedy(6), request_id="o1")  # 10 tokens
+    e.target_request = e.add_request(target, greedy(), request_id="t")  # 44 tokens
     ways["preempted"] = e
     results = {}
     for name, e in ways.items():
@@ -98,7 +100,7 @@ def test_logits_bitwise_equal_across_cache_batch_chunks_preemption(embedded_mode
     results = _ways(embedded_model, target, others)
     ref_logits, ref_tokens, _ = results.pop("alone")
     assert len(ref_logits) == N_TOKENS
-    assert results["preempted"][2].stats.preemptions > 0
+    assert results["preempted"][2].target_request.num_preemptions > 0
     for cached in (8, 24, 40):
         assert results[f"{cached} tokens cached"][2].cache.stats.hit_tokens >= cached
     for name, (logits, tokens, _) in results.items():

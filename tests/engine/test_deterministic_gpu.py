@@ -115,7 +115,9 @@ def test_deterministic_matrix_bitwise_equal(model):
     reference = run(loaded, source, prompts, deterministic=True, caching=False, batch=64, chunk=4096)
     configs = [dict(caching=c, batch=b, chunk=k) for c, b, k in itertools.product((True, False), (1, 64), (256, 4096))]
     configs.remove(dict(caching=False, batch=64, chunk=4096))
-    configs.append(dict(caching=True, batch=64, chunk=4096, num_blocks=320))  # (d): preempt and recompute
+    # (d): a pool of 200 blocks under 64 running requests of up to 24 blocks each, prompts admitted
+    # a chunk at a time: running requests outgrow it, the newest are preempted and recomputed
+    configs.append(dict(caching=True, batch=64, chunk=256, num_blocks=200))
     failures = []
     for cfg in configs:
         got = run(loaded, source, prompts, deterministic=True, **cfg)
