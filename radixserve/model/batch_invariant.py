@@ -27,8 +27,13 @@ The fixes, each used only in deterministic mode:
 - RMSNorm, RoPE, SiLU, residual adds are row-wise already (measured: bitwise equal at any row
   count); sampling is per request (greedy argmax per row; seeded requests own their generator).
 
-Elementwise transcendental ops (exp) are vectorized by torch with a scalar tail; the shapes here
-keep every tensor's rows a multiple of 16 elements wide so no row straddles a vector/scalar tail.
+What this rests on (checked by tests/model/test_batch_invariant.py and
+tests/engine/test_deterministic.py on the machine they run on): a fixed-shape BLAS matmul reduces
+each row the same way whatever the other rows hold; and torch's vectorized exp hands no element to
+its scalar tail loop, which holds when every thread's share of a tensor is a multiple of the
+vector width: the attention tensors here are multiples of 16 x 16 elements (Q_TILE x group rows,
+chunks of 16 blocks), which divides evenly for 1, 2, 3, 4, 6 and 8 threads. The logits also depend
+on the thread count itself (MKL's blocking), so compare runs made with the same one.
 """
 
 from __future__ import annotations
