@@ -29,11 +29,10 @@ The fixes, each used only in deterministic mode:
 
 What this rests on (checked by tests/model/test_batch_invariant.py and
 tests/engine/test_deterministic.py on the machine they run on): a fixed-shape BLAS matmul reduces
-each row the same way whatever the other rows hold; and torch's vectorized exp hands no element to
-its scalar tail loop, which holds when every thread's share of a tensor is a multiple of the
-vector width: the attention tensors here are multiples of 16 x 16 elements (Q_TILE x group rows,
-chunks of 16 blocks), which divides evenly for 1, 2, 3, 4, 6 and 8 threads. The logits also depend
-on the thread count itself (MKL's blocking), so compare runs made with the same one.
+each row the same way whatever the other rows hold, and elementwise ops give an element the same
+bits wherever it falls in a tensor (measured for exp with torch 2.13: an element exp'd alone, at a
+thread's tail or inside a vector body comes out the same). The logits do depend on the thread
+count (MKL's blocking), so compare runs made with the same one.
 """
 
 from __future__ import annotations
