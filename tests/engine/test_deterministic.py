@@ -72,7 +72,7 @@ def _ways(loaded, target, others) -> dict[str, tuple[list[torch.Tensor], list[in
         ways[f"{cached} tokens cached"] = e
     e = make(loaded)  # (b) in a batch: others' prefills first, then decodes beside ours
     for i, o in enumerate(others):
-        e.add_request(o, greedy(6), request_id=f"o{i}")
+        e.add_request(o, greedy(4), request_id=f"o{i}")
     e.step()
     e.add_request(target, greedy(), request_id="t")
     e.add_request(others[0][:5], greedy(2), request_id="late")
@@ -83,8 +83,8 @@ def _ways(loaded, target, others) -> dict[str, tuple[list[torch.Tensor], list[in
     # blocks of 4 tokens), so the first decode step needs a block and the newest request, ours,
     # is preempted; it is recomputed once the others finish.
     e = make(loaded, num_blocks=24, block_size=4)
-    e.add_request(others[1] + others[1], greedy(6), request_id="o0")  # 40 tokens
-    e.add_request(others[0], greedy(6), request_id="o1")  # 10 tokens
+    e.add_request(others[1] + others[1], greedy(3), request_id="o0")  # 40 tokens
+    e.add_request(others[0], greedy(3), request_id="o1")  # 10 tokens
     e.target_request = e.add_request(target, greedy(), request_id="t")  # 44 tokens
     ways["preempted"] = e
     results = {}
