@@ -40,6 +40,10 @@ class ModelConfig:
     """cap the context length (default: the model's)"""
     enforce_eager: bool = False
     """GPU: launch every kernel from Python, no CUDA graphs (for debugging; slower)"""
+    deterministic: bool = False
+    """bitwise-reproducible logits: a request's logits (and seeded samples) do not depend on the
+    prefix cache, the batch, the prefill chunking or preemption; batch-invariant matmuls and one
+    attention path (slower: see docs/benchmarks.md)"""
     show_progress: bool = True
     """progress bars while loading weights"""
 

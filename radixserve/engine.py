@@ -142,6 +142,7 @@ class LLMEngine:
             max_num_seqs=self.config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
             cuda_graphs=not self.config.model.enforce_eager,
+            deterministic=self.config.model.deterministic,
         )
         self.cache = KVCacheManager(
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,

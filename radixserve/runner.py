@@ -40,6 +40,7 @@ class ModelRunner:
         max_num_seqs: int = 0,
         max_model_len: int | None = None,
         cuda_graphs: bool = True,
+        deterministic: bool = False,
     ) -> None:
         self.model = loaded.model
         self.arch = loaded.arch
@@ -48,6 +49,9 @@ class ModelRunner:
         self.device = param.device
         self.dtype = param.dtype
         self.kv_cache = KVCache.allocate(self.arch, num_blocks, self.block_size, self.dtype, self.device)
+        # Before any graph capture: the graphs record whichever kernels the mode picks. Set on
+        # every runner (a LoadedModel may be shared by engines of either mode, one at a time).
+        self.model.set_deterministic(deterministic, max_model_len)
         self._uploader = None
         self.graphs = None
         self.prefill_graphs = None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from radixserve.model import batch_invariant
 from radixserve.model.arch import ModelArch, parse_dtype
 from radixserve.step import StepInput
 
@@ -223,6 +224,14 @@ class AttentionBackend(abc.ABC):
     """
 
     kernels = None
+    # Deterministic mode (set_deterministic): one batch-invariant attention computation for
+    # fresh prefill, prefill over a cached prefix and decode (see model/batch_invariant.py).
+    deterministic = False
+
+    def set_deterministic(self, enabled: bool, max_model_len: int) -> None:
+        """Turn deterministic mode on or off (LlamaForCausalLM.set_deterministic calls this).
+        max_model_len bounds the key chunks a CUDA graph's attention must cover."""
+        self.deterministic = enabled
 
     @abc.abstractmethod
     def write_kv(
@@ -284,6 +293,8 @@ class TorchAttentionBackend(AttentionBackend):
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.deterministic:
+            return batch_invariant.attend(q, layer_k_cache, layer_v_cache, meta, scale)
         T, H, D = q.shape
         out = q.new_empty(T, H, D)
         decode_rows: list[int] = []  # token row of each decode sequence

@@ -8,7 +8,7 @@ names and copies each tensor into its slice, so HF state dicts load as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,20 @@ from torch import nn
 
 from radixserve.model.arch import ModelArch
 from radixserve.model.attention import AttentionBackend, AttentionMetadata, KVCache, TorchAttentionBackend
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose matmul deterministic mode swaps for a batch-invariant one
+    (`LlamaForCausalLM.set_deterministic`); same parameters, same state dict."""
+
+    invariant_linear: LinearFn | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.invariant_linear is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.invariant_linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -128,8 +142,8 @@ class LlamaAttention(nn.Module):
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
         self.scale = arch.head_dim**-0.5
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias, **kw)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False, **kw)
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias, **kw)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False, **kw)
         if arch.qk_norm:
             self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, **kw)
             self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, **kw)
@@ -172,8 +186,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, arch: ModelArch, dtype=None, device=None) -> None:
         super().__init__()
         self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype, device=device)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False, dtype=dtype, device=device)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -250,9 +264,26 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if arch.tie_word_embeddings
-            else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, device=device)
+            else Linear(arch.hidden_size, arch.vocab_size, bias=False, dtype=dtype, device=device)
         )
         self.rotary = RotaryEmbedding(arch)
+        self.invariant_linear: LinearFn | None = None  # set by set_deterministic
+
+    def set_deterministic(self, enabled: bool, max_model_len: int | None = None) -> None:
+        """Deterministic mode on or off: batch-invariant matmuls in every linear layer and the
+        LM head, and the backend's batch-invariant attention (see model/batch_invariant.py and,
+        on GPU, model/triton_batch_invariant.py). Call before capturing CUDA graphs."""
+        fn = None
+        if enabled:
+            if self.backend.kernels is not None:  # the Triton backend: GPU kernels
+                from radixserve.model.triton_batch_invariant import linear as fn
+            else:
+                from radixserve.model.batch_invariant import linear as fn
+        self.invariant_linear = fn
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.invariant_linear = fn
+        self.backend.set_deterministic(enabled, max_model_len or self.arch.max_position_embeddings)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -283,6 +314,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab] in fp32."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        if self.invariant_linear is not None:
+            return self.invariant_linear(hidden, weight, None).float()
         return F.linear(hidden, weight).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

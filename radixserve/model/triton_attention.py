@@ -51,6 +51,15 @@ MAX_SPLITS = 16
 # mask applies (2140 new over 16: paged 193 us, bottom-right SDPA 211 us, fresh flash 105 us).
 # Never inside a CUDA graph (it slices by host lengths).
 GATHER_SDPA_MIN_QUERY = 1024
+# Deterministic mode (set_deterministic): every sequence of a step (fresh prefill, prefill over a
+# cached prefix, decode) goes through ONE launch of the paged kernel with ONE tile shape, and the
+# keys are cut into fixed chunks of DETERMINISTIC_SPLIT_TILES tiles counted from position 0, each
+# chunk a partial softmax merged in chunk order. So a query's keys are always reduced in the same
+# tiles, chunks and order, wherever its K/V came from and whatever else is in the launch.
+# 64-row query tiles (16 tokens x 4 query heads of a KV head on Llama-3), 64-key tiles, 16 tiles
+# (1024 keys) per chunk: decode at long contexts still gets several programs per KV head.
+DETERMINISTIC_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+DETERMINISTIC_SPLIT_TILES = 16
 # Arrival counters of split launches that merge in-kernel (one per sequence x query block x KV
 # head); a launch with more groups than this falls back to the separate merge kernel.
 MERGE_COUNTERS = 1 << 14
@@ -108,6 +117,11 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self) -> None:
         self._sdpa_gqa_ok: dict[bool, bool] = {}  # does SDPA take GQA directly? (per causal variant)
         self._counters: torch.Tensor | None = None  # zeroed once; the kernel leaves it zeroed
+        self._max_model_len = 0  # deterministic mode: the longest context a graph's launch covers
+
+    def set_deterministic(self, enabled: bool, max_model_len: int) -> None:
+        self.deterministic = enabled
+        self._max_model_len = max_model_len
 
     def _merge_counters(self, device: torch.device) -> torch.Tensor:
         # Allocated on the first (eager, warm-up) call, so CUDA graphs capture this same buffer.
@@ -132,6 +146,10 @@ class TritonAttentionBackend(AttentionBackend):
         cached = meta.backend_state.get("triton")
         if cached is not None:
             return cached
+        if self.deterministic:
+            plan = self._deterministic_plan(meta, num_kv_heads, num_heads, head_dim, elem_bytes, device)
+            meta.backend_state["triton"] = plan
+            return plan
         qlens, slens = meta.query_lens, meta.seq_lens_list
         fresh, gathered, decode, prefill = self._classify(meta, have_kv)
         launches: list[_Launch] = []
@@ -198,6 +216,25 @@ class TritonAttentionBackend(AttentionBackend):
         if programs < sms and tiles >= 8:  # at most one wave: a partial second wave costs a whole one
             splits = max(1, min(MAX_SPLITS, sms // programs, tiles // 4))
         return _Launch(ids, len(qlens), n_qblocks, splits, cfg)
+
+    def _deterministic_plan(
+        self, meta: AttentionMetadata, num_kv_heads: int, num_heads: int, head_dim: int, elem_bytes: int,
+        device: torch.device,
+    ) -> _StepPlan:  # fmt: skip
+        """One launch over every sequence, the fixed tile shape and fixed key chunks. The
+        number of chunks only has to cover the longest context (a graph: any context up to
+        max_model_len); at least 2, so the split count is never the constant 1 Triton would
+        compile a separate binary for."""
+        group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
+        cfg = dict(DETERMINISTIC_CFG, block_m=max(DETERMINISTIC_CFG["block_m"], group_p))
+        cfg = _fit_stages(cfg, head_dim, elem_bytes, device)
+        block_q = cfg["block_m"] // group_p
+        chunk = DETERMINISTIC_SPLIT_TILES * cfg["block_n"]
+        longest = self._max_model_len if meta.lengths_are_nominal else meta.max_seq_len
+        splits = max(2, -(-max(longest, 1) // chunk))
+        n_qblocks = -(-max(meta.max_query_len, 1) // block_q)
+        launch = _Launch(None, meta.num_seqs, n_qblocks, splits, dict(cfg, split_tiles=DETERMINISTIC_SPLIT_TILES))
+        return _StepPlan([], [], [launch])
 
     # ---- attention ---------------------------------------------------------------------
     def attend(self, q, layer_k_cache, layer_v_cache, meta, scale, k=None, v=None) -> torch.Tensor:

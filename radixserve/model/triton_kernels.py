@@ -143,6 +143,7 @@ def _paged_attention_kernel(
     PREFETCH: tl.constexpr,
     USE_SEQ_IDS: tl.constexpr,
     IEEE: tl.constexpr,
+    SPLIT_TILES: tl.constexpr = 0,
 ):
     """One program: one sequence, BLOCK_M // GROUP_P of its new tokens times the GROUP query
     heads sharing one KV head (so each K/V tile is loaded once for all of them), and one slice
@@ -189,7 +190,12 @@ def _paged_attention_kernel(
     # This query block sees keys [0, kv_end): causality bounds it by its last token.
     kv_end = ctx_len + tl.minimum(q_len, (qb + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    per_split = tl.cdiv(num_tiles, num_splits)
+    if SPLIT_TILES > 0:
+        # Deterministic mode: fixed key chunks of SPLIT_TILES tiles counted from position 0, so a
+        # query's keys are reduced in the same chunks whatever the launch (see triton_attention.py).
+        per_split = SPLIT_TILES
+    else:
+        per_split = tl.cdiv(num_tiles, num_splits)
     t_begin = split * per_split
     t_end = tl.minimum(t_begin + per_split, num_tiles)
 
@@ -338,6 +344,7 @@ def paged_attention(
     num_stages: int,
     counters: torch.Tensor | None = None,
     prefetch: bool = False,
+    split_tiles: int = 0,
 ) -> None:
     """Launch the paged kernel over `num_seqs` sequences (all of them, or those in seq_ids),
     each with up to n_qblocks query blocks of block_m rows, its key range cut into num_splits.
@@ -345,6 +352,9 @@ def paged_attention(
     q/out [T, H, D] (last dim contiguous); caches [num_blocks, page, kv_heads, D]. `counters`:
     a zeroed int32 scratch tensor (kept zero between launches by the kernel); when given and
     large enough, split launches merge their partials in the same launch (no second kernel).
+    split_tiles > 0 (deterministic mode): split s covers key tiles [s * split_tiles, (s + 1) *
+    split_tiles) counted from position 0, always through the partial + merge path; num_splits
+    must then cover the longest context of the launch (extra splits are empty, exact no-ops).
     """
     T, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
@@ -353,7 +363,7 @@ def paged_attention(
     head_dim_p = triton.next_power_of_2(D)
     if num_seqs == 0 or T == 0:
         return
-    split = num_splits > 1
+    split = num_splits > 1 or split_tiles > 0
     if split:
         n_parts = num_seqs * n_qblocks * kvh * num_splits
         part_acc = torch.empty(n_parts * block_m * head_dim_p, dtype=torch.float32, device=q.device)
@@ -377,7 +387,7 @@ def paged_attention(
         dict(
             NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p, PAGE=page,
             BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, FUSE_MERGE=fuse, PREFETCH=prefetch, USE_SEQ_IDS=seq_ids is not None,
-            IEEE=q.dtype == torch.float32,
+            IEEE=q.dtype == torch.float32, SPLIT_TILES=split_tiles,
         ),
         num_warps, num_stages,
     )  # fmt: skip

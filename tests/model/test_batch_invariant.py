@@ -1,0 +1,148 @@
+"""Deterministic mode's batch-invariant ops, without the engine: a row's result must be bitwise
+the same however the rows are batched, and close to the plain ops.
+
+CPU (torch) always; the Triton versions on a CUDA device, or on CPU with TRITON_INTERPRET=1 and
+Triton installed (slow; checks indexing and the chunked merge, not GPU rounding).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radixserve.model import batch_invariant
+from radixserve.model.attention import AttentionMetadata, TorchAttentionBackend
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON_DEVICE = torch.cuda.is_available() or INTERPRET
+
+
+def test_linear_rows_do_not_depend_on_the_batch():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1728, 576, generator=gen)
+    x = torch.randn(300, 576, generator=gen)
+    full = batch_invariant.linear(x, weight)
+    assert torch.allclose(full, F.linear(x, weight), rtol=1e-4, atol=1e-4)
+    for m in (1, 2, 3, 5, 16, 17, 64, 299):
+        assert torch.equal(batch_invariant.linear(x[:m], weight), full[:m]), m
+    # the same row at another place in the batch
+    assert torch.equal(batch_invariant.linear(x[[7, 0, 250]], weight), full[[7, 0, 250]])
+
+
+def _pool(length: int, *, kv_heads: int, head_dim: int, block_size: int, device, dtype, seed: int = 0):
+    """A paged pool holding K/V for positions 0..length-1 of one sequence (shuffled blocks) and
+    another sequence's garbage in the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    n_blocks = -(-length // block_size)
+    num_blocks = 2 * n_blocks + 4
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    table = torch.randperm(num_blocks, generator=gen)[:n_blocks].tolist()
+    return k_cache, v_cache, table
+
+
+def _steps(length: int, table: list[int], block_size: int) -> dict[str, list[tuple[int, int]]]:
+    """Ways to reach the same positions: (context, new tokens) per step."""
+    return {
+        "fresh prefill": [(0, length)],
+        "prefill over a cached prefix at a block boundary": [(0, 4 * block_size), (4 * block_size, length - 4 * block_size)],
+        "chunked prefill": [(c, min(37, length - c)) for c in range(0, length, 37)],
+        "cached prefix then decodes": [(0, length - 6)] + [(length - 6 + i, 1) for i in range(6)],
+    }
+
+
+def _run_scenarios(attend, q_all, k_cache, v_cache, table, length, block_size, device, others=()):
+    """Attention output of every position of the sequence under each scenario; with `others`,
+    every step also carries those (context, new) sequences in the same batch."""
+    results = {}
+    for name, steps in _steps(length, table, block_size).items():
+        out = torch.empty_like(q_all)
+        for ctx, n in steps:
+            extra = list(others)
+            tables = [table] + [table] * len(extra)  # extra rows read the same pool (their values are not checked)
+            meta = AttentionMetadata.build(tables, [ctx] + [c for c, _ in extra], [n] + [m for _, m in extra], block_size, device=device)
+            q = torch.cat([q_all[ctx : ctx + n]] + [q_all[c : c + m] for c, m in extra])
+            out[ctx : ctx + n] = attend(q, k_cache, v_cache, meta)[:n]
+        results[name] = out
+    return results
+
+
+def _check(results, reference, tol, bitwise=None):
+    """Every scenario bitwise equal to the first (or those in `bitwise`), all close to the reference."""
+    first = next(iter(results.values()))
+    for name, out in results.items():
+        if bitwise is None or name in bitwise:
+            assert torch.equal(out, first), name
+    rel = ((first.float() - reference.float()).norm() / reference.float().norm()).item()
+    assert rel < tol, rel
+
+
+def _dense_reference(q_all, k_cache, v_cache, table, length):
+    kvh, d = k_cache.shape[2], k_cache.shape[3]
+    keys = k_cache[table].reshape(-1, kvh, d)[:length]
+    values = v_cache[table].reshape(-1, kvh, d)[:length]
+    from radixserve.model.attention import dense_causal_attention
+
+    return dense_causal_attention(q_all.float(), keys.float(), values.float(), 1.0 / 8)
+
+
+@pytest.mark.parametrize("with_others", [False, True])
+def test_torch_attention_same_bits_fresh_cached_chunked_decode(with_others):
+    block_size, length, heads, kv_heads, head_dim = 4, 150, 6, 2, 64  # 150 tokens: 3 key chunks of 64
+    k_cache, v_cache, table = _pool(length, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, device="cpu", dtype=torch.float32)
+    q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1))
+    backend = TorchAttentionBackend()
+    backend.set_deterministic(True, 4096)
+    others = [(100, 1), (0, 9), (20, 30)] if with_others else []
+    results = _run_scenarios(
+        lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, "cpu", others
+    )
+    _check(results, _dense_reference(q_all, k_cache, v_cache, table, length), 1e-5)
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("with_others", [False, True])
+def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others):
+    pytest.importorskip("triton")
+    import radixserve.model.triton_attention as TA
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    monkeypatch.setattr(TA, "DETERMINISTIC_SPLIT_TILES", 1)  # 64-key chunks: several on a short sequence
+    block_size, length, heads, kv_heads, head_dim = 16, 150, 8, 2, 64
+    k_cache, v_cache, table = _pool(length, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, device=device, dtype=dtype)
+    q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    backend = TA.TritonAttentionBackend()
+    backend.set_deterministic(True, 4096)
+    others = [(100, 1), (0, 9), (20, 30)] if with_others else []
+    results = _run_scenarios(
+        lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device, others
+    )
+    # The interpreter's tl.dot is numpy's BLAS, whose result for a row depends on the row's place
+    # in the tile (edge micro-kernels); a GPU's MMA does every row alike. So on the interpreter only
+    # the scenario whose query tiles line up with the fresh prefill's (a cached prefix of a whole
+    # number of query tiles) must match bitwise; that still checks the fixed key chunks and merge.
+    aligned = ["fresh prefill", "prefill over a cached prefix at a block boundary"] if INTERPRET else None
+    _check(results, _dense_reference(q_all, k_cache, v_cache, table, length), 1e-4 if INTERPRET else 2e-2, aligned)
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+def test_triton_linear_rows_do_not_depend_on_the_batch():
+    pytest.importorskip("triton")
+    from radixserve.model import triton_batch_invariant as TB
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    n, k = (200, 72) if INTERPRET else (3072, 1024)
+    weight = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(300, k, generator=gen).to(device=device, dtype=dtype)
+    full = TB.linear(x, weight, bias)
+    ref = F.linear(x.float(), weight.float(), bias.float())
+    assert ((full.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
+    for m in (1, 3, 64, 129, 299) if not INTERPRET else (1, 130):
+        assert torch.equal(TB.linear(x[:m], weight, bias), full[:m]), m
