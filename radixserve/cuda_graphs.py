@@ -17,13 +17,30 @@ writes them; every other op is row-wise), and their logits are dropped. Only imp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import gc
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
 from radixserve.step import StepInput
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No garbage collection while a graph is captured: a collection could free an earlier,
+    unreachable engine's CUDA graphs, and destroying a graph is an operation that invalidates the
+    capture in progress (seen when engines are built and dropped in a loop)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 CAPTURE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 # Single-sequence prefill steps up to this many tokens replay a graph; longer ones are GPU-bound
@@ -127,7 +144,7 @@ class DecodeGraphs:
             self._forward(bs, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with _no_gc(), torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(bs, meta)
             pool = graph.pool()
             self._graphs[bs] = graph
@@ -221,7 +238,7 @@ class PrefillGraphs:
             self._forward(tokens, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with _no_gc(), torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(tokens, meta)
             pool = graph.pool()
             self._graphs[tokens] = graph
