@@ -68,11 +68,21 @@ class CacheConfig:
     a pin over it is refused, so pins can never starve the pool"""
     max_pinned_fraction_per_namespace: float = 0.25
     """share of the KV pool the pins of one cache namespace (one API key + cache_salt) may hold"""
+    tenant_quota: int | None = None
+    """most KV blocks the prefix cache keeps for one tenant (an API key with per-key isolation, all
+    its cache_salts together); past it the tenant's own least recently used blocks go first, so
+    one tenant's flood cannot flush the others' prefixes (default: no quota)"""
+    ghost_index_blocks: int = 4096
+    """evicted blocks remembered (a hash each) so a cache report can say "evicted" (0: off)"""
 
     def __post_init__(self) -> None:
         for name in ("max_pinned_fraction", "max_pinned_fraction_per_namespace"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.tenant_quota is not None and self.tenant_quota < 1:
+            raise ValueError(f"tenant_quota must be >= 1 block, got {self.tenant_quota}")
+        if self.ghost_index_blocks < 0:
+            raise ValueError(f"ghost_index_blocks must be >= 0, got {self.ghost_index_blocks}")
 
 
 @dataclass(slots=True)

@@ -6,7 +6,12 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
 from radixserve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from radixserve.cache.cache_report import CacheReport
 
 
 class RequestStatus(enum.Enum):
@@ -62,6 +67,10 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     cache_pins: list[CachePin] = field(default_factory=list)
     cache_policy: CachePolicy = CachePolicy.READ_WRITE
+    want_cache_report: bool = False  # compute a CacheReport at its first admission
+    # Other namespaces the caller may read itself (its unsalted one), which its report may name.
+    cache_report_namespaces: tuple[str, ...] = ()
+    publish_scope: str | None = None  # an operator request computing this shared scope's prefix
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -73,6 +82,7 @@ class Request:
 
     # Request facts the scheduler keeps (the KV state is the cache manager's: KVCacheManager.kv)
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission (reported)
+    cache_report: CacheReport | None = None  # why it hit or missed, when asked (first admission)
     num_pinned_tokens: int = 0  # the longest of its cache_pins the tree accepted (0: none or refused)
     num_preemptions: int = 0
     times_deferred: int = 0  # scheduler passes over it (lpm policy / in-batch dedup)
@@ -156,6 +166,7 @@ class RequestOutput:
     num_pinned_tokens: int = 0  # prompt tokens its cache pins hold (a pin over the bounds is refused)
     logprobs: list[Any] | None = None  # sampling.TokenLogprob per output token (when asked)
     new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)
+    cache_report: CacheReport | None = None  # why the prompt hit or missed (when asked)
 
     @property
     def num_prompt_tokens(self) -> int:
