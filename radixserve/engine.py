@@ -97,6 +97,7 @@ class LLMEngine:
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
             max_pinned_fraction=cache_cfg.max_pinned_fraction,
             max_pinned_fraction_per_namespace=cache_cfg.max_pinned_fraction_per_namespace,
+            ghost_index_blocks=cache_cfg.ghost_index_blocks, tenant_quota_blocks=cache_cfg.tenant_quota,
         )
         self.scheduler = Scheduler(self.config.scheduler, self.cache)
         self.sampler = Sampler()
@@ -118,9 +119,15 @@ class LLMEngine:
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
         cache_policy: CachePolicy | str = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        cache_report_namespaces: tuple[str, ...] = (),
+        publish_scope: str | None = None,
     ) -> Request:
         """Queue a request. Raises InvalidRequestError / PromptTooLongError for bad input.
-        `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks."""
+        `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks.
+        `cache_report` asks for a CacheReport (why it hit or missed) in its final output;
+        `cache_report_namespaces` are other namespaces of the same caller the report may name.
+        `publish_scope` is for publish_shared_prefix only."""
         params = sampling_params or SamplingParams()
         params.validate()
         try:
@@ -144,6 +151,9 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             cache_pins=list(cache_pins or []),
             cache_policy=cache_policy,
+            want_cache_report=cache_report,
+            cache_report_namespaces=tuple(cache_report_namespaces),
+            publish_scope=publish_scope,
         )
         self.requests[request_id] = request
         if guide is not None:
@@ -375,6 +385,7 @@ class LLMEngine:
             cache_write_tokens=self._cache_write_tokens(request),
             error=request.error,
             num_pinned_tokens=request.num_pinned_tokens,
+            cache_report=request.cache_report if finished else None,
         )
 
     def _text_delta(self, request: Request) -> str:
@@ -466,6 +477,32 @@ class LLMEngine:
 
     def unpin_prefix(self, token_ids: list[int], cache_namespace: str = "") -> None:
         self.cache.unpin_prefix(cache_namespace, token_ids)
+
+    def publish_shared_prefix(self, name: str, token_ids: list[int], ttl: float = 10 * 365 * 86400.0) -> Request:
+        """Operator action: publish the whole blocks of `token_ids` as shared scope `name`.
+
+        Every tenant whose prompt starts with them reads the scope's blocks; what follows stays
+        in the tenant's own namespace (cache/shared_scopes.py). This queues the one request that
+        computes the prefix into the scope and pins it for `ttl` seconds (refreshed by every
+        read); the scope is used once that request has run. Returns the request."""
+        block_size = self.cache.block_size
+        num_tokens = len(token_ids) // block_size * block_size
+        if num_tokens == 0:
+            raise InvalidRequestError(f"a shared prefix needs at least one full block ({block_size} tokens)")
+        try:
+            self.cache.shared_scopes.publish(name, token_ids[:num_tokens])
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        return self.add_request(list(token_ids[:num_tokens]), SamplingParams(max_tokens=1),
+                                request_id=f"publish-{name}-{next(self._ids)}",
+                                cache_pins=[CachePin(num_tokens, ttl)], publish_scope=name)
+
+    def tenant_cache_stats(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per tenant: (prompt tokens looked up, tokens hit, blocks held now, blocks evicted)."""
+        ledger = self.cache.tenants
+        held = ledger.blocks_held()
+        return {t: (s.query_tokens, s.hit_tokens, held.get(t, 0), s.evicted_blocks)
+                for t, s in ledger.stats.items()} | {t: (0, 0, n, 0) for t, n in held.items() if t not in ledger.stats}
 
     @property
     def device(self) -> torch.device:

@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--request-log", metavar="PATH", default=None,
                    help="append each request body (with a timestamp) to this JSONL file for `radixserve advise`; "
                         "off by default (prompts may be sensitive)")
+    g.add_argument("--cache-report", action="store_true",
+                   help="every response carries usage.cache_report (cached tokens and one reason for the rest); "
+                        "without it a request asks with \"cache_report\": true (see docs/security.md)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -72,6 +75,7 @@ def server_config_from_args(args: argparse.Namespace):
         cache_ttl_scale=args.cache_ttl_scale,
         log_level=args.log_level,
         request_log=args.request_log,
+        cache_report=args.cache_report,
     )
 
 

@@ -163,6 +163,8 @@ class AsyncEngine:
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        cache_report_namespaces: tuple[str, ...] = (),
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Bad input raises here
         (InvalidRequestError, PromptTooLongError), before any response has been started."""
@@ -171,7 +173,7 @@ class AsyncEngine:
         try:
             await self.call(
                 self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time,
-                cache_policy,
+                cache_policy, cache_report, cache_report_namespaces,
             )
         except asyncio.CancelledError:
             # the add may still run on the engine thread: make sure the request dies with us

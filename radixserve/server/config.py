@@ -35,6 +35,7 @@ class ServerConfig:
     cache_sweep_interval: float = 1.0  # how often expired named caches are unpinned (seconds)
     log_level: str = "info"
     request_log: str | None = None  # opt-in JSONL of request bodies for `radixserve advise`
+    cache_report: bool = False  # every response carries usage.cache_report (else: requests ask for it)
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:

@@ -96,7 +96,8 @@ async def chat_completions(request: Request):
     params.logprobs = body.num_logprobs()
     state.log_request("chat", data, namespace)
     stream = await state.submit(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace, cache_pins=pins,
-                                cache_policy=parsed.cache_policy)
+                                cache_policy=parsed.cache_policy, cache_report=parsed.cache_report,
+                                readable_namespaces=parsed.readable_namespaces(body.cache_salt))
     created = int(time.time())
     tool_names = {t.name for t in tools} if choice.mode != "none" else set()
     if body.stream:
@@ -118,7 +119,7 @@ async def chat_completions(request: Request):
             "logprobs": _chat_logprobs(state, out.logprobs, out) if out.logprobs is not None else None,
             "finish_reason": "tool_calls" if calls else _finish_reason(out),
         }],
-        "usage": _usage([out]),
+        "usage": _usage([out], state),
         "system_fingerprint": None,
     })
 
@@ -163,7 +164,7 @@ async def _chat_events(
                 if include_usage:
                     yield _sse({
                         "id": stream.request_id, "object": "chat.completion.chunk", "created": created,
-                        "model": model, "system_fingerprint": None, "choices": [], "usage": _usage([out]),
+                        "model": model, "system_fingerprint": None, "choices": [], "usage": _usage([out], state),
                     })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
@@ -229,7 +230,8 @@ async def completions(request: Request):
             params = body.sampling_params(max_tokens)
             params.logprobs = body.logprobs
             streams.append(await state.submit(ids, params, prefix="cmpl-", namespace=namespace,
-                                              cache_policy=parsed.cache_policy))
+                                              cache_policy=parsed.cache_policy, cache_report=parsed.cache_report,
+                                              readable_namespaces=parsed.readable_namespaces(body.cache_salt)))
     except BaseException:
         for stream in streams:
             stream.close()
@@ -258,7 +260,7 @@ async def completions(request: Request):
              "finish_reason": _finish_reason(out)}
             for i, out in enumerate(outs)
         ],
-        "usage": _usage(outs),
+        "usage": _usage(outs, state),
         "system_fingerprint": None,
     })
 
@@ -294,7 +296,7 @@ async def _completion_events(
         if include_usage:
             yield _sse({
                 "id": completion_id, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": None, "choices": [], "usage": _usage(finals),
+                "system_fingerprint": None, "choices": [], "usage": _usage(finals, state),
             })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
@@ -334,15 +336,19 @@ def _completion_logprobs(state: ServerState, logprobs: list, final: RequestOutpu
 
 
 # ---- shared -----------------------------------------------------------------------------
-def _usage(outs: list[RequestOutput]) -> dict:
+def _usage(outs: list[RequestOutput], state: ServerState) -> dict:
     prompt = sum(o.num_prompt_tokens for o in outs)
     completion = sum(len(o.token_ids) for o in outs)
-    return {
+    usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)},
     }
+    reports = [r for o in outs if (r := state.cache_report_json(o)) is not None]
+    if reports:  # an extension, only when asked: standard clients see standard fields
+        usage["cache_report"] = reports[0] if len(outs) == 1 else reports
+    return usage
 
 
 def _finish_reason(out: RequestOutput) -> str:

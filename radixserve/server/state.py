@@ -31,7 +31,7 @@ class ServerState:
         self.config = config
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics()
-        self.async_engine = AsyncEngine(engine, on_finished=self.metrics.observe_finished)
+        self.async_engine = AsyncEngine(engine, on_finished=self._on_finished)
         self.auth = Authenticator(
             config.api_keys, config.namespace_from_api_key, admin_keys=config.admin_keys,
             metrics_keys=config.metrics_keys,
@@ -43,6 +43,17 @@ class ServerState:
         self.caches = NamedCacheStore(self)
         # opt-in: prompts can be sensitive, so nothing is logged unless a path is given
         self.request_log = RequestLogWriter(config.request_log) if config.request_log else None
+
+    def _on_finished(self, out: RequestOutput) -> None:
+        self.metrics.observe_finished(out)
+        if self.request_log is not None and out.cache_report is not None:
+            self.request_log.write_cache_report(out.request_id, self.cache_report_json(out))
+
+    def cache_report_json(self, out: RequestOutput) -> dict | None:
+        """usage.cache_report of a finished output (None when it was not asked for)."""
+        if out.cache_report is None:
+            return None
+        return out.cache_report.to_dict(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def log_request(self, api: str, body: dict, namespace: str) -> None:
         """Append an accepted request body to the request log (if one is configured)."""
@@ -118,14 +129,19 @@ class ServerState:
         namespace: str,
         cache_pins: list[CachePin] | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        readable_namespaces: tuple[str, ...] = (),
     ) -> RequestStream:
-        """Hand a request to the engine; its id is `prefix` + a random suffix."""
+        """Hand a request to the engine; its id is `prefix` + a random suffix. With
+        `cache_report` its final output carries a CacheReport, which may name
+        `readable_namespaces` (other namespaces the caller reads itself)."""
         if not self.prefix_caching or not cache_policy.writes:
             cache_pins = None  # nothing to pin: the cache is off, or this request may not write
         request_id = f"{prefix}{uuid.uuid4().hex[:24]}"
         return await self.async_engine.add_request(
             prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
-            arrival_time=time.monotonic(), cache_policy=cache_policy,
+            arrival_time=time.monotonic(), cache_policy=cache_policy, cache_report=cache_report,
+            cache_report_namespaces=readable_namespaces,
         )
 
 
