@@ -12,7 +12,7 @@ Computed by the cache manager at a request's first admission, when the request a
     different_namespace         the caller's own unsalted namespace holds a longer prefix: the
                                 request's cache_salt kept it apart (never said of another tenant)
     diverged                    the cache holds a continuation of the matched prefix, and the
-                                prompt differs from it at token ``diverged_at``
+                                prompt differs from it at token ``diverged_at`` (> 0)
     not_cached                  nothing cached continues the matched prefix (first time seen)
 
 What it never says: anything about a namespace the caller cannot read itself. ``diverged`` gives
@@ -118,10 +118,13 @@ def explain_lookup(
     block_size = tree.block_size
     # keys are chained from the namespace root, so a shared scope's continuation namespace is
     # keyed from the end of the shared part: the caller passes its tokens from there
-    first_missing = chain_keys(key, tokens, block_size, cached // block_size + 1)[-1]
-    ghost = ghosts.lookup(first_missing)
+    keys = chain_keys(key, tokens, block_size, cacheable // block_size)[cached // block_size :]
+    ghost = ghosts.lookup(keys[0])
     if ghost is not None:
-        report.reason = "ttl_expired" if ghost.pin_lapsed else "evicted"
+        # a pin covers its whole path, but only its last node carries it: a lapsed pin on any
+        # later block of the prompt means the missing block was pinned too
+        lapsed = any(g is not None and g.pin_lapsed for g in map(ghosts.lookup, keys))
+        report.reason = "ttl_expired" if lapsed else "evicted"
         report.evicted_seconds_ago = max(0.0, now - ghost.evicted_at)
         return report
     if any(tree.cached_prefix_length(other, tokens, cacheable) > cached for other in readable_keys if other != key):
@@ -129,8 +132,8 @@ def explain_lookup(
         return report
     node = match.node
     next_block = list(tokens[cached : cached + block_size])
-    if node is not None and node.children:
-        common = max(_common_prefix(next_block, list(child)) for child in node.children)
+    common = max((_common_prefix(next_block, list(child)) for child in node.children), default=0) if node else 0
+    if cached + common > 0 and node is not None and node.children:
         report.reason = "diverged"
         report.diverged_at = at = cached + common
         report.context_before = list(tokens[max(0, at - CONTEXT_TOKENS) : at])
