@@ -1,6 +1,7 @@
 """RequestLogWriter: the opt-in request log that the server writes and `radixserve advise` replays.
 
-One JSON object per line::
+One JSON object per line (plus, for requests that asked for one, a cache report line
+``{"ts": ..., "request_id": ..., "cache_report": {...}}`` with no body, which a replay skips)::
 
     {"ts": 1732400000.123, "api": "chat", "namespace": "", "body": {...the request body...}}
 
