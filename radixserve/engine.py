@@ -8,11 +8,12 @@ from __future__ import annotations
 import itertools
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from radixserve.cache.manager import KVCacheManager
+from radixserve.cache.radix_tree import RadixTree
 from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError
@@ -59,6 +60,8 @@ class EngineSnapshot:
     finished_requests: int
     aborted_requests: int
     preemptions: int
+    # per tenant (cache/quotas.py): (prompt tokens looked up, tokens hit, blocks held, blocks evicted)
+    tenant_cache: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 class LLMEngine:
@@ -452,6 +455,7 @@ class LLMEngine:
             finished_requests=stats.finished_requests,
             aborted_requests=stats.aborted_requests,
             preemptions=stats.preemptions,
+            tenant_cache=self.tenant_cache_stats(),
         )
 
     @property
@@ -496,6 +500,21 @@ class LLMEngine:
         return self.add_request(list(token_ids[:num_tokens]), SamplingParams(max_tokens=1),
                                 request_id=f"publish-{name}-{next(self._ids)}",
                                 cache_pins=[CachePin(num_tokens, ttl)], publish_scope=name)
+
+    def shared_prefix_cached_tokens(self, name: str) -> int:
+        """Tokens of shared scope `name` cached now (0: not published, or not computed yet)."""
+        scope = self.cache.shared_scopes.get(name)
+        if scope is None or not isinstance(self.cache.prefix_cache, RadixTree):
+            return 0
+        return self.cache.prefix_cache.cached_prefix_length(self.cache.shared_scopes.scope_key(scope), scope.token_ids)
+
+    def withdraw_shared_prefix(self, name: str) -> bool:
+        """Stop sharing scope `name` and unpin it (LRU evicts it later). False if unknown."""
+        scope = self.cache.shared_scopes.withdraw(name)
+        if scope is None:
+            return False
+        self.cache.prefix_cache.unpin(self.cache.shared_scopes.scope_key(scope), list(scope.token_ids))
+        return True
 
     def tenant_cache_stats(self) -> dict[str, tuple[int, int, int, int]]:
         """Per tenant: (prompt tokens looked up, tokens hit, blocks held now, blocks evicted)."""

@@ -49,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--cache-report", action="store_true",
                    help="every response carries usage.cache_report (cached tokens and one reason for the rest); "
                         "without it a request asks with \"cache_report\": true (see docs/security.md)")
+    g.add_argument("--shared-prefix", action="append", default=[], metavar="FILE", dest="shared_prefix_files",
+                   help="publish FILE's text as a shared system prompt at startup: every tenant whose chat starts "
+                        "with it reads its cached blocks, what follows stays in the tenant's own namespace; "
+                        "repeatable (admins can also POST /v1/shared_prefixes)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -76,6 +80,7 @@ def server_config_from_args(args: argparse.Namespace):
         log_level=args.log_level,
         request_log=args.request_log,
         cache_report=args.cache_report,
+        shared_prefix_files=list(args.shared_prefix_files),
     )
 
 

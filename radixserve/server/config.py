@@ -36,6 +36,7 @@ class ServerConfig:
     log_level: str = "info"
     request_log: str | None = None  # opt-in JSONL of request bodies for `radixserve advise`
     cache_report: bool = False  # every response carries usage.cache_report (else: requests ask for it)
+    shared_prefix_files: list[str] = field(default_factory=list)  # system prompts published at startup
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
