@@ -9,39 +9,14 @@ from __future__ import annotations
 import json
 import random
 import time
-from contextlib import contextmanager
 
 import pytest
 
-from radixserve.config import CacheConfig, EngineConfig, ModelConfig
-from radixserve.server import ServerConfig, create_app
-from tests.live_server import serve_app
-from tests.server.conftest import RunningServer
+from radixserve.server import ServerConfig
+from tests.server.custom_server import custom_server
 
 KEY_A, KEY_B = "sk-report-a", "sk-report-b"
 BS = 16
-
-
-@contextmanager
-def _server(loaded, config: ServerConfig, **cache):
-    from radixserve.engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model=ModelConfig(source="embedded", show_progress=False),
-                                    cache=CacheConfig(**cache)), loaded=loaded)
-    with serve_app(create_app(engine, config)) as base_url:
-        yield _Running(base_url, engine)
-
-
-class _Running:
-    """A server with its own engine settings (start_server takes only num_blocks)."""
-
-    api_key = None
-
-    def __init__(self, base_url: str, engine) -> None:
-        self.base_url, self.engine = base_url, engine
-
-    openai = RunningServer.openai
-    anthropic = RunningServer.anthropic
 
 
 def _ids(seed: int, n: int) -> list[int]:
@@ -60,7 +35,7 @@ def keyed(embedded_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("log") / "requests.jsonl"
     config = ServerConfig(api_keys=[KEY_A, KEY_B], namespace_from_api_key=True, request_log=str(log),
                           min_cacheable_tokens=16, cache_ttl_scale=0.002)
-    with _server(embedded_model, config, num_blocks=12, max_pinned_fraction=1.0,
+    with custom_server(embedded_model, config, num_blocks=12, max_pinned_fraction=1.0,
                  max_pinned_fraction_per_namespace=1.0) as server:
         server.log = log
         yield server
@@ -125,7 +100,7 @@ def test_the_request_log_keeps_each_report(keyed):
 
 def test_a_server_option_gives_the_report_to_every_request_and_caching_off_says_so(embedded_model):
     config = ServerConfig(cache_report=True)
-    with _server(embedded_model, config, num_blocks=64, enable_prefix_caching=False) as server:
+    with custom_server(embedded_model, config, num_blocks=64, enable_prefix_caching=False) as server:
         chat = server.openai().chat.completions.create(
             model="embedded", max_tokens=1, messages=[{"role": "user", "content": "Hello there, what is new?"}])
         assert chat.usage.model_extra["cache_report"]["reason"] == "caching_off"
