@@ -53,6 +53,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="publish FILE's text as a shared system prompt at startup: every tenant whose chat starts "
                         "with it reads its cached blocks, what follows stays in the tenant's own namespace; "
                         "repeatable (admins can also POST /v1/shared_prefixes)")
+    g.add_argument("--probe-rate-limit", type=float, default=None, metavar="PER_MINUTE",
+                   help="per API key, at most this many requests a minute that read the prefix cache (each is a "
+                        "probe of it); over it: 429 with Retry-After. Default: no limit")
+    g.add_argument("--probe-burst", type=int, default=None,
+                   help="with --probe-rate-limit: how many such requests a key may send at once (default: a "
+                        "minute's worth)")
+    g.add_argument("--shared-ttft-floor", type=float, default=0.0, metavar="SECONDS",
+                   help="requests that read a prefix cache shared across keys (not --cache-isolation per-key) "
+                        "get their first token no sooner than this: hits and quicker misses look alike. Default 0")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=run)
@@ -81,6 +90,9 @@ def server_config_from_args(args: argparse.Namespace):
         request_log=args.request_log,
         cache_report=args.cache_report,
         shared_prefix_files=list(args.shared_prefix_files),
+        probe_rate_limit=args.probe_rate_limit,
+        probe_burst=args.probe_burst,
+        shared_ttft_floor=args.shared_ttft_floor,
     )
 
 

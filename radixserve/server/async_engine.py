@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -57,12 +58,17 @@ class RequestStream:
         self.finished = False
         self.final: RequestOutput | None = None
         self._aborted = False
+        self.not_before: float | None = None  # monotonic time before which no output is handed out (TTFT floor)
 
     async def next(self) -> RequestOutput:
         """The next output; raises StopAsyncIteration after the final one."""
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if self.not_before is not None:
+            wait, self.not_before = self.not_before - time.monotonic(), None
+            if wait > 0:
+                await asyncio.sleep(wait)
         if isinstance(item, BaseException):
             self.finished = True
             raise item

@@ -37,6 +37,9 @@ class ServerConfig:
     request_log: str | None = None  # opt-in JSONL of request bodies for `radixserve advise`
     cache_report: bool = False  # every response carries usage.cache_report (else: requests ask for it)
     shared_prefix_files: list[str] = field(default_factory=list)  # system prompts published at startup
+    probe_rate_limit: float | None = None  # cache-reading requests per minute per key (None: no limit)
+    probe_burst: int | None = None  # the most such requests at once (default: a minute's worth)
+    shared_ttft_floor: float = 0.0  # seconds: requests reading a cache shared across keys answer no sooner
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
@@ -47,6 +50,12 @@ class ServerConfig:
             raise ValueError(f"body_read_timeout must be > 0, got {self.body_read_timeout}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.probe_rate_limit is not None and not self.probe_rate_limit > 0:
+            raise ValueError(f"probe_rate_limit must be > 0 requests per minute, got {self.probe_rate_limit}")
+        if self.probe_burst is not None and self.probe_burst < 1:
+            raise ValueError(f"probe_burst must be >= 1, got {self.probe_burst}")
+        if not self.shared_ttft_floor >= 0:
+            raise ValueError(f"shared_ttft_floor must be >= 0 seconds, got {self.shared_ttft_floor}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in [*self.api_keys, *self.admin_keys, *self.metrics_keys]):

@@ -215,6 +215,8 @@ async def completions(request: Request):
     namespace = parsed.tenant.namespace(body.cache_salt)
 
     raw = body.prompts()
+    if len(raw) > 1:
+        state.charge_probes(parsed.tenant, parsed.cache_policy, len(raw) - 1)  # parse_request charged one
     texts = [p for p in raw if isinstance(p, str)]
     state.check_prompt_size(texts)
     # The whole prompt is the client's text: special-token spellings in it are control tokens

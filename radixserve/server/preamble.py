@@ -44,6 +44,7 @@ async def parse_request(request: Request, model: type[M]) -> ParsedRequest[M]:
     state.check_model(body.model)
     policy = tenant.cache_policy_for(getattr(body, "cache_policy", None))
     report = state.config.cache_report or bool(getattr(body, "cache_report", False))
+    state.charge_probes(tenant, policy)
     return ParsedRequest(state, tenant, data, body, policy, report)
 
 

@@ -14,10 +14,11 @@ from radixserve.errors import PromptTooLongError
 from radixserve.request import CachePin, CachePolicy, RequestOutput
 from radixserve.sampling import SamplingParams
 from radixserve.server.async_engine import AsyncEngine, RequestStream
-from radixserve.server.auth import Authenticator
+from radixserve.server.auth import Authenticator, Tenant
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import APIError
 from radixserve.server.metrics import ServerMetrics
+from radixserve.server.probe_guard import ProbeRateLimiter
 from radixserve.server.prompting import ChatTurn, check_prompt_size
 
 
@@ -43,6 +44,13 @@ class ServerState:
         self.caches = NamedCacheStore(self)
         # opt-in: prompts can be sensitive, so nothing is logged unless a path is given
         self.request_log = RequestLogWriter(config.request_log) if config.request_log else None
+        self.probe_limiter = (ProbeRateLimiter(config.probe_rate_limit, config.probe_burst)
+                              if config.probe_rate_limit is not None else None)
+
+    def charge_probes(self, tenant: Tenant, cache_policy: CachePolicy, num_prompts: int = 1) -> None:
+        """--probe-rate-limit: each prompt that reads the cache is a probe; 429 over the key's budget."""
+        if self.probe_limiter is not None and cache_policy.reads and self.prefix_caching:
+            self.probe_limiter.charge(tenant.owner, num_prompts)
 
     def _on_finished(self, out: RequestOutput) -> None:
         self.metrics.observe_finished(out)
@@ -138,11 +146,18 @@ class ServerState:
         if not self.prefix_caching or not cache_policy.writes:
             cache_pins = None  # nothing to pin: the cache is off, or this request may not write
         request_id = f"{prefix}{uuid.uuid4().hex[:24]}"
-        return await self.async_engine.add_request(
+        arrival = time.monotonic()
+        stream = await self.async_engine.add_request(
             prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
-            arrival_time=time.monotonic(), cache_policy=cache_policy, cache_report=cache_report,
+            arrival_time=arrival, cache_policy=cache_policy, cache_report=cache_report,
             cache_report_namespaces=readable_namespaces,
         )
+        floor = self.config.shared_ttft_floor
+        if floor and cache_policy.reads and self.prefix_caching and not namespace.startswith("key:"):
+            # every request reading a cache other keys write answers no sooner than the floor,
+            # misses too: padding hits alone would make the hits the slow ones
+            stream.not_before = arrival + floor
+        return stream
 
 
 def turn_texts(turns: list[ChatTurn]) -> list[str]:
