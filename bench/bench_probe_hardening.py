@@ -1,6 +1,6 @@
 """What the issue-16 trust features cost, on CPU: probe hardening, cache reports, quotas, shared prefixes.
 
-    .venv/bin/python bench/bench_probe_hardening.py [--trials 8] [--floor 3.0]
+    .venv/bin/python bench/bench_probe_hardening.py [--trials 8] [--floor 3.0] [--prompt-tokens 64]
 
 Writes the section `trust-cpu` of docs/benchmarks.md:
 1. --shared-ttft-floor: the isolation audit (CI's settings) against a shared cache without and
@@ -42,7 +42,7 @@ def floor_audit(loaded, args) -> list[list[object]]:
         config = ServerConfig(api_keys=[KEY_A, KEY_B], shared_ttft_floor=floor)
         with serve(loaded, config, num_blocks=512) as (url, _):
             r = run_audit(AuditConfig(base_url=url, victim_key=KEY_A, attacker_key=KEY_B, trials=args.trials,
-                                      prompt_tokens=192, warmup=1, alpha=0.001))
+                                      prompt_tokens=args.prompt_tokens, warmup=1, alpha=0.001))
         rows.append([label, ms(r.hit_ttfts), ms(r.miss_ttfts), f"{r.ks_statistic:.2f}", f"{r.pvalue:.2g}",
                      "yes" if r.timing_leak else "no", f"{r.oracle_trials}/{r.trials}", f"{r.seconds:.0f} s"])
     return rows
@@ -113,6 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--floor", type=float, default=3.0)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="audit prompt length (its misses should "
+                        "take less than the floor, or the floor hides nothing)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=None, help="write to this markdown file instead")
@@ -124,7 +126,7 @@ def main() -> None:
     aud = floor_audit(loaded, args)
     body = f"""Embedded SmolLM2-135M, fp32, block size 16, one request at a time over HTTP.
 
-**TTFT floor** against the isolation audit (`--trials {args.trials} --prompt-tokens 192 --alpha 0.001`),
+**TTFT floor** against the isolation audit (`--trials {args.trials} --prompt-tokens {args.prompt_tokens} --alpha 0.001`),
 keys sharing one cache, without and with the floor, in the same run. The floor holds every
 request reading the shared cache, hits and misses, until {args.floor:g} s after arrival.
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from radixserve.cache.ghost_index import GhostIndex, chain_keys
+from radixserve.cache.ghost_index import GhostIndex, prefix_key
 from radixserve.cache.radix_tree import PrefixMatch, RadixTree
 
 REASONS = (
@@ -34,6 +34,7 @@ REASONS = (
     "different_namespace", "diverged", "not_cached",
 )
 CONTEXT_TOKENS = 4  # tokens of the caller's own prompt shown on each side of a divergence
+MAX_TTL_SCAN_BLOCKS = 64  # later blocks checked for a lapsed pin (bounds a report's hashing)
 
 
 @dataclass(slots=True)
@@ -116,14 +117,15 @@ def explain_lookup(
         report.reason = "full_hit"
         return report
     block_size = tree.block_size
-    # keys are chained from the namespace root, so a shared scope's continuation namespace is
-    # keyed from the end of the shared part: the caller passes its tokens from there
-    keys = chain_keys(key, tokens, block_size, cacheable // block_size)[cached // block_size :]
-    ghost = ghosts.lookup(keys[0])
+    # keys start at the namespace root, so a shared scope's continuation namespace is keyed
+    # from the end of the shared part: the caller passes its tokens from there
+    ghost = ghosts.lookup(prefix_key(key, tokens, cached + block_size))
     if ghost is not None:
-        # a pin covers its whole path, but only its last node carries it: a lapsed pin on any
-        # later block of the prompt means the missing block was pinned too
-        lapsed = any(g is not None and g.pin_lapsed for g in map(ghosts.lookup, keys))
+        # a pin covers its whole path, but only its last node carries it: a lapsed pin on a
+        # later block of the prompt (up to MAX_TTL_SCAN_BLOCKS on) means this one was pinned too
+        ends = range(cached + 2 * block_size, min(cacheable, cached + MAX_TTL_SCAN_BLOCKS * block_size) + 1, block_size)
+        lapsed = ghost.pin_lapsed or any(
+            g is not None and g.pin_lapsed for g in (ghosts.lookup(prefix_key(key, tokens, e)) for e in ends))
         report.reason = "ttl_expired" if lapsed else "evicted"
         report.evicted_seconds_ago = max(0.0, now - ghost.evicted_at)
         return report

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from radixserve.cache.block_pool import BlockPool
 from radixserve.cache.cache_report import CacheReport, explain_lookup
-from radixserve.cache.ghost_index import Ghost, GhostIndex
+from radixserve.cache.ghost_index import Ghost, GhostIndex, prefix_key
 from radixserve.cache.null_cache import NullPrefixCache
 from radixserve.cache.quotas import SCOPE_TENANT, TenantLedger, tenant_of_namespace
 from radixserve.cache.radix_tree import PrefixMatch, RadixTree, TreeNode
@@ -198,10 +198,10 @@ class KVCacheManager:
 
     def _remember_eviction(self, node: TreeNode, num_kept_blocks: int) -> None:
         now = self.clock()
-        first_block = (node.depth - len(node.tokens)) // self.block_size + num_kept_blocks
+        end = node.depth - len(node.tokens) + (num_kept_blocks + 1) * self.block_size  # first dropped block's end
         pin_lapsed = -float("inf") < node.pinned_until <= now
-        self.ghosts.remember(node.namespace, RadixTree.path_tokens(node), self.block_size, first_block,
-                             Ghost(now, pin_lapsed))
+        path = RadixTree.path_tokens(node)
+        self.ghosts.remember(prefix_key(node.namespace, path, end), Ghost(now, pin_lapsed))
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for the request's next `num_new_tokens` K/V entries; False if the pool can't
