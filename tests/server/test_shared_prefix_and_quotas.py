@@ -80,3 +80,14 @@ def test_a_flood_stays_within_its_quota_and_others_keep_their_prefixes(server):
     hit = _chat(a, question).usage.model_extra["cache_report"]
     assert hit["reason"] == "full_hit"
     assert metrics[("radixserve_tenant_prefix_cache_hit_rate", key_id(KEY_A))] > 0
+
+
+def test_a_shared_prefix_file_is_published_at_startup(embedded_model, tmp_path):
+    path = tmp_path / "help desk.txt"
+    path.write_text(SYSTEM)
+    config = ServerConfig(api_keys=[KEY_A], namespace_from_api_key=True, shared_prefix_files=[str(path)])
+    with custom_server(embedded_model, config, num_blocks=64) as running:
+        shared = running.engine.shared_prefix_cached_tokens("help-desk")  # named after the file
+        assert shared > 0 and shared % 16 == 0
+        usage = _chat(running.openai(KEY_A), "Where do I return books after hours?").usage
+        assert usage.prompt_tokens_details.cached_tokens == shared == usage.model_extra["cache_report"]["shared_tokens"]
