@@ -85,6 +85,12 @@ class CacheConfig:
     host_cache_gb: float = 0.0
     """GPU: host-RAM tier of the prefix cache in GiB (pinned memory between the device pool and
     --kv-store); ignored on CPU, where the KV pool already is host RAM"""
+    tenant_quota: int | None = None
+    """most KV blocks the prefix cache keeps for one tenant (an API key with per-key isolation, all
+    its cache_salts together); past it the tenant's own least recently used blocks go first, so
+    one tenant's flood cannot flush the others' prefixes (default: no quota)"""
+    ghost_index_blocks: int = 4096
+    """evicted blocks remembered (a hash each) so a cache report can say "evicted" (0: off)"""
 
     def __post_init__(self) -> None:
         for name in ("max_pinned_fraction", "max_pinned_fraction_per_namespace"):
@@ -93,6 +99,10 @@ class CacheConfig:
         for name in ("kv_store_gb", "host_cache_gb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tenant_quota is not None and self.tenant_quota < 1:
+            raise ValueError(f"tenant_quota must be >= 1 block, got {self.tenant_quota}")
+        if self.ghost_index_blocks < 0:
+            raise ValueError(f"ghost_index_blocks must be >= 0, got {self.ghost_index_blocks}")
 
 
 @dataclass(slots=True)

@@ -10,14 +10,14 @@ import itertools
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from radixserve.cache.block_keys import CacheIdentity
 from radixserve.cache.kv_store import open_kv_store
 from radixserve.cache.manager import KVCacheManager
-from radixserve.cache.radix_tree import PinnedEdge
+from radixserve.cache.radix_tree import PinnedEdge, RadixTree
 from radixserve.config import EngineConfig, default_dtype_for
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.errors import InvalidRequestError
@@ -77,6 +77,8 @@ class EngineSnapshot:
     preemptions: int
     copied_blocks: int  # partial blocks copied on write by n > 1 choices
     tiers: TierSnapshot | None = None  # the lower tiers (None: off)
+    # per tenant (cache/quotas.py): (prompt tokens looked up, tokens hit, blocks held, blocks evicted)
+    tenant_cache: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -149,6 +151,7 @@ class LLMEngine:
             max_pinned_fraction=cache_cfg.max_pinned_fraction,
             max_pinned_fraction_per_namespace=cache_cfg.max_pinned_fraction_per_namespace,
             **self._tier_options(loaded),
+            ghost_index_blocks=cache_cfg.ghost_index_blocks, tenant_quota_blocks=cache_cfg.tenant_quota,
         )
         # None with the tiers off: then a step does no tier work at all
         self.tier_io: TierIO | None = self._tier_io() if self.cache.tiered else None
@@ -214,6 +217,9 @@ class LLMEngine:
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
         cache_policy: CachePolicy | str = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        cache_report_namespaces: tuple[str, ...] = (),
+        publish_scope: str | None = None,
     ) -> Request:
         """Queue a request. Raises InvalidRequestError / PromptTooLongError for bad input.
         `cache_policy` (read_write, read_only, none) says whether it reads and stores prefix-cache blocks.
@@ -222,29 +228,34 @@ class LLMEngine:
         `choice_request_ids(request_id, n)`, outputs carry `index`): choice 0 is queued and
         prefills the prompt once; the others fork off its KV when that prefill completes. Each
         choice samples independently (a seed gives each a distinct derived seed: `choice_seed`).
-        Returns choice 0."""
+        Returns choice 0. `cache_report` asks for a CacheReport (why it hit or missed) in the final
+        output, which may name `cache_report_namespaces` (the caller's other namespaces).
+        `publish_scope` is for publish_shared_prefix only."""
         params = sampling_params or SamplingParams()
         params.validate()
         cache_policy = _parse_cache_policy(cache_policy)
-        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        request_ids = choice_request_ids(request_id, params.n)
-        for rid in request_ids:
-            if rid in self.requests:
-                raise InvalidRequestError(f"request id {rid!r} is already in use")
+        request_ids = self._new_request_ids(request_id, params.n)  # one per choice
         token_ids, text = self._prompt_tokens(prompt)
         check_fits(len(token_ids), params.max_tokens, self.max_model_len, self.cache.block_size, self.cache.num_blocks)
         guides = [self.guide_factory.compile(params.guided) for _ in request_ids] if params.guided is not None else []
-        arrival_time = arrival_time if arrival_time is not None else time.monotonic()
-        choices = [
-            Request(
-                request_id=rid, prompt=text, prompt_token_ids=token_ids, sampling=_choice_params(params, i),
-                namespace=cache_namespace, arrival_time=arrival_time, cache_policy=cache_policy, index=i,
-                cache_pins=list(cache_pins or []) if i == 0 else [],  # the prompt's pins: applied once
-            )
-            for i, rid in enumerate(request_ids)
-        ]
+        common = dict(prompt=text, prompt_token_ids=token_ids, namespace=cache_namespace, cache_policy=cache_policy,
+                      arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+                      want_cache_report=cache_report, cache_report_namespaces=tuple(cache_report_namespaces),
+                      publish_scope=publish_scope)
+        choices = [Request(request_id=rid, sampling=_choice_params(params, i), index=i,  # pins: applied by choice 0
+                           cache_pins=list(cache_pins or []) if i == 0 else [], **common)
+                   for i, rid in enumerate(request_ids)]
         self._queue_choices(choices, guides)
         return choices[0]
+
+    def _new_request_ids(self, request_id: str | None, n: int) -> list[str]:
+        """The ids of a request's n choices (from a fresh id when None); InvalidRequestError if one is in use."""
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        request_ids = choice_request_ids(request_id, n)
+        for rid in request_ids:
+            if rid in self.requests:
+                raise InvalidRequestError(f"request id {rid!r} is already in use")
+        return request_ids
 
     def _queue_choices(self, choices: list[Request], guides: list[Guide]) -> None:
         """Register a request's choices; only choice 0 is scheduled, the others fork off it."""
@@ -532,6 +543,7 @@ class LLMEngine:
             error=request.error,
             num_pinned_tokens=request.num_pinned_tokens,
             index=request.index,
+            cache_report=request.cache_report if finished else None,
         )
 
     def _text_delta(self, request: Request) -> str:
@@ -600,6 +612,7 @@ class LLMEngine:
             preemptions=stats.preemptions,
             copied_blocks=cache.stats.copied_blocks,
             tiers=self._tier_snapshot(),
+            tenant_cache=self.tenant_cache_stats(),
         )
 
     def _tier_snapshot(self) -> TierSnapshot | None:
@@ -674,13 +687,52 @@ class LLMEngine:
     def attach_tree_observer(self, observer) -> bool:
         """Hand the radix tree to `observer.attach(tree)` (the scale-out KV-event recorder), so it
         is told when full blocks enter or leave the cache. False when caching is off."""
-        from radixserve.cache.radix_tree import RadixTree
-
         tree = self.cache.prefix_cache
         if not isinstance(tree, RadixTree):
             return False
         observer.attach(tree)
         return True
+
+    def publish_shared_prefix(self, name: str, token_ids: list[int], ttl: float = 10 * 365 * 86400.0) -> Request:
+        """Operator action: publish the whole blocks of `token_ids` as shared scope `name`.
+
+        Every tenant whose prompt starts with them reads the scope's blocks; what follows stays
+        in the tenant's own namespace (cache/shared_scopes.py). This queues the one request that
+        computes the prefix into the scope and pins it for `ttl` seconds (refreshed by every
+        read); the scope is used once that request has run. Returns the request."""
+        block_size = self.cache.block_size
+        num_tokens = len(token_ids) // block_size * block_size
+        if num_tokens == 0:
+            raise InvalidRequestError(f"a shared prefix needs at least one full block ({block_size} tokens)")
+        try:
+            self.cache.shared_scopes.publish(name, token_ids[:num_tokens])
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from None
+        return self.add_request(list(token_ids[:num_tokens]), SamplingParams(max_tokens=1),
+                                request_id=f"publish-{name}-{next(self._ids)}",
+                                cache_pins=[CachePin(num_tokens, ttl)], publish_scope=name)
+
+    def shared_prefix_cached_tokens(self, name: str) -> int:
+        """Tokens of shared scope `name` cached now (0: not published, or not computed yet)."""
+        scope = self.cache.shared_scopes.get(name)
+        if scope is None or not isinstance(self.cache.prefix_cache, RadixTree):
+            return 0
+        return self.cache.prefix_cache.cached_prefix_length(self.cache.shared_scopes.scope_key(scope), scope.token_ids)
+
+    def withdraw_shared_prefix(self, name: str) -> bool:
+        """Stop sharing scope `name` and unpin it (LRU evicts it later). False if unknown."""
+        scope = self.cache.shared_scopes.withdraw(name)
+        if scope is None:
+            return False
+        self.cache.prefix_cache.unpin(self.cache.shared_scopes.scope_key(scope), list(scope.token_ids))
+        return True
+
+    def tenant_cache_stats(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per tenant: (prompt tokens looked up, tokens hit, blocks held now, blocks evicted)."""
+        ledger = self.cache.tenants
+        held = ledger.blocks_held()
+        return {t: (s.query_tokens, s.hit_tokens, held.get(t, 0), s.evicted_blocks)
+                for t, s in ledger.stats.items()} | {t: (0, 0, n, 0) for t, n in held.items() if t not in ledger.stats}
 
     @property
     def device(self) -> torch.device:

@@ -6,9 +6,12 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from radixserve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from radixserve.cache.cache_report import CacheReport
 
 
 class RequestStatus(enum.Enum):
@@ -77,6 +80,10 @@ class Request:
     # the other choices (n > 1), waiting for this one's prefill: when it completes they fork off
     # its KV (KVCacheManager.fork) and sample their first tokens from the same logits
     forks: list[Request] = field(default_factory=list)
+    want_cache_report: bool = False  # compute a CacheReport at its first admission
+    # Other namespaces the caller may read itself (its unsalted one), which its report may name.
+    cache_report_namespaces: tuple[str, ...] = ()
+    publish_scope: str | None = None  # an operator request computing this shared scope's prefix
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -88,6 +95,7 @@ class Request:
 
     # Request facts the scheduler keeps (the KV state is the cache manager's: KVCacheManager.kv)
     num_cached_tokens: int | None = None  # prefix-cache hit at first admission (reported)
+    cache_report: CacheReport | None = None  # why it hit or missed, when asked (first admission)
     num_pinned_tokens: int = 0  # the longest of its cache_pins the tree accepted (0: none or refused)
     cached_tokens_by_tier: dict[str, int] | None = None  # num_cached_tokens split device/host/storage (tiers on)
     num_preemptions: int = 0
@@ -174,6 +182,7 @@ class RequestOutput:
     new_logprobs: list[Any] = field(default_factory=list)  # those of new_token_ids (streaming)
     index: int = 0  # the choice (n > 1): request_id is choice_request_ids(first id, n)[index]
     cached_tokens_by_tier: dict[str, int] | None = None  # num_cached_tokens by tier: device/host/storage (tiers on)
+    cache_report: CacheReport | None = None  # why the prompt hit or missed (when asked)
 
     @property
     def num_prompt_tokens(self) -> int:

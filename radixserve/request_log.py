@@ -1,6 +1,7 @@
 """RequestLogWriter: the opt-in request log that the server writes and `radixserve advise` replays.
 
-One JSON object per line::
+One JSON object per line (plus, for requests that asked for one, a cache report line
+``{"ts": ..., "request_id": ..., "cache_report": {...}}`` with no body, which a replay skips)::
 
     {"ts": 1732400000.123, "api": "chat", "namespace": "", "body": {...the request body...}}
 
@@ -73,7 +74,17 @@ class RequestLogWriter:
             record["namespace"] = namespace
         record["body"] = body
         # ensure_ascii=False keeps non-Latin prompts readable and the file smaller.
-        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+        self._write_line(json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n")
+
+    def write_cache_report(self, request_id: str, report: dict[str, Any], *, timestamp: float | None = None) -> None:
+        """Log a finished request's cache report (usage.cache_report) as its own line,
+        ``{"ts": ..., "request_id": ..., "cache_report": {...}}``: no body, so a replay skips it
+        and `radixserve advise` counts the reasons."""
+        record = {"ts": self.clock() if timestamp is None else timestamp, "request_id": request_id,
+                  "cache_report": report}
+        self._write_line(json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n")
+
+    def _write_line(self, line: str) -> None:
         with self._lock:
             if self._file is None:
                 raise RuntimeError(f"request log {self.path} is closed")

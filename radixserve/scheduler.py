@@ -95,6 +95,7 @@ class Scheduler:
         decoding. It is the newest running request (the first to be preempted)."""
         self.cache.fork(parent, child)
         child.num_cached_tokens = parent.num_cached_tokens
+        child.cache_report = parent.cache_report  # one prompt, one lookup: the same report
         child.first_scheduled_time = parent.first_scheduled_time
         child.status = RequestStatus.RUNNING
         self.running.append(child)

@@ -71,6 +71,17 @@ class LoadedLog:
     # Requests the server would refuse as sent (tools, images, ...), replayed from their text.
     lenient: Counter[str] = field(default_factory=Counter)
     api_counts: Counter[str] = field(default_factory=Counter)
+    # The server's own cache reports (--cache-report / "cache_report": true), by reason: how many
+    # requests, and how many prompt tokens they missed. Lines with a report carry no body.
+    cache_reasons: Counter[str] = field(default_factory=Counter)
+    cache_reason_missed_tokens: Counter[str] = field(default_factory=Counter)
+
+    def count_cache_report(self, report: dict[str, Any]) -> None:
+        reason = report.get("reason")
+        if isinstance(reason, str):
+            self.cache_reasons[reason] += 1
+            missed = report.get("missed_tokens")
+            self.cache_reason_missed_tokens[reason] += missed if isinstance(missed, int) else 0
 
     @property
     def has_timestamps(self) -> bool:
@@ -115,6 +126,10 @@ def read_log(
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            report = _cache_report(line)
+            if report is not None:
+                log.count_cache_report(report)
+                continue
             try:
                 pending.extend(_parse_line(line, line_no, tokenizer, log.lenient))
             except _Skip as e:
@@ -156,6 +171,19 @@ def requests_from_bodies(
 
 class _Skip(Exception):
     """This line yields no request (the message says why)."""
+
+
+def _cache_report(line: str) -> dict[str, Any] | None:
+    """The cache report of a report line (RequestLogWriter.write_cache_report), else None."""
+    if '"cache_report"' not in line:
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(record, dict) and "body" not in record and isinstance(record.get("cache_report"), dict):
+        return record["cache_report"]
+    return None
 
 
 def _parse_line(line: str, line_no: int, tokenizer: Any, lenient: Counter[str]) -> list[_Pending]:

@@ -158,6 +158,10 @@ class AdviceReport:
                 }
                 for p in self.top_prefixes
             ],
+            "observed_cache_reasons": {
+                reason: {"requests": n, "missed_tokens": log.cache_reason_missed_tokens[reason]}
+                for reason, n in log.cache_reasons.most_common()
+            } if log else {},
             "findings": [f.to_json() for f in self.findings],
             "notes": list(self.notes),
             "tiers": self._tiers_json() if self.tiers is not None else None,
@@ -291,6 +295,14 @@ class AdviceReport:
             if p.branch_texts:
                 add("     branches: " + " | ".join(p.branch_texts))
         add("")
+
+        if self.log and self.log.cache_reasons:
+            add("Why requests missed (the server's cache reports)")
+            total = sum(self.log.cache_reasons.values())
+            for reason, n in self.log.cache_reasons.most_common():
+                missed = self.log.cache_reason_missed_tokens[reason]
+                add(f"  {reason:<26} {n:>7,} requests ({n / total:6.1%}), {missed:>12,} prompt tokens not read from cache")
+            add("")
 
         add("Findings")
         if not self.findings:

@@ -15,13 +15,17 @@ import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from radixserve.cache.block_keys import BlockKey, BlockKeyChain, CacheIdentity
 from radixserve.cache.block_pool import BlockPool
 from radixserve.cache.kv_store import KVStore, NullKVStore
+from radixserve.cache.cache_report import CacheReport, explain_lookup
+from radixserve.cache.ghost_index import Ghost, GhostIndex, prefix_key
 from radixserve.cache.null_cache import NullPrefixCache
-from radixserve.cache.radix_tree import PinnedEdge, RadixTree, TreeNode
+from radixserve.cache.quotas import SCOPE_TENANT, TenantLedger, tenant_of_namespace
+from radixserve.cache.radix_tree import PinnedEdge, PrefixMatch, RadixTree, TreeNode
+from radixserve.cache.shared_scopes import SharedScope, SharedScopes
 from radixserve.cache.tiers import KeyIndex, LoadCostModel, TierStats, TierTransfers
 from radixserve.errors import NoFreeBlocksError
 from radixserve.request import Request
@@ -56,9 +60,13 @@ class KVHandle:
         |<------------------------ block_ids (block_size tokens each) ------------------->|
 
     The tree part is whole blocks, locked (`node`) so it is not evicted under the request.
+    A request that read an operator's shared scope has two tree parts:
+
+        0 ... scope_tokens ......... num_tree_tokens ...
+        |<- the scope (scope_node) ->|<- cache_key's tree: the request's continuation namespace ->|
     """
 
-    cache_key: str  # model identity + the request's namespace
+    cache_key: str  # the tree namespace its blocks go to: model identity + the request's namespace
     block_ids: list[int]  # the request's block table, in order
     node: TreeNode | None  # deepest tree node the request holds a lock on (None: caching off)
     num_computed_tokens: int  # tokens whose K/V are in block_ids
@@ -67,6 +75,8 @@ class KVHandle:
     num_host_hit_tokens: int = 0  # of the tokens reused at admission, those loaded from host RAM
     num_storage_hit_tokens: int = 0  # ... and from the storage tier
     num_loading_tokens: int = 0  # loaded tokens whose copy into block_ids is still pending (this step)
+    scope_node: TreeNode | None = None  # the shared scope's node it holds a lock on (None: no scope)
+    scope_tokens: int = 0  # leading tokens read from a shared scope; cache_key's tree starts there
 
 
 class KVCacheManager:
@@ -84,6 +94,8 @@ class KVCacheManager:
         host: KeyIndex | None = None,
         block_bytes: int = 0,
         write_through_all: bool = False,
+        ghost_index_blocks: int = 0,
+        tenant_quota_blocks: int | None = None,
     ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
@@ -102,7 +114,18 @@ class KVCacheManager:
         # (src, dst) block copies that the next forward must apply before writing any K/V:
         # copy-on-write of shared partial blocks, drained by the scheduler into its StepInput
         self._block_copies: list[tuple[int, int]] = []
+        self._init_policies(model_key, ghost_index_blocks, tenant_quota_blocks)
         self._init_tiers(identity, store, host, block_bytes, write_through_all)
+
+    def _init_policies(self, model_key: str, ghost_index_blocks: int, tenant_quota_blocks: int | None) -> None:
+        """Policies beside the tree, listening to its evictions: the ghost index (cache reports),
+        the tenant ledger (quotas, per-tenant metrics) and the operator's shared scopes."""
+        tree = self.prefix_cache if isinstance(self.prefix_cache, RadixTree) else None
+        self.ghosts = GhostIndex(ghost_index_blocks if tree is not None else 0)
+        if tree is not None and ghost_index_blocks:
+            tree.eviction_listeners.append(self._remember_eviction)
+        self.tenants = TenantLedger(tree, tenant_quota_blocks)
+        self.shared_scopes = SharedScopes(model_key)
 
     def _init_tiers(self, identity: CacheIdentity | None, store: KVStore | None, host: KeyIndex | None,
                     block_bytes: int, write_through_all: bool) -> None:
@@ -148,34 +171,48 @@ class KVCacheManager:
         """How many tokens admission would reuse (for cache-aware scheduling)."""
         if not request.cache_policy.reads:
             return 0
-        tokens = request.all_token_ids
-        return self.prefix_cache.match_prefix(self._key(request), tokens, self.max_cacheable(len(tokens))).num_tokens
+        return self._lookup(request, request.all_token_ids).num_tokens
 
     # ---- admission and growth -----------------------------------------------------------
     def admit(self, request: Request) -> int:
-        """Give a newly scheduled request the cached prefix of its tokens. Returns tokens reused."""
+        """Give a newly scheduled request the cached prefix of its tokens. Returns tokens reused.
+        At its first admission a request that asked for one gets its CacheReport."""
         assert request.request_id not in self._handles, f"{request.request_id} is already admitted"
         tokens = request.all_token_ids
-        key = self._key(request)
         reads = request.cache_policy.reads  # a policy that does not read starts from nothing
-        match = self.prefix_cache.match_prefix(key, tokens, self.max_cacheable(len(tokens)) if reads else 0)
-        self.pool.incref_all(match.block_ids)
-        self.prefix_cache.lock(match.node)
-        cached = match.num_tokens
-        handle = self._handles[request.request_id] = KVHandle(key, list(match.block_ids), match.node, cached, cached)
+        if reads:
+            lookup = self._lookup(request, tokens)
+        else:
+            key = self._key(request)
+            lookup = _Lookup(key, self.prefix_cache.match_prefix(key, tokens, 0))
+        blocks = lookup.block_ids()
+        self.pool.incref_all(blocks)
+        if lookup.scope_node is not None:
+            self.prefix_cache.lock(lookup.scope_node)
+        self.prefix_cache.lock(lookup.node)
+        cached = lookup.num_tokens
+        handle = self._handles[request.request_id] = KVHandle(
+            lookup.key, blocks, lookup.node, cached, cached,
+            scope_node=lookup.scope_node, scope_tokens=lookup.scope_tokens,
+        )
+        if request.want_cache_report and request.cache_report is None:
+            request.cache_report = self._report(request, tokens, lookup)
         if self.tiered:
             handle.keys = BlockKeyChain(self.identity, request.namespace)
             if reads:
                 cached += self._load_from_lower_tiers(tokens, handle, self.max_cacheable(len(tokens)))
-                self.tier_stats.hit_tokens["device"] += match.num_tokens
-                self.tier_stats.hit_bytes["device"] += len(match.block_ids) * self.block_bytes
+                self.tier_stats.hit_tokens["device"] += lookup.num_tokens
+                self.tier_stats.hit_bytes["device"] += len(blocks) * self.block_bytes
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
+            self.tenants.record_lookup(tenant_of_namespace(request.namespace), len(tokens), cached)
         if cached:
             self.stats.hits += 1
             self.stats.hit_tokens += cached
-            self.prefix_cache.refresh_pins(match.node)
+            self.prefix_cache.refresh_pins(lookup.node)
+            if lookup.scope_node is not None:
+                self.prefix_cache.refresh_pins(lookup.scope_node)
         return cached
 
     def fork(self, parent: Request, child: Request) -> None:
@@ -187,9 +224,12 @@ class KVCacheManager:
         handle = self._handles[parent.request_id]
         self.pool.incref_all(handle.block_ids)
         self.prefix_cache.lock(handle.node)
+        if handle.scope_node is not None:  # free() unlocks it for each choice
+            self.prefix_cache.lock(handle.scope_node)
         self._handles[child.request_id] = KVHandle(
             handle.cache_key, list(handle.block_ids), handle.node, handle.num_computed_tokens, handle.num_tree_tokens,
             keys=handle.keys.copy() if handle.keys is not None else None,
+            scope_node=handle.scope_node, scope_tokens=handle.scope_tokens,
         )
         self.stats.forks += 1
 
@@ -308,6 +348,47 @@ class KVCacheManager:
         self._transfers.write_through.extend(saves)
         self.tier_stats.saved_blocks += len(saves)
 
+    def _lookup(self, request: Request, tokens: list[int]) -> _Lookup:
+        """The longest cached prefix the request may read: from a shared scope (when its prompt
+        starts with a published prefix that is wholly cached) and its continuation namespace,
+        or else from its own namespace. Splits edges and refreshes LRU order (match_prefix)."""
+        cap = self.max_cacheable(len(tokens))
+        key = self._key(request)
+        scope = self.shared_scopes.find(tokens, cap) if request.publish_scope is None else None
+        if scope is not None:
+            shared = self.prefix_cache.match_prefix(self.shared_scopes.scope_key(scope), tokens, scope.num_tokens)
+            if shared.num_tokens == scope.num_tokens:
+                cont_key = self._register(self.shared_scopes.continuation_key(scope, request.namespace),
+                                          tenant_of_namespace(request.namespace))
+                rest = self.prefix_cache.match_prefix(cont_key, tokens[scope.num_tokens :], cap - scope.num_tokens)
+                return _Lookup(cont_key, rest, shared, scope)
+        return _Lookup(key, self.prefix_cache.match_prefix(key, tokens, cap))
+
+    def _report(self, request: Request, tokens: list[int], lookup: _Lookup) -> CacheReport:
+        cacheable = self.max_cacheable(len(tokens))
+        if not self.enable_prefix_caching or not request.cache_policy.reads:
+            reason = "caching_off" if not self.enable_prefix_caching else "opted_out"
+            return CacheReport(reason, len(tokens), 0, cacheable)
+        offset = lookup.scope_tokens
+        readable = [self.cache_key(ns) for ns in request.cache_report_namespaces] if not offset else []
+        report = explain_lookup(
+            self.prefix_cache, self.ghosts, lookup.key, tokens[offset:], lookup.match,
+            cacheable - offset, self.clock(), readable, shared_tokens=offset,
+        )
+        # explain_lookup saw the tokens after the shared part: count them from the prompt's start
+        report.prompt_tokens, report.cached_tokens, report.cacheable_tokens = \
+            len(tokens), report.cached_tokens + offset, cacheable
+        if report.diverged_at is not None:
+            report.diverged_at += offset
+        return report
+
+    def _remember_eviction(self, node: TreeNode, num_kept_blocks: int) -> None:
+        now = self.clock()
+        end = node.depth - len(node.tokens) + (num_kept_blocks + 1) * self.block_size  # first dropped block's end
+        pin_lapsed = -float("inf") < node.pinned_until <= now
+        path = RadixTree.path_tokens(node)
+        self.ghosts.remember(prefix_key(node.namespace, path, end), Ghost(now, pin_lapsed))
+
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Make room for the request's next `num_new_tokens` K/V entries; False if the pool can't
         (even after evicting), in which case nothing changed.
@@ -368,29 +449,36 @@ class KVCacheManager:
         num_full = handle.num_computed_tokens // block_size
         if num_full * block_size <= handle.num_tree_tokens:
             return
-        tokens = request.token_slice(0, num_full * block_size)
-        result = self.prefix_cache.insert(handle.cache_key, tokens, handle.block_ids[:num_full])
+        first = handle.scope_tokens // block_size  # blocks before it are the shared scope's
+        tokens = request.token_slice(handle.scope_tokens, num_full * block_size)
+        result = self.prefix_cache.insert(handle.cache_key, tokens, handle.block_ids[first:num_full])
         blocks = handle.block_ids
-        for i, tree_block in enumerate(result.block_ids):
+        for i, tree_block in enumerate(result.block_ids, start=first):
             if blocks[i] != tree_block:
                 self.pool.incref(tree_block)
                 self.pool.decref(blocks[i])
                 blocks[i] = tree_block
-        self.stats.inserted_blocks += num_full - result.num_existing_tokens // block_size
+        self.stats.inserted_blocks += num_full - first - result.num_existing_tokens // block_size
         if self.tiered and handle.keys is not None:
-            keys = handle.keys.keys
-            if len(keys) < num_full:
-                handle.keys.update(tokens)
-            new = range(result.num_existing_tokens // block_size, num_full)
-            for i in new:
-                self._block_keys[result.block_ids[i]] = keys[i]
-            if self.write_through_all:
-                self._transfers.write_through.extend((result.block_ids[i], keys[i]) for i in new)
-                self.tier_stats.saved_blocks += len(new)
+            self._key_new_blocks(request, handle, range(first + result.num_existing_tokens // block_size, num_full))
         self.prefix_cache.lock(result.node)
         self.prefix_cache.unlock(handle.node)
         handle.node = result.node
         handle.num_tree_tokens = num_full * block_size
+        self.stats.evicted_blocks += self.tenants.enforce(handle.cache_key)
+
+    def _key_new_blocks(self, request: Request, handle: KVHandle, new: range) -> None:
+        """Record the content keys of the blocks just inserted (`new`: block numbers over the whole
+        prompt, so a shared scope's blocks count too: the keys chain from token 0) and, with
+        write-through, list them for storage. handle.block_ids holds the tree's blocks by now."""
+        if len(handle.keys.keys) < new.stop:
+            handle.keys.update(request.token_slice(0, new.stop * self.block_size))
+        keys = handle.keys.keys
+        for i in new:
+            self._block_keys[handle.block_ids[i]] = keys[i]
+        if self.write_through_all:
+            self._transfers.write_through.extend((handle.block_ids[i], keys[i]) for i in new)
+            self.tier_stats.saved_blocks += len(new)
 
     # ---- pins -----------------------------------------------------------------------------
     def pin(self, request: Request, num_tokens: int, ttl: float, refresh: float | None = None) -> int:
@@ -398,12 +486,15 @@ class KVCacheManager:
         (default: `ttl`) again by every later request that reads them all. Returns tokens pinned."""
         if not request.cache_policy.writes:
             return 0
-        tokens = request.token_slice(0, num_tokens)
-        pinned = self.prefix_cache.pin(self._key(request), tokens, self.clock() + ttl,
-                                       refresh=ttl if refresh is None else refresh)
+        handle = self._handles.get(request.request_id)
+        key, offset = (handle.cache_key, handle.scope_tokens) if handle is not None else (self._key(request), 0)
+        if num_tokens <= offset:
+            return 0  # within an operator's shared scope: the operator pins that, not a tenant
+        tokens = request.token_slice(offset, num_tokens)
+        pinned = self.prefix_cache.pin(key, tokens, self.clock() + ttl, refresh=ttl if refresh is None else refresh)
         if pinned and self.tiered:
-            self._write_through(self._key(request), tokens[:pinned])
-        return pinned
+            self._write_through(key, tokens[:pinned])
+        return offset + pinned
 
     def pin_prefix(self, namespace: str, token_ids: list[int], ttl: float) -> int:
         """Pin an already cached prefix for `ttl` seconds (named caches). Returns tokens pinned."""
@@ -455,6 +546,8 @@ class KVCacheManager:
             self._cancel_loads(handle)
         self._insert_full_blocks(request, handle)
         self.prefix_cache.unlock(handle.node)
+        if handle.scope_node is not None:
+            self.prefix_cache.unlock(handle.scope_node)
         self.pool.decref_all(handle.block_ids)
 
     def _cancel_loads(self, handle: KVHandle) -> None:
@@ -493,4 +586,42 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free() / self.pool.num_blocks
 
     def _key(self, request: Request) -> str:
-        return self.cache_key(request.namespace)
+        if request.publish_scope is not None:  # the operator's publishing request
+            scope = self.shared_scopes.get(request.publish_scope)
+            if scope is None:
+                raise KeyError(f"shared scope {request.publish_scope!r} is not published")
+            return self._register(self.shared_scopes.scope_key(scope), SCOPE_TENANT)
+        return self._register(self.cache_key(request.namespace), tenant_of_namespace(request.namespace))
+
+    def _register(self, key: str, tenant: str) -> str:
+        self.tenants.register(key, tenant)
+        return key
+
+
+@dataclass(slots=True)
+class _Lookup:
+    """What admission may read: a match in `key`'s tree, after a shared scope's match if any."""
+
+    key: str
+    match: PrefixMatch = field(default_factory=lambda: PrefixMatch(0, [], None))
+    scope_match: PrefixMatch | None = None
+    scope: SharedScope | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.scope_tokens + self.match.num_tokens
+
+    @property
+    def scope_tokens(self) -> int:
+        return self.scope_match.num_tokens if self.scope_match is not None else 0
+
+    @property
+    def node(self) -> TreeNode | None:
+        return self.match.node
+
+    @property
+    def scope_node(self) -> TreeNode | None:
+        return self.scope_match.node if self.scope_match is not None else None
+
+    def block_ids(self) -> list[int]:
+        return (self.scope_match.block_ids if self.scope_match is not None else []) + self.match.block_ids

@@ -145,6 +145,12 @@ class RadixTree:
         # blocks are still intact then), so a lower tier can write them down. The tree stays
         # about the tree: what an evicted block was is the hook owner's to know.
         self.on_evict: Callable[[list[int]], None] | None = None
+        # Blocks the tree holds per namespace (what quotas and per-tenant metrics read).
+        self.blocks_by_namespace: dict[str, int] = {}
+        # Called as listener(node, num_kept_blocks) right before the tail of an unlocked leaf's
+        # edge (all of it when num_kept_blocks is 0) leaves the tree: eviction, quota trimming,
+        # reset. Policies beside the tree (the ghost index, per-tenant counters) listen here.
+        self.eviction_listeners: list[Callable[[TreeNode, int], None]] = []
 
     # ---- lookup ---------------------------------------------------------------------------
     def match_prefix(self, namespace: str, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
@@ -196,12 +202,34 @@ class RadixTree:
             node.children[tuple(tokens[existing : existing + block_size])] = leaf
             self._num_nodes += 1
             self.num_cached_blocks += len(new_blocks)
+            self.blocks_by_namespace[namespace] = self.blocks_by_namespace.get(namespace, 0) + len(new_blocks)
             blocks.extend(new_blocks)
             node = leaf
             self.observer.blocks_stored(leaf, 0)
         if node is not root and not node.children and node.lock_ref == 0:
             self._push_candidate(node)
         return InsertResult(node, existing, blocks)
+
+    def cached_prefix_length(self, namespace: str, token_ids: Sequence[int], max_tokens: int | None = None) -> int:
+        """Tokens of ``token_ids`` (whole blocks, capped at ``max_tokens``) cached in ``namespace``,
+        without splitting an edge or touching LRU order: a read-only probe for reports."""
+        root = self._roots.get(namespace)
+        if root is None:
+            return 0
+        tokens = _as_list(token_ids)
+        end = len(tokens) if max_tokens is None else min(len(tokens), max(0, max_tokens))
+        end -= end % self.block_size
+        node, pos = root, 0
+        while pos < end:
+            child = node.children.get(tuple(tokens[pos : pos + self.block_size]))
+            if child is None:
+                break
+            matched = self._edge_match(tokens, pos, end, child.tokens)
+            pos += matched
+            if matched < len(child.tokens):
+                break
+            node = child
+        return pos
 
     def root(self, namespace: str) -> TreeNode:
         """The root of ``namespace`` (created on first use; roots are never evicted)."""
@@ -283,6 +311,37 @@ class RadixTree:
         for entry in still_pinned:
             heapq.heappush(heap, entry)
         return freed
+
+    def evict_from(self, namespaces: set[str], num_blocks: int) -> int:
+        """Evict at least ``num_blocks`` blocks from the unlocked, unpinned leaves of
+        ``namespaces`` only, LRU first (quotas: a namespace over its budget pays for itself).
+
+        Walks those namespaces' nodes (O(their size)), so it is for the rare over-quota case,
+        not for every allocation. Returns the number of blocks that left the tree.
+        """
+        if num_blocks <= 0:
+            return 0
+        now = self.clock()
+        heap = [(n.last_access, n.access_seq, next(self._serial), n)
+                for ns in namespaces for n in self.iter_nodes(ns)
+                if not n.children and n.lock_ref == 0 and n.pinned_until <= now]
+        heapq.heapify(heap)
+        dropped = 0
+        while dropped < num_blocks and heap:
+            node = heapq.heappop(heap)[3]
+            needed = num_blocks - dropped
+            if needed < len(node.block_ids):
+                self._trim_leaf(node, needed)
+                dropped += needed
+            else:
+                parent = node.parent
+                dropped += len(node.block_ids)
+                self._remove_leaf(node)
+                if parent.parent is not None and not parent.children and parent.lock_ref == 0:
+                    self._push_candidate(parent)
+                    if parent.pinned_until <= now:
+                        heapq.heappush(heap, (parent.last_access, parent.access_seq, next(self._serial), parent))
+        return dropped
 
     def num_evictable_blocks(self) -> int:
         """Blocks ``evict`` could drop from the tree right now (unlocked and not pinned).
@@ -458,6 +517,18 @@ class RadixTree:
         """Non-root nodes in the tree, all namespaces together."""
         return self._num_nodes
 
+    @staticmethod
+    def path_tokens(node: TreeNode) -> list[int]:
+        """The tokens from the namespace root to the end of ``node``'s edge."""
+        edges = []
+        while node.parent is not None:
+            edges.append(node.tokens)
+            node = node.parent
+        tokens: list[int] = []
+        for edge in reversed(edges):
+            tokens += edge  # C-level extend: a per-token comprehension cost 0.4 ms on a 700-token path
+        return tokens
+
     def iter_nodes(self, namespace: str | None = None) -> Iterator[TreeNode]:
         """Every non-root node (of one namespace, or all), parents before children."""
         if namespace is None:
@@ -494,6 +565,9 @@ class RadixTree:
                     assert node.pinned_until <= self.clock(), f"live pin not tracked: {node}"
         assert num_nodes == self._num_nodes, (num_nodes, self._num_nodes)
         assert cached == self.num_cached_blocks, (cached, self.num_cached_blocks)
+        for ns in self._roots:
+            held = sum(len(n.block_ids) for n in self.iter_nodes(ns))
+            assert held == self.blocks_by_namespace.get(ns, 0), (ns, held, self.blocks_by_namespace.get(ns))
         assert locked == self._locked_blocks, (locked, self._locked_blocks)
         # Every unlocked leaf must have a live entry in the eviction heap, or evict would miss it.
         live = {id(e[3]) for e in self._evict_heap if e[3].access_seq == e[1]}
@@ -603,6 +677,7 @@ class RadixTree:
         """Drop the last ``num_blocks`` blocks of an unlocked leaf's edge; returns blocks freed."""
         keep = len(node.block_ids) - num_blocks
         self.observer.blocks_removed(node, keep)
+        self._notify_eviction(node, keep)
         dropped = node.block_ids[keep:]
         if self.on_evict is not None:
             self.on_evict(dropped)
@@ -610,6 +685,7 @@ class RadixTree:
         del node.tokens[keep * self.block_size :]
         node.depth -= num_blocks * self.block_size
         self.num_cached_blocks -= num_blocks
+        self.blocks_by_namespace[node.namespace] -= num_blocks
         return self._release(dropped)
 
     def _remove_leaf(self, node: TreeNode) -> int:
@@ -617,13 +693,19 @@ class RadixTree:
         parent = node.parent
         assert parent is not None and not node.children and node.lock_ref == 0, node
         self.observer.blocks_removed(node, 0)
+        self._notify_eviction(node, 0)
         del parent.children[tuple(node.tokens[: self.block_size])]
         node.parent = None  # marks it detached: lock() on it now raises
         self._num_nodes -= 1
         self.num_cached_blocks -= len(node.block_ids)
+        self.blocks_by_namespace[node.namespace] -= len(node.block_ids)
         self._pinned.discard(node)
         blocks, node.block_ids = node.block_ids, []
         return self._release(blocks)
+
+    def _notify_eviction(self, node: TreeNode, num_kept_blocks: int) -> None:
+        for listener in self.eviction_listeners:
+            listener(node, num_kept_blocks)
 
     def _release(self, blocks: list[int]) -> int:
         pool = self.pool

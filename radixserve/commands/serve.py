@@ -52,6 +52,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "prompt text). One server per directory")
     g.add_argument("--max-named-caches", type=int, default=1024,
                    help="live named caches this server keeps; creating more gets 429 (default 1024)")
+    g.add_argument("--cache-report", action="store_true",
+                   help="every response carries usage.cache_report (cached tokens and one reason for the rest); "
+                        "without it a request asks with \"cache_report\": true (see docs/security.md)")
+    g.add_argument("--shared-prefix", action="append", default=[], metavar="FILE", dest="shared_prefix_files",
+                   help="publish FILE's text as a shared system prompt at startup: every tenant whose chat starts "
+                        "with it reads its cached blocks, what follows stays in the tenant's own namespace; "
+                        "repeatable (admins can also POST /v1/shared_prefixes)")
+    g.add_argument("--probe-rate-limit", type=float, default=None, metavar="PER_MINUTE",
+                   help="per API key, at most this many requests a minute that read the prefix cache (each is a "
+                        "probe of it); over it: 429 with Retry-After. Default: no limit")
+    g.add_argument("--probe-burst", type=int, default=None,
+                   help="with --probe-rate-limit: how many such requests a key may send at once (default: a "
+                        "minute's worth)")
+    g.add_argument("--shared-ttft-floor", type=float, default=0.0, metavar="SECONDS",
+                   help="requests that read a prefix cache shared across keys (not --cache-isolation per-key) "
+                        "get their first token no sooner than this: hits and quicker misses look alike. Default 0")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_cluster_args(p)
     add_engine_args(p)
@@ -104,6 +120,11 @@ def server_config_from_args(args: argparse.Namespace):
         request_log=args.request_log,
         state_dir=args.state_dir,
         max_named_caches=args.max_named_caches,
+        cache_report=args.cache_report,
+        shared_prefix_files=list(args.shared_prefix_files),
+        probe_rate_limit=args.probe_rate_limit,
+        probe_burst=args.probe_burst,
+        shared_ttft_floor=args.shared_ttft_floor,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -76,12 +76,14 @@ async def create_message(request: Request):
         params.guided = tool_call_grammar(tools, choice, call_style(state.tokenizer))
     state.log_request("messages", data, namespace)
     stream = await state.submit(prompt.token_ids, params, prefix="msg_", namespace=namespace, cache_pins=engine_pins,
-                                cache_policy=parsed.cache_policy)
+                                cache_policy=parsed.cache_policy, cache_report=parsed.cache_report,
+                                readable_namespaces=parsed.readable_namespaces(body.cache_salt))
     if not state.prefix_caching or not parsed.cache_policy.writes:
         pins = []  # nothing gets written to a cache that is off, or by a request that may not write
     tool_names = {t.name for t in tools} if choice.mode != "none" else set()
     if body.stream:
-        events = _message_events(stream, state.model_name, pins, request.url.path, tool_names)
+        events = _message_events(stream, state.model_name, pins, request.url.path, tool_names,
+                                 state.cache_report_json)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     out = await collect(stream, request)
@@ -101,7 +103,7 @@ async def create_message(request: Request):
         "content": blocks,
         "stop_reason": "tool_use" if calls else _stop_reason(out),
         "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None,
-        "usage": _usage(out, accepted),
+        "usage": _usage(out, accepted, report=state.cache_report_json(out)),
     })
 
 
@@ -157,7 +159,8 @@ def creation_by_ttl(pins: list[_LabelledPin], cached: int) -> dict[str, int]:
     return written
 
 
-def _usage(out: RequestOutput, pins: list[_LabelledPin], output_tokens: int | None = None) -> dict:
+def _usage(out: RequestOutput, pins: list[_LabelledPin], output_tokens: int | None = None,
+           report: dict | None = None) -> dict:
     written = creation_by_ttl(pins, out.num_cached_tokens)
     creation = written["5m"] + written["1h"]
     usage = {
@@ -169,6 +172,8 @@ def _usage(out: RequestOutput, pins: list[_LabelledPin], output_tokens: int | No
     }
     if out.cached_tokens_by_tier is not None:  # extension field (tiers on): where the read tokens came from
         usage["cache_read_input_tokens_by_tier"] = dict(out.cached_tokens_by_tier)
+    if report is not None:  # an extension, only when asked: standard clients see standard fields
+        usage["cache_report"] = report
     return usage
 
 
@@ -189,7 +194,8 @@ def _tool_use_id(call: ToolCall) -> str:
 
 
 async def _message_events(
-    stream: RequestStream, model: str, pins: list[_LabelledPin], path: str, tool_names: set[str] = frozenset()
+    stream: RequestStream, model: str, pins: list[_LabelledPin], path: str, tool_names: set[str] = frozenset(),
+    report_of: Callable[[RequestOutput], dict | None] = lambda out: None,
 ) -> AsyncIterator[str]:
     """Anthropic's event stream. With tools, the text block opens only once there is text (an
     output that is only a call has none), and each call is a tool_use block that opens once the
@@ -274,7 +280,7 @@ async def _message_events(
             "type": "message_delta",
             "delta": {"stop_reason": "tool_use" if calls else _stop_reason(out),
                       "stop_sequence": out.stop_reason if isinstance(out.stop_reason, str) else None},
-            "usage": _usage(out, pins),
+            "usage": _usage(out, pins, report=report_of(out)),
         })
         yield _event("message_stop", {"type": "message_stop"})
     except EngineDeadError as e:

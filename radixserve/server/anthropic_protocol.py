@@ -64,6 +64,7 @@ class _ConversationFields(_Body):
     tools: list[Any] | None = None
     cache_salt: str | None = None
     cache_policy: str | None = None  # read_write | read_only | none (capped by the key's policy)
+    cache_report: bool = False  # usage.cache_report: why the prompt hit or missed the prefix cache
     cached_content: str | None = None
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from radixserve.config import EngineConfig
 from radixserve.engine import LLMEngine
-from radixserve.server import admin_api, anthropic_api, caches_api, openai_api
+from radixserve.server import admin_api, anthropic_api, caches_api, openai_api, shared_prefix_api
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import install_error_handlers
 from radixserve.server.state import ServerState, get_state
@@ -42,6 +42,7 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
         state.keeper.restore()  # before listening: a restored cache name resolves from the first request
         state.async_engine.start()
         state.keeper.start()
+        await shared_prefix_api.publish_files(state, config.shared_prefix_files)
         sweeper = asyncio.create_task(state.caches.run_sweeper(config.cache_sweep_interval))
         try:
             yield
@@ -63,7 +64,7 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
                   **({"openapi_url": None, "docs_url": None, "redoc_url": None} if keyed else {}))
     app.state.radixserve = state
     install_error_handlers(app)
-    for module in (openai_api, anthropic_api, caches_api, admin_api):
+    for module in (openai_api, anthropic_api, caches_api, admin_api, shared_prefix_api):
         app.include_router(module.router)
     if keyed:
         _add_keyed_docs(app)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -57,12 +58,17 @@ class RequestStream:
         self.finished = False
         self.final: RequestOutput | None = None
         self._aborted = False
+        self.not_before: float | None = None  # monotonic time before which no output is handed out (TTFT floor)
 
     async def next(self) -> RequestOutput:
         """The next output; raises StopAsyncIteration after the final one."""
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        if self.not_before is not None:
+            wait, self.not_before = self.not_before - time.monotonic(), None
+            if wait > 0:
+                await asyncio.sleep(wait)
         if isinstance(item, BaseException):
             self.finished = True
             raise item
@@ -163,12 +169,15 @@ class AsyncEngine:
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        cache_report_namespaces: tuple[str, ...] = (),
     ) -> RequestStream:
         """Queue a request (params.n == 1); returns once the engine accepted it. Bad input raises
         here (InvalidRequestError, PromptTooLongError), before any response has been started."""
         assert params.n == 1, "add_choices takes n > 1"
         streams = await self.add_choices(prompt_token_ids, params, request_id=request_id, namespace=namespace,
-                                         cache_pins=cache_pins, arrival_time=arrival_time, cache_policy=cache_policy)
+                                         cache_pins=cache_pins, arrival_time=arrival_time, cache_policy=cache_policy,
+                                         cache_report=cache_report, cache_report_namespaces=cache_report_namespaces)
         return streams[0]
 
     async def add_choices(
@@ -181,6 +190,8 @@ class AsyncEngine:
         cache_pins: list[CachePin] | None = None,
         arrival_time: float | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        cache_report_namespaces: tuple[str, ...] = (),
     ) -> list[RequestStream]:
         """Queue a request of params.n choices (one prefill, shared); one stream per choice, in
         index order. Bad input raises here, as in add_request."""
@@ -190,7 +201,7 @@ class AsyncEngine:
         try:
             await self.call(
                 self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time,
-                cache_policy,
+                cache_policy, cache_report, cache_report_namespaces,
             )
         except asyncio.CancelledError:
             # the add may still run on the engine thread: make sure the request dies with us

@@ -39,6 +39,11 @@ class ServerConfig:
     # the file holds tenants' prompt text, so nothing is written unless asked for).
     state_dir: str | None = None
     max_named_caches: int = 1024  # live named caches one server keeps (bounds memory and the state file)
+    cache_report: bool = False  # every response carries usage.cache_report (else: requests ask for it)
+    shared_prefix_files: list[str] = field(default_factory=list)  # system prompts published at startup
+    probe_rate_limit: float | None = None  # cache-reading requests per minute per key (None: no limit)
+    probe_burst: int | None = None  # the most such requests at once (default: a minute's worth)
+    shared_ttft_floor: float = 0.0  # seconds: requests reading a cache shared across keys answer no sooner
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
@@ -51,6 +56,12 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_named_caches < 0:
             raise ValueError(f"max_named_caches must be >= 0, got {self.max_named_caches}")
+        if self.probe_rate_limit is not None and not self.probe_rate_limit > 0:
+            raise ValueError(f"probe_rate_limit must be > 0 requests per minute, got {self.probe_rate_limit}")
+        if self.probe_burst is not None and self.probe_burst < 1:
+            raise ValueError(f"probe_burst must be >= 1, got {self.probe_burst}")
+        if not self.shared_ttft_floor >= 0:
+            raise ValueError(f"shared_ttft_floor must be >= 0 seconds, got {self.shared_ttft_floor}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in [*self.api_keys, *self.admin_keys, *self.metrics_keys]):

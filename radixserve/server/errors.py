@@ -33,7 +33,8 @@ _ANTHROPIC_TYPES = {
     500: "api_error",
     503: "overloaded_error",
 }
-_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error", 500: "server_error", 503: "server_error"}
+_OPENAI_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+                 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 class APIError(Exception):
@@ -43,12 +44,14 @@ class APIError(Exception):
     code such as "model_not_found"); Anthropic's format has no place for them.
     """
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429)
 
 
 def is_anthropic_route(path: str) -> bool:
@@ -104,6 +107,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(request.url.path, exc.status, exc.message, exc.param, exc.code, headers)
 
     @app.exception_handler(RadixServeError)

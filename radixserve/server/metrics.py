@@ -64,6 +64,7 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("radixserve_named_caches", "Live named caches (/v1/caches)", value=self.named_caches)
         if snap.tiers is not None:
             yield from _tier_metrics(snap.tiers)
+        yield from _tenant_families(snap.tenant_cache)
 
 
 def _labelled(family, labels: dict[str, int]):
@@ -93,6 +94,37 @@ def _tier_metrics(t: TierSnapshot) -> Iterator[Metric]:
                               value=t.written_blocks)
     yield CounterMetricFamily("radixserve_tier_write_failures", "KV blocks the storage tier could not take "
                               "(full disk, I/O error, writer queue full)", value=t.write_failures)
+
+
+# Per-tenant families. A tenant is an API key's id (auth.key_id, as in its namespace) under
+# per-key isolation, "shared" for the one cache every key shares otherwise, "shared_scopes" for
+# operator-published prefixes: bounded by the configured keys, never by cache_salts.
+_TENANT_FAMILIES = (
+    (CounterMetricFamily, "radixserve_tenant_prefix_cache_queries", "Prompt tokens this tenant looked up"),
+    (CounterMetricFamily, "radixserve_tenant_prefix_cache_hits", "Prompt tokens this tenant read from the cache"),
+    (GaugeMetricFamily, "radixserve_tenant_prefix_cache_blocks", "KV blocks the prefix cache holds for this tenant"),
+    (CounterMetricFamily, "radixserve_tenant_prefix_cache_evicted_blocks",
+     "This tenant's blocks evicted (LRU, its quota, a reset)"),
+)
+
+
+def tenant_label(tenant: str) -> str:
+    return tenant.removeprefix("key:") if tenant else "shared"
+
+
+def _tenant_families(tenants: dict[str, tuple[int, int, int, int]]) -> Iterator[Metric]:
+    if not tenants:
+        return
+    for i, (kind, name, doc) in enumerate(_TENANT_FAMILIES):
+        family = kind(name, doc, labels=["tenant"])
+        for tenant, values in sorted(tenants.items()):
+            family.add_metric([tenant_label(tenant)], values[i])
+        yield family
+    rate = GaugeMetricFamily("radixserve_tenant_prefix_cache_hit_rate", "Hit tokens / looked-up tokens of this tenant",
+                             labels=["tenant"])
+    for tenant, (queries, hits, _, _) in sorted(tenants.items()):
+        rate.add_metric([tenant_label(tenant)], hits / queries if queries else 0.0)
+    yield rate
 
 
 class ServerMetrics:

@@ -105,7 +105,8 @@ async def chat_completions(request: Request):
     params.logprobs = body.num_logprobs()
     state.log_request("chat", data, namespace)
     streams = await state.submit_choices(prompt.token_ids, params, prefix="chatcmpl-", namespace=namespace,
-                                         cache_pins=pins, cache_policy=parsed.cache_policy)
+                                         cache_pins=pins, cache_policy=parsed.cache_policy, cache_report=parsed.cache_report,
+                                         readable_namespaces=parsed.readable_namespaces(body.cache_salt))
     created = int(time.time())
     tool_names = {t.name for t in tools} if choice.mode != "none" else set()
     if body.stream:
@@ -118,7 +119,7 @@ async def chat_completions(request: Request):
         "created": created,
         "model": state.model_name,
         "choices": [_chat_choice(state, out, tool_names) for out in outs],
-        "usage": _usage(outs),
+        "usage": _usage(outs, state),
         "system_fingerprint": None,
     })
 
@@ -198,7 +199,7 @@ async def _chat_events(
         if include_usage:
             yield _sse({
                 "id": request_id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "system_fingerprint": None, "choices": [], "usage": _usage(finals),
+                "model": model, "system_fingerprint": None, "choices": [], "usage": _usage(finals, state),
             })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
@@ -250,6 +251,8 @@ async def completions(request: Request):
     namespace = parsed.tenant.namespace(body.cache_salt)
 
     raw = body.prompts()
+    if len(raw) > 1:
+        state.charge_probes(parsed.tenant, parsed.cache_policy, len(raw) - 1)  # parse_request charged one
     texts = [p for p in raw if isinstance(p, str)]
     state.check_prompt_size(texts)
     # The whole prompt is the client's text: special-token spellings in it are control tokens
@@ -266,7 +269,8 @@ async def completions(request: Request):
             params = body.sampling_params(max_tokens)
             params.logprobs = body.logprobs
             streams += await state.submit_choices(ids, params, prefix="cmpl-", namespace=namespace,
-                                                  cache_policy=parsed.cache_policy)
+                                                  cache_policy=parsed.cache_policy, cache_report=parsed.cache_report,
+                                                  readable_namespaces=parsed.readable_namespaces(body.cache_salt))
     except BaseException:
         for stream in streams:
             stream.close()
@@ -290,7 +294,7 @@ async def completions(request: Request):
              "finish_reason": _finish_reason(out)}
             for i, out in enumerate(outs)
         ],
-        "usage": _usage(outs),
+        "usage": _usage(outs, state),
         "system_fingerprint": None,
     })
 
@@ -326,7 +330,7 @@ async def _completion_events(
         if include_usage:
             yield _sse({
                 "id": completion_id, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": None, "choices": [], "usage": _usage(finals),
+                "system_fingerprint": None, "choices": [], "usage": _usage(finals, state),
             })
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
@@ -366,7 +370,7 @@ def _completion_logprobs(state: ServerState, logprobs: list, final: RequestOutpu
 
 
 # ---- shared -----------------------------------------------------------------------------
-def _usage(outs: list[RequestOutput]) -> dict:
+def _usage(outs: list[RequestOutput], state: ServerState) -> dict:
     """Each prompt's tokens (and cached tokens) once, however many choices (n) share it: they
     were computed once; completion tokens over every choice."""
     firsts = [o for o in outs if o.index == 0]
@@ -376,12 +380,16 @@ def _usage(outs: list[RequestOutput]) -> dict:
     by_tier = tier_breakdown(firsts)
     if by_tier is not None:  # extension field: which tier the cached tokens came from
         details["cached_tokens_by_tier"] = by_tier
-    return {
+    usage = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
         "prompt_tokens_details": details,
     }
+    reports = [r for o in firsts if (r := state.cache_report_json(o)) is not None]  # one per prompt
+    if reports:  # an extension, only when asked: standard clients see standard fields
+        usage["cache_report"] = reports[0] if len(firsts) == 1 else reports
+    return usage
 
 
 def tier_breakdown(outs: list[RequestOutput]) -> dict[str, int] | None:

@@ -70,6 +70,7 @@ class _SamplingFields(_Body):
     ignore_eos: bool = False
     cache_salt: str | None = None
     cache_policy: str | None = None  # read_write | read_only | none (capped by the key's policy)
+    cache_report: bool = False  # usage.cache_report: why the prompt hit or missed the prefix cache
 
     @property
     def include_usage(self) -> bool:

@@ -27,6 +27,12 @@ class ParsedRequest(Generic[M]):
     data: dict[str, Any]  # the JSON body as sent: the request log records it, not the parsed model
     body: M
     cache_policy: CachePolicy = CachePolicy.READ_WRITE  # the body's cache_policy, capped by the key's
+    cache_report: bool = False  # the body asked for usage.cache_report, or the server gives it always
+
+    def readable_namespaces(self, cache_salt: str | None) -> tuple[str, ...]:
+        """Namespaces besides the request's own that its cache report may name: with a
+        cache_salt, the caller's unsalted namespace (which it could probe without the salt)."""
+        return (self.tenant.namespace(None),) if cache_salt else ()
 
 
 async def parse_request(request: Request, model: type[M]) -> ParsedRequest[M]:
@@ -37,7 +43,9 @@ async def parse_request(request: Request, model: type[M]) -> ParsedRequest[M]:
     body = parse_model(model, data)
     state.check_model(body.model)
     policy = tenant.cache_policy_for(getattr(body, "cache_policy", None))
-    return ParsedRequest(state, tenant, data, body, policy)
+    report = state.config.cache_report or bool(getattr(body, "cache_report", False))
+    state.charge_probes(tenant, policy)
+    return ParsedRequest(state, tenant, data, body, policy, report)
 
 
 async def resolve_named_cache(

@@ -14,11 +14,12 @@ from radixserve.errors import PromptTooLongError
 from radixserve.request import CachePin, CachePolicy, RequestOutput
 from radixserve.sampling import SamplingParams
 from radixserve.server.async_engine import AsyncEngine, RequestStream
-from radixserve.server.auth import Authenticator
+from radixserve.server.auth import Authenticator, Tenant
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import APIError
 from radixserve.server.metrics import ServerMetrics
 from radixserve.server.persistence import NoStateKeeper, StateKeeper
+from radixserve.server.probe_guard import ProbeRateLimiter
 from radixserve.server.prompting import ChatTurn, check_prompt_size
 
 
@@ -47,10 +48,25 @@ class ServerState:
             else NoStateKeeper()
         # opt-in: prompts can be sensitive, so nothing is logged unless a path is given
         self.request_log = RequestLogWriter(config.request_log) if config.request_log else None
+        self.probe_limiter = (ProbeRateLimiter(config.probe_rate_limit, config.probe_burst)
+                              if config.probe_rate_limit is not None else None)
+
+    def charge_probes(self, tenant: Tenant, cache_policy: CachePolicy, num_prompts: int = 1) -> None:
+        """--probe-rate-limit: each prompt that reads the cache is a probe; 429 over the key's budget."""
+        if self.probe_limiter is not None and cache_policy.reads and self.prefix_caching:
+            self.probe_limiter.charge(tenant.owner, num_prompts)
 
     def _on_finished(self, out: RequestOutput) -> None:
         self.metrics.observe_finished(out)
         self.keeper.on_finished(out)
+        if self.request_log is not None and out.cache_report is not None:
+            self.request_log.write_cache_report(out.request_id, self.cache_report_json(out))
+
+    def cache_report_json(self, out: RequestOutput) -> dict | None:
+        """usage.cache_report of a finished output (None when it was not asked for)."""
+        if out.cache_report is None:
+            return None
+        return out.cache_report.to_dict(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def log_request(self, api: str, body: dict, namespace: str) -> None:
         """Append an accepted request body to the request log (if one is configured)."""
@@ -126,10 +142,13 @@ class ServerState:
         namespace: str,
         cache_pins: list[CachePin] | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        readable_namespaces: tuple[str, ...] = (),
     ) -> RequestStream:
         """Hand a request (one choice) to the engine; its id is `prefix` + a random suffix."""
         streams = await self.submit_choices(prompt_token_ids, params, prefix=prefix, namespace=namespace,
-                                            cache_pins=cache_pins, cache_policy=cache_policy)
+                                            cache_pins=cache_pins, cache_policy=cache_policy,
+                                            cache_report=cache_report, readable_namespaces=readable_namespaces)
         return streams[0]
 
     async def submit_choices(
@@ -141,15 +160,28 @@ class ServerState:
         namespace: str,
         cache_pins: list[CachePin] | None = None,
         cache_policy: CachePolicy = CachePolicy.READ_WRITE,
+        cache_report: bool = False,
+        readable_namespaces: tuple[str, ...] = (),
     ) -> list[RequestStream]:
-        """Hand a request of params.n choices to the engine (one prefill); a stream per choice."""
+        """Hand a request of params.n choices to the engine (one prefill); a stream per choice.
+        With `cache_report` each final output carries a CacheReport, which may name
+        `readable_namespaces` (other namespaces the caller reads itself)."""
         if not self.prefix_caching or not cache_policy.writes:
             cache_pins = None  # nothing to pin: the cache is off, or this request may not write
         request_id = f"{prefix}{uuid.uuid4().hex[:24]}"
-        return await self.async_engine.add_choices(
+        arrival = time.monotonic()
+        streams = await self.async_engine.add_choices(
             prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
-            arrival_time=time.monotonic(), cache_policy=cache_policy,
+            arrival_time=arrival, cache_policy=cache_policy, cache_report=cache_report,
+            cache_report_namespaces=readable_namespaces,
         )
+        floor = self.config.shared_ttft_floor
+        if floor and cache_policy.reads and self.prefix_caching and not namespace.startswith("key:"):
+            # every request reading a cache other keys write answers no sooner than the floor,
+            # misses too: padding hits alone would make the hits the slow ones
+            for stream in streams:
+                stream.not_before = arrival + floor
+        return streams
 
 
 def turn_texts(turns: list[ChatTurn]) -> list[str]:

@@ -140,3 +140,22 @@ def test_model_info_without_weights(tmp_path):
         load_model_info(str(tmp_path / "nowhere"))
     with pytest.raises(ModelLoadError):
         load_model_info("dummy:nonexistent")
+
+
+def test_advise_counts_the_servers_cache_reports(tmp_path, advisor_model):
+    """Report lines (RequestLogWriter.write_cache_report) are not requests: advise sums their reasons."""
+    from radixserve.request_log import RequestLogWriter
+
+    path = tmp_path / "with_reports.jsonl"
+    with RequestLogWriter(path) as writer:
+        for i, (reason, missed) in enumerate([("not_cached", 40), ("full_hit", 5), ("evicted", 33), ("evicted", 17)]):
+            writer.write("completions", {"model": "m", "prompt": f"request number {i} " * 20})
+            writer.write_cache_report(f"cmpl-{i}", {"reason": reason, "missed_tokens": missed})
+    log = read_log(path, advisor_model.tokenizer)
+    assert len(log.requests) == 4 and not log.skipped
+    report = analyze(log.requests, advisor_model, AdvisorConfig(prefill_tokens_per_s=1000.0), log=log)
+    observed = report.to_json()["observed_cache_reasons"]
+    assert observed == {"evicted": {"requests": 2, "missed_tokens": 50}, "not_cached": {"requests": 1, "missed_tokens": 40},
+                        "full_hit": {"requests": 1, "missed_tokens": 5}}
+    text = report.render_text()
+    assert "Why requests missed" in text and "evicted" in text.split("Why requests missed")[1]
