@@ -159,26 +159,12 @@ class AsyncEngine:
         self._submit(_Call(fn, args, future))
         return await future
 
-    async def add_request(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        request_id: str,
-        namespace: str = "",
-        cache_pins: list[CachePin] | None = None,
-        arrival_time: float | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        cache_report_namespaces: tuple[str, ...] = (),
-    ) -> RequestStream:
-        """Queue a request (params.n == 1); returns once the engine accepted it. Bad input raises
-        here (InvalidRequestError, PromptTooLongError), before any response has been started."""
+    async def add_request(self, prompt_token_ids: list[int], params: SamplingParams, **options: Any) -> RequestStream:
+        """Queue a request (params.n == 1; options as add_choices); returns once the engine
+        accepted it. Bad input raises here (InvalidRequestError, PromptTooLongError), before any
+        response has been started."""
         assert params.n == 1, "add_choices takes n > 1"
-        streams = await self.add_choices(prompt_token_ids, params, request_id=request_id, namespace=namespace,
-                                         cache_pins=cache_pins, arrival_time=arrival_time, cache_policy=cache_policy,
-                                         cache_report=cache_report, cache_report_namespaces=cache_report_namespaces)
-        return streams[0]
+        return (await self.add_choices(prompt_token_ids, params, **options))[0]
 
     async def add_choices(
         self,

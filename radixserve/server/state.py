@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from typing import Any
 
 from fastapi import Request
 
@@ -133,23 +134,9 @@ class ServerState:
         return self.engine.block_size
 
     # ---- running requests ---------------------------------------------------------------
-    async def submit(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        prefix: str,
-        namespace: str,
-        cache_pins: list[CachePin] | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        readable_namespaces: tuple[str, ...] = (),
-    ) -> RequestStream:
-        """Hand a request (one choice) to the engine; its id is `prefix` + a random suffix."""
-        streams = await self.submit_choices(prompt_token_ids, params, prefix=prefix, namespace=namespace,
-                                            cache_pins=cache_pins, cache_policy=cache_policy,
-                                            cache_report=cache_report, readable_namespaces=readable_namespaces)
-        return streams[0]
+    async def submit(self, prompt_token_ids: list[int], params: SamplingParams, **options: Any) -> RequestStream:
+        """Hand a request (one choice) to the engine; options as submit_choices."""
+        return (await self.submit_choices(prompt_token_ids, params, **options))[0]
 
     async def submit_choices(
         self,
