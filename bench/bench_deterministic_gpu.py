@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 import traceback
@@ -30,12 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.bench_gpu import dummy, free_memory, log, our_speed  # noqa: E402
+from bench.bench_gpu import dummy, free_memory, greedy_cache_off_and_on, log, our_speed, shared_prefix_prompts  # noqa: E402
 from bench.report import BENCHMARKS_MD, markdown_table, update_section  # noqa: E402
-from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
-from radixserve.engine import LLMEngine  # noqa: E402
+from radixserve.config import ModelConfig  # noqa: E402
 from radixserve.model.loader import embedded_available, load_model  # noqa: E402
-from radixserve.sampling import SamplingParams  # noqa: E402
 
 RESULTS: dict = {}
 SPEED_KEYS = [
@@ -49,30 +46,9 @@ SPEED_KEYS = [
 def identical_rate(source: str, deterministic: bool, n_prompts: int = 100, max_tokens: int = 32) -> dict:
     """Greedy outputs with prefix caching on vs off, same weights, same prompts."""
     loaded = load_model(ModelConfig(source=source, dtype="bfloat16", device="cuda", max_model_len=2048, show_progress=False))
-    rng = random.Random(2)
-    vocab = loaded.arch.vocab_size
-    prefixes = [[rng.randrange(3, vocab) for _ in range(rng.choice([160, 256, 300]))] for _ in range(10)]
-    prompts = [prefixes[i % 10] + [rng.randrange(3, vocab) for _ in range(rng.randrange(8, 64))] for i in range(n_prompts)]
-    outputs, cached = {}, 0
-    for caching in (False, True):
-        config = EngineConfig(
-            model=ModelConfig(source=source, dtype="bfloat16", device="cuda", max_model_len=2048, deterministic=deterministic),
-            cache=CacheConfig(num_blocks=4096, enable_prefix_caching=caching),
-            scheduler=SchedulerConfig(max_num_seqs=32),
-        )
-        engine = LLMEngine(config, loaded=loaded)
-        for i, p in enumerate(prompts):
-            engine.add_request(p, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), request_id=str(i))
-        outs = {}
-        while engine.has_unfinished_requests():
-            for o in engine.step():
-                if o.finished:
-                    outs[o.request_id] = o
-        outputs[caching] = [outs[str(i)].token_ids for i in range(n_prompts)]
-        if caching:
-            cached = sum(outs[str(i)].num_cached_tokens for i in range(n_prompts))
-        del engine
-        free_memory()
+    prompts = shared_prefix_prompts(loaded.arch.vocab_size, n_prompts)
+    model = ModelConfig(source=source, dtype="bfloat16", device="cuda", max_model_len=2048, deterministic=deterministic)
+    outputs, cached = greedy_cache_off_and_on(loaded, model, prompts, max_tokens)
     del loaded
     free_memory()
     a, b = outputs[False], outputs[True]

@@ -143,16 +143,20 @@ def check_logits(preset: str) -> dict:
 # ---- 2. cached vs uncached outputs ---------------------------------------------------------
 
 
-def identical_outputs(preset: str, dtype: str, n_prompts: int = 100, max_tokens: int = 32) -> dict:
-    loaded = dummy(preset, dtype, max_model_len=2048)
+def shared_prefix_prompts(vocab: int, n_prompts: int) -> list[list[int]]:
+    """n_prompts random prompts over 10 shared prefixes of 160-300 tokens (fixed seed)."""
     rng = random.Random(2)
-    vocab = loaded.arch.vocab_size
     prefixes = [rand_ids(rng, rng.choice([160, 256, 300]), vocab) for _ in range(10)]
-    prompts = [prefixes[i % 10] + rand_ids(rng, rng.randrange(8, 64), vocab) for i in range(n_prompts)]
-    results = {}
+    return [prefixes[i % 10] + rand_ids(rng, rng.randrange(8, 64), vocab) for i in range(n_prompts)]
+
+
+def greedy_cache_off_and_on(loaded, model: ModelConfig, prompts: list[list[int]], max_tokens: int) -> tuple[dict, int]:
+    """Greedy outputs of every prompt with prefix caching off and on ({False: [...], True: [...]}),
+    one engine each over the same weights, and the prompt tokens served from the cache when on."""
+    results, cached_tokens = {}, 0
     for caching in (False, True):
         config = EngineConfig(
-            model=ModelConfig(source=f"dummy:{preset}", dtype=dtype, device="cuda", max_model_len=2048),
+            model=model,
             cache=CacheConfig(num_blocks=4096, enable_prefix_caching=caching),
             scheduler=SchedulerConfig(max_num_seqs=32),
         )
@@ -164,11 +168,19 @@ def identical_outputs(preset: str, dtype: str, n_prompts: int = 100, max_tokens:
             for o in engine.step():
                 if o.finished:
                     outs[o.request_id] = o
-        results[caching] = [outs[str(i)].token_ids for i in range(n_prompts)]
+        results[caching] = [outs[str(i)].token_ids for i in range(len(prompts))]
         if caching:
-            cached_tokens = sum(outs[str(i)].num_cached_tokens for i in range(n_prompts))
+            cached_tokens = sum(outs[str(i)].num_cached_tokens for i in range(len(prompts)))
         del engine
         free_memory()
+    return results, cached_tokens
+
+
+def identical_outputs(preset: str, dtype: str, n_prompts: int = 100, max_tokens: int = 32) -> dict:
+    loaded = dummy(preset, dtype, max_model_len=2048)
+    prompts = shared_prefix_prompts(loaded.arch.vocab_size, n_prompts)
+    model = ModelConfig(source=f"dummy:{preset}", dtype=dtype, device="cuda", max_model_len=2048)
+    results, cached_tokens = greedy_cache_off_and_on(loaded, model, prompts, max_tokens)
     a, b = results[False], results[True]
     same = sum(x == y for x, y in zip(a, b))
     first_same = sum(x[0] == y[0] for x, y in zip(a, b))
