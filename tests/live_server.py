@@ -1,11 +1,13 @@
-"""Serving an app for real in tests: uvicorn in a background thread on a free loopback port."""
+"""Serving an app for real in tests: uvicorn in a background thread on a free loopback port, or
+waiting for a `radixserve serve` subprocess to answer /health."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -34,3 +36,21 @@ def serve_app(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def wait_until_healthy(base_url: str, proc: subprocess.Popen, log: Callable[[], str], timeout: float = 300,
+                       poll: float = 0.5) -> None:
+    """Block until the server process at base_url answers /health with 200; fail with its log if
+    it exits first or does not come up within `timeout` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log()
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(poll)

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from radixserve.server import ServerConfig
+from tests.live_server import wait_until_healthy
 from tests.server.conftest import LONG_SYSTEM, start_server
 
 pytestmark = pytest.mark.slow
@@ -356,16 +357,7 @@ def test_sigterm_under_load_stops_the_server(tmp_path: Path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.5)
+        wait_until_healthy(base, proc, (tmp_path / "serve.log").read_text)
 
         async def load():
             async with httpx.AsyncClient(base_url=base, timeout=HANG) as client:

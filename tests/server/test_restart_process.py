@@ -23,6 +23,7 @@ import openai
 import pytest
 
 from radixserve.server.persistence import STATE_FILE_NAME
+from tests.live_server import wait_until_healthy
 from tests.server.conftest import LONG_SYSTEM
 
 pytestmark = pytest.mark.slow
@@ -53,16 +54,7 @@ class Server:
              "--log-level", "info"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
         )
-        deadline = time.monotonic() + 300
-        while True:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.3)
+        wait_until_healthy(self.base, self.proc, self.log, poll=0.3)
 
     def log(self) -> str:
         return self.log_path.read_text()
