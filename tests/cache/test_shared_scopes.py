@@ -11,28 +11,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.cache.manager import KVCacheManager
-from radixserve.request import Request
-from radixserve.sampling import SamplingParams
+from tests.cache.manager_helpers import run_request
 
 BS = 4
 SHARED = list(range(1, 3 * BS + 1))  # 3 blocks
 
 
-def _run(cache: KVCacheManager, rid: str, tokens: list[int], namespace: str = "", scope: str | None = None) -> int:
-    request = Request(request_id=rid, prompt=None, prompt_token_ids=tokens, sampling=SamplingParams(max_tokens=1),
-                      namespace=namespace, publish_scope=scope)
-    cached = cache.admit(request)
-    n = request.num_tokens - cached
-    assert cache.allocate_slots(request, n)
-    cache.advance(request, n)
-    cache.free(request)
-    return cached
-
-
 def _published(num_blocks: int = 512) -> KVCacheManager:
     cache = KVCacheManager(num_blocks=num_blocks, block_size=BS, model_key="m")
     cache.shared_scopes.publish("sys", SHARED)
-    _run(cache, "publish", SHARED, scope="sys")
+    run_request(cache, "publish", SHARED, scope="sys")
     return cache
 
 
@@ -62,7 +50,7 @@ def test_each_tenant_reads_the_shared_part_and_only_its_own_suffixes(requests):
         cacheable = (len(prompt) - 1) // BS * BS
         own = max((_common_blocks(suffix, earlier) for earlier in seen[tenant]), default=0)
         expected = min(len(SHARED) + own, cacheable)
-        assert _run(cache, f"r{i}", prompt, tenant) == expected
+        assert run_request(cache, f"r{i}", prompt, tenant) == expected
         seen[tenant].append(suffix + [])  # its whole prompt (prompt and the one output) is in its namespace
         cache.prefix_cache.check_invariants()
     assert cache.num_free_blocks() + cache.num_cached_blocks() == cache.num_blocks
@@ -72,20 +60,20 @@ def test_a_tenant_never_writes_into_the_scope():
     cache = _published()
     scope_key = cache.shared_scopes.scope_key(cache.shared_scopes.get("sys"))
     before = cache.prefix_cache.blocks_by_namespace[scope_key]
-    _run(cache, "a", SHARED + list(range(200, 240)), "key:A")
-    _run(cache, "b", SHARED[: 2 * BS] + list(range(300, 340)), "key:B")  # starts with part of it only
+    run_request(cache, "a", SHARED + list(range(200, 240)), "key:A")
+    run_request(cache, "b", SHARED[: 2 * BS] + list(range(300, 340)), "key:B")  # starts with part of it only
     assert cache.prefix_cache.blocks_by_namespace[scope_key] == before == len(SHARED) // BS
     # a salt that spells the scope's key lands in the tenant's own namespace, not the scope
-    assert _run(cache, "c", SHARED + [7] * 9, "shared\x00m\x00sys") == len(SHARED)
+    assert run_request(cache, "c", SHARED + [7] * 9, "shared\x00m\x00sys") == len(SHARED)
     assert cache.prefix_cache.blocks_by_namespace[scope_key] == before
 
 
 def test_republishing_other_tokens_under_the_same_name_never_reads_old_suffixes():
     cache = _published()
     suffix = list(range(200, 220))
-    _run(cache, "a1", SHARED + suffix, "key:A")
-    assert _run(cache, "a2", SHARED + suffix, "key:A") == len(SHARED) + 16
+    run_request(cache, "a1", SHARED + suffix, "key:A")
+    assert run_request(cache, "a2", SHARED + suffix, "key:A") == len(SHARED) + 16
     new_shared = SHARED[:BS] + [999] * (2 * BS)
     cache.shared_scopes.publish("sys", new_shared)
-    _run(cache, "publish2", new_shared, scope="sys")
-    assert _run(cache, "a3", new_shared + suffix, "key:A") == len(new_shared)  # the old suffix KV is not read
+    run_request(cache, "publish2", new_shared, scope="sys")
+    assert run_request(cache, "a3", new_shared + suffix, "key:A") == len(new_shared)  # the old suffix KV is not read

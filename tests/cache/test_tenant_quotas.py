@@ -6,33 +6,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.cache.manager import KVCacheManager
-from radixserve.request import Request
-from radixserve.sampling import SamplingParams
+from tests.cache.manager_helpers import run_request
 
 BS = 4
-
-
-def _run(cache: KVCacheManager, rid: str, tokens: list[int], namespace: str) -> int:
-    request = Request(request_id=rid, prompt=None, prompt_token_ids=tokens, sampling=SamplingParams(max_tokens=1),
-                      namespace=namespace)
-    cached = cache.admit(request)
-    n = request.num_tokens - cached
-    assert cache.allocate_slots(request, n)
-    cache.advance(request, n)
-    cache.free(request)
-    return cached
 
 
 def _flood(quota: int | None, prompts: list[list[int]]) -> tuple[KVCacheManager, int]:
     cache = KVCacheManager(num_blocks=32, block_size=BS, model_key="m", tenant_quota_blocks=quota)
     victim = list(range(1, 4 * BS + 2))  # 4 blocks
-    _run(cache, "v0", victim, "key:V")
+    run_request(cache, "v0", victim, "key:V")
     for i, prompt in enumerate(prompts):
-        _run(cache, f"f{i}", prompt, "key:F")
+        run_request(cache, f"f{i}", prompt, "key:F")
         if quota is not None:
             assert cache.tenants.blocks_held().get("key:F", 0) <= quota  # the quota holds after every request
         cache.prefix_cache.check_invariants()
-    return cache, _run(cache, "v1", victim, "key:V")
+    return cache, run_request(cache, "v1", victim, "key:V")
 
 
 flood_prompts = st.lists(
@@ -61,5 +49,5 @@ def test_without_a_quota_the_same_flood_flushes_the_victim():
 def test_salts_count_toward_their_keys_quota():
     cache = KVCacheManager(num_blocks=64, block_size=BS, model_key="m", tenant_quota_blocks=6)
     for i in range(8):
-        _run(cache, f"s{i}", list(range(100 * i + 1, 100 * i + 3 * BS + 2)), f"key:F|salt:{i}")
+        run_request(cache, f"s{i}", list(range(100 * i + 1, 100 * i + 3 * BS + 2)), f"key:F|salt:{i}")
     assert cache.tenants.blocks_held()["key:F"] <= 6
