@@ -42,10 +42,13 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         tentative_ttl_s: float = 10.0,
         state_actor_name: str = STATE_ACTOR_NAME,
         state_actor_namespace: str | None = None,
+        first_sync_timeout_s: float = 2.0,
     ) -> None:
         """balance: how much one extra in-flight request costs against the fraction of the
         prompt a replica would reuse (docs/scaling.md); sync_interval_s: how often KV events are
-        pulled; tentative_ttl_s: how long a routed prompt counts as held before its events come."""
+        pulled; tentative_ttl_s: how long a routed prompt counts as held before its events come;
+        first_sync_timeout_s: how long a new (or restarted) router waits for its first snapshot
+        of the replicas' blocks before it routes blind."""
         self.balance = balance
         self.sync_interval_s = sync_interval_s
         self.index = PrefixIndex(tentative_ttl=tentative_ttl_s)
@@ -56,6 +59,8 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._state_actor: Any = None
         self._cursor = -1
         self._sync_task: asyncio.Task | None = None
+        self._first_sync_timeout_s = first_sync_timeout_s
+        self._synced = asyncio.Event()  # set after the first successful pull
         self._router_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._rng = random.Random()
         self.stats = {"decisions_prefix": 0, "decisions_balance": 0, "decisions_targeted": 0,
@@ -69,6 +74,7 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._ensure_sync_task()
         if not candidate_replicas:
             return []
+        await self._wait_for_first_sync()
         started = time.perf_counter()
         request = _routed_request(pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
@@ -106,6 +112,18 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.in_flight.pop(replica_id.unique_id, None)
 
     # ---- KV events ----------------------------------------------------------------------
+    async def _wait_for_first_sync(self) -> None:
+        """A router that just started (e.g. its ingress restarted) knows no replica's blocks yet:
+        routing before the first snapshot would send a prefix away from the replica that holds it."""
+        if self._synced.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._synced.wait(), timeout=self._first_sync_timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("no KV-event snapshot after %.1f s; routing on load alone until one comes",
+                        self._first_sync_timeout_s)
+            self._synced.set()  # warn once; the sync task keeps trying
+
     def _ensure_sync_task(self) -> None:
         if self._sync_task is None or self._sync_task.done():
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
@@ -145,6 +163,7 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.stats["index_keys"] = self.index.num_keys
         self.stats["index_entries"] = self.index.num_entries
         self.stats["syncs"] += 1
+        self._synced.set()
 
     def _state(self) -> Any:
         if self._state_actor is None:
