@@ -94,6 +94,7 @@ class TierSnapshot:
     corrupt_records: int  # storage records refused (checksum, truncation, wrong key or identity)
     written_blocks: int  # blocks the storage tier took
     write_failures: int  # blocks it could not take (full disk, I/O error) or the writer dropped
+    prefetched_blocks: int  # storage blocks read in the background while their request waited
     load_seconds: list[tuple[str, float]]  # (tier, seconds) of each load since the previous snapshot
 
 
@@ -203,9 +204,9 @@ class LLMEngine:
         if self.tier_io is not None:
             self.cache.list_tree_for_storage()
             self.tier_io.run(self.cache.take_transfers())
+            self.cache.detach_tiers()  # the engine may go on serving, from the device alone
             self.tier_io.close()
             self.tier_io = None
-            self.cache.detach_tiers()  # the engine may go on serving, from the device alone
 
     # ---- requests ---------------------------------------------------------------------
     def add_request(
@@ -306,6 +307,7 @@ class LLMEngine:
         if self.tier_io is not None:
             self._run_tier_transfers()  # evicted blocks are copied out before anything overwrites them
         if not plan.scheduled:
+            self.cache.wait_for_loading(0.01)  # only loading requests wait: don't spin against the reader
             return []
         self.stats.steps += 1
         sampling = [s.request for s in plan.scheduled if s.samples]
@@ -637,6 +639,7 @@ class LLMEngine:
             corrupt_records=store_stats.corrupt_records if store_stats else 0,
             written_blocks=writer.written if writer else 0,
             write_failures=(writer.failed + writer.dropped) if writer else 0,
+            prefetched_blocks=ts.prefetched_blocks,
             load_seconds=load_seconds,
         )
 

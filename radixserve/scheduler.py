@@ -175,6 +175,9 @@ class Scheduler:
                 request.times_deferred += 1
                 deferred.append(self.waiting.popleft())
                 continue
+            if self.cache.loading(request):  # its storage blocks are read in the background
+                deferred.append(self.waiting.popleft())
+                continue
             cached = self.cache.admit(request)
             num_new = min(request.num_tokens - cached, budget)
             if not self.cache.allocate_slots(request, num_new):

@@ -77,7 +77,7 @@ class TierIO:
         if transfers.host_loads:
             blocks, keys = zip(*transfers.host_loads)
             self.host.load(blocks, keys)
-        if transfers.store_loads:  # read and verified at admission: a copy into the pool is left
+        if transfers.store_loads:  # read and verified before admission: a copy into the pool is left
             blocks, records = zip(*transfers.store_loads)
             records_to_blocks(self.kv_cache, blocks, records)
 

@@ -23,6 +23,7 @@ from radixserve.cache.kv_store import KVStore, NullKVStore
 from radixserve.cache.cache_report import CacheReport, explain_lookup
 from radixserve.cache.ghost_index import Ghost, GhostIndex, prefix_key
 from radixserve.cache.null_cache import NullPrefixCache
+from radixserve.cache.prefetch import StorePrefetcher
 from radixserve.cache.quotas import SCOPE_TENANT, TenantLedger, tenant_of_namespace
 from radixserve.cache.radix_tree import PinnedEdge, PrefixMatch, RadixTree, TreeNode
 from radixserve.cache.shared_scopes import SharedScope, SharedScopes
@@ -145,6 +146,9 @@ class KVCacheManager:
         self._transfers = TierTransfers()
         self._loading: list[KVHandle] = []  # handles whose loads are in self._transfers
         self._block_keys: dict[int, BlockKey] = {}  # key of each block the tree indexes (tiers on)
+        # storage reads of waiting requests run in the background (cache/prefetch.py)
+        self.prefetcher = StorePrefetcher(self.store) if self.tiered and self.store is not None else None
+        self._prefetch_started: set[str] = set()  # request ids whose read was started (or not needed)
         if self.tiered:
             assert isinstance(self.prefix_cache, RadixTree)
             self.prefix_cache.on_evict = self._write_back
@@ -172,6 +176,49 @@ class KVCacheManager:
         if not request.cache_policy.reads:
             return 0
         return self._lookup(request, request.all_token_ids).num_tokens
+
+    def loading(self, request: Request) -> bool:
+        """True while the storage tier's blocks for this waiting request are read in the
+        background: the scheduler admits others meanwhile, then admits it with the records at
+        hand. The first call starts the read, if the store holds blocks past the device and
+        host match and the cost model predicts loading them beats prefilling them."""
+        if self.prefetcher is None or not request.cache_policy.reads:
+            return False
+        request_id = request.request_id
+        if request_id not in self._prefetch_started:
+            self._prefetch_started.add(request_id)
+            keys = self._storage_candidates(request)
+            if not keys:
+                return False
+            self.prefetcher.start(request_id, keys)
+            return True
+        if self.prefetcher.is_reading(request_id):
+            return True
+        for nbytes, seconds in self.prefetcher.take_samples():
+            self.cost_model.observe_read("storage", nbytes, seconds)
+            self.load_seconds.append(("storage", seconds))
+        return False
+
+    def wait_for_loading(self, timeout: float) -> None:
+        """Wait up to `timeout` s for a background storage read to end (nothing else to run)."""
+        if self.prefetcher is not None:
+            self.prefetcher.wait(timeout)
+
+    def _storage_candidates(self, request: Request) -> list[BlockKey]:
+        """The keys of the blocks admission would load from storage now: past the device
+        match and the host tier's run, the store's leading run, if loading it pays."""
+        tokens = request.all_token_ids
+        limit = self.max_cacheable(len(tokens))
+        matched = self._lookup(request, tokens).num_tokens
+        wanted = BlockKeyChain(self.identity, request.namespace).update(tokens[:limit])[matched // self.block_size :]
+        if wanted and self.host is not None:  # host RAM's run comes first; it loads at admission
+            wanted = wanted[_leading_run(self.host.contains(wanted)) :]
+        if wanted:
+            wanted = wanted[: _leading_run(self.store.contains(wanted))]
+        if not wanted:
+            return []
+        load_s = self.cost_model.predicted_load_s("storage", len(wanted) * self.block_bytes)
+        return wanted if load_s < self.cost_model.predicted_prefill_s(len(wanted) * self.block_size) else []
 
     # ---- admission and growth -----------------------------------------------------------
     def admit(self, request: Request) -> int:
@@ -248,7 +295,7 @@ class KVCacheManager:
             if not wanted or index is None:
                 continue
             present = index.contains(wanted)
-            n = full = present.index(False) if False in present else len(present)
+            n = full = _leading_run(present)
             if n == 0:
                 continue
             if not self.cost_model.should_load(tier, n * block_size, n * self.block_bytes):
@@ -275,12 +322,18 @@ class KVCacheManager:
         return loaded
 
     def _read_storage(self, keys: list[BlockKey]) -> list:
-        """Read and verify these records now (a corrupt or missing one ends the usable run)."""
-        start = time.perf_counter()
-        records = self.store.get(keys)
-        seconds = time.perf_counter() - start
-        self.cost_model.observe_read("storage", sum(len(r.payload) for r in records if r is not None), seconds)
-        self.load_seconds.append(("storage", seconds))
+        """The verified records of these keys: those prefetched, the rest read now (a corrupt
+        or missing one ends the usable run)."""
+        records = self.prefetcher.take(keys) if self.prefetcher is not None else [None] * len(keys)
+        first_unread = records.index(None) if None in records else len(records)
+        self.tier_stats.prefetched_blocks += first_unread
+        if first_unread < len(keys):  # not prefetched (or dropped since): read the rest now
+            start = time.perf_counter()
+            records[first_unread:] = self.store.get(keys[first_unread:])
+            seconds = time.perf_counter() - start
+            nbytes = sum(len(r.payload) for r in records[first_unread:] if r is not None)
+            self.cost_model.observe_read("storage", nbytes, seconds)
+            self.load_seconds.append(("storage", seconds))
         if None in records:
             self.tier_stats.short_loads += 1  # missing or corrupt: the rest is prefilled
         return records
@@ -333,6 +386,10 @@ class KVCacheManager:
     def detach_tiers(self) -> None:
         """Stop using the lower tiers (their store was closed); nothing pending may be left."""
         assert not self._transfers, "detach_tiers with transfers not yet run"
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+        self._prefetch_started.clear()
         self.tiered = self.write_through_all = False
         self.store = self.host = None
         self._block_keys.clear()
@@ -539,6 +596,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Return a finished, aborted or preempted request's blocks (cached ones stay in the
         tree) and forget its KV state. A request that holds none is ignored."""
+        self._forget_prefetch(request.request_id)
         handle = self._handles.pop(request.request_id, None)
         if handle is None:
             return
@@ -549,6 +607,11 @@ class KVCacheManager:
         if handle.scope_node is not None:
             self.prefix_cache.unlock(handle.scope_node)
         self.pool.decref_all(handle.block_ids)
+
+    def _forget_prefetch(self, request_id: str) -> None:
+        if self.prefetcher is not None and request_id in self._prefetch_started:
+            self._prefetch_started.discard(request_id)
+            self.prefetcher.forget(request_id)
 
     def _cancel_loads(self, handle: KVHandle) -> None:
         """Freed before its loads ran (admitted, then no room this step): its loaded blocks hold
@@ -625,3 +688,8 @@ class _Lookup:
 
     def block_ids(self) -> list[int]:
         return (self.scope_match.block_ids if self.scope_match is not None else []) + self.match.block_ids
+
+
+def _leading_run(present: list[bool]) -> int:
+    """How many of the first keys a tier holds, in a row."""
+    return present.index(False) if False in present else len(present)

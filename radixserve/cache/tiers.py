@@ -11,9 +11,10 @@ it. Between the two sits one plain record per step, `TierTransfers`:
     write_through (block_id, key): blocks of a prefix just pinned, to copy to storage now (a
                 restart or another replica then finds them); they stay on the device too.
     host_loads  (block_id, key): freshly allocated pool blocks to fill from host RAM.
-    store_loads (block_id, record): the same from verified storage records (the read and the
-                checksum happen at admission, so a corrupt record shortens the match there,
-                before the step's token positions are fixed).
+    store_loads (block_id, record): the same from verified storage records (read in the
+                background while the request waited, cache/prefetch.py, and taken at
+                admission, so a corrupt record shortens the match there, before the step's
+                token positions are fixed).
 
 `LoadCostModel` decides load or recompute per request from measured rates.
 """
@@ -59,6 +60,7 @@ class TierStats:
     recompute_decisions: int = 0  # ... and recomputed them because loading was predicted slower
     saved_blocks: int = 0  # blocks listed to copy down (write-back on eviction, write-through on pin)
     short_loads: int = 0  # loads cut short: a record listed by contains was missing or corrupt
+    prefetched_blocks: int = 0  # storage blocks read in the background before admission (cache/prefetch.py)
 
 
 @dataclass(slots=True)

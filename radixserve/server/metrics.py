@@ -94,6 +94,8 @@ def _tier_metrics(t: TierSnapshot) -> Iterator[Metric]:
                               value=t.written_blocks)
     yield CounterMetricFamily("radixserve_tier_write_failures", "KV blocks the storage tier could not take "
                               "(full disk, I/O error, writer queue full)", value=t.write_failures)
+    yield CounterMetricFamily("radixserve_tier_prefetched_blocks", "Storage-tier KV blocks read in the background "
+                              "while their request waited, not on the engine's step", value=t.prefetched_blocks)
 
 
 # Per-tenant families. A tenant is an API key's id (auth.key_id, as in its namespace) under

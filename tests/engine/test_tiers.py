@@ -89,6 +89,45 @@ def test_logits_bitwise_equal_from_device_store_or_recomputed(make_engine, tmp_p
                                           second, "off")[0].token_ids
 
 
+def test_a_storage_load_is_read_in_the_background_while_others_run(make_engine, tmp_path):
+    """The loading state: a request whose prefix is on disk waits while its records are read
+    on the prefetch thread; the step it arrives in runs the others without it."""
+    prompt = _prompt(30, 6 * BLOCK + 3)
+    writer = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
+    writer.add_request(prompt, _greedy(), request_id="w")
+    want = run_to_completion(writer)["w"].token_ids
+    writer.close()  # its blocks go down to disk
+
+    engine = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
+    engine.add_request(_prompt(31, 20), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                       request_id="busy")
+    engine.step()  # busy is prefilled and decoding
+    engine.add_request(prompt, _greedy(), request_id="loader")
+    assert [o.request_id for o in engine.step()] == ["busy"]  # loader waits for its read
+    out = run_to_completion(engine)
+    assert out["loader"].token_ids == want
+    assert out["loader"].cached_tokens_by_tier == {"device": 0, "host": 0, "storage": 6 * BLOCK}
+    assert engine.snapshot().tiers.prefetched_blocks == 6  # read off the engine thread, none at admission
+    _assert_no_leak(engine)
+
+
+def test_a_request_aborted_while_loading_leaves_nothing_behind(make_engine, tmp_path):
+    prompt = _prompt(32, 5 * BLOCK + 1)
+    writer = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
+    writer.add_request(prompt, _greedy(), request_id="w")
+    run_to_completion(writer)
+    writer.close()
+    engine = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
+    engine.add_request(prompt, _greedy(), request_id="gone")
+    assert engine.step() == []  # loading
+    engine.abort_request("gone")
+    assert not engine.has_unfinished_requests()
+    engine.add_request(prompt, _greedy(), request_id="again")  # a new read, a clean admission
+    out = run_to_completion(engine)["again"]
+    assert out.cached_tokens_by_tier["storage"] == 5 * BLOCK
+    _assert_no_leak(engine)
+
+
 @pytest.mark.slow
 def test_eviction_writes_back_and_a_later_request_loads(make_engine):
     # a pool of 8 blocks holds one 69-token request at a time: round robin evicts each
