@@ -6,7 +6,8 @@ Computed by the cache manager at a request's first admission, when the request a
     caching_off                 the server runs without a prefix cache
     opted_out                   the request's cache_policy is "none" (reads nothing)
     prompt_shorter_than_block   no full block fits before the last prompt token (always recomputed)
-    full_hit                    every cacheable token was read (the rest is the last partial block)
+    full_hit                    every cacheable token was read (the rest is the last partial block),
+                                from the device or, with tiers, host RAM and storage (`tier_tokens`)
     evicted / ttl_expired       the first missing block was cached and evicted (ttl_expired: its
                                 pin had lapsed first); remembered by the ghost index, bounded
     different_namespace         the caller's own unsalted namespace holds a longer prefix: the
@@ -50,6 +51,18 @@ class CacheReport:
     context_before: list[int] = field(default_factory=list)  # the prompt's own tokens before it
     context_after: list[int] = field(default_factory=list)  # ... and from it on
     evicted_seconds_ago: float | None = None  # evicted / ttl_expired
+    tier_tokens: dict[str, int] = field(default_factory=dict)  # of cached_tokens, loaded from host RAM / storage
+
+    def add_tier_loads(self, host_tokens: int, storage_tokens: int) -> None:
+        """Admission continued the device match in the lower tiers: those tokens were read too.
+        The device's reason explained the block after the device match, which is now loaded: a
+        full hit says so; otherwise the first block still missing was in no tier (or loading it
+        was predicted slower than recomputing it), which is what "not_cached" then reports."""
+        self.tier_tokens = {"host": host_tokens, "storage": storage_tokens}
+        self.cached_tokens += host_tokens + storage_tokens
+        self.reason = "full_hit" if self.cached_tokens >= self.cacheable_tokens else "not_cached"
+        self.diverged_at, self.context_before, self.context_after = None, [], []
+        self.evicted_seconds_ago = None
 
     def detail(self) -> str:
         """One sentence for people."""
@@ -70,6 +83,9 @@ class CacheReport:
             return "your unsalted namespace holds a longer prefix; this request's cache_salt keeps it apart"
         if r == "diverged":
             return f"the prompt differs from the longest cached prefix at token {self.diverged_at}"
+        if self.tier_tokens:
+            return (f"no cache tier held the block after token {self.cached_tokens}, or loading it was "
+                    "predicted slower than recomputing it")
         return f"nothing cached continues the prompt after token {self.cached_tokens}"
 
     def to_dict(self, decode: Callable[[list[int]], str] | None = None) -> dict[str, Any]:
@@ -81,6 +97,8 @@ class CacheReport:
         }
         if self.shared_tokens:
             out["shared_tokens"] = self.shared_tokens
+        if self.tier_tokens:
+            out["tier_tokens"] = dict(self.tier_tokens)
         if self.diverged_at is not None:
             out["diverged_at"] = self.diverged_at
             before, after = self.context_before, self.context_after

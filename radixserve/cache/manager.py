@@ -242,14 +242,13 @@ class KVCacheManager:
             lookup.key, blocks, lookup.node, cached, cached,
             scope_node=lookup.scope_node, scope_tokens=lookup.scope_tokens,
         )
+        report = None
         if request.want_cache_report and request.cache_report is None:
-            request.cache_report = self._report(request, tokens, lookup)
+            report = request.cache_report = self._report(request, tokens, lookup)
         if self.tiered:
             handle.keys = BlockKeyChain(self.identity, request.namespace)
             if reads:
-                cached += self._load_from_lower_tiers(tokens, handle, self.max_cacheable(len(tokens)))
-                self.tier_stats.hit_tokens["device"] += lookup.num_tokens
-                self.tier_stats.hit_bytes["device"] += len(blocks) * self.block_bytes
+                cached += self._admit_from_lower_tiers(tokens, handle, report)
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
@@ -279,6 +278,17 @@ class KVCacheManager:
             scope_node=handle.scope_node, scope_tokens=handle.scope_tokens,
         )
         self.stats.forks += 1
+
+    def _admit_from_lower_tiers(self, tokens: list[int], handle: KVHandle, report: CacheReport | None) -> int:
+        """Continue an admission's device match in host RAM and storage; count the tiers' hits
+        (and in the request's new cache report). Returns the tokens loaded."""
+        device_tokens, device_blocks = handle.num_computed_tokens, len(handle.block_ids)
+        loaded = self._load_from_lower_tiers(tokens, handle, self.max_cacheable(len(tokens)))
+        if loaded and report is not None:
+            report.add_tier_loads(handle.num_host_hit_tokens, handle.num_storage_hit_tokens)
+        self.tier_stats.hit_tokens["device"] += device_tokens
+        self.tier_stats.hit_bytes["device"] += device_blocks * self.block_bytes
+        return loaded
 
     def _load_from_lower_tiers(self, tokens: list[int], handle: KVHandle, limit: int) -> int:
         """Continue the device match by content key: host RAM first, then storage, as long as

@@ -102,11 +102,14 @@ def test_a_storage_load_is_read_in_the_background_while_others_run(make_engine, 
     engine.add_request(_prompt(31, 20), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                        request_id="busy")
     engine.step()  # busy is prefilled and decoding
-    engine.add_request(prompt, _greedy(), request_id="loader")
+    engine.add_request(prompt, _greedy(), request_id="loader", cache_report=True)
     assert [o.request_id for o in engine.step()] == ["busy"]  # loader waits for its read
     out = run_to_completion(engine)
     assert out["loader"].token_ids == want
     assert out["loader"].cached_tokens_by_tier == {"device": 0, "host": 0, "storage": 6 * BLOCK}
+    report = out["loader"].cache_report  # the report counts what the storage tier served
+    assert (report.reason, report.cached_tokens, report.tier_tokens) == ("full_hit", 6 * BLOCK,
+                                                                         {"host": 0, "storage": 6 * BLOCK})
     assert engine.snapshot().tiers.prefetched_blocks == 6  # read off the engine thread, none at admission
     _assert_no_leak(engine)
 
