@@ -146,3 +146,36 @@ def test_triton_linear_rows_do_not_depend_on_the_batch():
     assert ((full.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
     for m in (1, 3, 64, 129, 299) if not INTERPRET else (1, 130):
         assert torch.equal(TB.linear(x[:m], weight, bias), full[:m]), m
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
+    """K chunks run as separate programs (a decode launch) and merged in chunk order by the last
+    to arrive give the bits of one program walking every chunk, for every tile shape; on a GPU
+    also across tile shapes (the assumption the M buckets rest on)."""
+    pytest.importorskip("triton")
+    from radixserve.model import matmul_tiles as MT
+    from radixserve.model import triton_batch_invariant as TB
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    order = MT.REDUCTION[name]
+    # Chunks of 2 steps: K = 5.5 chunks, the last one partial.
+    monkeypatch.setitem(MT.REDUCTION, name, MT.ReductionOrder(order.block_k, 2))
+    gen = torch.Generator().manual_seed(3)
+    n, k = 200, order.block_k * 11 - 8
+    weight = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(40, k, generator=gen).to(device=device, dtype=dtype)
+    mm = TB.BatchInvariantMatmul()
+    shapes = [MT.MatmulTiles(16, 32, 4, 2)] if INTERPRET else [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 256, 8, 3)]
+    reference = mm.linear(x, weight, bias, tiles=shapes[0], split=False)
+    ref = F.linear(x.float(), weight.float(), bias.float())
+    assert ((reference.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
+    for tiles in shapes:
+        for rows in (1, 17, 40):
+            for split in (False, True):
+                out = mm.linear(x[:rows], weight, bias, tiles=tiles, split=split)
+                assert torch.equal(out, reference[:rows]), (tiles, rows, split)
+    assert int(mm._arrival_counters(x.device).abs().sum()) == 0  # every split launch reset its counters

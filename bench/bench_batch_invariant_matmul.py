@@ -1,0 +1,130 @@
+"""The batch-invariant Triton matmul on the device, kernel level (needs CUDA and Triton):
+
+    PYTHONPATH=. python3 bench/bench_batch_invariant_matmul.py [--out DIR] [--quick]
+
+1. bits: for the Llama-3-8B projection shapes, every candidate tile shape (the M buckets of
+   radixserve/model/matmul_tiles.py and alternatives), split and unsplit, at M = 1 ... 4096 must
+   give each row exactly the bits of the prefill configuration at M = 4096 (the assumption the
+   deterministic mode rests on: tile shape changes no bits when the K order is fixed);
+2. speed: each candidate against cuBLAS (F.linear) at M = 1, 32, 64, 4096, CUDA-graph timed
+   (triton.testing.do_bench_cudagraph), and the whole model's matmuls per step (32 layers of
+   qkv, o, gate_up, down; the LM head on one row per sequence) so the engine-level ratios can be
+   split into matmul and the rest.
+
+Writes bench_batch_invariant_matmul.json into --out (default $OUT) and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+
+from radixserve.model.matmul_tiles import MatmulTiles, tiles_for  # noqa: E402
+from radixserve.model.triton_batch_invariant import BatchInvariantMatmul  # noqa: E402
+
+# Llama-3-8B: (name, N, K, per-step count)
+SHAPES = [("qkv", 6144, 4096, 32), ("o", 4096, 4096, 32), ("gate_up", 28672, 4096, 32), ("down", 4096, 14336, 32),
+          ("lm_head", 128256, 4096, 1)]  # fmt: skip
+_T = MatmulTiles
+# M -> (tiles, split K) pairs to time; every tile shape here is also checked for bits at every M.
+CANDIDATES = {
+    1: [(_T(16, 64, 4, 5), True), (_T(16, 64, 4, 5), False), (_T(16, 128, 4, 4), True), (_T(64, 64, 4, 4), True)],
+    32: [(_T(32, 64, 4, 5), True), (_T(32, 64, 4, 5), False), (_T(64, 64, 4, 4), True)],
+    64: [(_T(64, 64, 4, 4), True), (_T(64, 64, 4, 4), False), (_T(64, 128, 4, 4), True)],
+    4096: [(_T(128, 256, 8, 3), False), (_T(128, 128, 8, 3), False)],
+}
+CHECK_ROWS = (1, 3, 16, 17, 32, 64, 100, 256, 4096)
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def time_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=10) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--quick", action="store_true", help="bits only, no timing")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1 (code paths only)")
+    args = parser.parse_args()
+    global SHAPES, CHECK_ROWS
+    device, dtype = "cuda", torch.bfloat16
+    if args.smoke:  # the interpreter's bf16 is not usable: fp32 (one tile rule, but every code path)
+        device, dtype, args.quick = "cpu", torch.float32, True
+        SHAPES, CHECK_ROWS = [("tiny", 96, 200, 1)], (1, 17, 4096)
+    torch.manual_seed(0)
+    mm = BatchInvariantMatmul()
+    results: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__, "triton": triton.__version__,
+                     "bits": {}, "speed": {}, "model_ms": {}}  # fmt: skip
+    t0 = time.perf_counter()
+    mismatches = 0
+    for name, n, k, _ in SHAPES:
+        w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+        x = torch.randn(4096, k, device=device).to(dtype)
+        ref = mm.linear(x, w, tiles=tiles_for(4096, "bfloat16" if dtype == torch.bfloat16 else "float32"), split=False)
+        err = ((ref.float() - F.linear(x, w).float()).norm() / F.linear(x, w).float().norm()).item()
+        bad = []
+        tried = {t for cands in CANDIDATES.values() for t, _ in cands} | {tiles_for(m, "bfloat16") for m in CHECK_ROWS}
+        for tiles in sorted(tried, key=lambda t: (t.block_m, t.block_n, t.num_warps, t.num_stages)):
+            for split in (False, True):
+                for m in CHECK_ROWS:
+                    if m == 4096 and split:
+                        continue
+                    if not torch.equal(mm.linear(x[:m], w, tiles=tiles, split=split), ref[:m]):
+                        bad.append(f"{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages} split={split} M={m}")
+        for m in CHECK_ROWS:  # the default choice (bucket + split rule)
+            if not torch.equal(mm.linear(x[:m], w), ref[:m]):
+                bad.append(f"default M={m}")
+        mismatches += len(bad)
+        results["bits"][name] = {"rel_err_vs_cublas": err, "mismatches": bad}
+        log(f"[bits] {name} N={n} K={k}: rel err vs cuBLAS {err:.2e}, mismatches {len(bad)} {bad[:8]}")
+        if not args.quick:
+            for m, cands in CANDIDATES.items():
+                xm = x[:m].contiguous()
+                row = {"cublas_us": time_us(lambda: F.linear(xm, w)), "chosen_us": time_us(lambda: mm.linear(xm, w))}
+                for tiles, split in cands:
+                    key = f"{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{'+split' if split else ''}"
+                    row[key] = time_us(lambda t=tiles, s=split: mm.linear(xm, w, tiles=t, split=s))
+                results["speed"][f"{name} M={m}"] = row
+                best = min((v, key) for key, v in row.items() if key != "cublas_us")
+                log(f"[speed] {name} M={m}: cuBLAS {row['cublas_us']:.1f} us, chosen {row['chosen_us']:.1f} us "
+                    f"({row['chosen_us'] / row['cublas_us']:.2f}x), best {best[1]} {best[0]:.1f} us")  # fmt: skip
+        del w, x, ref
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if not args.quick:
+        for m in (1, 32, 64, 4096):
+            ours = cublas = 0.0
+            for name, n, k, count in SHAPES:
+                row = results["speed"][f"{name} M={m}"]
+                ours += row["chosen_us"] * count
+                cublas += row["cublas_us"] * count
+            results["model_ms"][m] = {"cublas": cublas / 1000, "chosen": ours / 1000}
+            log(f"[model] matmuls per step at M={m} (LM head on M rows): cuBLAS {cublas / 1000:.2f} ms, "
+                f"deterministic {ours / 1000:.2f} ms ({ours / cublas:.2f}x)")  # fmt: skip
+    results["mismatches"] = mismatches
+    results["seconds"] = time.perf_counter() - t0
+    log(f"[bits] total mismatches: {mismatches}; {results['seconds']:.0f} s")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Path(args.out, "bench_batch_invariant_matmul.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
