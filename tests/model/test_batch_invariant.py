@@ -105,9 +105,15 @@ def test_torch_attention_same_bits_fresh_cached_chunked_decode(with_others):
 
 @pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("with_others", [False, True])
-def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others):
+@pytest.mark.parametrize("sms", [None, 1, 1 << 20], ids=["auto-split", "never-split", "always-split"])
+def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others, sms):
+    """sms: the GPU size the plan believes (1: every program walks its own key chunks; huge:
+    every chunk is a program of its own, merged)."""
     pytest.importorskip("triton")
     import radixserve.model.triton_attention as TA
+
+    if sms is not None:
+        monkeypatch.setattr(TA, "_num_sms", lambda device: sms)
 
     device = "cpu" if INTERPRET else "cuda"
     dtype = torch.float32 if INTERPRET else torch.bfloat16
@@ -179,3 +185,28 @@ def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
                 out = mm.linear(x[:rows], weight, bias, tiles=tiles, split=split)
                 assert torch.equal(out, reference[:rows]), (tiles, rows, split)
     assert int(mm._arrival_counters(x.device).abs().sum()) == 0  # every split launch reset its counters
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+def test_triton_attention_split_and_walked_key_chunks_give_the_same_bits(monkeypatch):
+    """Deterministic attention: one program per key chunk merged in chunk order, and one program
+    walking every chunk, fold the same partials the same way (the plan picks by GPU fill)."""
+    pytest.importorskip("triton")
+    import radixserve.model.triton_attention as TA
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    monkeypatch.setattr(TA, "DETERMINISTIC_SPLIT_TILES", 1)
+    block_size, length, heads, kv_heads, head_dim = 16, 150, 8, 2, 64
+    k_cache, v_cache, table = _pool(length, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, device=device, dtype=dtype)
+    q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    outs = {}
+    for sms in (1, 1 << 20):
+        monkeypatch.setattr(TA, "_num_sms", lambda device, sms=sms: sms)
+        backend = TA.TritonAttentionBackend()
+        backend.set_deterministic(True, 4096)
+        outs[sms] = _run_scenarios(
+            lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device
+        )
+    for name in outs[1]:
+        assert torch.equal(outs[1][name], outs[1 << 20][name]), name
