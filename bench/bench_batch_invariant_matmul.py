@@ -57,6 +57,42 @@ def time_us(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=10) * 1000
 
 
+def attention_speed() -> dict:
+    """One layer's attention of the Llama-3-8B shape (32 heads, 8 KV heads, 128 dims, bf16, block
+    16) in the engine's four workloads: the default plan against the deterministic one (and the
+    deterministic one with the split rule forced each way), CUDA-graph timed, eager metadata."""
+    import radixserve.model.triton_attention as TA
+    from radixserve.model.attention import AttentionMetadata
+
+    block_size, heads, kvh, dim = 16, 32, 8, 128
+    workloads = {"prefill 4096": [(0, 4096)], "4032 cached + 64": [(4032, 64)], "decode b1 ctx 512": [(511, 1)],
+                 "decode b32 ctx 1024": [(1023, 1)] * 32}  # fmt: skip
+    out: dict = {}
+    real_sms = TA._num_sms
+    for name, seqs in workloads.items():
+        blocks_per = -(-max(c + n for c, n in seqs) // block_size)
+        pool = blocks_per * len(seqs) + 1
+        k_cache = torch.randn(pool, block_size, kvh, dim, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        tables = [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(len(seqs))]
+        T = sum(n for _, n in seqs)
+        q = torch.randn(T, heads, dim, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(T, kvh, dim, device="cuda", dtype=torch.bfloat16)
+        row = {}
+        for mode, det, sms in (("default", False, None), ("deterministic", True, None),
+                               ("det never split", True, 1), ("det always split", True, 1 << 20)):  # fmt: skip
+            TA._num_sms = real_sms if sms is None else (lambda device, n=sms: n)
+            backend = TA.TritonAttentionBackend()
+            backend.set_deterministic(det, 8192)
+            meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size, device="cuda")
+            row[mode] = time_us(lambda b=backend, m=meta: b.attend(q, k_cache, v_cache, m, dim**-0.5, k=k, v=k))
+        TA._num_sms = real_sms
+        out[name] = row
+        log(f"[attention] {name}: " + ", ".join(f"{m} {v:.1f} us" for m, v in row.items())
+            + f"; deterministic/default {row['deterministic'] / row['default']:.2f}x")  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
@@ -118,6 +154,8 @@ def main() -> None:
             results["model_ms"][m] = {"cublas": cublas / 1000, "chosen": ours / 1000}
             log(f"[model] matmuls per step at M={m} (LM head on M rows): cuBLAS {cublas / 1000:.2f} ms, "
                 f"deterministic {ours / 1000:.2f} ms ({ours / cublas:.2f}x)")  # fmt: skip
+    if not args.quick:
+        results["attention_us"] = attention_speed()
     results["mismatches"] = mismatches
     results["seconds"] = time.perf_counter() - t0
     log(f"[bits] total mismatches: {mismatches}; {results['seconds']:.0f} s")

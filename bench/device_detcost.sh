@@ -5,8 +5,8 @@
 #   bash bench/device_detcost.sh
 #
 # 1. bench/bench_batch_invariant_matmul.py: the batch-invariant matmul's bits per tile shape and
-#    split (every row equal to the prefill configuration's, Llama-3-8B shapes) and its speed
-#    against cuBLAS per M bucket, and summed over a model step;
+#    split (every row equal to the prefill configuration's, Llama-3-8B shapes), its speed
+#    against cuBLAS per M bucket and summed over a model step, and one layer's attention per workload;
 # 2. bench/bench_deterministic_gpu.py --skip identical: the Llama-3-8B speed table, default vs
 #    --deterministic engines in one run (cold prefill 4096, cached TTFT 4032+64, decode b1, b32);
 #    writes the gpu-deterministic section of docs/benchmarks.md (copied to $OUT);
@@ -27,8 +27,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUTD
 $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUTDIR/detcost.log"
 
 stamp "matmul probe"
-timeout 110 $PYTHON bench/bench_batch_invariant_matmul.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/probe.log" | grep -v '^\[speed\]' | tail -20
-grep '^\[speed\]\|^\[model\]' "$OUTDIR/probe.log"
+timeout 130 $PYTHON bench/bench_batch_invariant_matmul.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/probe.log" | grep -v '^\[speed\]' | tail -20
+grep "^\[speed\]\|^\[model\]\|^\[attention\]" "$OUTDIR/probe.log"
 
 stamp "engine speed table"
 timeout 170 $PYTHON bench/bench_deterministic_gpu.py --skip identical --repeats 3 --out "$OUTDIR" > "$OUTDIR/speed.log" 2>&1
