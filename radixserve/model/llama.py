@@ -278,7 +278,7 @@ class LlamaForCausalLM(nn.Module):
             if self.backend.kernels is not None:  # the Triton backend: GPU kernels
                 from radixserve.model.triton_batch_invariant import BatchInvariantMatmul
 
-                fn = BatchInvariantMatmul().linear
+                fn = BatchInvariantMatmul(self.device).linear
             else:
                 from radixserve.model.batch_invariant import linear as fn
         self.invariant_linear = fn

@@ -117,10 +117,13 @@ def _smem_bytes(device: torch.device) -> int:
 class BatchInvariantMatmul:
     """The deterministic-mode linear of one model on Triton (`linear` is what
     `LlamaForCausalLM.set_deterministic` installs): owns the arrival counters of split launches,
-    allocated on the first (eager, warm-up) call so that CUDA graphs capture this same buffer."""
+    allocated here when the device is known (else on the first call), so that every CUDA graph
+    captures this same zeroed buffer (each split launch leaves it zeroed)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str | None = None) -> None:
         self._counters: torch.Tensor | None = None
+        if device is not None:
+            self._arrival_counters(torch.device(device))
 
     def _arrival_counters(self, device: torch.device) -> torch.Tensor:
         if self._counters is None or self._counters.device != device:
