@@ -11,7 +11,7 @@ Neither depends on M, so neither does a row's result.
 Everything else is free to follow M, because it only decides which program computes which
 output tile: BLOCK_M / BLOCK_N / warps / stages come from an M bucket (small tiles for decode,
 where a 128-row tile is 127/128 padding and leaves an 8B projection with 32 programs on 132
-SMs; 128 x 256 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
+SMs; 128 x 128 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
 separate programs (a fixed split-K) whose partial sums the last one to finish adds in chunk
 order - the same additions, so the same bits, as one program walking every chunk.
 
@@ -31,14 +31,16 @@ class ReductionOrder:
     """What fixes a row's bits: the same for every M (never change one without re-checking)."""
 
     block_k: int
-    chunk_steps: int  # BLOCK_K steps per chunk; chunk c covers K [c * chunk, (c + 1) * chunk)
+    # BLOCK_K steps per chunk; chunk c covers K [c * chunk, (c + 1) * chunk). 0: no chunks (one
+    # accumulator walks all of K: one register tile fewer, but nothing to split).
+    chunk_steps: int
 
     @property
     def chunk(self) -> int:
         return self.block_k * self.chunk_steps
 
     def num_chunks(self, k: int) -> int:
-        return max(1, -(-k // self.chunk))
+        return max(1, -(-k // self.chunk)) if self.chunk_steps else 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +68,9 @@ _HALF_BUCKETS: tuple[tuple[int, MatmulTiles], ...] = (
     (32, MatmulTiles(32, 64, 4, 5)),
     (64, MatmulTiles(64, 64, 4, 4)),
     (256, MatmulTiles(64, 128, 4, 4)),
-    (1 << 62, MatmulTiles(128, 256, 8, 3)),
+    # 128 x 128 over 8 warps: the chunk sum and the running total are two fp32 register tiles
+    # (64 registers a thread each); 128 x 256 would need 256 and spill.
+    (1 << 62, MatmulTiles(128, 128, 8, 4)),
 )
 BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "bfloat16": _HALF_BUCKETS,

@@ -27,6 +27,19 @@ from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, fit_stages, redu
 MAX_SPLIT_TILES = 1 << 14
 
 
+@triton.jit
+def _mma_step(a_ptr, w_ptr, rm, rn, offs_k, k0, K, stride_am, stride_wn, acc, IEEE: tl.constexpr):
+    """acc += a[rm, k0:k0+BLOCK_K] @ w[rn, k0:k0+BLOCK_K]^T (K past the end reads zeros)."""
+    k_ok = (k0 + offs_k) < K
+    a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0)
+    w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
+    if IEEE:
+        acc = tl.dot(a, w, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, w, acc)
+    return acc
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr, w_ptr, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
@@ -55,30 +68,28 @@ def _matmul_kernel(
     rm = tl.where(m_ok, offs_m, 0).to(tl.int64)
     rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
     k_steps = tl.cdiv(K, BLOCK_K)
-    n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
-    if SPLIT:
-        chunk_lo = tl.program_id(1)
-        chunk_hi = chunk_lo + 1
-    else:
-        chunk_lo = 0
-        chunk_hi = n_chunks
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for chunk in tl.range(chunk_lo, chunk_hi, flatten=True):
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(chunk * CHUNK_STEPS, tl.minimum(chunk * CHUNK_STEPS + CHUNK_STEPS, k_steps)):
-            k0 = step * BLOCK_K
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-        total += acc
+    if CHUNK_STEPS == 0:  # no chunks: one accumulator over all of K (never split)
+        for step in range(0, k_steps):
+            total = _mma_step(a_ptr, w_ptr, rm, rn, offs_k, step * BLOCK_K, K, stride_am, stride_wn, total, IEEE)
+    else:
+        n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
+        if SPLIT:
+            chunk_lo = tl.program_id(1)
+            chunk_hi = chunk_lo + 1
+        else:
+            chunk_lo = 0
+            chunk_hi = n_chunks
+        for chunk in tl.range(chunk_lo, chunk_hi, flatten=True):
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for step in range(chunk * CHUNK_STEPS, tl.minimum(chunk * CHUNK_STEPS + CHUNK_STEPS, k_steps)):
+                acc = _mma_step(a_ptr, w_ptr, rm, rn, offs_k, step * BLOCK_K, K, stride_am, stride_wn, acc, IEEE)
+            total += acc
     out_mask = m_ok[:, None] & n_ok[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT:
-        # part is [n_chunks, M, N] fp32.
+    if SPLIT:  # (only with CHUNK_STEPS > 0) part is [n_chunks, M, N] fp32
+        n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
+        chunk_lo = tl.program_id(1)
         part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
