@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ import triton  # noqa: E402
 
 from radixserve.model import matmul_tiles  # noqa: E402
 from radixserve.model.matmul_tiles import MatmulTiles, ReductionOrder, tiles_for  # noqa: E402
+from radixserve.model import triton_batch_invariant as TB  # noqa: E402
 from radixserve.model.triton_batch_invariant import BatchInvariantMatmul  # noqa: E402
 
 # Llama-3-8B: (name, N, K, per-step count)
@@ -105,6 +107,56 @@ def attention_speed() -> dict:
     return out
 
 
+def probe_design(args, results, mm, design, order, cands, shipped, name_dt, name, n, k, x, w, cublas) -> None:
+    """Bits of every candidate tile (split and not) against this design's prefill tile at M=4096,
+    then (unless --quick) the candidates' speed."""
+    prefill = cands[4096][0][0]
+    ref = mm.linear(x, w, tiles=prefill, split=False)
+    err = ((ref.float() - cublas).norm() / cublas.norm()).item()
+    bad = []
+    tried = {t for pairs in cands.values() for t, _ in pairs}
+    if order == shipped:
+        tried |= {tiles_for(m, name_dt) for m in CHECK_ROWS}
+    for tiles in sorted(tried, key=lambda t: (t.block_m, t.block_n, t.num_warps, t.num_stages)):
+        for split in (False, True) if order.chunk_steps else (False,):
+            for m in CHECK_ROWS:
+                if m == 4096 and split:
+                    continue
+                if not torch.equal(mm.linear(x[:m], w, tiles=tiles, split=split), ref[:m]):
+                    bad.append(f"{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages} split={split} M={m}")
+    if order == shipped:
+        for m in CHECK_ROWS:  # the shipped choice (bucket + split rule)
+            if not torch.equal(mm.linear(x[:m], w), ref[:m]):
+                bad.append(f"default M={m}")
+        if not torch.equal(TB_flat_off(mm, x, w, prefill), ref):
+            bad.append("chunked prefill without flatten")
+    results["bits"][f"{design} {name}"] = {"rel_err_vs_cublas": err, "mismatches": bad}
+    log(f"[bits] {design} {name} N={n} K={k}: rel err vs cuBLAS {err:.2e}, mismatches {len(bad)} {bad[:8]}")
+    if args.quick:
+        return
+    for m, pairs in cands.items():
+        xm = x[:m].contiguous()
+        row = results["speed"].setdefault(f"{name} M={m}", {})
+        if "cublas_us" not in row:
+            row["cublas_us"] = time_us(lambda: F.linear(xm, w))
+        if order == shipped:
+            row["chosen_us"] = time_us(lambda: mm.linear(xm, w))
+            if m == 4096:
+                row["chunked no-flatten"] = time_us(lambda: TB_flat_off(mm, xm, w, prefill))
+        for tiles, split in pairs:
+            key = f"{design} {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{'+split' if split else ''}"
+            row[key] = time_us(lambda t=tiles, sp=split: mm.linear(xm, w, tiles=t, split=sp))
+
+
+def TB_flat_off(mm, x, w, tiles):
+    """The shipped tile without the fused chunk/step pipeline (FLATTEN_CHUNKS off)."""
+    TB.FLATTEN_CHUNKS = False
+    try:
+        return mm.linear(x, w, tiles=tiles, split=False)
+    finally:
+        TB.FLATTEN_CHUNKS = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
@@ -130,74 +182,59 @@ def main() -> None:
         cublas = F.linear(x, w).float()
         for design, (order, cands) in DESIGNS.items():
             matmul_tiles.REDUCTION[name_dt] = order
-            prefill = cands[4096][0][0]
-            ref = mm.linear(x, w, tiles=prefill, split=False)
-            err = ((ref.float() - cublas).norm() / cublas.norm()).item()
-            bad = []
-            tried = {t for pairs in cands.values() for t, _ in pairs}
-            if order == shipped:
-                tried |= {tiles_for(m, name_dt) for m in CHECK_ROWS}
-            for tiles in sorted(tried, key=lambda t: (t.block_m, t.block_n, t.num_warps, t.num_stages)):
-                for split in (False, True) if order.chunk_steps else (False,):
-                    for m in CHECK_ROWS:
-                        if m == 4096 and split:
-                            continue
-                        if not torch.equal(mm.linear(x[:m], w, tiles=tiles, split=split), ref[:m]):
-                            bad.append(f"{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages} split={split} M={m}")
-            if order == shipped:
-                for m in CHECK_ROWS:  # the shipped choice (bucket + split rule)
-                    if not torch.equal(mm.linear(x[:m], w), ref[:m]):
-                        bad.append(f"default M={m}")
-            mismatches += len(bad)
-            results["bits"][f"{design} {name}"] = {"rel_err_vs_cublas": err, "mismatches": bad}
-            log(f"[bits] {design} {name} N={n} K={k}: rel err vs cuBLAS {err:.2e}, mismatches {len(bad)} {bad[:8]}")
-            if args.quick:
+            try:
+                probe_design(args, results, mm, design, order, cands, shipped, name_dt, name, n, k, x, w, cublas)
+            except Exception as e:  # one broken design must not hide the other
+                traceback.print_exc()
+                results["bits"][f"{design} {name}"] = {"error": f"{type(e).__name__}: {e}"}
+                mismatches += 1
                 continue
-            for m, pairs in cands.items():
-                xm = x[:m].contiguous()
-                row = results["speed"].setdefault(f"{name} M={m}", {})
-                if "cublas_us" not in row:
-                    row["cublas_us"] = time_us(lambda: F.linear(xm, w))
-                if order == shipped:
-                    row["chosen_us"] = time_us(lambda: mm.linear(xm, w))
-                for tiles, split in pairs:
-                    key = f"{design} {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{'+split' if split else ''}"
-                    row[key] = time_us(lambda t=tiles, sp=split: mm.linear(xm, w, tiles=t, split=sp))
+            mismatches += len(results["bits"][f"{design} {name}"]["mismatches"])
         matmul_tiles.REDUCTION[name_dt] = shipped
         if not args.quick:
             for m in DESIGNS["chunked"][1]:
-                row = results["speed"][f"{name} M={m}"]
+                row = results["speed"].get(f"{name} M={m}", {})
+                base = row.get("cublas_us", float("nan"))
                 ranked = sorted((v, key) for key, v in row.items() if key != "cublas_us")
-                log(f"[speed] {name} M={m}: cuBLAS {row['cublas_us']:.1f} us; "
-                    + ", ".join(f"{key} {v:.1f} ({v / row['cublas_us']:.2f}x)" for v, key in ranked[:5]))  # fmt: skip
-        del w, x, ref, cublas
+                log(f"[speed] {name} M={m}: cuBLAS {base:.1f} us; "
+                    + ", ".join(f"{key} {v:.1f} ({v / base:.2f}x)" for v, key in ranked[:6]))  # fmt: skip
+        del w, x, cublas
         if device == "cuda":
             torch.cuda.empty_cache()
     if not args.quick:
-        for m in DESIGNS["chunked"][1]:
-            best_by_design = {}
-            cublas_ms = 0.0
-            for name, n, k, count in SHAPES:
-                row = results["speed"][f"{name} M={m}"]
-                cublas_ms += row["cublas_us"] * count / 1000
-                for key, v in row.items():
-                    for design in (*DESIGNS, "chosen"):
-                        if key.startswith(design):
-                            best = min(v, best_by_design.get((design, name), float("inf")))
-                            best_by_design[(design, name)] = best
-            totals = {d: sum(best_by_design[(d, name)] * count for name, _, _, count in SHAPES) / 1000
-                      for d in (*DESIGNS, "chosen") if all((d, name) in best_by_design for name, *_ in SHAPES)}  # fmt: skip
-            results["model_ms"][m] = {"cublas": cublas_ms, **totals}
-            log(f"[model] matmuls of one step at M={m} (LM head on M rows): cuBLAS {cublas_ms:.2f} ms; "
-                + ", ".join(f"{d} {v:.2f} ms ({v / cublas_ms:.2f}x)" for d, v in totals.items()) + " (designs: best tile each)")  # fmt: skip
-    if not args.quick:
-        results["attention_us"] = attention_speed()
+        try:
+            model_summary(results)
+        except Exception:
+            traceback.print_exc()
+        try:
+            results["attention_us"] = attention_speed()
+        except Exception:
+            traceback.print_exc()
     results["mismatches"] = mismatches
     results["seconds"] = time.perf_counter() - t0
     log(f"[bits] total mismatches: {mismatches}; {results['seconds']:.0f} s")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "bench_batch_invariant_matmul.json").write_text(json.dumps(results, indent=1))
+
+
+def model_summary(results: dict) -> None:
+    """The matmuls of one model step per M: cuBLAS against each design's best tile per shape."""
+    for m in DESIGNS["chunked"][1]:
+        best_by_design = {}
+        cublas_ms = 0.0
+        for name, n, k, count in SHAPES:
+            row = results["speed"][f"{name} M={m}"]
+            cublas_ms += row["cublas_us"] * count / 1000
+            for key, v in row.items():
+                for design in (*DESIGNS, "chosen"):
+                    if key.startswith(design):
+                        best_by_design[(design, name)] = min(v, best_by_design.get((design, name), float("inf")))
+        totals = {d: sum(best_by_design[(d, name)] * count for name, _, _, count in SHAPES) / 1000
+                  for d in (*DESIGNS, "chosen") if all((d, name) in best_by_design for name, *_ in SHAPES)}  # fmt: skip
+        results["model_ms"][m] = {"cublas": cublas_ms, **totals}
+        log(f"[model] matmuls of one step at M={m} (LM head on M rows): cuBLAS {cublas_ms:.2f} ms; "
+            + ", ".join(f"{d} {v:.2f} ms ({v / cublas_ms:.2f}x)" for d, v in totals.items()) + " (designs: best tile each)")  # fmt: skip
 
 
 if __name__ == "__main__":
