@@ -68,7 +68,7 @@ def log(*args) -> None:
 def time_us(fn) -> float:
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=10) * 1000
+    return triton.testing.do_bench_cudagraph(fn, rep=6) * 1000
 
 
 def attention_speed() -> dict:
@@ -120,7 +120,7 @@ def probe_design(args, results, mm, design, order, cands, shipped, name_dt, name
     for tiles in sorted(tried, key=lambda t: (t.block_m, t.block_n, t.num_warps, t.num_stages)):
         for split in (False, True) if order.chunk_steps else (False,):
             for m in CHECK_ROWS:
-                if m == 4096 and split:
+                if m == 4096 and (split or tiles.block_m < 64):  # (a small-row tile never sees a prefill)
                     continue
                 if not torch.equal(mm.linear(x[:m], w, tiles=tiles, split=split), ref[:m]):
                     bad.append(f"{tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages} split={split} M={m}")

@@ -27,15 +27,15 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee -a "$OUTD
 $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUTDIR/detcost.log"
 
 stamp "matmul probe"
-timeout 130 $PYTHON bench/bench_batch_invariant_matmul.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/probe.log" | grep -v '^\[speed\]' | tail -20
+timeout 100 $PYTHON bench/bench_batch_invariant_matmul.py --out "$OUTDIR" 2>&1 | tee "$OUTDIR/probe.log" | grep -v '^\[speed\]' | tail -20
 grep "^\[speed\]\|^\[model\]\|^\[attention\]" "$OUTDIR/probe.log"
 
 stamp "engine speed table"
-timeout 170 $PYTHON bench/bench_deterministic_gpu.py --skip identical --repeats 3 --out "$OUTDIR" > "$OUTDIR/speed.log" 2>&1
+timeout 150 $PYTHON bench/bench_deterministic_gpu.py --skip identical --repeats 3 --out "$OUTDIR" > "$OUTDIR/speed.log" 2>&1
 grep -A8 'Llama-3-8B shape' "$OUTDIR/speed.log" | tail -8; grep -i 'error\|Traceback' "$OUTDIR/speed.log" | head -5
 
 stamp "determinism tests"
-timeout 200 $PYTHON -m pytest tests/engine/test_deterministic_gpu.py tests/model/test_batch_invariant.py -q -s -p no:cacheprovider \
+timeout 180 $PYTHON -m pytest tests/engine/test_deterministic_gpu.py tests/model/test_batch_invariant.py -q -s -p no:cacheprovider \
   > "$OUTDIR/tests.log" 2>&1
 grep -E 'passed|failed|error|FAIL|token-identical|bitwise' "$OUTDIR/tests.log" | tail -25
 stamp "done"
