@@ -176,6 +176,11 @@ def main() -> None:
     mismatches = 0
     name_dt = "bfloat16" if dtype == torch.bfloat16 else "float32"
     shipped = matmul_tiles.REDUCTION[name_dt]
+    if not args.quick:
+        try:
+            results["attention_us"] = attention_speed()
+        except Exception:
+            traceback.print_exc()
     for name, n, k, _ in SHAPES:
         w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
         x = torch.randn(4096, k, device=device).to(dtype)
@@ -201,13 +206,12 @@ def main() -> None:
         del w, x, cublas
         if device == "cuda":
             torch.cuda.empty_cache()
+        if args.out:  # what a timeout would cut short stays
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            Path(args.out, "bench_batch_invariant_matmul.json").write_text(json.dumps(results, indent=1))
     if not args.quick:
         try:
             model_summary(results)
-        except Exception:
-            traceback.print_exc()
-        try:
-            results["attention_us"] = attention_speed()
         except Exception:
             traceback.print_exc()
     results["mismatches"] = mismatches
