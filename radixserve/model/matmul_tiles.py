@@ -100,6 +100,43 @@ def tiles_for(m: int, dtype: str) -> MatmulTiles:
     raise AssertionError("the last bucket takes every M")
 
 
+@dataclass(frozen=True, slots=True)
+class MatmulLaunch:
+    """One launch of the kernel: what it reduces in which order, and how it is cut into programs."""
+
+    order: ReductionOrder
+    tiles: MatmulTiles
+    split: bool  # one program per (output tile, K chunk), merged in chunk order by the last one
+    grid: tuple[int, int]  # (output tiles, K chunks if split else 1)
+
+    def k_schedule(self, k: int) -> list[list[int]]:
+        """The K offsets each chunk's MMA steps start at, chunk by chunk in the order their sums
+        reach the total: the whole of what decides an output element's bits besides its inputs
+        (the kernel's loops, written out)."""
+        steps = -(-k // self.order.block_k)
+        per_chunk = self.order.chunk_steps or steps
+        return [
+            [s * self.order.block_k for s in range(c * per_chunk, min((c + 1) * per_chunk, steps))]
+            for c in range(self.order.num_chunks(k))
+        ]
+
+
+def plan_launch(
+    m: int, n: int, k: int, dtype: str, *, num_sms: int, smem_bytes: int, elem_bytes: int, max_split_tiles: int,
+    tiles: MatmulTiles | None = None, split: bool | None = None,
+) -> MatmulLaunch:  # fmt: skip
+    """The launch for an [m, k] x [n, k]^T problem: the dtype's K order, the M bucket's tiles
+    (fewer stages where shared memory is short) and the split rule; `tiles` / `split` override
+    the choice (tests, the device probe), never the order."""
+    order = reduction_order(dtype)
+    tiles = fit_stages(tiles or tiles_for(m, dtype), order.block_k, elem_bytes, smem_bytes)
+    out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
+    if split is None:
+        split = split_chunks(m, n, k, dtype, num_sms, max_split_tiles)
+    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles
+    return MatmulLaunch(order, tiles, split, (out_tiles, order.num_chunks(k) if split else 1))
+
+
 def split_chunks(m: int, n: int, k: int, dtype: str, num_sms: int, max_tiles: int) -> bool:
     """Whether to run the K chunks as separate programs (merged in chunk order by the last one):
     when the output tiles alone would leave the GPU underfilled, there is more than one chunk,

@@ -5,7 +5,7 @@ activation matrix is reduced in another order when the batch has 1 row than when
 4096 (a prefill). Here every linear layer runs one kernel whose reduction order along K is fixed
 per dtype (`matmul_tiles.ReductionOrder`: BLOCK_K-wide MMA steps inside fixed K chunks counted
 from 0, each chunk from a zero fp32 accumulator, chunk sums added in chunk order), while the
-output tiling follows M (`matmul_tiles.tiles_for`: 16-row tiles for decode, 128 x 256 for
+output tiling follows M (`matmul_tiles.tiles_for`: 16-row tiles for decode, 128 x 128 for
 prefill) and a launch that would underfill the GPU runs its K chunks as separate programs, the
 last of which to arrive adds the partials in chunk order (the same fp32 additions). No
 autotuning, and M is not a specialization key (`do_not_specialize`). fp32 runs IEEE (not TF32)
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, fit_stages, reduction_order, split_chunks, tiles_for
+from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, plan_launch
 
 # Arrival counters of split launches (one per output tile); a launch with more output tiles
 # than this does not split (it never needs to: it fills the GPU).
@@ -162,27 +162,22 @@ class BatchInvariantMatmul:
         c = torch.empty(M, N, dtype=x.dtype, device=x.device)
         if M == 0:
             return c.view(*lead, N)
-        name = _dtype_name(weight.dtype)
-        order = reduction_order(name)
-        tiles = fit_stages(tiles or tiles_for(M, name), order.block_k, weight.element_size(), _smem_bytes(x.device))
-        out_tiles = triton.cdiv(M, tiles.block_m) * triton.cdiv(N, tiles.block_n)
-        if split is None:
-            split = split_chunks(M, N, K, name, _num_sms(x.device), MAX_SPLIT_TILES)
-        split = split and order.num_chunks(K) > 1 and out_tiles <= MAX_SPLIT_TILES
-        if split:
-            n_chunks = order.num_chunks(K)
-            part = torch.empty(n_chunks, M, N, dtype=torch.float32, device=x.device)
+        launch = plan_launch(
+            M, N, K, _dtype_name(weight.dtype), num_sms=_num_sms(x.device), smem_bytes=_smem_bytes(x.device),
+            elem_bytes=weight.element_size(), max_split_tiles=MAX_SPLIT_TILES, tiles=tiles, split=split,
+        )  # fmt: skip
+        if launch.split:
+            part = torch.empty(launch.grid[1], M, N, dtype=torch.float32, device=x.device)
             counters = self._arrival_counters(x.device)
-            grid = (out_tiles, n_chunks)
         else:
             part = counters = c  # unused
-            grid = (out_tiles, 1)
-        _matmul_kernel[grid](
+        order, tiles = launch.order, launch.tiles
+        _matmul_kernel[launch.grid](
             a, weight, bias if bias is not None else weight, c, part, counters, M, N, K,
             a.stride(0), weight.stride(0), c.stride(0),
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=order.block_k, CHUNK_STEPS=order.chunk_steps,
-            GROUP=GROUP_M, SPLIT=split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32, FLATTEN=FLATTEN_CHUNKS,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
+            FLATTEN=FLATTEN_CHUNKS, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
         return c.view(*lead, N)
 
