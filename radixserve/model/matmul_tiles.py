@@ -11,7 +11,7 @@ Neither depends on M, so neither does a row's result.
 Everything else is free to follow M, because it only decides which program computes which
 output tile: BLOCK_M / BLOCK_N / warps / stages come from an M bucket (small tiles for decode,
 where a 128-row tile is 127/128 padding and leaves an 8B projection with 32 programs on 132
-SMs; 128 x 128 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
+SMs; 128 x 256 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
 separate programs (a fixed split-K) whose partial sums the last one to finish adds in chunk
 order - the same additions, so the same bits, as one program walking every chunk.
 
@@ -31,16 +31,14 @@ class ReductionOrder:
     """What fixes a row's bits: the same for every M (never change one without re-checking)."""
 
     block_k: int
-    # BLOCK_K steps per chunk; chunk c covers K [c * chunk, (c + 1) * chunk). 0: no chunks (one
-    # accumulator walks all of K: one register tile fewer, but nothing to split).
-    chunk_steps: int
+    chunk_steps: int  # BLOCK_K steps per chunk; chunk c covers K [c * chunk, (c + 1) * chunk)
 
     @property
     def chunk(self) -> int:
         return self.block_k * self.chunk_steps
 
     def num_chunks(self, k: int) -> int:
-        return max(1, -(-k // self.chunk)) if self.chunk_steps else 1
+        return max(1, -(-k // self.chunk))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,15 +60,16 @@ REDUCTION = {
 }
 
 # (largest M of the bucket, tiles); the last bucket takes every larger M. BLOCK_M >= 16 (the MMA
-# row granularity); wide BLOCK_N where M is small, so a decode program streams more weight.
+# row granularity). Chosen from bench/bench_batch_invariant_matmul.py on the H200 (2026-11-30,
+# Llama-3-8B shapes, CUDA-graph timed; every tile below gave every row the bits of the 128 x 256
+# prefill tile, split or not): M=1 16x128+split beat 16x64+split on qkv/o/gate_up (15.4/11.0/66.7
+# us vs 16.4/12.6/72.3), M=4096 128x256 beat 128x128 by 8-12% on every shape.
 _HALF_BUCKETS: tuple[tuple[int, MatmulTiles], ...] = (
-    (16, MatmulTiles(16, 64, 4, 5)),
+    (16, MatmulTiles(16, 128, 4, 4)),
     (32, MatmulTiles(32, 64, 4, 5)),
     (64, MatmulTiles(64, 64, 4, 4)),
     (256, MatmulTiles(64, 128, 4, 4)),
-    # 128 x 128 over 8 warps: the chunk sum and the running total are two fp32 register tiles
-    # (64 registers a thread each); 128 x 256 would need 256 and spill.
-    (1 << 62, MatmulTiles(128, 128, 8, 4)),
+    (1 << 62, MatmulTiles(128, 256, 8, 3)),
 )
 BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "bfloat16": _HALF_BUCKETS,
@@ -114,7 +113,7 @@ class MatmulLaunch:
         reach the total: the whole of what decides an output element's bits besides its inputs
         (the kernel's loops, written out)."""
         steps = -(-k // self.order.block_k)
-        per_chunk = self.order.chunk_steps or steps
+        per_chunk = self.order.chunk_steps
         return [
             [s * self.order.block_k for s in range(c * per_chunk, min((c + 1) * per_chunk, steps))]
             for c in range(self.order.num_chunks(k))

@@ -5,7 +5,7 @@ activation matrix is reduced in another order when the batch has 1 row than when
 4096 (a prefill). Here every linear layer runs one kernel whose reduction order along K is fixed
 per dtype (`matmul_tiles.ReductionOrder`: BLOCK_K-wide MMA steps inside fixed K chunks counted
 from 0, each chunk from a zero fp32 accumulator, chunk sums added in chunk order), while the
-output tiling follows M (`matmul_tiles.tiles_for`: 16-row tiles for decode, 128 x 128 for
+output tiling follows M (`matmul_tiles.tiles_for`: 16-row tiles for decode, 128 x 256 for
 prefill) and a launch that would underfill the GPU runs its K chunks as separate programs, the
 last of which to arrive adds the partials in chunk order (the same fp32 additions). No
 autotuning, and M is not a specialization key (`do_not_specialize`). fp32 runs IEEE (not TF32)
@@ -25,29 +25,13 @@ from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, plan_launch
 # Arrival counters of split launches (one per output tile); a launch with more output tiles
 # than this does not split (it never needs to: it fills the GPU).
 MAX_SPLIT_TILES = 1 << 14
-# Fuse the chunk loop and the K-step loop into one software pipeline (tl.range(flatten=True)):
-# the next chunk's loads start while this chunk's sum is added. Speed only, no bits.
-FLATTEN_CHUNKS = True
-
-
-@triton.jit
-def _mma_step(a_ptr, w_ptr, rm, rn, offs_k, k0, K, stride_am, stride_wn, acc, IEEE: tl.constexpr):
-    """acc += a[rm, k0:k0+BLOCK_K] @ w[rn, k0:k0+BLOCK_K]^T (K past the end reads zeros)."""
-    k_ok = (k0 + offs_k) < K
-    a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0)
-    w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
-    if IEEE:
-        acc = tl.dot(a, w, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, w, acc)
-    return acc
 
 
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr, w_ptr, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
-    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, FLATTEN: tl.constexpr,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """c[M, N] = a[M, K] @ w[N, K]^T (+ bias). Program (tile, 0) walks every K chunk; with SPLIT,
     program (tile, chunk) does one chunk, stores its fp32 sum in part[chunk], and the last
@@ -71,28 +55,30 @@ def _matmul_kernel(
     rm = tl.where(m_ok, offs_m, 0).to(tl.int64)
     rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
     k_steps = tl.cdiv(K, BLOCK_K)
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if CHUNK_STEPS == 0:  # no chunks: one accumulator over all of K (never split)
-        for step in range(0, k_steps):
-            total = _mma_step(a_ptr, w_ptr, rm, rn, offs_k, step * BLOCK_K, K, stride_am, stride_wn, total, IEEE)
+    n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
+    if SPLIT:
+        chunk_lo = tl.program_id(1)
+        chunk_hi = chunk_lo + 1
     else:
-        n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
-        if SPLIT:
-            chunk_lo = tl.program_id(1)
-            chunk_hi = chunk_lo + 1
-        else:
-            chunk_lo = 0
-            chunk_hi = n_chunks
-        for chunk in tl.range(chunk_lo, chunk_hi, flatten=FLATTEN):
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for step in range(chunk * CHUNK_STEPS, tl.minimum(chunk * CHUNK_STEPS + CHUNK_STEPS, k_steps)):
-                acc = _mma_step(a_ptr, w_ptr, rm, rn, offs_k, step * BLOCK_K, K, stride_am, stride_wn, acc, IEEE)
-            total += acc
+        chunk_lo = 0
+        chunk_hi = n_chunks
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for chunk in tl.range(chunk_lo, chunk_hi, flatten=True):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(chunk * CHUNK_STEPS, tl.minimum(chunk * CHUNK_STEPS + CHUNK_STEPS, k_steps)):
+            k0 = step * BLOCK_K
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        total += acc
     out_mask = m_ok[:, None] & n_ok[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT:  # (only with CHUNK_STEPS > 0) part is [n_chunks, M, N] fp32
-        n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
-        chunk_lo = tl.program_id(1)
+    if SPLIT:
+        # part is [n_chunks, M, N] fp32.
         part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
         tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
@@ -177,7 +163,7 @@ class BatchInvariantMatmul:
             a.stride(0), weight.stride(0), c.stride(0),
             BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=order.block_k, CHUNK_STEPS=order.chunk_steps,
             GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
-            FLATTEN=FLATTEN_CHUNKS, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
         return c.view(*lead, N)
 
