@@ -15,10 +15,12 @@ SMs; 128 x 256 for prefill), and a launch whose tiles do not fill the GPU runs i
 separate programs (a fixed split-K) whose partial sums the last one to finish adds in chunk
 order - the same additions, so the same bits, as one program walking every chunk.
 
-The one assumption (vLLM's batch-invariant tables make it too, verified on Hopper GPUs by
-kernel-level row equality): a tensor core gives an output element the same bits whatever tile
-shape the MMA instruction is issued in. bench/bench_deterministic_gpu.py checks it per bucket on
-the device (`--probe`), and tests/engine/test_deterministic_gpu.py end to end.
+The one assumption (vLLM's batch-invariant tables make it too): a tensor core gives an output
+element the same bits whatever tile shape the MMA instruction is issued in. Measured on an H200
+(bench/bench_batch_invariant_matmul.py, 2026-11-30): 16- and 32-row tiles (mma.sync) and 64- to
+128-row tiles (wgmma), split or not, gave every row the bits of the 128 x 256 prefill tile, on all
+Llama-3-8B shapes; tests/engine/test_deterministic_gpu.py checks it end to end. Re-run the probe
+on a new GPU generation before trusting a new bucket.
 """
 
 from __future__ import annotations
