@@ -74,7 +74,6 @@ def attention_speed() -> dict:
     workloads = {"prefill 4096": [(0, 4096)], "4032 cached + 64": [(4032, 64)], "decode b1 ctx 512": [(511, 1)],
                  "decode b32 ctx 1024": [(1023, 1)] * 32}  # fmt: skip
     out: dict = {}
-    real_sms = TA._num_sms
     for name, seqs in workloads.items():
         blocks_per = -(-max(c + n for c, n in seqs) // block_size)
         pool = blocks_per * len(seqs) + 1
@@ -85,14 +84,13 @@ def attention_speed() -> dict:
         q = torch.randn(T, heads, dim, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(T, kvh, dim, device="cuda", dtype=torch.bfloat16)
         row = {}
-        for mode, det, sms in (("default", False, None), ("deterministic", True, None),
-                               ("det never split", True, 1), ("det always split", True, 1 << 20)):  # fmt: skip
-            TA._num_sms = real_sms if sms is None else (lambda device, n=sms: n)
+        for mode, det, split in (("default", False, None), ("deterministic", True, None),
+                                 ("det chunks walked", True, False), ("det chunk per program", True, True)):  # fmt: skip
             backend = TA.TritonAttentionBackend()
             backend.set_deterministic(det, 8192)
+            backend.deterministic_split = split
             meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size, device="cuda")
             row[mode] = time_us(lambda b=backend, m=meta: b.attend(q, k_cache, v_cache, m, dim**-0.5, k=k, v=k))
-        TA._num_sms = real_sms
         out[name] = row
         log(f"[attention] {name}: " + ", ".join(f"{m} {v:.1f} us" for m, v in row.items())
             + f"; deterministic/default {row['deterministic'] / row['default']:.2f}x")  # fmt: skip

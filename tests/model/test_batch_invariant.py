@@ -105,15 +105,12 @@ def test_torch_attention_same_bits_fresh_cached_chunked_decode(with_others):
 
 @pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("with_others", [False, True])
-@pytest.mark.parametrize("sms", [None, 1, 1 << 20], ids=["auto-split", "never-split", "always-split"])
-def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others, sms):
-    """sms: the GPU size the plan believes (1: every program walks its own key chunks; huge:
-    every chunk is a program of its own, merged)."""
+@pytest.mark.parametrize("split", [None, False, True], ids=["plan-chooses", "chunks-walked", "chunk-per-program"])
+def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others, split):
+    """split: the plan's choice, or forced: every program walks its own key chunks (False), or
+    every chunk is a program of its own, merged (True)."""
     pytest.importorskip("triton")
     import radixserve.model.triton_attention as TA
-
-    if sms is not None:
-        monkeypatch.setattr(TA, "_num_sms", lambda device: sms)
 
     device = "cpu" if INTERPRET else "cuda"
     dtype = torch.float32 if INTERPRET else torch.bfloat16
@@ -123,6 +120,7 @@ def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, wit
     q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     backend = TA.TritonAttentionBackend()
     backend.set_deterministic(True, 4096)
+    backend.deterministic_split = split
     others = [(100, 1), (0, 9), (20, 30)] if with_others else []
     results = _run_scenarios(
         lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device, others
@@ -202,12 +200,12 @@ def test_triton_attention_split_and_walked_key_chunks_give_the_same_bits(monkeyp
     k_cache, v_cache, table = _pool(length, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, device=device, dtype=dtype)
     q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     outs = {}
-    for sms in (1, 1 << 20):
-        monkeypatch.setattr(TA, "_num_sms", lambda device, sms=sms: sms)
+    for split in (False, True):
         backend = TA.TritonAttentionBackend()
         backend.set_deterministic(True, 4096)
-        outs[sms] = _run_scenarios(
+        backend.deterministic_split = split
+        outs[split] = _run_scenarios(
             lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device
         )
-    for name in outs[1]:
-        assert torch.equal(outs[1][name], outs[1 << 20][name]), name
+    for name in outs[False]:
+        assert torch.equal(outs[False][name], outs[True][name]), name
