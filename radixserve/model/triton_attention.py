@@ -229,12 +229,12 @@ class TritonAttentionBackend(AttentionBackend):
         """One launch over every sequence, the fixed tile shape and fixed key chunks. Either each
         chunk is a program of its own and the partials are folded in chunk order, or each
         (sequence, query block, KV head) program walks its chunks and folds them itself
-        (num_splits 1): the same arithmetic, so the choice moves no bits. Eager steps split
-        whenever there is more than one chunk (H200, one 8B layer: a 4096-token prefill 741 us
-        split vs 795 us walked; 64 new over 4032 cached 37 vs 156 us). A CUDA graph must cover
-        max_model_len, so there most chunks are empty: it walks when its programs fill the GPU
-        (decode at batch >= 17 on 8 KV heads). The split count only has to cover the longest
-        context; at least 2."""
+        (num_splits 1): the same arithmetic, so the choice moves no bits. Split where the
+        programs would not fill the GPU (H200, one 8B layer, 64 new over 4032 cached: 37 us split
+        vs 156 walked), walk where they do: no partials, whose buffer grows with sequences x
+        query blocks x chunks (a 4096-token prefill: 268 MB a layer; split it would be 741 us vs
+        795 walked, not worth that). The split count only has to cover the longest context (a
+        graph: any context up to max_model_len); at least 2."""
         group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
         cfg = dict(DETERMINISTIC_CFG, block_m=max(DETERMINISTIC_CFG["block_m"], group_p))
         cfg = _fit_stages(cfg, head_dim, elem_bytes, device)
@@ -242,9 +242,11 @@ class TritonAttentionBackend(AttentionBackend):
         chunk = DETERMINISTIC_SPLIT_TILES * cfg["block_n"]
         longest = self._max_model_len if meta.lengths_are_nominal else meta.max_seq_len
         n_qblocks = -(-max(meta.max_query_len, 1) // block_q)
-        split = longest > chunk
         if meta.lengths_are_nominal:
-            split = split and meta.num_seqs * n_qblocks * num_kv_heads < _num_sms(device)
+            programs = meta.num_seqs * n_qblocks * num_kv_heads
+        else:
+            programs = sum(-(-max(n, 1) // block_q) for n in meta.query_lens) * num_kv_heads
+        split = programs < _num_sms(device) and longest > chunk
         if self.deterministic_split is not None:
             split = self.deterministic_split
         splits = max(2, -(-max(longest, 1) // chunk)) if split else 1
