@@ -276,7 +276,9 @@ class LlamaForCausalLM(nn.Module):
         fn = None
         if enabled:
             if self.backend.kernels is not None:  # the Triton backend: GPU kernels
-                from radixserve.model.triton_batch_invariant import linear as fn
+                from radixserve.model.triton_batch_invariant import BatchInvariantMatmul
+
+                fn = BatchInvariantMatmul(self.device).linear
             else:
                 from radixserve.model.batch_invariant import linear as fn
         self.invariant_linear = fn

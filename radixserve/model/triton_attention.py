@@ -54,8 +54,10 @@ GATHER_SDPA_MIN_QUERY = 1024
 # Deterministic mode (set_deterministic): every sequence of a step (fresh prefill, prefill over a
 # cached prefix, decode) goes through ONE launch of the paged kernel with ONE tile shape, and the
 # keys are cut into fixed chunks of DETERMINISTIC_SPLIT_TILES tiles counted from position 0, each
-# chunk a partial softmax merged in chunk order. So a query's keys are always reduced in the same
-# tiles, chunks and order, wherever its K/V came from and whatever else is in the launch.
+# chunk a partial softmax folded into the running one in chunk order (by the program itself, or,
+# where the launch has too few programs, by the merge of one program per chunk: same arithmetic).
+# So a query's keys are always reduced in the same tiles, chunks and order, wherever its K/V came
+# from and whatever else is in the launch.
 # 64-row query tiles (16 tokens x 4 query heads of a KV head on Llama-3), 64-key tiles, 16 tiles
 # (1024 keys) per chunk: decode at long contexts still gets several programs per KV head.
 DETERMINISTIC_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
@@ -118,6 +120,9 @@ class TritonAttentionBackend(AttentionBackend):
         self._sdpa_gqa_ok: dict[bool, bool] = {}  # does SDPA take GQA directly? (per causal variant)
         self._counters: torch.Tensor | None = None  # zeroed once; the kernel leaves it zeroed
         self._max_model_len = 0  # deterministic mode: the longest context a graph's launch covers
+        # Deterministic mode: None lets the plan choose; True / False force one program per key
+        # chunk / programs walking their chunks (tests and bench/bench_batch_invariant_matmul.py).
+        self.deterministic_split: bool | None = None
 
     def set_deterministic(self, enabled: bool, max_model_len: int) -> None:
         self.deterministic = enabled
@@ -221,18 +226,30 @@ class TritonAttentionBackend(AttentionBackend):
         self, meta: AttentionMetadata, num_kv_heads: int, num_heads: int, head_dim: int, elem_bytes: int,
         device: torch.device,
     ) -> _StepPlan:  # fmt: skip
-        """One launch over every sequence, the fixed tile shape and fixed key chunks. The
-        number of chunks only has to cover the longest context (a graph: any context up to
-        max_model_len); at least 2, so the split count is never the constant 1 Triton would
-        compile a separate binary for."""
+        """One launch over every sequence, the fixed tile shape and fixed key chunks. Either each
+        chunk is a program of its own and the partials are folded in chunk order, or each
+        (sequence, query block, KV head) program walks its chunks and folds them itself
+        (num_splits 1): the same arithmetic, so the choice moves no bits. Split where the
+        programs would not fill the GPU (H200, one 8B layer, 64 new over 4032 cached: 37 us split
+        vs 156 walked), walk where they do: no partials, whose buffer grows with sequences x
+        query blocks x chunks (a 4096-token prefill: 268 MB a layer; split it would be 741 us vs
+        795 walked, not worth that). The split count only has to cover the longest context (a
+        graph: any context up to max_model_len); at least 2."""
         group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
         cfg = dict(DETERMINISTIC_CFG, block_m=max(DETERMINISTIC_CFG["block_m"], group_p))
         cfg = _fit_stages(cfg, head_dim, elem_bytes, device)
         block_q = cfg["block_m"] // group_p
         chunk = DETERMINISTIC_SPLIT_TILES * cfg["block_n"]
         longest = self._max_model_len if meta.lengths_are_nominal else meta.max_seq_len
-        splits = max(2, -(-max(longest, 1) // chunk))
         n_qblocks = -(-max(meta.max_query_len, 1) // block_q)
+        if meta.lengths_are_nominal:
+            programs = meta.num_seqs * n_qblocks * num_kv_heads
+        else:
+            programs = sum(-(-max(n, 1) // block_q) for n in meta.query_lens) * num_kv_heads
+        split = programs < _num_sms(device) and longest > chunk
+        if self.deterministic_split is not None:
+            split = self.deterministic_split
+        splits = max(2, -(-max(longest, 1) // chunk)) if split else 1
         launch = _Launch(None, meta.num_seqs, n_qblocks, splits, dict(cfg, split_tiles=DETERMINISTIC_SPLIT_TILES))
         return _StepPlan([], [], [launch])
 

@@ -2,14 +2,14 @@
 
 cuBLAS picks its kernel, tile shape and split-K from the problem size, so the same row of an
 activation matrix is reduced in another order when the batch has 1 row than when it has 64, or
-4096 (a prefill). Here one kernel with one fixed configuration per dtype computes every linear
-layer: each output element is one fp32 accumulator that walks K in BLOCK_K steps from 0 to K,
-in the same order and with the same instructions whatever M is. No split-K, no autotuning, and M
-is not a specialization key (`do_not_specialize`), so every M runs the same binary.
-
-The configuration is the one Thinking Machines' batch_invariant_ops uses on H100 for bf16
-(128 x 128 x 64 tiles, 8 warps, 3 stages; github.com/thinking-machines-lab/batch_invariant_ops),
-with grouped tile order for L2 reuse. fp32 runs IEEE (not TF32) dots, like torch's default.
+4096 (a prefill). Here every linear layer runs one kernel whose reduction order along K is fixed
+per dtype (`matmul_tiles.ReductionOrder`: BLOCK_K-wide MMA steps inside fixed K chunks counted
+from 0, each chunk from a zero fp32 accumulator, chunk sums added in chunk order), while the
+output tiling follows M (`matmul_tiles.tiles_for`: 16-row tiles for decode, 128 x 256 for
+prefill) and a launch that would underfill the GPU runs its K chunks as separate programs, the
+last of which to arrive adds the partials in chunk order (the same fp32 additions). No
+autotuning, and M is not a specialization key (`do_not_specialize`). fp32 runs IEEE (not TF32)
+dots, like torch's default.
 
 Only imported on a CUDA device (or under TRITON_INTERPRET=1): CI has no Triton.
 """
@@ -20,24 +20,23 @@ import torch
 import triton
 import triton.language as tl
 
-# dtype -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Changing one changes the bits
-# (not the guarantee): every M must use the same entry.
-CONFIGS = {
-    torch.bfloat16: (128, 128, 64, 8, 3),
-    torch.float16: (128, 128, 64, 8, 3),
-    torch.float32: (128, 128, 32, 8, 3),
-}
-GROUP_M = 8
+from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, plan_launch
+
+# Arrival counters of split launches (one per output tile); a launch with more output tiles
+# than this does not split (it never needs to: it fills the GPU).
+MAX_SPLIT_TILES = 1 << 14
 
 
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
-    a_ptr, w_ptr, bias_ptr, c_ptr, M, N, K, stride_am, stride_wn, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    a_ptr, w_ptr, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """c[M, N] = a[M, K] @ w[N, K]^T (+ bias): one program per output tile, K walked in order.
-    a's and w's last dimension must be contiguous."""
+    """c[M, N] = a[M, K] @ w[N, K]^T (+ bias). Program (tile, 0) walks every K chunk; with SPLIT,
+    program (tile, chunk) does one chunk, stores its fp32 sum in part[chunk], and the last
+    program of the tile to arrive adds part[0], part[1], ... in order. a's and w's last dimension
+    must be contiguous."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -50,46 +49,125 @@ def _matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
     # Out-of-range rows and columns read row/column 0 (always valid) and are never stored.
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :]
-    w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    rm = tl.where(m_ok, offs_m, 0).to(tl.int64)
+    rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
+    if SPLIT:
+        chunk_lo = tl.program_id(1)
+        chunk_hi = chunk_lo + 1
+    else:
+        chunk_lo = 0
+        chunk_hi = n_chunks
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for chunk in tl.range(chunk_lo, chunk_hi, flatten=True):
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(chunk * CHUNK_STEPS, tl.minimum(chunk * CHUNK_STEPS + CHUNK_STEPS, k_steps)):
+            k0 = step * BLOCK_K
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        total += acc
+    out_mask = m_ok[:, None] & n_ok[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    if SPLIT:
+        # part is [n_chunks, M, N] fp32.
+        part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+        arrived = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_chunks - 1:
+            # Loads bypass L1 (.cg): the partials were just written by other SMs.
+            merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c in range(0, n_chunks):
+                merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                merged += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(counters_ptr + pid, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # TRITON_INTERPRET on CPU: any value works
+
+
+def _smem_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0) or 99 * 1024
+    return 1 << 30
+
+
+class BatchInvariantMatmul:
+    """The deterministic-mode linear of one model on Triton (`linear` is what
+    `LlamaForCausalLM.set_deterministic` installs): owns the arrival counters of split launches,
+    allocated here when the device is known (else on the first call), so that every CUDA graph
+    captures this same zeroed buffer (each split launch leaves it zeroed)."""
+
+    def __init__(self, device: torch.device | str | None = None) -> None:
+        self._counters: torch.Tensor | None = None
+        if device is not None:
+            self._arrival_counters(torch.device(device))
+
+    def _arrival_counters(self, device: torch.device) -> torch.Tensor:
+        if self._counters is None or self._counters.device != device:
+            self._counters = torch.zeros(MAX_SPLIT_TILES, dtype=torch.int32, device=device)
+        return self._counters
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+        tiles: MatmulTiles | None = None, split: bool | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """x [..., K] @ weight [N, K]^T (+ bias) -> [..., N] in x's dtype, each row computed the
+        same way whatever the number of rows. `tiles` / `split` override the M-bucket choice
+        (tests and the device probe check that they change no bits)."""
+        lead = x.shape[:-1]
+        a = x.reshape(-1, x.shape[-1])
+        if a.stride(-1) != 1:
+            a = a.contiguous()
+        if weight.stride(-1) != 1:
+            weight = weight.contiguous()
+        M, K = a.shape
+        N = weight.shape[0]
+        c = torch.empty(M, N, dtype=x.dtype, device=x.device)
+        if M == 0:
+            return c.view(*lead, N)
+        launch = plan_launch(
+            M, N, K, _dtype_name(weight.dtype), num_sms=_num_sms(x.device), smem_bytes=_smem_bytes(x.device),
+            elem_bytes=weight.element_size(), max_split_tiles=MAX_SPLIT_TILES, tiles=tiles, split=split,
+        )  # fmt: skip
+        if launch.split:
+            part = torch.empty(launch.grid[1], M, N, dtype=torch.float32, device=x.device)
+            counters = self._arrival_counters(x.device)
+        else:
+            part = counters = c  # unused
+        order, tiles = launch.order, launch.tiles
+        _matmul_kernel[launch.grid](
+            a, weight, bias if bias is not None else weight, c, part, counters, M, N, K,
+            a.stride(0), weight.stride(0), c.stride(0),
+            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=order.block_k, CHUNK_STEPS=order.chunk_steps,
+            GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+        return c.view(*lead, N)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight [N, K]^T (+ bias) -> [..., N] in x's dtype, each row computed the same
-    way whatever the number of rows."""
-    lead = x.shape[:-1]
-    a = x.reshape(-1, x.shape[-1])
-    if a.stride(-1) != 1:
-        a = a.contiguous()
-    if weight.stride(-1) != 1:
-        weight = weight.contiguous()
-    M, K = a.shape
-    N = weight.shape[0]
-    c = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M:
-        block_m, block_n, block_k, warps, stages = CONFIGS[weight.dtype]
-        grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
-        _matmul_kernel[grid](
-            a, weight, bias if bias is not None else weight, c, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M,
-            HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-    return c.view(*lead, N)
+    """A one-off batch-invariant linear (its own counters; models use BatchInvariantMatmul)."""
+    return BatchInvariantMatmul().linear(x, weight, bias)

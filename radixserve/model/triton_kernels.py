@@ -72,14 +72,101 @@ class _Launcher:
 
 
 @triton.jit
+def _merge_step(run_m, run_l, run_acc, m_c, l_c, acc_c):
+    """Deterministic mode: fold one key chunk's partial (max, sum, unnormalized accumulator) into
+    the running one, chunk after chunk in order from position 0. The one-program walk over every
+    chunk and the merge of split partials both do exactly this, so they give the same bits. An
+    empty chunk (m = -inf, l = 0, acc = 0) is an exact no-op."""
+    m_new = tl.maximum(run_m, m_c)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    w_run = tl.exp2(run_m - m_use)
+    w_c = tl.exp2(m_c - m_use)
+    return m_new, run_l * w_run + l_c * w_c, run_acc * w_run[:, None] + acc_c * w_c[:, None]
+
+
+@triton.jit
+def _attend_chunk(
+    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, kv_end, scale_log2e,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Deterministic mode: online softmax over key tiles [t_begin, t_end) from a fresh state;
+    returns (max, sum, unnormalized accumulator). The same per-tile steps as the default loop in
+    _paged_attention_kernel (kept apart so that loop and its PREFETCH stay as they are)."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for t in range(t_begin, t_end):
+        kpos = t * BLOCK_N + offs_n
+        k_ok = kpos < kv_end
+        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        in_page = (kpos % PAGE).to(tl.int64)
+        if HEAD_DIM == HEAD_DIM_P:
+            kv_mask = k_ok[:, None]
+        else:
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(
+            k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale_log2e
+        visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _merge_splits(
     out_ptr, part_acc_ptr, part_ml_ptr, base, num_splits, q_start, tok, head, row_ok,
     rows, stride_ot, stride_oh, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    SEQUENTIAL: tl.constexpr = False,
 ):  # fmt: skip
     """Merge the partials base..base+num_splits of one (sequence, query block, KV head): rescale
     each by 2^(m_s - max m), divide by the rescaled sum of l, write the rows to out. Loads
-    bypass L1 (.cg): with FUSE_MERGE the partials were just written by other SMs."""
+    bypass L1 (.cg): with FUSE_MERGE the partials were just written by other SMs.
+    SEQUENTIAL (deterministic mode): fold them in split order with _merge_step instead, as the
+    one-program walk over the same chunks does."""
     offs_d = tl.arange(0, HEAD_DIM_P)
+    if SEQUENTIAL:
+        run_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        run_l = tl.zeros([BLOCK_M], tl.float32)
+        run_acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+        for s in range(0, num_splits):
+            idx = (base + s) * BLOCK_M + rows
+            m_s = tl.load(part_ml_ptr + idx * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(part_ml_ptr + idx * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+            a = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+            run_m, run_l, run_acc = _merge_step(run_m, run_l, run_acc, m_s, l_s, a)
+        out = run_acc / tl.where(run_l > 0, run_l, 1.0)[:, None]
+        tl.store(
+            out_ptr + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+        )
+        return
     m_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(0, num_splits):
         m_s = tl.load(part_ml_ptr + ((base + s) * BLOCK_M + rows) * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
@@ -190,20 +277,41 @@ def _paged_attention_kernel(
     # This query block sees keys [0, kv_end): causality bounds it by its last token.
     kv_end = ctx_len + tl.minimum(q_len, (qb + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    bt_row = block_tables_ptr + seq * stride_bt
     if SPLIT_TILES > 0:
-        # Deterministic mode: fixed key chunks of SPLIT_TILES tiles counted from position 0, so a
-        # query's keys are reduced in the same chunks whatever the launch (see triton_attention.py).
-        per_split = SPLIT_TILES
+        # Deterministic mode: fixed key chunks of SPLIT_TILES tiles counted from position 0, each
+        # reduced from a fresh state and folded in chunk order (_merge_step), so a query's keys
+        # are reduced the same way whatever the launch (see triton_attention.py). SPLIT: this
+        # program does chunk `split` and the merge folds the partials; else it walks them all.
+        if SPLIT:
+            t_begin = split * SPLIT_TILES
+            m_i, l_i, acc = _attend_chunk(
+                q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, tl.minimum(t_begin + SPLIT_TILES, num_tiles),
+                kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+                HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+            )  # fmt: skip
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            for c in range(0, tl.cdiv(num_tiles, SPLIT_TILES)):
+                m_c, l_c, acc_c = _attend_chunk(
+                    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, c * SPLIT_TILES,
+                    tl.minimum(c * SPLIT_TILES + SPLIT_TILES, num_tiles), kv_end, scale_log2e,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+                    HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+                )  # fmt: skip
+                m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
+        t_begin = 0
+        t_end = 0  # the default loop below does nothing
     else:
         per_split = tl.cdiv(num_tiles, num_splits)
-    t_begin = split * per_split
-    t_end = tl.minimum(t_begin + per_split, num_tiles)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+        t_begin = split * per_split
+        t_end = tl.minimum(t_begin + per_split, num_tiles)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    bt_row = block_tables_ptr + seq * stride_bt
     if PREFETCH:  # the next tile's page ids are loaded one iteration ahead (hides that latency)
         first = t_begin * BLOCK_N + offs_n
         blk_next = tl.load(bt_row + first // PAGE, mask=first < kv_end, other=0).to(tl.int64)
@@ -267,7 +375,7 @@ def _paged_attention_kernel(
             if arrived == num_splits - 1:
                 _merge_splits(
                     out_ptr, part_acc_ptr, part_ml_ptr, group_id * num_splits, num_splits, q_start, tok, head, row_ok,
-                    rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M,
+                    rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M, SPLIT_TILES > 0,
                 )  # fmt: skip
                 tl.store(counters_ptr + group_id, 0)
     else:
@@ -297,9 +405,10 @@ def _combine_splits_kernel(
     HEAD_DIM_P: tl.constexpr,
     BLOCK_M: tl.constexpr,
     USE_SEQ_IDS: tl.constexpr,
+    SEQUENTIAL: tl.constexpr = False,
 ):
     """Merge the splits of one (sequence, query block, KV head): rescale each partial by
-    2^(m_s - max m) and divide by the rescaled sum of l."""
+    2^(m_s - max m) and divide by the rescaled sum of l (SEQUENTIAL: see _merge_splits)."""
     s_idx = tl.program_id(0)
     qb = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -320,7 +429,7 @@ def _combine_splits_kernel(
     base = ((s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh) * num_splits
     _merge_splits(
         out_ptr, part_acc_ptr, part_ml_ptr, base, num_splits, q_start, tok, head, row_ok,
-        rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M,
+        rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M, SEQUENTIAL,
     )  # fmt: skip
 
 
@@ -353,8 +462,10 @@ def paged_attention(
     a zeroed int32 scratch tensor (kept zero between launches by the kernel); when given and
     large enough, split launches merge their partials in the same launch (no second kernel).
     split_tiles > 0 (deterministic mode): split s covers key tiles [s * split_tiles, (s + 1) *
-    split_tiles) counted from position 0, always through the partial + merge path; num_splits
-    must then cover the longest context of the launch (extra splits are empty, exact no-ops).
+    split_tiles) counted from position 0; with num_splits > 1 each program does one chunk and the
+    merge folds the partials in chunk order (num_splits must then cover the longest context of
+    the launch; extra splits are empty, exact no-ops); with num_splits == 1 each program walks
+    every chunk and folds them the same way (the same bits, no partials).
     """
     T, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
@@ -363,7 +474,7 @@ def paged_attention(
     head_dim_p = triton.next_power_of_2(D)
     if num_seqs == 0 or T == 0:
         return
-    split = num_splits > 1 or split_tiles > 0
+    split = num_splits > 1
     if split:
         n_parts = num_seqs * n_qblocks * kvh * num_splits
         part_acc = torch.empty(n_parts * block_m * head_dim_p, dtype=torch.float32, device=q.device)
@@ -397,7 +508,7 @@ def paged_attention(
             (out, part_acc, part_ml, query_start_loc, ids, num_splits, n_qblocks, out.stride(0), out.stride(1)),
             dict(
                 NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p,
-                BLOCK_M=block_m, USE_SEQ_IDS=seq_ids is not None,
+                BLOCK_M=block_m, USE_SEQ_IDS=seq_ids is not None, SEQUENTIAL=split_tiles > 0,
             ),
             4,
         )  # fmt: skip

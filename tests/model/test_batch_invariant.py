@@ -105,7 +105,10 @@ def test_torch_attention_same_bits_fresh_cached_chunked_decode(with_others):
 
 @pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("with_others", [False, True])
-def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others):
+@pytest.mark.parametrize("split", [None, False, True], ids=["plan-chooses", "chunks-walked", "chunk-per-program"])
+def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, with_others, split):
+    """split: the plan's choice, or forced: every program walks its own key chunks (False), or
+    every chunk is a program of its own, merged (True)."""
     pytest.importorskip("triton")
     import radixserve.model.triton_attention as TA
 
@@ -117,6 +120,7 @@ def test_triton_attention_same_bits_fresh_cached_chunked_decode(monkeypatch, wit
     q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     backend = TA.TritonAttentionBackend()
     backend.set_deterministic(True, 4096)
+    backend.deterministic_split = split
     others = [(100, 1), (0, 9), (20, 30)] if with_others else []
     results = _run_scenarios(
         lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device, others
@@ -146,3 +150,62 @@ def test_triton_linear_rows_do_not_depend_on_the_batch():
     assert ((full.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
     for m in (1, 3, 64, 129, 299) if not INTERPRET else (1, 130):
         assert torch.equal(TB.linear(x[:m], weight, bias), full[:m]), m
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
+    """K chunks run as separate programs (a decode launch) and merged in chunk order by the last
+    to arrive give the bits of one program walking every chunk, for every tile shape; on a GPU
+    also across tile shapes (the assumption the M buckets rest on)."""
+    pytest.importorskip("triton")
+    from radixserve.model import matmul_tiles as MT
+    from radixserve.model import triton_batch_invariant as TB
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    order = MT.REDUCTION[name]
+    # Chunks of 2 steps: K = 5.5 chunks, the last one partial.
+    monkeypatch.setitem(MT.REDUCTION, name, MT.ReductionOrder(order.block_k, 2))
+    gen = torch.Generator().manual_seed(3)
+    n, k = 200, order.block_k * 11 - 8
+    weight = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(40, k, generator=gen).to(device=device, dtype=dtype)
+    mm = TB.BatchInvariantMatmul()
+    gpu_shapes = [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(32, 64, 4, 5), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 128, 8, 4)]
+    shapes = [MT.MatmulTiles(16, 32, 4, 2)] if INTERPRET else gpu_shapes
+    reference = mm.linear(x, weight, bias, tiles=shapes[0], split=False)
+    ref = F.linear(x.float(), weight.float(), bias.float())
+    assert ((reference.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
+    for tiles in shapes:
+        for rows in (1, 17, 40):
+            for split in (False, True):
+                out = mm.linear(x[:rows], weight, bias, tiles=tiles, split=split)
+                assert torch.equal(out, reference[:rows]), (tiles, rows, split)
+    assert int(mm._arrival_counters(x.device).abs().sum()) == 0  # every split launch reset its counters
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+def test_triton_attention_split_and_walked_key_chunks_give_the_same_bits(monkeypatch):
+    """Deterministic attention: one program per key chunk merged in chunk order, and one program
+    walking every chunk, fold the same partials the same way (the plan picks by GPU fill)."""
+    pytest.importorskip("triton")
+    import radixserve.model.triton_attention as TA
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    monkeypatch.setattr(TA, "DETERMINISTIC_SPLIT_TILES", 1)
+    block_size, length, heads, kv_heads, head_dim = 16, 150, 8, 2, 64
+    k_cache, v_cache, table = _pool(length, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, device=device, dtype=dtype)
+    q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+    outs = {}
+    for split in (False, True):
+        backend = TA.TritonAttentionBackend()
+        backend.set_deterministic(True, 4096)
+        backend.deterministic_split = split
+        outs[split] = _run_scenarios(
+            lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device
+        )
+    for name in outs[False]:
+        assert torch.equal(outs[False][name], outs[True][name]), name

@@ -1,0 +1,157 @@
+"""Tile choice for the batch-invariant Triton matmul (`triton_batch_invariant`), kept free of
+Triton and torch.cuda so that CI (no GPU, no Triton) tests the rule the guarantee rests on.
+
+A row's result depends only on the sequence of fp32 operations that reduce it over K. That
+sequence is fixed by two numbers per dtype, `ReductionOrder`: BLOCK_K (the K width of each MMA
+step: 64 for bf16 = four k16 tensor-core instructions chained into the accumulator) and
+CHUNK_STEPS (K is cut into fixed chunks of CHUNK_STEPS * BLOCK_K, counted from 0; each chunk is
+reduced from a zero accumulator and the chunk sums are added to the total in chunk order).
+Neither depends on M, so neither does a row's result.
+
+Everything else is free to follow M, because it only decides which program computes which
+output tile: BLOCK_M / BLOCK_N / warps / stages come from an M bucket (small tiles for decode,
+where a 128-row tile is 127/128 padding and leaves an 8B projection with 32 programs on 132
+SMs; 128 x 256 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
+separate programs (a fixed split-K) whose partial sums the last one to finish adds in chunk
+order - the same additions, so the same bits, as one program walking every chunk.
+
+The one assumption (vLLM's batch-invariant tables make it too): a tensor core gives an output
+element the same bits whatever tile shape the MMA instruction is issued in. Measured on an H200
+(bench/bench_batch_invariant_matmul.py, 2026-11-30): 16- and 32-row tiles (mma.sync) and 64- to
+128-row tiles (wgmma), split or not, gave every row the bits of the 128 x 256 prefill tile, on all
+Llama-3-8B shapes; tests/engine/test_deterministic_gpu.py checks it end to end. Re-run the probe
+on a new GPU generation before trusting a new bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ReductionOrder:
+    """What fixes a row's bits: the same for every M (never change one without re-checking)."""
+
+    block_k: int
+    chunk_steps: int  # BLOCK_K steps per chunk; chunk c covers K [c * chunk, (c + 1) * chunk)
+
+    @property
+    def chunk(self) -> int:
+        return self.block_k * self.chunk_steps
+
+    def num_chunks(self, k: int) -> int:
+        return max(1, -(-k // self.chunk))
+
+
+@dataclass(frozen=True, slots=True)
+class MatmulTiles:
+    """How the output is cut into programs: free to follow M (it moves no addition)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# 16 steps of 64 = 1024-wide K chunks: an 8B decode projection (K = 4096 or 14336) splits into
+# 4 or 14 programs per output tile; a prefill program pays one extra fp32 add per 16 MMA steps.
+REDUCTION = {
+    "bfloat16": ReductionOrder(block_k=64, chunk_steps=16),
+    "float16": ReductionOrder(block_k=64, chunk_steps=16),
+    "float32": ReductionOrder(block_k=32, chunk_steps=32),
+}
+
+# (largest M of the bucket, tiles); the last bucket takes every larger M. BLOCK_M >= 16 (the MMA
+# row granularity). Chosen from bench/bench_batch_invariant_matmul.py on the H200 (2026-11-30,
+# Llama-3-8B shapes, CUDA-graph timed; every tile below gave every row the bits of the 128 x 256
+# prefill tile, split or not): M=1 16x128+split beat 16x64+split on qkv/o/gate_up (15.4/11.0/66.7
+# us vs 16.4/12.6/72.3), M=4096 128x256 beat 128x128 by 8-12% on every shape.
+_HALF_BUCKETS: tuple[tuple[int, MatmulTiles], ...] = (
+    (16, MatmulTiles(16, 128, 4, 4)),
+    (32, MatmulTiles(32, 64, 4, 5)),
+    (64, MatmulTiles(64, 64, 4, 4)),
+    (256, MatmulTiles(64, 128, 4, 4)),
+    (1 << 62, MatmulTiles(128, 256, 8, 3)),
+)
+BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
+    "bfloat16": _HALF_BUCKETS,
+    "float16": _HALF_BUCKETS,
+    # fp32 runs IEEE dots (no tensor cores); one tile shape for every M.
+    "float32": ((1 << 62, MatmulTiles(128, 128, 8, 3)),),
+}
+
+GROUP_M = 8  # row tiles that sweep the column tiles together (weight tiles stay in L2)
+SPLIT_FILL = 2  # split K when a launch has fewer output tiles than this many per SM
+
+
+def reduction_order(dtype: str) -> ReductionOrder:
+    """The K order for this dtype (a dtype name: "bfloat16", "float16", "float32")."""
+    try:
+        return REDUCTION[dtype]
+    except KeyError:
+        raise ValueError(f"deterministic matmul: unsupported dtype {dtype!r} (bfloat16, float16, float32)") from None
+
+
+def tiles_for(m: int, dtype: str) -> MatmulTiles:
+    """The output tiling for an M-row problem."""
+    reduction_order(dtype)  # the same error for an unknown dtype
+    for top, tiles in BUCKETS[dtype]:
+        if m <= top:
+            return tiles
+    raise AssertionError("the last bucket takes every M")
+
+
+@dataclass(frozen=True, slots=True)
+class MatmulLaunch:
+    """One launch of the kernel: what it reduces in which order, and how it is cut into programs."""
+
+    order: ReductionOrder
+    tiles: MatmulTiles
+    split: bool  # one program per (output tile, K chunk), merged in chunk order by the last one
+    grid: tuple[int, int]  # (output tiles, K chunks if split else 1)
+
+    def k_schedule(self, k: int) -> list[list[int]]:
+        """The K offsets each chunk's MMA steps start at, chunk by chunk in the order their sums
+        reach the total: the whole of what decides an output element's bits besides its inputs
+        (the kernel's loops, written out)."""
+        steps = -(-k // self.order.block_k)
+        per_chunk = self.order.chunk_steps
+        return [
+            [s * self.order.block_k for s in range(c * per_chunk, min((c + 1) * per_chunk, steps))]
+            for c in range(self.order.num_chunks(k))
+        ]
+
+
+def plan_launch(
+    m: int, n: int, k: int, dtype: str, *, num_sms: int, smem_bytes: int, elem_bytes: int, max_split_tiles: int,
+    tiles: MatmulTiles | None = None, split: bool | None = None,
+) -> MatmulLaunch:  # fmt: skip
+    """The launch for an [m, k] x [n, k]^T problem: the dtype's K order, the M bucket's tiles
+    (fewer stages where shared memory is short) and the split rule; `tiles` / `split` override
+    the choice (tests, the device probe), never the order."""
+    order = reduction_order(dtype)
+    tiles = fit_stages(tiles or tiles_for(m, dtype), order.block_k, elem_bytes, smem_bytes)
+    out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
+    if split is None:
+        split = split_chunks(m, n, k, dtype, num_sms, max_split_tiles)
+    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles
+    return MatmulLaunch(order, tiles, split, (out_tiles, order.num_chunks(k) if split else 1))
+
+
+def split_chunks(m: int, n: int, k: int, dtype: str, num_sms: int, max_tiles: int) -> bool:
+    """Whether to run the K chunks as separate programs (merged in chunk order by the last one):
+    when the output tiles alone would leave the GPU underfilled, there is more than one chunk,
+    and the arrival counters cover the tiles. A speed choice only: the bits are the same."""
+    tiles = tiles_for(m, dtype)
+    out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
+    return reduction_order(dtype).num_chunks(k) > 1 and out_tiles < SPLIT_FILL * num_sms and out_tiles <= max_tiles
+
+
+def fit_stages(tiles: MatmulTiles, block_k: int, elem_bytes: int, smem_bytes: int) -> MatmulTiles:
+    """Fewer pipeline stages where every stage's A and W tiles would not fit in shared memory
+    (stages change no bits)."""
+    per_stage = (tiles.block_m + tiles.block_n) * block_k * elem_bytes
+    stages = max(1, min(tiles.num_stages, smem_bytes // max(per_stage, 1)))
+    if stages == tiles.num_stages:
+        return tiles
+    return MatmulTiles(tiles.block_m, tiles.block_n, tiles.num_warps, stages)

@@ -1,0 +1,70 @@
+"""The launch rule of the batch-invariant Triton matmul (model/matmul_tiles.py), without Triton:
+whatever M is, a row is reduced over K in the same steps, chunks and order; only the output
+tiling and the split (which programs compute what) follow M."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from radixserve.model import matmul_tiles as MT
+
+DTYPES = ["bfloat16", "float16", "float32"]
+H200 = dict(num_sms=132, smem_bytes=227 * 1024, max_split_tiles=1 << 14)
+
+
+def launch(m: int, n: int, k: int, dtype: str, **kw) -> MT.MatmulLaunch:
+    return MT.plan_launch(m, n, k, dtype, elem_bytes=4 if dtype == "float32" else 2, **{**H200, **kw})
+
+
+@given(m1=st.integers(1, 70000), m2=st.integers(1, 70000), n=st.integers(1, 200000), k=st.integers(1, 40000),
+       dtype=st.sampled_from(DTYPES), sms=st.sampled_from([1, 16, 132, 100000]))  # fmt: skip
+def test_a_rows_k_schedule_never_depends_on_m(m1, m2, n, k, dtype, sms):
+    """Any two batch sizes (and GPU sizes, so split or not) reduce a row over the same MMA steps,
+    grouped into the same chunks, summed in the same order; the steps cover K once, in order."""
+    a, b = launch(m1, n, k, dtype, num_sms=sms), launch(m2, n, k, dtype)
+    assert a.k_schedule(k) == b.k_schedule(k)
+    flat = [offset for chunk in a.k_schedule(k) for offset in chunk]
+    assert flat == list(range(0, k, a.order.block_k))
+    for plan in (a, b):
+        assert plan.tiles.block_m % 16 == 0 and plan.tiles.block_n % 16 == 0  # whole MMA tiles
+        assert plan.grid[1] == (len(plan.k_schedule(k)) if plan.split else 1)
+
+
+@given(m=st.integers(1, 70000), n=st.integers(1, 200000), k=st.integers(1, 40000), dtype=st.sampled_from(DTYPES))
+def test_the_grid_covers_every_output_tile(m, n, k, dtype):
+    plan = launch(m, n, k, dtype)
+    assert plan.grid[0] * plan.tiles.block_m * plan.tiles.block_n >= m * n
+    assert plan.grid[0] == -(-m // plan.tiles.block_m) * -(-n // plan.tiles.block_n)
+
+
+def test_decode_gets_small_tiles_and_a_split_prefill_neither():
+    """The cost lever: an 8B decode projection (M=1, N=K=4096) runs 16-row tiles and its four
+    1024-wide K chunks as programs of their own (128 programs instead of 32); a 4096-token
+    prefill fills the GPU unsplit; a one-chunk K has nothing to split."""
+    decode = launch(1, 4096, 4096, "bfloat16")
+    assert decode.tiles.block_m == 16 and decode.split and decode.grid == (32, 4)
+    prefill = launch(4096, 4096, 4096, "bfloat16")
+    assert prefill.tiles.block_m == 128 and not prefill.split
+    assert not launch(1, 4096, 512, "bfloat16").split
+    assert not launch(1, 4096, 4096, "bfloat16", split=True, max_split_tiles=10).split  # counters too few
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_buckets_grow_with_m_and_cover_every_m(dtype):
+    tops = [top for top, _ in MT.BUCKETS[dtype]]
+    assert tops == sorted(tops) and tops[-1] >= 1 << 40
+    sizes = [MT.tiles_for(m, dtype).block_m for m in (1, 2, 15, 16, 17, 33, 64, 65, 256, 257, 4096, 1 << 20)]
+    assert sizes == sorted(sizes)
+
+
+def test_fit_stages_keeps_the_tile_and_drops_stages():
+    tiles = MT.MatmulTiles(128, 256, 8, 3)
+    assert MT.fit_stages(tiles, 64, 2, 227 * 1024) == tiles
+    assert MT.fit_stages(tiles, 64, 2, 99 * 1024) == MT.MatmulTiles(128, 256, 8, 2)
+
+
+def test_unknown_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="int8"):
+        MT.tiles_for(1, "int8")
