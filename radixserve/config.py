@@ -45,7 +45,14 @@ class ModelConfig:
     prefix cache, the batch, the prefill chunking or preemption; batch-invariant matmuls and one
     attention path (slower: see docs/benchmarks.md)"""
     show_progress: bool = True
-    """progress bars while loading weights"""
+    """progress bars while loading weights and warming up kernels"""
+    kernel_warmup: bool = True
+    """GPU: at start-up, compile every Triton kernel variant that serving launches (prefill, mixed
+    and decode steps at the scheduler's batch and token limits), so the first requests never wait
+    for a compile; seconds from a warm --triton-cache-dir. No effect on CPU"""
+    triton_cache_dir: str | None = None
+    """GPU: where compiled Triton kernels are kept across restarts (default: $TRITON_CACHE_DIR if
+    set, else ~/.cache/radixserve/triton)"""
 
     @property
     def resolved_dtype(self) -> str:

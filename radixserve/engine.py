@@ -36,6 +36,7 @@ from radixserve.sampling import Sampler, SamplingParams, choice_seed, compute_lo
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 from radixserve.structured import Guide, GuideFactory
 from radixserve.tier_io import TierIO
+from radixserve.warmup import use_triton_cache_dir, warm_up_kernels, warmup_shapes
 
 log = logging.getLogger("radixserve.engine")
 
@@ -104,6 +105,12 @@ def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
         raise InvalidRequestError(f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {value!r}") from None
 
 
+def _on_gpu(config: EngineConfig, loaded: LoadedModel | None) -> bool:
+    if loaded is not None:
+        return next(loaded.model.parameters()).device.type == "cuda"
+    return config.model.device.startswith("cuda")
+
+
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """Choice `index`'s sampling: as asked for n == 1; else one sample with its own derived seed."""
     return params if params.n == 1 else dataclasses.replace(params, n=1, seed=choice_seed(params.seed, index))
@@ -125,7 +132,10 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        started = time.perf_counter()
         self.config = config or EngineConfig()
+        if _on_gpu(self.config, loaded):
+            use_triton_cache_dir(self.config.model.triton_cache_dir)  # before the first kernel compiles
         if loaded is None:
             self.config.model.dtype = self.config.model.resolved_dtype
             loaded = load_model(self.config.model)
@@ -135,17 +145,10 @@ class LLMEngine:
         arch_len = loaded.arch.max_position_embeddings
         self.max_model_len = min(self.config.model.max_model_len or arch_len, arch_len)
         cache_cfg = self.config.cache
-        param = next(loaded.model.parameters())
-        num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
-        self.runner = ModelRunner(
-            loaded,
-            cache_cfg,
-            num_blocks,
-            max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_model_len=self.max_model_len,
-            cuda_graphs=not self.config.model.enforce_eager,
-            deterministic=self.config.model.deterministic,
-        )
+        # seconds per start-up phase (logged; the probe in bench/ reports them)
+        self.startup_seconds: dict[str, float] = {"load_model": time.perf_counter() - started}
+        self.runner = self._start_runner(loaded)
+        num_blocks = self.runner.kv_cache.num_blocks
         self.cache = KVCacheManager(
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
             max_pinned_fraction=cache_cfg.max_pinned_fraction,
@@ -164,6 +167,27 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self.startup_seconds["total"] = time.perf_counter() - started
+        log.info("engine ready in %.1f s (%s)", self.startup_seconds["total"],
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items() if k != "total"))
+
+    def _start_runner(self, loaded: LoadedModel) -> ModelRunner:
+        """The runner over a KV pool sized from the config: CUDA graphs captured and, on a GPU
+        with the Triton kernels, every kernel variant serving launches compiled (warmup.py)."""
+        started = time.perf_counter()
+        model_cfg, cache_cfg, sched_cfg = self.config.model, self.config.cache, self.config.scheduler
+        param = next(loaded.model.parameters())
+        num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
+        runner = ModelRunner(
+            loaded, cache_cfg, num_blocks, max_num_seqs=sched_cfg.max_num_seqs, max_model_len=self.max_model_len,
+            cuda_graphs=not model_cfg.enforce_eager, deterministic=model_cfg.deterministic,
+        )  # fmt: skip
+        self.startup_seconds["kv_pool_and_cuda_graphs"] = time.perf_counter() - started
+        if model_cfg.kernel_warmup and param.device.type == "cuda" and loaded.model.backend.kernels is not None:
+            max_context = min(self.max_model_len, num_blocks * cache_cfg.block_size)
+            shapes = warmup_shapes(sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, max_context)
+            self.startup_seconds["kernel_warmup"] = warm_up_kernels(runner, shapes, model_cfg.show_progress)
+        return runner
 
     def _tier_io(self) -> TierIO:
         cache = self.cache
