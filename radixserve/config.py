@@ -124,6 +124,10 @@ class SchedulerConfig:
     """admission order: first come first served, or longest cached prefix first"""
     lpm_max_skips: int = 8
     """a waiting request is passed over at most this many times (no starvation)"""
+    overlap_outputs: bool = False
+    """build each step's outputs (incremental detokenization, stream deltas) while the GPU runs
+    the next step instead of before launching it: the same tokens and text, handed out one step
+    later"""
     new_prompt_budget_fraction: float = 0.25
     """while requests wait, a running prefill leaves this fraction of the step's token budget for
     new prompts (0: it may take the whole budget, and short requests wait behind it)"""

@@ -167,6 +167,7 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._pending: list[Request | RequestOutput] = []  # overlap_outputs: rendered during the next step
         self.startup_seconds["total"] = time.perf_counter() - started
         log.info("engine ready in %.1f s (%s)", self.startup_seconds["total"],
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items() if k != "total"))
@@ -310,17 +311,23 @@ class LLMEngine:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
         request = self.requests.get(request_id)
         if request is None or request.finished:
-            return None
+            return None  # (a request that finished at the last step: its output is on its way)
+        # Its last token's output may still be pending (overlap_outputs): this output carries it.
+        new_tokens = sum(1 for item in self._pending if item is request)
+        self._pending = [item for item in self._pending if item is not request]
+        if new_tokens and not request.sampling.stop:
+            self._update_text(request)
         try:
             self._finish(request, "abort")
         except Exception:
             self.requests.pop(request_id, None)  # dropped either way: never abort it twice
             raise
         self.stats.aborted_requests += 1
-        return self._output(request)
+        return self._output(request, new_tokens=new_tokens)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """Work to schedule, or outputs not handed out yet (overlap_outputs)."""
+        return self.scheduler.has_work() or bool(self._pending)
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -330,7 +337,7 @@ class LLMEngine:
         if self.tier_io is not None:
             self._run_tier_transfers()  # evicted blocks are copied out before anything overwrites them
         if not plan.scheduled:
-            return []
+            return self._render(self._take_pending())
         self.stats.steps += 1
         sampling = [s.request for s in plan.scheduled if s.samples]
         logits_rows = None
@@ -339,13 +346,35 @@ class LLMEngine:
         pending_masks = self._start_masks(sampling)
         start = time.perf_counter()  # the prefill rate the load-or-recompute choice compares with
         logits = self.runner.execute(plan.step)
+        # the previous step's outputs (overlap_outputs), built while the GPU runs this one
+        outputs = self._render(self._take_pending())
         if logits_rows is not None:
             with torch.inference_mode():
                 logits = logits.index_select(0, torch.tensor(logits_rows, device=logits.device))
-        outputs = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        produced = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
         if self.tier_io is not None:
             self.cache.cost_model.observe_prefill(plan.step.num_tokens, time.perf_counter() - start)
             self._run_tier_transfers()  # pins (and write-through) of this step: stored now, not at the next step
+        if self.config.scheduler.overlap_outputs:
+            self._pending = produced
+            return outputs
+        return outputs + self._render(produced)
+
+    def _take_pending(self) -> list[Request | RequestOutput]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _render(self, produced: list[Request | RequestOutput]) -> list[RequestOutput]:
+        """The outputs of a step's results: a request that got a token this step (its text
+        brought up to date, its deltas cut), or an output already built (a failed request)."""
+        outputs = []
+        for item in produced:
+            if isinstance(item, RequestOutput):
+                outputs.append(item)
+                continue
+            if not item.finished and not item.sampling.stop:  # (stop strings: done at the stop check)
+                self._update_text(item)
+            outputs.append(self._output(item, new_tokens=1))
         return outputs
 
     def _run_tier_transfers(self) -> None:
@@ -381,10 +410,11 @@ class LLMEngine:
         sampling: list[Request],
         logits: torch.Tensor,
         pending_masks: tuple[list[int], Future] | None,
-    ) -> list[RequestOutput]:
+    ) -> list[Request | RequestOutput]:
         """After the forward pass: move every request's KV forward (the cache inserts the full
         blocks), sample a token for those in `sampling` (their last new token's logits were
-        computed), check stops, emit outputs."""
+        computed), check stops. Returns what `_render` turns into this step's outputs: each
+        request that got a token, or the output of one that failed."""
         for s in scheduled:
             computed, num_prompt = s.num_computed_tokens, s.request.num_prompt_tokens
             if computed < num_prompt:
@@ -412,10 +442,10 @@ class LLMEngine:
         now = time.monotonic()
         return [self._append_token(r, token, now) for r, token in zip(sampling, tokens) if not r.finished]
 
-    def _append_token(self, request: Request, token: int | Exception, now: float) -> RequestOutput:
-        """One sampled token for `request`. A failure here (its sampling, its pins, its grammar,
-        its stop check, its detokenization) is the request's own: it finishes with "error", the
-        batch goes on."""
+    def _append_token(self, request: Request, token: int | Exception, now: float) -> Request | RequestOutput:
+        """One sampled token for `request` (returned, for `_render`). A failure here (its
+        sampling, its pins, its grammar, its stop check, its detokenization) is the request's
+        own: it finishes with "error" (its output returned), the batch goes on."""
         try:
             if isinstance(token, Exception):
                 raise token
@@ -434,7 +464,7 @@ class LLMEngine:
                 request.output_text = self.tokenizer.decode(request.output_token_ids)
             if request.finish_reason is not None:
                 self._finish(request, request.finish_reason)
-            return self._output(request, new_tokens=1)
+            return request
         except Exception as e:  # noqa: BLE001
             return self._fail_request(request, e)
 
@@ -489,16 +519,20 @@ class LLMEngine:
         if request.finish_reason == "stop":  # the full text, once, without the stop token
             request.output_text = self.tokenizer.decode(ids[:-1])
             return
-        detokenizer = self._detokenizers.get(request.request_id)
-        if detokenizer is None:
-            detokenizer = self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer)
-        request.output_text = detokenizer.update(ids)
-        if params.stop:
+        if params.stop:  # the text is needed now; for others `_render` updates it
+            self._update_text(request)
             self._check_stop_strings(request)
         if request.finish_reason is None:
             if len(ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = "length"
                 request.output_text = self.tokenizer.decode(ids)  # the full text, once
+
+    def _update_text(self, request: Request) -> None:
+        """request.output_text brought up to its output tokens (incrementally)."""
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is None:
+            detokenizer = self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+        request.output_text = detokenizer.update(request.output_token_ids)
 
     def _check_stop_strings(self, request: Request) -> None:
         text = request.output_text
