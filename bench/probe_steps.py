@@ -2,7 +2,7 @@
 burst after start-up vs later (warm) bursts, and where each step's time goes by kind of step.
 
     PYTHONPATH=. python3 bench/probe_steps.py [--requests 512] [--groups 32] [--bursts 2]
-        [--no-kernel-warmup] [--triton-cache-dir DIR] [--json FILE]
+        [--overlap off,on,...] [--no-kernel-warmup] [--triton-cache-dir DIR] [--json FILE]
 
 Workload: Llama-3-8B shape with dummy weights (bf16), `--requests` requests in `--groups` groups
 sharing a 2048-token prefix, + 128 new tokens each, 128 output tokens (ignore_eos); all added at
@@ -15,7 +15,10 @@ wall (the whole `engine.step()`), schedule (host), execute (host: until the laun
 GPU (CUDA events recorded around execute: the span of the step's GPU work, idle gaps inside it
 included). Steps are grouped by kind: prefill-only, mixed (prefill chunks + decodes), decode-only.
 "host outside GPU" = wall - GPU summed: the Python time between the GPU's steps that an overlapped
-scheduler could hide.
+scheduler could hide. `--overlap` sets SchedulerConfig.overlap_outputs per burst (one value per
+burst, the last repeated), so overlap off and on are compared in one process, on one engine.
+"new kernel variants" counts the Triton binaries the runner's launchers met for the first time
+during a burst (0 once the start-up warm-up covered them all).
 """
 
 from __future__ import annotations
@@ -127,8 +130,17 @@ def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: in
     return prompts
 
 
+def kernel_variants() -> int:
+    """Compiled variants held by the Triton launchers (0 without Triton)."""
+    module = sys.modules.get("radixserve.model.triton_kernels")
+    if module is None:
+        return 0
+    return sum(len(v.cache) for v in vars(module).values() if isinstance(v, module._Launcher))
+
+
 def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    variants0 = kernel_variants()
     hits0, queries0 = engine.snapshot().prefix_cache_hits, engine.snapshot().prefix_cache_queries
     t0 = time.perf_counter()
     now = time.monotonic()
@@ -139,6 +151,7 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
     elapsed = time.perf_counter() - t0
     snap = engine.snapshot()
     return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
+            "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
             "hit_rate": (snap.prefix_cache_hits - hits0) / max(1, snap.prefix_cache_queries - queries0),
             "steps": probe.summary()}
 
@@ -148,6 +161,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--bursts", type=int, default=2)
+    parser.add_argument("--overlap", default="off", help="overlap_outputs per burst: off,on,...")
     parser.add_argument("--no-kernel-warmup", action="store_true")
     parser.add_argument("--triton-cache-dir", default=None)
     parser.add_argument("--json", default=None)
@@ -167,14 +181,17 @@ def main() -> None:
     print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}", flush=True)
     probe = StepProbe(engine)
     rng = random.Random(18)
+    overlap = [v == "on" for v in args.overlap.split(",")]
     for i in range(args.bursts):
+        engine.config.scheduler.overlap_outputs = overlap[min(i, len(overlap) - 1)]
         prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len)
         burst = run_burst(engine, probe, prompts, max_tokens)
         result["bursts"].append(burst)
         steps = burst["steps"]
         kinds = "; ".join(f"{k} {v['steps']} x {v['wall_ms_mean']:.1f} ms (GPU {v['gpu_ms_mean']:.1f})"
                           for k, v in steps.items() if k != "all")
-        print(f"burst {i + 1}: {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
+        print(f"burst {i + 1} (overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
+              f"kernel variants): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
