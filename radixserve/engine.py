@@ -372,9 +372,12 @@ class LLMEngine:
             if isinstance(item, RequestOutput):
                 outputs.append(item)
                 continue
-            if not item.finished and not item.sampling.stop:  # (stop strings: done at the stop check)
-                self._update_text(item)
-            outputs.append(self._output(item, new_tokens=1))
+            try:
+                if not item.finished and not item.sampling.stop:  # (stop strings: done at the stop check)
+                    self._update_text(item)
+                outputs.append(self._output(item, new_tokens=1))
+            except Exception as e:  # noqa: BLE001 - its own failure, as in _append_token
+                outputs.append(self._fail_request(item, e))
         return outputs
 
     def _run_tier_transfers(self) -> None:
@@ -416,6 +419,8 @@ class LLMEngine:
         computed), check stops. Returns what `_render` turns into this step's outputs: each
         request that got a token, or the output of one that failed."""
         for s in scheduled:
+            if s.request.finished:  # failed while this step ran (rendering the last one's output)
+                continue
             computed, num_prompt = s.num_computed_tokens, s.request.num_prompt_tokens
             if computed < num_prompt:
                 self.stats.computed_prompt_tokens += min(s.num_new_tokens, num_prompt - computed)

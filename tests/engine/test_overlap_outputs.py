@@ -69,3 +69,38 @@ def test_overlapped_outputs_are_the_same_tokens_text_and_deltas(make_engine):
     # and one more call than without it hands out the last outputs
     assert plain_calls[0] > 0 and overlapped_calls[0] == 0
     assert len(overlapped_calls) == len(plain_calls) + 1
+
+
+def run_failing(make_engine, overlap: bool, bad_token: int) -> dict:
+    """Three greedy requests; rendering any output text that contains bad_token raises."""
+    engine = make_engine()
+    engine.config.scheduler.overlap_outputs = overlap
+    for i, (prompt, _) in enumerate(PROMPTS[:3]):
+        engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), request_id=f"r{i}")
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    engine.check_cache_invariants()
+    return finals
+
+
+@pytest.mark.slow
+def test_a_request_failing_in_its_deferred_output_fails_alone(make_engine, monkeypatch):
+    reference = run_failing(make_engine, overlap=False, bad_token=-1)
+    bad_token = reference["r0"].token_ids[2]
+    decode = type(make_engine().tokenizer).decode
+
+    def failing_decode(self, ids, *args, **kwargs):
+        if bad_token in list(ids):
+            raise ValueError("cannot render this token")
+        return decode(self, ids, *args, **kwargs)
+
+    monkeypatch.setattr(type(make_engine().tokenizer), "decode", failing_decode)
+    plain = run_failing(make_engine, overlap=False, bad_token=bad_token)
+    overlapped = run_failing(make_engine, overlap=True, bad_token=bad_token)
+    assert plain["r0"].finish_reason == "error" and plain["r0"].token_ids == reference["r0"].token_ids[:3]
+    for rid, out in plain.items():  # the same requests fail, at the same token; the others finish
+        other = overlapped[rid]
+        assert (other.finish_reason, other.token_ids) == (out.finish_reason, out.token_ids), rid
