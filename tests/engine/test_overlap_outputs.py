@@ -71,8 +71,8 @@ def test_overlapped_outputs_are_the_same_tokens_text_and_deltas(make_engine):
     assert len(overlapped_calls) == len(plain_calls) + 1
 
 
-def run_failing(make_engine, overlap: bool, bad_token: int) -> dict:
-    """Three greedy requests; rendering any output text that contains bad_token raises."""
+def run_failing(make_engine, overlap: bool) -> dict:
+    """Three greedy requests, run to the end."""
     engine = make_engine()
     engine.config.scheduler.overlap_outputs = overlap
     for i, (prompt, _) in enumerate(PROMPTS[:3]):
@@ -87,19 +87,20 @@ def run_failing(make_engine, overlap: bool, bad_token: int) -> dict:
 
 
 @pytest.mark.slow
-def test_a_request_failing_in_its_deferred_output_fails_alone(make_engine, monkeypatch):
-    reference = run_failing(make_engine, overlap=False, bad_token=-1)
+def test_a_request_failing_in_its_deferred_output_fails_alone(make_engine, embedded_model, monkeypatch):
+    reference = run_failing(make_engine, overlap=False)
     bad_token = reference["r0"].token_ids[2]
-    decode = type(make_engine().tokenizer).decode
+    tokenizer_class = type(embedded_model.tokenizer)
+    decode = tokenizer_class.decode
 
     def failing_decode(self, ids, *args, **kwargs):
         if bad_token in list(ids):
             raise ValueError("cannot render this token")
         return decode(self, ids, *args, **kwargs)
 
-    monkeypatch.setattr(type(make_engine().tokenizer), "decode", failing_decode)
-    plain = run_failing(make_engine, overlap=False, bad_token=bad_token)
-    overlapped = run_failing(make_engine, overlap=True, bad_token=bad_token)
+    monkeypatch.setattr(tokenizer_class, "decode", failing_decode)
+    plain = run_failing(make_engine, overlap=False)
+    overlapped = run_failing(make_engine, overlap=True)
     assert plain["r0"].finish_reason == "error" and plain["r0"].token_ids == reference["r0"].token_ids[:3]
     for rid, out in plain.items():  # the same requests fail, at the same token; the others finish
         other = overlapped[rid]
