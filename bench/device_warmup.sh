@@ -23,7 +23,7 @@ CACHES=$(mktemp -d /tmp/triton-caches.XXXXXX)
   lscpu | grep 'Model name'
   date -u
   echo "== 1. empty Triton cache, warm-up on: start-up, first burst, warm bursts (overlap off/on)"
-  timeout 180 python3 bench/probe_steps.py --triton-cache-dir "$CACHES/a" --bursts 4 --overlap off,on,off,on \
+  timeout 220 python3 bench/probe_steps.py --triton-cache-dir "$CACHES/a" --bursts 4 --overlap off,on,off,on \
     --json "$OUT/cold.json"
   echo "== 2. GPU tests"
   TRITON_CACHE_DIR="$CACHES/t" timeout 150 python3 -m pytest -q -p no:cacheprovider tests/engine/test_warmup_cuda.py \

@@ -193,8 +193,8 @@ def main() -> None:
         print(f"burst {i + 1} (overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
               f"kernel variants): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        if args.json:  # after every burst: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
