@@ -11,12 +11,33 @@
 #   5. kernel warm-up OFF over another empty cache: the variants the first burst meets (64 requests).
 #
 #   device:  bash bench/device_warmup.sh          (results in $OUT, default /tmp/warmup)
+#            bash bench/device_warmup.sh --restart-only   (~2 min: start-up over an empty, then a
+#            warm Triton cache, the warm start's first burst, and the speed table)
 # Results: $OUT/{cold,restart,no-warmup}.json, $OUT/speed/bench_gpu.json, $OUT/warmup.log.
 set -uo pipefail
 OUT=${OUT:-/tmp/warmup}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CACHES=$(mktemp -d /tmp/triton-caches.XXXXXX)
+if [ "${1:-}" = "--restart-only" ]; then
+  {
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
+    lscpu | grep 'Model name'
+    date -u
+    echo "== start-up over an empty Triton cache (no burst)"
+    timeout 120 python3 bench/probe_steps.py --triton-cache-dir "$CACHES/a" --bursts 0 --json "$OUT/startup-empty.json"
+    echo "== restart over the warm Triton cache, its first burst"
+    timeout 90 python3 bench/probe_steps.py --triton-cache-dir "$CACHES/a" --bursts 1 --requests 128 --groups 8 \
+      --json "$OUT/restart.json"
+    echo "== the 8B speed table"
+    mkdir -p "$OUT/speed"
+    TRITON_CACHE_DIR="$CACHES/a" timeout 150 python3 bench/bench_gpu.py --skip logits,identical,hf,serving \
+      --repeats 5 --out "$OUT/speed"
+    date -u
+  } 2>&1 | tee "$OUT/restart.log"
+  rm -rf "$CACHES"
+  exit 0
+fi
 {
   nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -179,6 +179,8 @@ def main() -> None:
     result = {"args": vars(args), "startup_s": time.perf_counter() - t0, "startup_phases_s": engine.startup_seconds,
               "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "bursts": []}
     print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     probe = StepProbe(engine)
     rng = random.Random(18)
     overlap = [v == "on" for v in args.overlap.split(",")]
