@@ -13,7 +13,7 @@ depends only on the kind of launch the attention planner picks (decode / short /
 tiles, split or not, all sequences or a subset), which the synthetic steps of `warmup_shapes`
 cover: decode-only and mixed steps at powers of two up to max_num_seqs, prefill-only and mixed
 steps with fresh prompts and with suffixes over a long cached prefix, at query lengths up to the
-step's token budget. Running them also warms cuBLAS (lazy module loading), the allocator, and
+step's token budget, and steps of the whole budget. Running them also warms cuBLAS (lazy module loading), the allocator, and
 SDPA for the long-prefill paths. Compiled binaries go to the Triton cache directory, so a
 restart loads them from disk in seconds.
 """
@@ -96,6 +96,7 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: i
     shapes = [WarmupShape(d, p) for p in prefill_sets for d in (0, 1)]
     shapes += [WarmupShape(d, ()) for d in decode_counts]
     shapes += [WarmupShape(d, short_suffix) for d in decode_counts if short_suffix]
+    shapes += _full_budget_shapes(max_num_seqs, max_num_batched_tokens, max_context)
     seen: set[WarmupShape] = set()
     fits = []
     for shape in shapes:
@@ -104,6 +105,24 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: i
         seen.add(shape)
         fits.append(shape)
     return fits
+
+
+def _full_budget_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: int) -> list[WarmupShape]:
+    """Steps of the whole token budget: fresh prompts alone, and suffixes over cached prefixes
+    beside decodes. They run the largest GEMMs serving runs and grow the CUDA allocator's cache
+    to a full step's activations: on the H200 the first burst's first 4096-token step took 178 ms
+    against 90 warm, and its mixed steps ~9% more GPU time, with only steps of <= 2049 tokens
+    warmed (docs/benchmarks.md, gpu-startup)."""
+    per_row = min(max(PREFILL_QUERY_LENS), max_context - 1)
+    rows = -(-max_num_batched_tokens // per_row)
+    if per_row < 1 or rows > max_num_seqs:
+        return []
+    shapes = [WarmupShape(0, ((max_num_batched_tokens // rows, 0),) * rows)]
+    decodes = min(64, max_num_seqs - rows, max_num_batched_tokens // 2)
+    new = (max_num_batched_tokens - decodes) // rows
+    if new > 1 and max_context - new > 0:
+        shapes.append(WarmupShape(decodes, ((new, min(LONG_CONTEXT, max_context - new)),) * rows))
+    return shapes
 
 
 def warmup_step(shape: WarmupShape, block_size: int, num_blocks: int) -> StepInput:

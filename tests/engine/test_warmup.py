@@ -32,6 +32,8 @@ def test_warmup_shapes_stay_within_what_the_scheduler_can_make(max_seqs, budget,
     for s in shapes:
         assert 0 < s.num_seqs <= max_seqs and s.num_tokens <= budget
         assert all(q + c <= context for q, c in s.prefills)
+    assert any(s.num_tokens == budget and not s.decodes for s in shapes)  # the largest GEMMs, fresh
+    assert any(s.num_tokens > budget // 2 and s.decodes and all(c for _, c in s.prefills) for s in shapes)
     decode_only = [s.decodes for s in shapes if not s.prefills]
     assert max_seqs in decode_only and 1 in decode_only
     # every prefill length that fits is tried fresh and over a cached prefix, alone and mixed
