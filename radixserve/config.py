@@ -45,7 +45,14 @@ class ModelConfig:
     prefix cache, the batch, the prefill chunking or preemption; batch-invariant matmuls and one
     attention path (slower: see docs/benchmarks.md)"""
     show_progress: bool = True
-    """progress bars while loading weights"""
+    """progress bars while loading weights and warming up kernels"""
+    kernel_warmup: bool = True
+    """GPU: at start-up, compile every Triton kernel variant that serving launches (prefill, mixed
+    and decode steps at the scheduler's batch and token limits), so the first requests never wait
+    for a compile; seconds from a warm --triton-cache-dir. No effect on CPU"""
+    triton_cache_dir: str | None = None
+    """GPU: where compiled Triton kernels are kept across restarts (default: $TRITON_CACHE_DIR if
+    set, else ~/.cache/radixserve/triton)"""
 
     @property
     def resolved_dtype(self) -> str:
@@ -117,6 +124,10 @@ class SchedulerConfig:
     """admission order: first come first served, or longest cached prefix first"""
     lpm_max_skips: int = 8
     """a waiting request is passed over at most this many times (no starvation)"""
+    overlap_outputs: bool = False
+    """build each step's outputs (incremental detokenization, stream deltas) while the GPU runs
+    the next step instead of before launching it: the same tokens and text, handed out one step
+    later"""
     new_prompt_budget_fraction: float = 0.25
     """while requests wait, a running prefill leaves this fraction of the step's token budget for
     new prompts (0: it may take the whole budget, and short requests wait behind it)"""

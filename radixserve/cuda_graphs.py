@@ -48,6 +48,24 @@ CAPTURE_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192,
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
+def aligned_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+    """(offsets, total) of int64 parts packed one after another, each starting on a 16-byte
+    boundary (an even index). Triton specializes a kernel on whether each pointer argument is
+    16-byte aligned; packed back to back, a part's alignment changed with the lengths before it
+    (the step's token and sequence counts), and each new combination compiled new binaries in
+    the middle of serving."""
+    offsets, total = [], 0
+    for n in sizes:
+        offsets.append(total)
+        total += n + (n & 1)
+    return offsets, total
+
+
+def _layout(names_and_sizes: dict[str, int]) -> tuple[dict[str, int], int]:
+    offsets, total = aligned_offsets(list(names_and_sizes.values()))
+    return dict(zip(names_and_sizes, offsets)), total
+
+
 class PinnedUploader:
     """Packs int64 host arrays into one pinned buffer and uploads them with a single copy.
 
@@ -64,20 +82,19 @@ class PinnedUploader:
         self._np = self._host.numpy()
 
     def upload(self, parts: Sequence[Sequence[int] | np.ndarray]) -> list[torch.Tensor]:
+        """The parts as device int64 tensors, each 16-byte aligned (see aligned_offsets)."""
         sizes = [len(p) for p in parts]
-        total = sum(sizes)
+        offsets, total = aligned_offsets(sizes)
         if self._event is not None:
             self._event.synchronize()
         if total > self._np.shape[0]:
             self._alloc(max(total, 2 * self._np.shape[0]))
-        offset = 0
-        for part, n in zip(parts, sizes):
+        for part, offset, n in zip(parts, offsets, sizes):
             self._np[offset : offset + n] = part
-            offset += n
         dev = self._host[:total].to(self.device, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
-        return list(dev.split(sizes))
+        return [dev[offset : offset + n] for offset, n in zip(offsets, sizes)]
 
 
 class DecodeGraphs:
@@ -100,9 +117,9 @@ class DecodeGraphs:
         self.width = -(-max_model_len // block_size)  # block-table columns: a full-length sequence
         n, w = self.max_bs, self.width
         # One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
-        # | query_start_loc (n+1) | block tables (n x w). A step copies its prefix in one go.
-        self._offsets = {"ids": 0, "pos": n, "slots": 2 * n, "seq_lens": 3 * n, "qsl": 4 * n, "tables": 5 * n + 1}
-        total = 5 * n + 1 + n * w
+        # | query_start_loc (n+1) | block tables (n x w), each part 16-byte aligned. A step
+        # copies its prefix in one go.
+        self._offsets, total = _layout({"ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "tables": n * w})
         device = next(model.parameters()).device
         self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
         self._np = self._host.numpy()
@@ -112,7 +129,7 @@ class DecodeGraphs:
         self._np[o["slots"] : o["slots"] + n] = -1
         self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
         self._dev.copy_(self._host)
-        self._host_tables = self._np[o["tables"] :].reshape(n, w)
+        self._host_tables = self._np[o["tables"] : o["tables"] + n * w].reshape(n, w)
         self._event: torch.cuda.Event | None = None
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
@@ -122,7 +139,7 @@ class DecodeGraphs:
         return self._dev[start : start + length]
 
     def _meta(self, bs: int) -> AttentionMetadata:
-        tables = self._dev[self._offsets["tables"] :].view(self.max_bs, self.width)[:bs]
+        tables = self._view("tables", self.max_bs * self.width).view(self.max_bs, self.width)[:bs]
         # nominal lengths (one token of context each): decode launch shapes never depend on them
         step = StepInput(self.block_size, query_lens=[1] * bs, seq_lens=[1] * bs)
         return AttentionMetadata.from_step(
@@ -198,8 +215,7 @@ class PrefillGraphs:
         self.width = -(-max_model_len // block_size)
         n = self.max_tokens
         # ids | positions | slots (n each) | seq_len | query_start_loc (2) | logits row | block table
-        self._offsets = {"ids": 0, "pos": n, "slots": 2 * n, "seq_lens": 3 * n, "qsl": 3 * n + 1, "row": 3 * n + 3, "tables": 3 * n + 4}
-        total = 3 * n + 4 + self.width
+        self._offsets, total = _layout({"ids": n, "pos": n, "slots": n, "seq_lens": 1, "qsl": 2, "row": 1, "tables": self.width})
         device = next(model.parameters()).device
         self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
         self._np = self._host.numpy()
@@ -223,7 +239,7 @@ class PrefillGraphs:
         step = StepInput(self.block_size, query_lens=[tokens], seq_lens=[self.max_model_len])
         return AttentionMetadata.from_step(
             step, self._view("pos", tokens), self._view("slots", tokens), self._view("qsl", 2),
-            self._view("seq_lens", 1), self._dev[self._offsets["tables"] :].view(1, self.width),
+            self._view("seq_lens", 1), self._view("tables", self.width).view(1, self.width),
             lengths_are_nominal=True,
         )  # fmt: skip
 

@@ -36,6 +36,7 @@ from radixserve.sampling import Sampler, SamplingParams, choice_seed, compute_lo
 from radixserve.scheduler import ScheduledRequest, Scheduler, check_fits
 from radixserve.structured import Guide, GuideFactory
 from radixserve.tier_io import TierIO
+from radixserve.warmup import use_triton_cache_dir, warm_up_kernels, warmup_shapes
 
 log = logging.getLogger("radixserve.engine")
 
@@ -105,6 +106,12 @@ def _parse_cache_policy(value: CachePolicy | str) -> CachePolicy:
         raise InvalidRequestError(f"cache_policy must be one of {[p.value for p in CachePolicy]}, got {value!r}") from None
 
 
+def _on_gpu(config: EngineConfig, loaded: LoadedModel | None) -> bool:
+    if loaded is not None:
+        return next(loaded.model.parameters()).device.type == "cuda"
+    return config.model.device.startswith("cuda")
+
+
 def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
     """Choice `index`'s sampling: as asked for n == 1; else one sample with its own derived seed."""
     return params if params.n == 1 else dataclasses.replace(params, n=1, seed=choice_seed(params.seed, index))
@@ -126,7 +133,10 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig | None = None, loaded: LoadedModel | None = None) -> None:
+        started = time.perf_counter()
         self.config = config or EngineConfig()
+        if _on_gpu(self.config, loaded):
+            use_triton_cache_dir(self.config.model.triton_cache_dir)  # before the first kernel compiles
         if loaded is None:
             self.config.model.dtype = self.config.model.resolved_dtype
             loaded = load_model(self.config.model)
@@ -136,17 +146,10 @@ class LLMEngine:
         arch_len = loaded.arch.max_position_embeddings
         self.max_model_len = min(self.config.model.max_model_len or arch_len, arch_len)
         cache_cfg = self.config.cache
-        param = next(loaded.model.parameters())
-        num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
-        self.runner = ModelRunner(
-            loaded,
-            cache_cfg,
-            num_blocks,
-            max_num_seqs=self.config.scheduler.max_num_seqs,
-            max_model_len=self.max_model_len,
-            cuda_graphs=not self.config.model.enforce_eager,
-            deterministic=self.config.model.deterministic,
-        )
+        # seconds per start-up phase (logged; the probe in bench/ reports them)
+        self.startup_seconds: dict[str, float] = {"load_model": time.perf_counter() - started}
+        self.runner = self._start_runner(loaded)
+        num_blocks = self.runner.kv_cache.num_blocks
         self.cache = KVCacheManager(
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
             max_pinned_fraction=cache_cfg.max_pinned_fraction,
@@ -165,6 +168,28 @@ class LLMEngine:
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}  # running requests' output text
         self.stats = EngineStats()
         self._ids = itertools.count()
+        self._pending: list[Request | RequestOutput] = []  # overlap_outputs: rendered during the next step
+        self.startup_seconds["total"] = time.perf_counter() - started
+        log.info("engine ready in %.1f s (%s)", self.startup_seconds["total"],
+                 ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items() if k != "total"))
+
+    def _start_runner(self, loaded: LoadedModel) -> ModelRunner:
+        """The runner over a KV pool sized from the config: CUDA graphs captured and, on a GPU
+        with the Triton kernels, every kernel variant serving launches compiled (warmup.py)."""
+        started = time.perf_counter()
+        model_cfg, cache_cfg, sched_cfg = self.config.model, self.config.cache, self.config.scheduler
+        param = next(loaded.model.parameters())
+        num_blocks = determine_num_blocks(loaded, cache_cfg, param.dtype, param.device)
+        runner = ModelRunner(
+            loaded, cache_cfg, num_blocks, max_num_seqs=sched_cfg.max_num_seqs, max_model_len=self.max_model_len,
+            cuda_graphs=not model_cfg.enforce_eager, deterministic=model_cfg.deterministic,
+        )  # fmt: skip
+        self.startup_seconds["kv_pool_and_cuda_graphs"] = time.perf_counter() - started
+        if model_cfg.kernel_warmup and param.device.type == "cuda" and loaded.model.backend.kernels is not None:
+            max_context = min(self.max_model_len, num_blocks * cache_cfg.block_size)
+            shapes = warmup_shapes(sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, max_context)
+            self.startup_seconds["kernel_warmup"] = warm_up_kernels(runner, shapes, model_cfg.show_progress)
+        return runner
 
     def _tier_io(self) -> TierIO:
         cache = self.cache
@@ -287,17 +312,23 @@ class LLMEngine:
         """Stop a request now and free its blocks. Unknown or finished ids are ignored."""
         request = self.requests.get(request_id)
         if request is None or request.finished:
-            return None
+            return None  # (a request that finished at the last step: its output is on its way)
+        # Its last token's output may still be pending (overlap_outputs): this output carries it.
+        new_tokens = sum(1 for item in self._pending if item is request)
+        self._pending = [item for item in self._pending if item is not request]
+        if new_tokens and not request.sampling.stop:
+            self._update_text(request)
         try:
             self._finish(request, "abort")
         except Exception:
             self.requests.pop(request_id, None)  # dropped either way: never abort it twice
             raise
         self.stats.aborted_requests += 1
-        return self._output(request)
+        return self._output(request, new_tokens=new_tokens)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        """Work to schedule, or outputs not handed out yet (overlap_outputs)."""
+        return self.scheduler.has_work() or bool(self._pending)
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -307,8 +338,10 @@ class LLMEngine:
         if self.tier_io is not None:
             self._run_tier_transfers()  # evicted blocks are copied out before anything overwrites them
         if not plan.scheduled:
-            self.cache.wait_for_loading(0.01)  # only loading requests wait: don't spin against the reader
-            return []
+            pending = self._take_pending()
+            if not pending:
+                self.cache.wait_for_loading(0.01)  # only loading requests wait: don't spin against the reader
+            return self._render(pending)
         self.stats.steps += 1
         sampling = [s.request for s in plan.scheduled if s.samples]
         logits_rows = None
@@ -317,13 +350,38 @@ class LLMEngine:
         pending_masks = self._start_masks(sampling)
         start = time.perf_counter()  # the prefill rate the load-or-recompute choice compares with
         logits = self.runner.execute(plan.step)
+        # the previous step's outputs (overlap_outputs), built while the GPU runs this one
+        outputs = self._render(self._take_pending())
         if logits_rows is not None:
             with torch.inference_mode():
                 logits = logits.index_select(0, torch.tensor(logits_rows, device=logits.device))
-        outputs = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
+        produced = self._postprocess(plan.scheduled, sampling, logits, pending_masks)
         if self.tier_io is not None:
             self.cache.cost_model.observe_prefill(plan.step.num_tokens, time.perf_counter() - start)
             self._run_tier_transfers()  # pins (and write-through) of this step: stored now, not at the next step
+        if self.config.scheduler.overlap_outputs:
+            self._pending = produced
+            return outputs
+        return outputs + self._render(produced)
+
+    def _take_pending(self) -> list[Request | RequestOutput]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def _render(self, produced: list[Request | RequestOutput]) -> list[RequestOutput]:
+        """The outputs of a step's results: a request that got a token this step (its text
+        brought up to date, its deltas cut), or an output already built (a failed request)."""
+        outputs = []
+        for item in produced:
+            if isinstance(item, RequestOutput):
+                outputs.append(item)
+                continue
+            try:
+                if not item.finished and not item.sampling.stop:  # (stop strings: done at the stop check)
+                    self._update_text(item)
+                outputs.append(self._output(item, new_tokens=1))
+            except Exception as e:  # noqa: BLE001 - its own failure, as in _append_token
+                outputs.append(self._fail_request(item, e))
         return outputs
 
     def _run_tier_transfers(self) -> None:
@@ -359,11 +417,14 @@ class LLMEngine:
         sampling: list[Request],
         logits: torch.Tensor,
         pending_masks: tuple[list[int], Future] | None,
-    ) -> list[RequestOutput]:
+    ) -> list[Request | RequestOutput]:
         """After the forward pass: move every request's KV forward (the cache inserts the full
         blocks), sample a token for those in `sampling` (their last new token's logits were
-        computed), check stops, emit outputs."""
+        computed), check stops. Returns what `_render` turns into this step's outputs: each
+        request that got a token, or the output of one that failed."""
         for s in scheduled:
+            if s.request.finished:  # failed while this step ran (rendering the last one's output)
+                continue
             computed, num_prompt = s.num_computed_tokens, s.request.num_prompt_tokens
             if computed < num_prompt:
                 self.stats.computed_prompt_tokens += min(s.num_new_tokens, num_prompt - computed)
@@ -390,10 +451,10 @@ class LLMEngine:
         now = time.monotonic()
         return [self._append_token(r, token, now) for r, token in zip(sampling, tokens) if not r.finished]
 
-    def _append_token(self, request: Request, token: int | Exception, now: float) -> RequestOutput:
-        """One sampled token for `request`. A failure here (its sampling, its pins, its grammar,
-        its stop check, its detokenization) is the request's own: it finishes with "error", the
-        batch goes on."""
+    def _append_token(self, request: Request, token: int | Exception, now: float) -> Request | RequestOutput:
+        """One sampled token for `request` (returned, for `_render`). A failure here (its
+        sampling, its pins, its grammar, its stop check, its detokenization) is the request's
+        own: it finishes with "error" (its output returned), the batch goes on."""
         try:
             if isinstance(token, Exception):
                 raise token
@@ -412,7 +473,7 @@ class LLMEngine:
                 request.output_text = self.tokenizer.decode(request.output_token_ids)
             if request.finish_reason is not None:
                 self._finish(request, request.finish_reason)
-            return self._output(request, new_tokens=1)
+            return request
         except Exception as e:  # noqa: BLE001
             return self._fail_request(request, e)
 
@@ -467,16 +528,20 @@ class LLMEngine:
         if request.finish_reason == "stop":  # the full text, once, without the stop token
             request.output_text = self.tokenizer.decode(ids[:-1])
             return
-        detokenizer = self._detokenizers.get(request.request_id)
-        if detokenizer is None:
-            detokenizer = self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer)
-        request.output_text = detokenizer.update(ids)
-        if params.stop:
+        if params.stop:  # the text is needed now; for others `_render` updates it
+            self._update_text(request)
             self._check_stop_strings(request)
         if request.finish_reason is None:
             if len(ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
                 request.finish_reason = "length"
                 request.output_text = self.tokenizer.decode(ids)  # the full text, once
+
+    def _update_text(self, request: Request) -> None:
+        """request.output_text brought up to its output tokens (incrementally)."""
+        detokenizer = self._detokenizers.get(request.request_id)
+        if detokenizer is None:
+            detokenizer = self._detokenizers[request.request_id] = IncrementalDetokenizer(self.tokenizer)
+        request.output_text = detokenizer.update(request.output_token_ids)
 
     def _check_stop_strings(self, request: Request) -> None:
         text = request.output_text

@@ -15,6 +15,7 @@ transformers), so they agree with it to the last bit in most elements.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -37,9 +38,13 @@ class _Launcher:
     the strides the loads are not vectorized and attention runs 4-5x slower.) Arguments go in
     signature order, runtime ones then constexprs, as every kernel here is written."""
 
-    def __init__(self, fn) -> None:
+    def __init__(self, fn, unspecialized: tuple[str, ...] = ()) -> None:
         self.fn = fn
         self.cache: dict = {}
+        # Positions of the integer arguments the kernel declares `do_not_specialize`: Triton keys
+        # its binary on their width only, and so does this cache.
+        names = list(inspect.signature(fn.fn).parameters)
+        self._plain = frozenset(names.index(name) for name in unspecialized)
 
     @staticmethod
     def _spec(a) -> object:
@@ -51,8 +56,12 @@ class _Launcher:
             return (a == 1, a % 16 == 0, not -(2**31) <= a < 2**31)
         return type(a)
 
+    def _key(self, args: tuple) -> tuple:
+        plain = self._plain
+        return tuple(not -(2**31) <= a < 2**31 if i in plain else self._spec(a) for i, a in enumerate(args))
+
     def __call__(self, grid: tuple, args: tuple, consts: dict, num_warps: int, num_stages: int | None = None) -> None:
-        key = (tuple(map(self._spec, args)), tuple(consts.values()), num_warps, num_stages)
+        key = (self._key(args), tuple(consts.values()), num_warps, num_stages)
         kernel = self.cache.get(key) if FAST_LAUNCH else None
         if kernel is not None:
             stream = torch.cuda.current_stream().cuda_stream
@@ -190,7 +199,17 @@ def _merge_splits(
     )
 
 
-@triton.jit
+# Integers of the attention kernels that change from step to step with the batch (key-range
+# splits, query blocks per sequence, the block table's width). Triton would compile a binary for
+# each value that is 1, each multiple of 16 and each other value: 3 x 3 x 3 variants met one by
+# one during serving, each a 1-3 s compile inside a step. None of them is on a hot path (index
+# arithmetic once per program), so one binary serves every value, and the start-up warm-up
+# (radixserve/warmup.py) can compile all that serving will launch.
+ATTENTION_UNSPECIALIZED = ("num_splits", "n_qblocks", "stride_bt")
+COMBINE_UNSPECIALIZED = ("num_splits", "n_qblocks")
+
+
+@triton.jit(do_not_specialize=ATTENTION_UNSPECIALIZED)
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -387,7 +406,7 @@ def _paged_attention_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COMBINE_UNSPECIALIZED)
 def _combine_splits_kernel(
     out_ptr,
     part_acc_ptr,
@@ -514,8 +533,8 @@ def paged_attention(
         )  # fmt: skip
 
 
-_launch_attention = _Launcher(_paged_attention_kernel)
-_launch_combine = _Launcher(_combine_splits_kernel)
+_launch_attention = _Launcher(_paged_attention_kernel, ATTENTION_UNSPECIALIZED)
+_launch_combine = _Launcher(_combine_splits_kernel, COMBINE_UNSPECIALIZED)
 
 
 # ---- KV write, RoPE --------------------------------------------------------------------

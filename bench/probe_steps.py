@@ -1,0 +1,203 @@
+"""GPU (device): per-step probe of the issue #18 workload, in-process: start-up time, the first
+burst after start-up vs later (warm) bursts, and where each step's time goes by kind of step.
+
+    PYTHONPATH=. python3 bench/probe_steps.py [--requests 512] [--groups 32] [--bursts 2]
+        [--overlap off,on,...] [--no-kernel-warmup] [--triton-cache-dir DIR] [--json FILE]
+
+Workload: Llama-3-8B shape with dummy weights (bf16), `--requests` requests in `--groups` groups
+sharing a 2048-token prefix, + 128 new tokens each, 128 output tokens (ignore_eos); all added at
+once, run until done. Each burst uses new random prefixes (the same hit rate every burst).
+Engine: max_num_seqs 128, max_num_batched_tokens 4096, the rest default.
+
+The probe wraps the scheduler and the runner from outside (it replaces `engine.scheduler.schedule`
+and `engine.runner.execute` on the instance; nothing in radixserve changes) and times, per step:
+wall (the whole `engine.step()`), schedule (host), execute (host: until the launches return), and
+GPU (CUDA events recorded around execute: the span of the step's GPU work, idle gaps inside it
+included). Steps are grouped by kind: prefill-only, mixed (prefill chunks + decodes), decode-only.
+"host outside GPU" = wall - GPU summed: the Python time between the GPU's steps that an overlapped
+scheduler could hide. `--overlap` sets SchedulerConfig.overlap_outputs per burst (one value per
+burst, the last repeated), so overlap off and on are compared in one process, on one engine.
+"new kernel variants" counts the Triton binaries the runner's launchers met for the first time
+during a burst (0 once the start-up warm-up covered them all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig  # noqa: E402
+from radixserve.engine import LLMEngine  # noqa: E402
+from radixserve.sampling import SamplingParams  # noqa: E402
+
+KINDS = ("prefill-only", "mixed", "decode-only")
+
+
+class StepProbe:
+    """Wraps one engine's schedule and execute; `step()` runs and records one engine step."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.on_gpu = engine.device.type == "cuda"
+        self.records: list[dict] = []
+        self._plan = None
+        self._timing: tuple = ()
+        schedule, execute = engine.scheduler.schedule, engine.runner.execute
+
+        def timed_schedule():
+            t0 = time.perf_counter()
+            plan = schedule()
+            elapsed = time.perf_counter() - t0
+            prefilling = [s.prefilling for s in plan.scheduled]  # now: postprocess appends tokens
+            kind = "prefill-only" if all(prefilling) else "decode-only" if not any(prefilling) else "mixed"
+            self._plan = (plan, kind, elapsed)
+            return plan
+
+        def timed_execute(step):
+            if not self.on_gpu:  # a CPU smoke run: the forward is all host time
+                t0 = time.perf_counter()
+                logits = execute(step)
+                self._timing = (None, None, time.perf_counter() - t0)
+                return logits
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            logits = execute(step)
+            end.record()
+            self._timing = (start, end, time.perf_counter() - t0)
+            return logits
+
+        engine.scheduler.schedule = timed_schedule
+        engine.runner.execute = timed_execute
+
+    def step(self) -> None:
+        self._plan, self._timing = None, ()
+        t0 = time.perf_counter()
+        self.engine.step()
+        wall = time.perf_counter() - t0
+        if self._plan is None or not self._timing:
+            return
+        plan, kind, schedule_s = self._plan
+        start, end, execute_s = self._timing
+        self.records.append({"kind": kind, "wall": wall, "schedule": schedule_s, "execute_host": execute_s,
+                             "events": (start, end), "tokens": plan.step.num_tokens, "seqs": plan.step.num_seqs})
+
+    def summary(self) -> dict:
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        for r in self.records:
+            start, end = r.pop("events")
+            r["gpu"] = start.elapsed_time(end) / 1000 if start is not None else r["execute_host"]
+        out: dict = {}
+        for kind in KINDS:
+            rs = [r for r in self.records if r["kind"] == kind]
+            if not rs:
+                continue
+            out[kind] = {
+                "steps": len(rs),
+                "wall_s": sum(r["wall"] for r in rs),
+                "gpu_s": sum(r["gpu"] for r in rs),
+                **{f"{k}_ms_mean": statistics.mean(r[k] for r in rs) * 1000
+                   for k in ("wall", "gpu", "schedule", "execute_host")},
+                "wall_ms_max": max(r["wall"] for r in rs) * 1000,
+                "tokens_mean": statistics.mean(r["tokens"] for r in rs),
+                "seqs_mean": statistics.mean(r["seqs"] for r in rs),
+            }
+        out["all"] = {
+            "steps": len(self.records),
+            "wall_s": sum(r["wall"] for r in self.records),
+            "gpu_s": sum(r["gpu"] for r in self.records),
+            "host_outside_gpu_s": sum(max(0.0, r["wall"] - r["gpu"]) for r in self.records),
+        }
+        self.records = []
+        return out
+
+
+def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: int, question_len: int) -> list[list[int]]:
+    """Random token ids below 250 (valid in every preset's vocabulary, dummy:tiny's included)."""
+    prefixes = [[rng.randrange(3, 250) for _ in range(prefix_len)] for _ in range(groups)]
+    prompts = [prefixes[i % groups] + [rng.randrange(3, 250) for _ in range(question_len)] for i in range(requests)]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def kernel_variants() -> int:
+    """Compiled variants held by the Triton launchers (0 without Triton)."""
+    module = sys.modules.get("radixserve.model.triton_kernels")
+    if module is None:
+        return 0
+    return sum(len(v.cache) for v in vars(module).values() if isinstance(v, module._Launcher))
+
+
+def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    variants0 = kernel_variants()
+    hits0, queries0 = engine.snapshot().prefix_cache_hits, engine.snapshot().prefix_cache_queries
+    t0 = time.perf_counter()
+    now = time.monotonic()
+    for p in prompts:
+        engine.add_request(p, params, arrival_time=now)
+    while engine.has_unfinished_requests():
+        probe.step()
+    elapsed = time.perf_counter() - t0
+    snap = engine.snapshot()
+    return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
+            "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
+            "hit_rate": (snap.prefix_cache_hits - hits0) / max(1, snap.prefix_cache_queries - queries0),
+            "steps": probe.summary()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--groups", type=int, default=32)
+    parser.add_argument("--bursts", type=int, default=2)
+    parser.add_argument("--overlap", default="off", help="overlap_outputs per burst: off,on,...")
+    parser.add_argument("--no-kernel-warmup", action="store_true")
+    parser.add_argument("--triton-cache-dir", default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--model", default="dummy:llama3-8b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--lengths", default="2048,128,128", help="prefix, question, output tokens")
+    args = parser.parse_args()
+    prefix_len, question_len, max_tokens = map(int, args.lengths.split(","))
+    t0 = time.perf_counter()
+    model = ModelConfig(source=args.model, device=args.device, max_model_len=4096, show_progress=False,
+                        kernel_warmup=not args.no_kernel_warmup, triton_cache_dir=args.triton_cache_dir)
+    cache = CacheConfig(gpu_memory_utilization=0.85) if args.device != "cpu" else CacheConfig(num_blocks=2048)
+    config = EngineConfig(model=model, cache=cache, scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096))
+    engine = LLMEngine(config)
+    result = {"args": vars(args), "startup_s": time.perf_counter() - t0, "startup_phases_s": engine.startup_seconds,
+              "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "bursts": []}
+    print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    probe = StepProbe(engine)
+    rng = random.Random(18)
+    overlap = [v == "on" for v in args.overlap.split(",")]
+    for i in range(args.bursts):
+        engine.config.scheduler.overlap_outputs = overlap[min(i, len(overlap) - 1)]
+        prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len)
+        burst = run_burst(engine, probe, prompts, max_tokens)
+        result["bursts"].append(burst)
+        steps = burst["steps"]
+        kinds = "; ".join(f"{k} {v['steps']} x {v['wall_ms_mean']:.1f} ms (GPU {v['gpu_ms_mean']:.1f})"
+                          for k, v in steps.items() if k != "all")
+        print(f"burst {i + 1} (overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
+              f"kernel variants): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
+              f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
+        if args.json:  # after every burst: a run cut short keeps what it measured
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
