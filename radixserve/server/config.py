@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from radixserve.request import CachePolicy
 
@@ -44,6 +45,14 @@ class ServerConfig:
     probe_rate_limit: float | None = None  # cache-reading requests per minute per key (None: no limit)
     probe_burst: int | None = None  # the most such requests at once (default: a minute's worth)
     shared_ttft_floor: float = 0.0  # seconds: requests reading a cache shared across keys answer no sooner
+    # Where the engine steps: "on" in a process of its own (HTTP and the step loop then do not
+    # share one interpreter lock), "off" on a thread of the server process, "auto" on with CUDA
+    # and off on CPU (see docs/benchmarks.md). A server given a built LLMEngine runs it in-thread.
+    engine_process: Literal["auto", "on", "off"] = "auto"
+
+    def uses_engine_process(self, device: str) -> bool:
+        """Whether an engine for `device` runs in its own process under this config."""
+        return self.engine_process == "on" or (self.engine_process == "auto" and device.startswith("cuda"))
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
@@ -62,6 +71,8 @@ class ServerConfig:
             raise ValueError(f"probe_burst must be >= 1, got {self.probe_burst}")
         if not self.shared_ttft_floor >= 0:
             raise ValueError(f"shared_ttft_floor must be >= 0 seconds, got {self.shared_ttft_floor}")
+        if self.engine_process not in ("auto", "on", "off"):
+            raise ValueError(f"engine_process must be auto, on or off, got {self.engine_process!r}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in [*self.api_keys, *self.admin_keys, *self.metrics_keys]):
