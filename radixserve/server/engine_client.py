@@ -169,6 +169,7 @@ ENGINE_CALLS: dict[str, EngineCall] = {
     "reset_prefix_cache": EngineCall(lambda engine: engine.reset_prefix_cache(), int),
     "pinned_paths": EngineCall(lambda engine: engine.pinned_paths(), list[PinnedEdge]),
     "check_cache_invariants": EngineCall(lambda engine: engine.check_cache_invariants(), type(None)),
+    "pinned_blocks": EngineCall(lambda engine, namespace: engine.pinned_blocks(namespace), int),
     "publish_shared_prefix": EngineCall(_publish_shared_prefix, type(None)),
     "shared_prefix_cached_tokens": EngineCall(lambda engine, name: engine.shared_prefix_cached_tokens(name), int),
     "withdraw_shared_prefix": EngineCall(lambda engine, name: engine.withdraw_shared_prefix(name), bool),
@@ -256,6 +257,10 @@ class EngineClient(abc.ABC):
 
     async def check_cache_invariants(self) -> None:
         await self.call_named("check_cache_invariants")
+
+    async def pinned_blocks(self, cache_namespace: str | None = None) -> int:
+        """KV blocks pins hold now: all, or those of one cache namespace."""
+        return await self.call_named("pinned_blocks", cache_namespace)
 
     async def publish_shared_prefix(self, name: str, token_ids: list[int]) -> None:
         await self.call_named("publish_shared_prefix", name, token_ids)
