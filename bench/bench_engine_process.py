@@ -119,12 +119,12 @@ def engine_flags(args) -> list[str]:
     return flags
 
 
-def start_server(mode: str, args, log_dir: Path) -> tuple[subprocess.Popen, str, Path]:
+def start_server(mode: str, args, log_dir: Path, env: dict) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log_path = log_dir / f"server-{mode}.log"
     cmd = [sys.executable, "-m", "radixserve", "serve", "--port", str(port), "--engine-process", mode,
            "--log-level", "warning", *engine_flags(args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**env, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}", log_path
 
@@ -151,11 +151,11 @@ async def run_http(base: str, mode: str, prompts: list[list[int]], args) -> dict
     prompt_tokens = cached_tokens = 0
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
 
-    async def client_loop(http: httpx.AsyncClient) -> None:
+    async def client_loop(http: httpx.AsyncClient, model: str) -> None:
         nonlocal prompt_tokens, cached_tokens
         while queue:
             prompt = queue.pop()
-            body = {"model": "x", "prompt": prompt, "max_tokens": args.out_len, "temperature": 0, "ignore_eos": True,
+            body = {"model": model, "prompt": prompt, "max_tokens": args.out_len, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             first = None
@@ -174,9 +174,8 @@ async def run_http(base: str, mode: str, prompts: list[list[int]], args) -> dict
 
     async with httpx.AsyncClient(base_url=base, timeout=900, limits=limits) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        del model  # any name the server knows works: it serves one model
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(http) for _ in range(args.concurrency)))
+        await asyncio.gather(*(client_loop(http, model) for _ in range(args.concurrency)))
         wall = time.perf_counter() - t0
     return summary(mode, wall, ttfts, len(prompts), args.out_len, cached_tokens / prompt_tokens if prompt_tokens else None)
 
@@ -220,6 +219,11 @@ def main() -> None:
     p.add_argument("--docs", action="store_true", help="write the section to docs/benchmarks.md")
     args = p.parse_args()
     modes = args.modes.split(",")
+    server_env = dict(os.environ)  # the servers run as users start them
+    if args.device == "cpu":
+        # this process steps the in-process engine on its main thread while its HTTP clients
+        # share the cores: passive OpenMP waits, as the engine core process uses (engine_process.py)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_engine_process.py " + " ".join(sys.argv[1:])
@@ -257,7 +261,7 @@ def main() -> None:
         http_modes = [m for m in ("off", "on") if m in modes]
         t0 = time.perf_counter()
         for mode in http_modes:
-            servers[mode] = start_server(mode, args, out)
+            servers[mode] = start_server(mode, args, out, server_env)
         for mode in http_modes:
             proc, base, log_path = servers[mode]
             wait_healthy(proc, base, log_path)
@@ -266,8 +270,9 @@ def main() -> None:
             from radixserve.config import ModelConfig
             from radixserve.model.loader import load_model
 
+            # the embedded model's vocabulary; any model has the first thousand ids
             vocab = load_model(ModelConfig(source=args.model, device="cpu", show_progress=False)).arch.vocab_size \
-                if args.model == "embedded" else 128256
+                if args.model == "embedded" else 1000
         warm = make_prompts(vocab, args.warmup_groups or max(1, args.groups // 2), args.per_group, args.prefix_len,
                             args.new_len, seed=1)
         for mode in http_modes:
