@@ -10,8 +10,8 @@ deltas. Nothing here parses HTTP or renders prompts: the server tokenizes, and t
 scheduler, the model and the incremental detokenizer (stop strings are checked on its text).
 
 Lifetime: the core stops when the server sends Shutdown (after writing the prefix cache down to
-the KV store, as LLMEngine.close does in-thread), or when it sees that its parent is gone (the
-server was killed): it never outlives the server. SIGINT and SIGTERM are ignored, so that a
+the KV store, as LLMEngine.close does in-thread); it is killed with the server (PR_SET_PDEATHSIG
+on Linux) and, elsewhere, exits when it sees that its parent is gone: it never outlives the server. SIGINT and SIGTERM are ignored, so that a
 signal sent to the whole process group (Ctrl-C, a service manager stopping it) lets the server
 drain its requests first; the server's Shutdown then ends the core.
 """
@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     handshake = os.fdopen(int(argv[0]), "wb")
     startup = pickle.loads(sys.stdin.buffer.read())
+    _die_with_parent(startup["parent_pid"])
     logging.basicConfig(format="%(levelname)s:     [engine core] %(message)s", level=startup["log_level"].upper())
     try:
         engine = LLMEngine(startup["config"])
@@ -65,6 +66,22 @@ def main(argv: list[str]) -> None:
     with handshake:
         pickle.dump(("ready", EngineInfo.of(engine), engine.tokenizer), handshake)
     core.run()
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """On Linux, be killed the moment the server dies (as an engine thread dies with it: a
+    restarted server then finds the KV store's lock free at once). The parent-pid check in the
+    loop covers other systems. PR_SET_PDEATHSIG is tied to the thread that started this process:
+    the server starts it from a thread that lives as long as the server (create_app's caller)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # it died before the prctl
+        os._exit(1)
 
 
 class EngineCore:

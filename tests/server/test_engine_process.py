@@ -166,8 +166,9 @@ def test_no_core_outlives_its_server(tmp_path: Path, sig: int):
         proc.send_signal(sig)
         proc.wait(timeout=60)
         _wait_gone(core, "the engine core")
-        if sig == signal.SIGTERM:
-            assert proc.returncode == 0, log_path.read_text()
+        if sig == signal.SIGTERM:  # a clean shutdown (uvicorn re-raises the signal once it is done)
+            assert proc.returncode in (0, -signal.SIGTERM), log_path.read_text()
+            assert "Application shutdown complete" in log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
