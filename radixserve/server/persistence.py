@@ -391,7 +391,11 @@ class StateKeeper:
             self._dirty.clear()
             state = self.state
             edges: list[PinnedEdge] = []
-            if state.prefix_caching and state.async_engine.is_running:
+            if state.prefix_caching and not state.async_engine.is_running:
+                # the engine died (its process exited): the file keeps the pins it last saw,
+                # which a restarted server re-creates, rather than an empty list
+                return True
+            if state.prefix_caching:
                 edges = await state.async_engine.pinned_paths()
             now = self.clock()
             document = encode_state(model=state.model_name, cache_identity=state.engine_info.cache_identity,

@@ -3,6 +3,7 @@ free the core's blocks, a killed core fails its requests cleanly, and no core ou
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -93,9 +94,23 @@ def test_disconnect_aborts_and_the_core_frees_its_blocks(core_server):
     core_server.engine.check_cache_invariants()
 
 
+def _saved_pin_edges(state_dir: Path) -> list:
+    path = state_dir / "server-state.json"
+    return json.loads(path.read_text())["data"].get("pin_edges", []) if path.exists() else []
+
+
 @pytest.mark.slow
-def test_killed_core_fails_streams_cleanly_and_health_says_so(embedded_model):
-    with start_server(embedded_model, ServerConfig(min_cacheable_tokens=32), engine_process=True) as srv:
+def test_killed_core_fails_streams_cleanly_and_health_says_so(embedded_model, tmp_path: Path):
+    config = ServerConfig(min_cacheable_tokens=32, state_dir=str(tmp_path))
+    with start_server(embedded_model, config, engine_process=True) as srv:
+        pinned = srv.anthropic().messages.create(  # a cache_control pin the state file keeps
+            model="embedded", max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
+            system=[{"type": "text", "text": LONG_SYSTEM, "cache_control": {"type": "ephemeral"}}])
+        assert pinned.usage.cache_creation_input_tokens > 0
+        deadline = time.monotonic() + 60
+        while not _saved_pin_edges(tmp_path):
+            assert time.monotonic() < deadline, "the pin was never saved"
+            time.sleep(0.2)
         client = srv.openai()
         stream = client.chat.completions.create(
             model="embedded", messages=[{"role": "user", "content": "Tell me a long story."}], stream=True,
@@ -121,6 +136,8 @@ def test_killed_core_fails_streams_cleanly_and_health_says_so(embedded_model):
             r = http.post("/v1/completions", json={"model": "embedded", "prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]
             assert http.get("/metrics").status_code == 503
+    # the server stopped without its engine: the state file still holds the pin for a restart
+    assert _saved_pin_edges(tmp_path)
 
 
 def _children(pid: int) -> list[int]:
