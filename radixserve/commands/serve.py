@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto",
                    help="run the engine core in a process of its own (on), fed over ZeroMQ, so HTTP handling and "
                         "the step loop do not share one interpreter lock; off: on a thread of the server process; "
-                        "auto (default): on with CUDA, off on CPU (see docs/internals.md)")
+                        "auto (default): on (measured faster on CPU and GPU; see docs/internals.md)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_cluster_args(p)
     add_engine_args(p)

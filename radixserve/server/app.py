@@ -76,7 +76,7 @@ def _engine_client(engine_or_config: LLMEngine | EngineConfig | None, config: Se
             raise ValueError("engine_process='on' needs an EngineConfig: a built LLMEngine cannot move to another process")
         return AsyncEngine(engine_or_config)
     engine_config = engine_or_config or EngineConfig()
-    if config.uses_engine_process(engine_config.model.device):
+    if config.uses_engine_process:
         from radixserve.server.engine_process import EngineProcessClient  # pyzmq: only when used
 
         return EngineProcessClient.launch(engine_config, log_level=config.log_level)

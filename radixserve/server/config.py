@@ -46,13 +46,15 @@ class ServerConfig:
     probe_burst: int | None = None  # the most such requests at once (default: a minute's worth)
     shared_ttft_floor: float = 0.0  # seconds: requests reading a cache shared across keys answer no sooner
     # Where the engine steps: "on" in a process of its own (HTTP and the step loop then do not
-    # share one interpreter lock), "off" on a thread of the server process, "auto" on with CUDA
-    # and off on CPU (see docs/benchmarks.md). A server given a built LLMEngine runs it in-thread.
+    # share one interpreter lock), "off" on a thread of the server process. "auto" is on, CPU
+    # included: measured faster there too (docs/benchmarks.md, engine-process-cpu). A server
+    # given a built LLMEngine runs it in-thread.
     engine_process: Literal["auto", "on", "off"] = "auto"
 
-    def uses_engine_process(self, device: str) -> bool:
-        """Whether an engine for `device` runs in its own process under this config."""
-        return self.engine_process == "on" or (self.engine_process == "auto" and device.startswith("cuda"))
+    @property
+    def uses_engine_process(self) -> bool:
+        """Whether an engine this server builds runs in its own process."""
+        return self.engine_process != "off"
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
