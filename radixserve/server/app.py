@@ -77,9 +77,15 @@ def _engine_client(engine_or_config: LLMEngine | EngineConfig | None, config: Se
         return AsyncEngine(engine_or_config)
     engine_config = engine_or_config or EngineConfig()
     if config.uses_engine_process:
-        from radixserve.server.engine_process import EngineProcessClient  # pyzmq: only when used
-
-        return EngineProcessClient.launch(engine_config, log_level=config.log_level)
+        try:
+            from radixserve.server.engine_process import EngineProcessClient  # pyzmq, msgspec
+        except ImportError as e:
+            if config.engine_process == "on":
+                raise
+            # auto: an environment without the channel's packages still serves, as before
+            log.warning("engine process unavailable (%s): the engine runs on a thread of this process", e)
+        else:
+            return EngineProcessClient.launch(engine_config, log_level=config.log_level)
     return AsyncEngine(LLMEngine(engine_config))
 
 
