@@ -27,7 +27,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -217,7 +216,11 @@ def main() -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench_engine_process"))
     p.add_argument("--docs", action="store_true", help="write the section to docs/benchmarks.md")
+    p.add_argument("--render", metavar="JSON", help="only write the docs section of a bench_engine_process.json")
     args = p.parse_args()
+    if args.render:
+        write_docs(json.loads(Path(args.render).read_text()))
+        return
     modes = args.modes.split(",")
     server_env = dict(os.environ)  # the servers run as users start them
     if args.device == "cpu":
@@ -303,32 +306,36 @@ def main() -> None:
     print(text)
     if ratio is not None:
         print(f"mean req/s, engine process on / off: {ratio:.2f}x")
-    machine = platform.processor() or platform.machine()
-    try:
-        machine = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if args.device.startswith("cuda"):
-        import torch
+    from bench.report import machine_description
 
-        machine = torch.cuda.get_device_name()
+    machine = machine_description()  # the GPU, or the CPU with its cores and load average
     result = {"command": command, "machine": machine, "date": datetime.date.today().isoformat(), "rows": rows,
-              "on_over_off": ratio}
+              "on_over_off": ratio, "args": vars(args)}
     (out / "bench_engine_process.json").write_text(json.dumps(result, indent=1))
     (out / "bench_engine_process.md").write_text(text + "\n")
     if args.docs:
-        write_docs(result, text, args)
+        write_docs(result)
 
 
-def write_docs(result: dict, text: str, args) -> None:
+def write_docs(result: dict) -> None:
+    """The section of docs/benchmarks.md (also from a JSON measured elsewhere: --render)."""
     from bench.report import update_section
+
+    args = argparse.Namespace(**result["args"])
+    reference = next((r["req_per_s"] for r in result["rows"] if r["mode"] == "inprocess"), None)
+    text = table(result["rows"], reference)
 
     body = (f"{args.groups} groups x {args.per_group} requests, {args.prefix_len}-token shared prefix + {args.new_len} "
             f"new tokens, {args.out_len} out, {args.concurrency} concurrent streaming clients; the two servers ran at "
-            f"once and their passes alternated, each pass from an empty prefix cache. Mean req/s, engine process "
-            f"on / off: **{result['on_over_off']:.2f}x**.\n\n{text}")
+            f"once and their passes alternated, each pass from an empty prefix cache; the in-process pass ran "
+            f"before them (on a busy machine only the alternating on/off ratio is comparable). Mean req/s, engine "
+            f"process on / off: **{_ratio(result['on_over_off'])}**.\n\n{text}")
     update_section(f"engine-process-{args.device.split(':')[0]}", f"Engine core in its own process ({args.device})", body,
-                   command=result["command"])
+                   command=result["command"], machine=result["machine"], date=result["date"])
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
 
 
 if __name__ == "__main__":
