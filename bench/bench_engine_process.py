@@ -123,7 +123,8 @@ def start_server(mode: str, args, log_dir: Path, env: dict) -> tuple[subprocess.
     log_path = log_dir / f"server-{mode}.log"
     cmd = [sys.executable, "-m", "radixserve", "serve", "--port", str(port), "--engine-process", mode,
            "--log-level", "warning", *engine_flags(args)]
-    env = {**env, "PYTHONPATH": str(ROOT)}
+    # this checkout first, and whatever else the caller's PYTHONPATH had (a device's /tmp/site)
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}", log_path
 
