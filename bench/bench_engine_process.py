@@ -144,18 +144,20 @@ def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout: flo
         time.sleep(0.5)
 
 
-async def run_http(base: str, mode: str, prompts: list[list[int]], args) -> dict:
-    """A closed loop of `concurrency` streaming clients; TTFT is the first streamed chunk."""
+async def _client_share(base: str, prompts: list[list[int]], concurrency: int, out_len: int,
+                        start_at: float) -> tuple[list[float], int, int, float]:
+    """One client process's share: a closed loop of `concurrency` streaming clients from
+    `start_at` (time.time()); returns (TTFTs, prompt tokens, cached tokens, end time). TTFT is the
+    first streamed chunk."""
     queue = list(reversed(prompts))
     ttfts: list[float] = []
-    prompt_tokens = cached_tokens = 0
-    limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
+    tokens = [0, 0]  # prompt, cached
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
 
     async def client_loop(http: httpx.AsyncClient, model: str) -> None:
-        nonlocal prompt_tokens, cached_tokens
         while queue:
             prompt = queue.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": args.out_len, "temperature": 0, "ignore_eos": True,
+            body = {"model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}}
             start = time.perf_counter()
             first = None
@@ -168,15 +170,39 @@ async def run_http(base: str, mode: str, prompts: list[list[int]], args) -> dict
                         first = time.perf_counter() - start
                     if '"usage": {' in line:
                         usage = json.loads(line[6:])["usage"]
-                        prompt_tokens += usage["prompt_tokens"]
-                        cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+                        tokens[0] += usage["prompt_tokens"]
+                        tokens[1] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
             ttfts.append(first if first is not None else time.perf_counter() - start)
 
     async with httpx.AsyncClient(base_url=base, timeout=900, limits=limits) as http:
         model = (await http.get("/v1/models")).json()["data"][0]["id"]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(http, model) for _ in range(args.concurrency)))
-        wall = time.perf_counter() - t0
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        await asyncio.gather(*(client_loop(http, model) for _ in range(concurrency)))
+    return ttfts, tokens[0], tokens[1], time.time()
+
+
+def _client_process(base: str, prompts: list[list[int]], concurrency: int, out_len: int, start_at: float):
+    return asyncio.run(_client_share(base, prompts, concurrency, out_len, start_at))
+
+
+def run_http(base: str, mode: str, prompts: list[list[int]], args) -> dict:
+    """`concurrency` streaming clients over `client_processes` processes (one Python process
+    parsing every stream would measure the client, not the server)."""
+    n = max(1, min(args.client_processes, args.concurrency))
+    shares = [(prompts[i::n], args.concurrency // n + (i < args.concurrency % n)) for i in range(n)]
+    start_at = time.time() + 1.0 + 0.2 * n  # every client connected before the clock starts
+    if n == 1:
+        parts = [_client_process(base, prompts, args.concurrency, args.out_len, start_at)]
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_client_process, base, share, c, args.out_len, start_at) for share, c in shares]
+            parts = [f.result() for f in futures]
+    ttfts = [t for part in parts for t in part[0]]
+    prompt_tokens, cached_tokens = sum(p[1] for p in parts), sum(p[2] for p in parts)
+    wall = max(p[3] for p in parts) - start_at
     return summary(mode, wall, ttfts, len(prompts), args.out_len, cached_tokens / prompt_tokens if prompt_tokens else None)
 
 
@@ -207,6 +233,8 @@ def main() -> None:
     p.add_argument("--new-len", type=int, default=32)
     p.add_argument("--out-len", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="processes the streaming clients are spread over (a GPU server outpaces one Python client)")
     p.add_argument("--warmup-groups", type=int, default=None, help="groups of the warm-up pass (default: groups / 2)")
     p.add_argument("--rounds", type=int, default=2, help="off/on pass pairs (alternating order)")
     p.add_argument("--modes", default="inprocess,off,on")
@@ -280,13 +308,13 @@ def main() -> None:
         warm = make_prompts(vocab, args.warmup_groups or max(1, args.groups // 2), args.per_group, args.prefix_len,
                             args.new_len, seed=1)
         for mode in http_modes:
-            log(f"{mode} warm-up:", asyncio.run(run_http(servers[mode][1], mode, warm, args)))
+            log(f"{mode} warm-up:", run_http(servers[mode][1], mode, warm, args))
         for round_no in range(args.rounds):
             order = http_modes if round_no % 2 == 0 else list(reversed(http_modes))
             for mode in order:
                 httpx.post(f"{servers[mode][1]}/reset_prefix_cache", timeout=60)  # each pass starts cold
                 prompts = make_prompts(vocab, args.groups, args.per_group, args.prefix_len, args.new_len, seed=0)
-                row = asyncio.run(run_http(servers[mode][1], mode, prompts, args))
+                row = run_http(servers[mode][1], mode, prompts, args)
                 row["pass"] = round_no + 1
                 rows.append(row)
                 log(row)
