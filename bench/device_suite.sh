@@ -49,7 +49,7 @@ EXTRA=()
 # runs dummy models, whose shapes are the point there.
 WHEELS=(fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0
         typing-inspection==0.4.5 annotated-doc==0.0.7 opentelemetry-api==1.45.2 uvicorn==0.54.0 anyio==4.16.0
-        sniffio==1.3.1 typing_extensions==4.16.0 gguf==0.19.0)
+        sniffio==1.3.1 typing_extensions==4.16.0 gguf==0.19.0 pyzmq==27.3.0 msgspec==0.23.0)
 while [ $# -gt 0 ]; do
   case "$1" in
     --budget) BUDGET=$2; shift 2 ;;

@@ -55,6 +55,9 @@ class CachePin:
     # Seconds each later read of the whole prefix extends the pin by (None: `ttl`). A pin
     # re-created after a restart keeps its original refresh while `ttl` is what was left of it.
     refresh: float | None = None
+    # The named cache it serves (its id), for the engine process: `alive` cannot cross a process
+    # boundary, so the core refuses the pin once the server said this owner is gone.
+    owner: str | None = None
 
 
 def choice_request_ids(request_id: str, n: int) -> list[str]:

@@ -16,6 +16,7 @@ or ``"prefix-affinity"`` (Ray Serve LLM's PrefixCacheAffinityRouter), for side-b
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -77,7 +78,9 @@ class EngineReplica:
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.state_actor = get_or_create_state_actor(state_actor_name)
-        self.app = await asyncio.to_thread(create_app, engine_config, server_config)  # loads the model
+        # in-thread: the replica's KV-event recorder observes the engine's radix tree directly
+        in_thread = dataclasses.replace(server_config, engine_process="off")
+        self.app = await asyncio.to_thread(create_app, engine_config, in_thread)  # loads the model
         self.state = self.app.state.radixserve
         self.state.caches.registry = ActorCacheRegistry(self.state_actor)
         engine = self.state.engine

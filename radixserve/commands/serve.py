@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--shared-ttft-floor", type=float, default=0.0, metavar="SECONDS",
                    help="requests that read a prefix cache shared across keys (not --cache-isolation per-key) "
                         "get their first token no sooner than this: hits and quicker misses look alike. Default 0")
+    g.add_argument("--engine-process", choices=["auto", "on", "off"], default="auto",
+                   help="run the engine core in a process of its own (on), fed over ZeroMQ, so HTTP handling and "
+                        "the step loop do not share one interpreter lock; off: on a thread of the server process; "
+                        "auto (default): on (measured faster on CPU and GPU; see docs/internals.md)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_cluster_args(p)
     add_engine_args(p)
@@ -125,6 +129,7 @@ def server_config_from_args(args: argparse.Namespace):
         probe_rate_limit=args.probe_rate_limit,
         probe_burst=args.probe_burst,
         shared_ttft_floor=args.shared_ttft_floor,
+        engine_process=args.engine_process,
     )
 
 

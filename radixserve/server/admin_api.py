@@ -13,7 +13,8 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 while the engine thread runs (no authentication: load balancers probe it)."""
+    """200 while the engine runs; 503 once it stopped or its process died (no authentication:
+    load balancers probe it)."""
     state = get_state(request)
     if not state.async_engine.is_running:
         return JSONResponse({"status": "error", "message": "the engine is not running"}, status_code=503)
@@ -26,7 +27,7 @@ async def metrics(request: Request) -> Response:
     metrics or admin key (a scraper's bearer_token)."""
     state = get_state(request)
     state.auth.authenticate_metrics(request)
-    snapshot = await state.async_engine.call(state.engine.snapshot)
+    snapshot = await state.async_engine.snapshot()
     body = state.metrics.render(snapshot, named_caches=len(state.caches))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -39,6 +40,6 @@ async def reset_prefix_cache(request: Request) -> JSONResponse:
     re-pin on their next use."""
     state = get_state(request)
     state.auth.authenticate_admin(request)
-    freed = await state.async_engine.call(state.engine.reset_prefix_cache)
+    freed = await state.async_engine.reset_prefix_cache()
     state.keeper.mark_dirty()  # the pins are gone: a restart must not bring them back
     return JSONResponse({"freed_blocks": freed})

@@ -14,7 +14,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from radixserve.config import EngineConfig
 from radixserve.engine import LLMEngine
 from radixserve.server import admin_api, anthropic_api, caches_api, openai_api, shared_prefix_api
+from radixserve.server.async_engine import AsyncEngine
 from radixserve.server.config import ServerConfig
+from radixserve.server.engine_client import EngineClient
 from radixserve.server.errors import install_error_handlers
 from radixserve.server.state import ServerState, get_state
 
@@ -25,15 +27,12 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
     """Build the app. Give an LLMEngine to serve it (tests share one loaded model this way) or
     an EngineConfig to build one (loads the model now, before the server listens).
 
-    The engine thread starts and stops with the app's lifespan; an engine must be served by
-    one app at a time.
+    The engine runs on a thread of this process, or in a process of its own (the engine core,
+    with config.engine_process; it needs an EngineConfig, since a built engine cannot move). It
+    starts and stops with the app's lifespan; an engine must be served by one app at a time.
     """
     config = config or ServerConfig()
-    if isinstance(engine_or_config, LLMEngine):
-        engine = engine_or_config
-    else:
-        engine = LLMEngine(engine_or_config or EngineConfig())
-    state = ServerState(engine, config)
+    state = ServerState(_engine_client(engine_or_config, config), config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,8 +51,8 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
                 await sweeper
             await state.keeper.close()  # the last save reads the pins, so before the engine stops
             await state.async_engine.stop()
-            # the engine thread is gone: write the prefix cache down to the KV store, if any
-            await asyncio.to_thread(state.engine.close)
+            # the engine no longer steps: write the prefix cache down to the KV store, if any
+            await state.async_engine.close()
             if state.request_log is not None:
                 state.request_log.close()
 
@@ -69,6 +68,25 @@ def create_app(engine_or_config: LLMEngine | EngineConfig | None = None, config:
     if keyed:
         _add_keyed_docs(app)
     return app
+
+
+def _engine_client(engine_or_config: LLMEngine | EngineConfig | None, config: ServerConfig) -> EngineClient:
+    if isinstance(engine_or_config, LLMEngine):
+        if config.engine_process == "on":
+            raise ValueError("engine_process='on' needs an EngineConfig: a built LLMEngine cannot move to another process")
+        return AsyncEngine(engine_or_config)
+    engine_config = engine_or_config or EngineConfig()
+    if config.uses_engine_process:
+        try:
+            from radixserve.server.engine_process import EngineProcessClient  # pyzmq, msgspec
+        except ImportError as e:
+            if config.engine_process == "on":
+                raise
+            # auto: an environment without the channel's packages still serves, as before
+            log.warning("engine process unavailable (%s): the engine runs on a thread of this process", e)
+        else:
+            return EngineProcessClient.launch(engine_config, log_level=config.log_level)
+    return AsyncEngine(LLMEngine(engine_config))
 
 
 def _add_keyed_docs(app: FastAPI) -> None:

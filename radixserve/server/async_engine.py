@@ -1,4 +1,5 @@
-"""AsyncEngine: drives an LLMEngine from one dedicated thread, talks to asyncio through queues.
+"""AsyncEngine: drives an LLMEngine from one dedicated thread of the server process, talks to
+asyncio through queues (the in-thread EngineClient; engine_process.py has the other).
 
 The LLMEngine is single-threaded by design. Here exactly one thread ever touches it: the engine
 thread runs queued commands (add, abort, arbitrary calls such as pinning or reading gauges)
@@ -14,27 +15,24 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from radixserve.engine import LLMEngine
 from radixserve.request import CachePin, CachePolicy, RequestOutput, choice_request_ids
 from radixserve.sampling import SamplingParams
+from radixserve.server.engine_client import (  # noqa: F401 - RequestStream and the errors: re-exported
+    ENGINE_CALLS,
+    EngineClient,
+    EngineDeadError,
+    EngineInfo,
+    RequestFailedError,
+    RequestStream,
+    merge_streams,
+)
 
 log = logging.getLogger("radixserve.server")
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread is not running (stopped, or a step failed for this request)."""
-
-    status = 503
-
-
-class RequestFailedError(EngineDeadError):
-    """This request failed inside the engine (finish reason "error"); the others carry on."""
-
-    status = 500
 
 
 @dataclass(slots=True)
@@ -44,69 +42,7 @@ class _Call:
     future: asyncio.Future | None  # None: fire and forget (aborts)
 
 
-class RequestStream:
-    """The outputs of one request, in order; iterate with `async for`.
-
-    Leaving early (break, an exception, cancellation when the client hangs up) must abort the
-    request so its blocks go back to the pool: use it as `async with stream:` or call close().
-    """
-
-    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
-        self.engine = engine
-        self.request_id = request_id
-        self._queue = queue
-        self.finished = False
-        self.final: RequestOutput | None = None
-        self._aborted = False
-        self.not_before: float | None = None  # monotonic time before which no output is handed out (TTFT floor)
-
-    async def next(self) -> RequestOutput:
-        """The next output; raises StopAsyncIteration after the final one."""
-        if self.finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if self.not_before is not None:
-            wait, self.not_before = self.not_before - time.monotonic(), None
-            if wait > 0:
-                await asyncio.sleep(wait)
-        if isinstance(item, BaseException):
-            self.finished = True
-            raise item
-        if item.finished:
-            self.finished = True
-            self.final = item
-            if item.finish_reason == "error":
-                raise RequestFailedError(f"the engine failed while running this request: {item.error}")
-        return item
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        return await self.next()
-
-    async def result(self) -> RequestOutput:
-        """Wait for the final output (its text and token ids are complete)."""
-        while not self.finished:
-            await self.next()
-        assert self.final is not None
-        return self.final
-
-    def close(self) -> None:
-        """Abort the request if it has not finished (idempotent). Its final output (finish
-        reason "abort") still arrives, so a concurrent `result()` returns rather than hangs."""
-        if not self.finished and not self._aborted:
-            self._aborted = True
-            self.engine.abort(self.request_id)
-
-    async def __aenter__(self) -> RequestStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-
-class AsyncEngine:
+class AsyncEngine(EngineClient):
     """Owns the engine thread. Create it, `start()` it from inside the event loop, `stop()` it.
 
     on_finished, if given, is called on the event loop with every finished request's output
@@ -115,6 +51,8 @@ class AsyncEngine:
 
     def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None) -> None:
         self.engine = engine
+        self.info = EngineInfo.of(engine)
+        self.tokenizer = engine.tokenizer
         self.on_finished = on_finished
         self._cond = threading.Condition()
         self._commands: deque[_Call] = deque()
@@ -145,6 +83,9 @@ class AsyncEngine:
             queue.put_nowait(EngineDeadError("the server is shutting down"))
         self._streams.clear()
 
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.close)
+
     @property
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
@@ -159,12 +100,8 @@ class AsyncEngine:
         self._submit(_Call(fn, args, future))
         return await future
 
-    async def add_request(self, prompt_token_ids: list[int], params: SamplingParams, **options: Any) -> RequestStream:
-        """Queue a request (params.n == 1; options as add_choices); returns once the engine
-        accepted it. Bad input raises here (InvalidRequestError, PromptTooLongError), before any
-        response has been started."""
-        assert params.n == 1, "add_choices takes n > 1"
-        return (await self.add_choices(prompt_token_ids, params, **options))[0]
+    async def call_named(self, name: str, *args: Any) -> Any:
+        return await self.call(ENGINE_CALLS[name].fn, self.engine, *args)
 
     async def add_choices(
         self,
@@ -179,8 +116,6 @@ class AsyncEngine:
         cache_report: bool = False,
         cache_report_namespaces: tuple[str, ...] = (),
     ) -> list[RequestStream]:
-        """Queue a request of params.n choices (one prefill, shared); one stream per choice, in
-        index order. Bad input raises here, as in add_request."""
         ids = choice_request_ids(request_id, params.n)
         queues = {rid: asyncio.Queue() for rid in ids}
         self._streams.update(queues)
@@ -301,35 +236,3 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several streams as (index, output), in arrival order (batched completions)."""
-    if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int, stream: RequestStream) -> None:
-        try:
-            async for out in stream:
-                queue.put_nowait((index, out))
-        except BaseException as e:  # noqa: BLE001 - re-raised by the consumer
-            queue.put_nowait((index, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            index, item = await queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield index, item
-            if item.finished:
-                remaining -= 1
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            stream.close()

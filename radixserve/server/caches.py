@@ -197,7 +197,7 @@ class NamedCacheStore:
         stream = await self.state.submit(
             cache.token_ids, SamplingParams(max_tokens=1, temperature=0.0), prefix="cache-warm-",
             namespace=cache.namespace,
-            cache_pins=[CachePin(len(cache.token_ids), remaining, alive=lambda: self._is_live(cache))],
+            cache_pins=[CachePin(len(cache.token_ids), remaining, alive=lambda: self._is_live(cache), owner=cache.cache_id)],
         )
         out = await collect(stream)
         if out.finish_reason == "abort" or not self._is_live(cache):
@@ -284,7 +284,7 @@ class NamedCacheStore:
         cache.request_pin_tokens.add(shared)
         # `alive` closes the race with delete and expiry: the engine applies this pin only if
         # the cache is still live by then (_drop removes the record before it unpins).
-        return CachePin(shared, remaining, alive=lambda: self._is_live(cache))
+        return CachePin(shared, remaining, alive=lambda: self._is_live(cache), owner=cache.cache_id)
 
     def _is_live(self, cache: NamedCache) -> bool:
         """Called on the engine thread: a dict lookup and a float compare, safe under the GIL."""
@@ -315,8 +315,8 @@ class NamedCacheStore:
         extends a pin, so this is unpin + pin, in one engine call (no step, hence no eviction,
         in between). Identical caches share one tree node: it keeps the latest expiry of all."""
         until = max([cache.expire_time] + [c.expire_time for c in self._twins(cache)])
-        cache.pinned_tokens = await self.state.async_engine.call(
-            _repin, self.state.engine, cache.token_ids, cache.pinned_tokens, until - self.clock(), cache.namespace
+        cache.pinned_tokens = await self.state.async_engine.repin(
+            cache.token_ids, cache.pinned_tokens, until - self.clock(), cache.namespace
         )
 
     async def _drop(self, cache: NamedCache) -> None:
@@ -326,14 +326,15 @@ class NamedCacheStore:
         if self._caches.pop(cache.cache_id, None) is None:
             return
         await self.registry.delete(cache.cache_id)
+        self.state.async_engine.forget_pin_owner(cache.cache_id)
         lengths = sorted({n for n in (cache.pinned_tokens, *cache.request_pin_tokens) if n > 0})
         if not lengths or not self.state.async_engine.is_running:
             return
         twins = self._twins(cache)
         keep = max(twins, key=lambda c: c.expire_time) if twins else None  # the node stays pinned for it
         until = keep.expire_time - self.clock() if keep is not None else 0.0
-        pinned = await self.state.async_engine.call(
-            _unpin_all, self.state.engine, cache.token_ids, lengths, cache.namespace,
+        pinned = await self.state.async_engine.unpin_all(
+            cache.token_ids, lengths, cache.namespace,
             keep.token_ids if keep is not None else None, keep.pinned_tokens if keep is not None else 0, until,
         )
         if keep is not None:
@@ -346,23 +347,6 @@ class NamedCacheStore:
             c for c in self._caches.values()
             if c is not cache and c.namespace == cache.namespace and c.token_ids[: c.pinned_tokens] == prefix
         ]
-
-
-def _repin(engine, token_ids: list[int], pinned: int, ttl: float, namespace: str) -> int:
-    if pinned:
-        engine.unpin_prefix(token_ids[:pinned], namespace)
-    return engine.pin_prefix(token_ids, ttl, namespace)
-
-
-def _unpin_all(
-    engine, token_ids: list[int], lengths: list[int], namespace: str,
-    keep_ids: list[int] | None, keep_pinned: int, keep_ttl: float,
-) -> int:
-    for n in lengths:
-        engine.unpin_prefix(token_ids[:n], namespace)
-    if keep_ids is None or keep_ttl <= 0:
-        return 0
-    return _repin(engine, keep_ids, keep_pinned, keep_ttl, namespace)
 
 
 # ---- times ------------------------------------------------------------------------------

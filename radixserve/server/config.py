@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from radixserve.request import CachePolicy
 
@@ -44,6 +45,16 @@ class ServerConfig:
     probe_rate_limit: float | None = None  # cache-reading requests per minute per key (None: no limit)
     probe_burst: int | None = None  # the most such requests at once (default: a minute's worth)
     shared_ttft_floor: float = 0.0  # seconds: requests reading a cache shared across keys answer no sooner
+    # Where the engine steps: "on" in a process of its own (HTTP and the step loop then do not
+    # share one interpreter lock), "off" on a thread of the server process. "auto" is on, CPU
+    # included: measured faster there too (docs/benchmarks.md, engine-process-cpu). A server
+    # given a built LLMEngine runs it in-thread.
+    engine_process: Literal["auto", "on", "off"] = "auto"
+
+    @property
+    def uses_engine_process(self) -> bool:
+        """Whether an engine this server builds runs in its own process."""
+        return self.engine_process != "off"
 
     def __post_init__(self) -> None:
         if self.min_cacheable_tokens < 0:
@@ -62,6 +73,8 @@ class ServerConfig:
             raise ValueError(f"probe_burst must be >= 1, got {self.probe_burst}")
         if not self.shared_ttft_floor >= 0:
             raise ValueError(f"shared_ttft_floor must be >= 0 seconds, got {self.shared_ttft_floor}")
+        if self.engine_process not in ("auto", "on", "off"):
+            raise ValueError(f"engine_process must be auto, on or off, got {self.engine_process!r}")
         if self.cache_ttl_scale <= 0:
             raise ValueError(f"cache_ttl_scale must be > 0, got {self.cache_ttl_scale}")
         if any(not k for k in [*self.api_keys, *self.admin_keys, *self.metrics_keys]):

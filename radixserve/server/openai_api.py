@@ -62,7 +62,7 @@ async def get_model(model_id: str, request: Request) -> JSONResponse:
 def _openai_model(state: ServerState) -> dict:
     return {
         "id": state.model_name, "object": "model", "created": state.created, "owned_by": "radixserve",
-        "max_model_len": state.engine.max_model_len,
+        "max_model_len": state.engine_info.max_model_len,
     }
 
 

@@ -336,7 +336,7 @@ class StateKeeper:
         self._acquire_lock()
         state = self.state
         data = self.file.load()
-        loaded = decode_state(data, model=state.model_name, cache_identity=state.engine.cache_identity,
+        loaded = decode_state(data, model=state.model_name, cache_identity=state.engine_info.cache_identity,
                               now=self.clock(), tokenizer=state.tokenizer)
         if loaded.bad_entries:
             self.file.set_aside(f"has {loaded.bad_entries} entries that cannot be decoded",
@@ -391,10 +391,14 @@ class StateKeeper:
             self._dirty.clear()
             state = self.state
             edges: list[PinnedEdge] = []
-            if state.prefix_caching and state.async_engine.is_running:
-                edges = await state.async_engine.call(state.engine.pinned_paths)
+            if state.prefix_caching and not state.async_engine.is_running:
+                # the engine died (its process exited): the file keeps the pins it last saw,
+                # which a restarted server re-creates, rather than an empty list
+                return True
+            if state.prefix_caching:
+                edges = await state.async_engine.pinned_paths()
             now = self.clock()
-            document = encode_state(model=state.model_name, cache_identity=state.engine.cache_identity,
+            document = encode_state(model=state.model_name, cache_identity=state.engine_info.cache_identity,
                                     named_caches=state.caches.live(), edges=edges, now=now)
             blob = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
             if blob == self._last_saved:

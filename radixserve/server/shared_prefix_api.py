@@ -39,12 +39,12 @@ async def publish(state: ServerState, name: str, system: str) -> dict:
     prompt = await asyncio.to_thread(build_prompt, state.tokenizer, [ChatTurn("system", [system])], None, False)
     state.check_prompt_tokens(len(prompt.token_ids))
     try:
-        await state.async_engine.call(state.engine.publish_shared_prefix, name, prompt.token_ids)
+        await state.async_engine.publish_shared_prefix(name, prompt.token_ids)
     except InvalidRequestError as e:
         raise APIError(400, str(e), param="name" if "name" in str(e) else "system") from None
     wanted = len(prompt.token_ids) // state.block_size * state.block_size
     deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
-    while (cached := await state.async_engine.call(state.engine.shared_prefix_cached_tokens, name)) < wanted:
+    while (cached := await state.async_engine.shared_prefix_cached_tokens(name)) < wanted:
         if asyncio.get_running_loop().time() > deadline:
             raise APIError(503, f"the shared prefix {name!r} was not cached within {READY_TIMEOUT_S:.0f} s")
         await asyncio.sleep(0.05)
@@ -76,6 +76,6 @@ async def create_shared_prefix(request: Request) -> JSONResponse:
 async def delete_shared_prefix(name: str, request: Request) -> JSONResponse:
     state = get_state(request)
     state.auth.authenticate_admin(request)
-    if not await state.async_engine.call(state.engine.withdraw_shared_prefix, name):
+    if not await state.async_engine.withdraw_shared_prefix(name):
         raise APIError(404, f"no shared prefix named {name!r}", param="name")
     return JSONResponse({"name": name, "deleted": True})

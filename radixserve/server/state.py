@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 
 from radixserve.request_log import RequestLogWriter
-from radixserve.engine import LLMEngine
 from radixserve.errors import PromptTooLongError
 from radixserve.request import CachePin, CachePolicy, RequestOutput
 from radixserve.sampling import SamplingParams
-from radixserve.server.async_engine import AsyncEngine, RequestStream
+from radixserve.server.async_engine import AsyncEngine
+from radixserve.server.engine_client import EngineClient, RequestStream
 from radixserve.server.auth import Authenticator, Tenant
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import APIError
@@ -27,21 +27,26 @@ from radixserve.server.prompting import ChatTurn, check_prompt_size
 class ServerState:
     """One per app. Routes reach it as `request.app.state.radixserve` (see `get_state`)."""
 
-    def __init__(self, engine: LLMEngine, config: ServerConfig) -> None:
+    def __init__(self, engine_client: EngineClient, config: ServerConfig) -> None:
         from radixserve.server.caches import NamedCacheStore  # caches needs ServerState's type only
 
-        self.engine = engine
+        # the one way to the engine, on a thread here or in its own process (--engine-process)
+        self.async_engine = engine_client
+        engine_client.on_finished = self._on_finished
+        self.engine_info = engine_client.info
+        # the LLMEngine itself when it steps on a thread of this process (None with the engine
+        # process): the scale-out replica attaches its KV-event recorder to it
+        self.engine = engine_client.engine if isinstance(engine_client, AsyncEngine) else None
         self.config = config
-        self.tokenizer = engine.tokenizer
+        self.tokenizer = engine_client.tokenizer
         self.metrics = ServerMetrics()
-        self.async_engine = AsyncEngine(engine, on_finished=self._on_finished)
         self.auth = Authenticator(
             config.api_keys, config.namespace_from_api_key, admin_keys=config.admin_keys,
             metrics_keys=config.metrics_keys,
             key_cache_policies={k: CachePolicy(p) for k, p in config.key_cache_policies.items()},
             default_cache_policy=CachePolicy(config.default_cache_policy),
         )
-        self.model_name = config.served_model_name or engine.model_id
+        self.model_name = config.served_model_name or self.engine_info.model_id
         self.created = int(time.time())
         self.caches = NamedCacheStore(self)
         # what clients were promised (named caches, pins), saved to survive a restart (opt-in)
@@ -79,7 +84,7 @@ class ServerState:
     def model_aliases(self) -> set[str]:
         """Names a request may use for the one model served: the served name, the model's id
         and the --model value it was loaded from (e.g. "embedded")."""
-        return {self.model_name, self.engine.model_id, self.engine.config.model.source}
+        return {self.model_name, self.engine_info.model_id, self.engine_info.model_source}
 
     def check_model(self, name: str) -> None:
         if name not in self.model_aliases:
@@ -94,7 +99,7 @@ class ServerState:
     @property
     def max_total_tokens(self) -> int:
         """Prompt + output tokens one request can have: the context, and the KV pool."""
-        return self.engine.max_total_tokens
+        return self.engine_info.max_total_tokens
 
     def default_max_tokens(self, num_prompt_tokens: int) -> int:
         """When a request sets no limit, it may generate up to the end of its context."""
@@ -103,35 +108,35 @@ class ServerState:
     def check_prompt_size(self, texts: list[str]) -> None:
         """400 (context_length_exceeded) at once when `texts` cannot fit the context, before
         anything renders or tokenizes them (see prompting.check_prompt_size)."""
-        check_prompt_size(self.tokenizer, texts, self.engine.max_model_len)
+        check_prompt_size(self.tokenizer, texts, self.engine_info.max_model_len)
 
     def check_prompt_tokens(self, num_tokens: int) -> None:
         """The exact check, once tokenized (the engine makes it again on admission)."""
-        if num_tokens >= self.engine.max_model_len:
+        if num_tokens >= self.engine_info.max_model_len:
             raise PromptTooLongError(
-                f"the prompt has {num_tokens} tokens but the model's context length is {self.engine.max_model_len}"
+                f"the prompt has {num_tokens} tokens but the model's context length is {self.engine_info.max_model_len}"
             )
 
     def pin_bounds(self) -> tuple[int, int] | None:
         """(total, per namespace): the most KV blocks pins may hold (None: cache off). Fixed at
         start, so reading them from the event loop is safe."""
-        return self.engine.pin_bounds
+        return self.engine_info.pin_bounds
 
     def pin_bounds_text(self) -> str:
         bound = self.pin_bounds()
         if bound is None:
             return "pins are unbounded"
-        pool = self.engine.num_kv_blocks
+        pool = self.engine_info.num_kv_blocks
         return (f"at most {bound[1]} blocks per namespace ({bound[1] / pool:.0%} of the pool) "
                 f"and {bound[0]} in total ({bound[0] / pool:.0%})")
 
     @property
     def prefix_caching(self) -> bool:
-        return self.engine.prefix_caching
+        return self.engine_info.prefix_caching
 
     @property
     def block_size(self) -> int:
-        return self.engine.block_size
+        return self.engine_info.block_size
 
     # ---- running requests ---------------------------------------------------------------
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, **options: Any) -> RequestStream:

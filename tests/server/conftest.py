@@ -4,10 +4,16 @@ The model is loaded once per session (tests/conftest.py's embedded_model); each 
 own LLMEngine (own KV pool and prefix cache) over it. `server` is shared by most tests; tests
 that need special settings (API keys, a tiny pool, short TTLs) start their own with
 `start_server`.
+
+RADIXSERVE_TEST_ENGINE_PROCESS=1 runs every such server with its engine core in a process of
+its own (--engine-process on; that process loads the model itself): the suite then checks the
+process split. `server.engine` is then a CoreView, which asks the core through named calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +49,7 @@ class RunningServer:
 
     @property
     def engine(self):
-        return self.state.engine
+        return self.state.engine if self.state.engine is not None else CoreView(self.state)
 
     @property
     def tokenizer(self):
@@ -93,22 +99,54 @@ class RunningServer:
             time.sleep(0.05)
 
 
+class CoreView:
+    """What tests read of `server.engine` when the engine runs in its own process: the fixed
+    facts from EngineInfo, the rest through the client's named calls on the server's loop."""
+
+    def __init__(self, state) -> None:
+        self._state = state
+
+    def __getattr__(self, name: str):
+        return getattr(self._state.engine_info, name)
+
+    def _ask(self, coroutine):
+        loop = self._state.async_engine._loop
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=60)
+
+    def pinned_blocks(self, cache_namespace: str | None = None) -> int:
+        return self._ask(self._state.async_engine.pinned_blocks(cache_namespace))
+
+    def pinned_paths(self):
+        return self._ask(self._state.async_engine.pinned_paths())
+
+    def check_cache_invariants(self) -> None:
+        self._ask(self._state.async_engine.check_cache_invariants())
+
+
+def engine_process_forced() -> bool:
+    return os.environ.get("RADIXSERVE_TEST_ENGINE_PROCESS", "") not in ("", "0")
+
+
 @contextmanager
 def start_server(loaded_model, server_config: ServerConfig | None = None, *, num_blocks: int = 1024,
                  max_num_batched_tokens: int = 2048, api_key: str | None = None,
-                 kv_store: str | None = None) -> Iterator[RunningServer]:
-    """Run a server in a background thread on a free 127.0.0.1 port until the block exits."""
+                 kv_store: str | None = None, engine_process: bool | None = None) -> Iterator[RunningServer]:
+    """Run a server in a background thread on a free 127.0.0.1 port until the block exits.
+    engine_process: its engine core in a process of its own (None: as RADIXSERVE_TEST_ENGINE_PROCESS says)."""
+    import dataclasses
+
     from radixserve.engine import LLMEngine
 
-    engine = LLMEngine(
-        EngineConfig(
-            model=ModelConfig(source="embedded", show_progress=False),
-            cache=CacheConfig(num_blocks=num_blocks, kv_store=kv_store),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
-        ),
-        loaded=loaded_model,
+    config = EngineConfig(
+        model=ModelConfig(source="embedded", show_progress=False),
+        cache=CacheConfig(num_blocks=num_blocks, kv_store=kv_store),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens),
     )
-    app = create_app(engine, server_config or ServerConfig(min_cacheable_tokens=32))
+    server_config = server_config or ServerConfig(min_cacheable_tokens=32)
+    if engine_process if engine_process is not None else engine_process_forced():
+        app = create_app(config, dataclasses.replace(server_config, engine_process="on"))
+    else:
+        app = create_app(LLMEngine(config, loaded=loaded_model), server_config)
     with serve_app(app) as base_url:
         yield RunningServer(base_url, app, api_key)
 
