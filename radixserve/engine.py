@@ -144,8 +144,7 @@ class LLMEngine:
             max_num_seqs=self.config.scheduler.max_num_seqs,
             max_model_len=self.max_model_len,
             cuda_graphs=not self.config.model.enforce_eager,
-            deterministic=self.config.model.deterministic,
-            packed_weights=self.config.model.cpu_packed_weights,
+            deterministic=self.config.model.deterministic, packed_weights=self.config.model.cpu_packed_weights,
         )
         self.cache = KVCacheManager(
             num_blocks, cache_cfg.block_size, loaded.cache_identity, enable_prefix_caching=cache_cfg.enable_prefix_caching,
