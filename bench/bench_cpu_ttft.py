@@ -190,14 +190,38 @@ def served_model(base_url: str) -> str:
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list[float]], dict]:
-    """{scenario/side: [seconds...]} and facts about the run (token counts, agreement)."""
+def start_servers(args, llama_python: Path, model: Path, servers: list) -> dict:
+    """Both servers started (appended to `servers` at once, so the caller stops them whatever
+    happens), each behind an openai client: {side name: prompt -> (seconds, text)}."""
     from openai import OpenAI
 
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ours = LocalServer(["--num-blocks", str(NUM_BLOCKS)], caching=True, threads=args.threads, log_dir=log_dir)
+    servers.append(ours)
+    ours.start()
+    theirs = LlamaServer(llama_python, model, args.threads, log_dir)
+    servers.append(theirs)
+    ours.wait_ready(300)
+    theirs.wait_ready()
+    sides = {}
+    for name, server in (("llama.cpp", theirs), ("radixserve", ours)):
+        client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
+        sides[f"http/{name}"] = (lambda c, n: lambda m: http_ttft(c, n, m))(client, served_model(server.base_url))
+    return sides
+
+
+def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list[float]], dict]:
+    """{scenario/side: [seconds...]} and facts about the run (token counts, agreement)."""
     system = system_text(tokenizer, SYSTEM_TOKENS, seed=1)
     system_turn = len(tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system}])))
     full = prompt_ids(tokenizer, messages(system, 1))
-    facts = {"system_tokens": system_turn, "new_tokens": len(full) - system_turn, "agree": 0, "compared": 0}
+    previous = prompt_ids(tokenizer, messages(system, 0))
+    common = next((i for i, (a, b) in enumerate(zip(previous, full)) if a != b), len(full))
+    facts = {"system_tokens": system_turn, "new_tokens": len(full) - system_turn, "agree": 0, "compared": 0,
+             # what each computes for a cached round: llama.cpp from the first token that differs from
+             # its slot's previous prompt, radixserve from the last full 16-token block it has cached
+             "llama_computes": len(full) - common, "radixserve_computes": len(full) - common // 16 * 16}
     model = find_embedded_gguf()
     engine = LLMEngine(EngineConfig(model=ModelConfig(show_progress=False), cache=CacheConfig(num_blocks=NUM_BLOCKS)),
                        loaded=loaded)  # fmt: skip
@@ -207,21 +231,11 @@ def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list
         "in-process/llama.cpp": lambda m: worker.ttft(prompt_ids(tokenizer, m)),
         "in-process/radixserve": lambda m: engine_ttft(engine, prompt_ids(tokenizer, m)),
     }
-    servers = []
-    if not args.no_http:
-        log_dir = Path(args.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        ours = LocalServer(["--num-blocks", str(NUM_BLOCKS)], caching=True, threads=args.threads, log_dir=log_dir)
-        theirs = LlamaServer(llama_python, model, args.threads, log_dir)
-        servers = [ours, theirs]
-        ours.start()
-        ours.wait_ready(300)
-        theirs.wait_ready()
-        for name, server in (("llama.cpp", theirs), ("radixserve", ours)):
-            client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
-            sides[f"http/{name}"] = (lambda c, n: lambda m: http_ttft(c, n, m))(client, served_model(server.base_url))
+    servers: list = []
     times: dict[str, list[float]] = {}
     try:
+        if not args.no_http:
+            sides.update(start_servers(args, llama_python, model, servers))
         for side in sides.values():  # warm-up, and the system prompt goes into every cache
             side(messages(system, 0))
         for r in range(args.rounds):
@@ -263,7 +277,9 @@ def report(times: dict[str, list[float]], facts: dict, args) -> str:
         f"llama-cpp-python {info['version']} runs the same file in Q4_1 (KV f16), one slot that reuses its longest "
         f"matching prefix. {args.threads} threads each; the engines alternate within every round. In process: "
         f"the same token ids, one greedy token (first tokens equal in {facts['agree']} of {facts['compared']} "
-        f"cached rounds: fp32 vs Q4_1 arithmetic). Over HTTP: each server's own chat template, the openai client, "
+        f"cached rounds: fp32 vs Q4_1 arithmetic). In a cached round llama.cpp computes "
+        f"{facts['llama_computes']} tokens (from the first one that differs from its slot's previous prompt), "
+        f"radixserve {facts['radixserve_computes']} (from its last cached full block of 16). Over HTTP: each server's own chat template, the openai client, "
         f"streaming, until the first content chunk.\n\n{table}\n\nllama.cpp system info: `{info['system_info']}`"
     )
 
