@@ -42,6 +42,7 @@ from radixserve.sampling import SamplingParams  # noqa: E402
 LLAMA_CPP_PYTHON = "llama-cpp-python[server]==0.3.36"
 DEFAULT_LLAMA_VENV = Path.home() / ".cache" / "radixserve-bench" / "llamacpp-0.3.36"
 WORKER = Path(__file__).resolve().parent / "llama_cpp_worker.py"
+RADIXSERVE_WORKER = Path(__file__).resolve().parent / "radixserve_worker.py"
 SYSTEM_TOKENS = 1538
 NUM_BLOCKS = 1024  # 16k tokens: every prompt of the run stays cached
 
@@ -87,6 +88,16 @@ class LlamaWorker:
                                         stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.info = self._read()
 
+    @classmethod
+    def radixserve(cls, tree: Path, threads: int) -> LlamaWorker:
+        """The same protocol served by radixserve's engine from another checkout (--baseline-tree)."""
+        worker = cls.__new__(cls)
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        worker.process = subprocess.Popen([sys.executable, str(RADIXSERVE_WORKER), str(threads)], cwd=tree, env=env,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        worker.info = worker._read()
+        return worker
+
     def _read(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
@@ -102,6 +113,19 @@ class LlamaWorker:
     def close(self) -> None:
         self.process.stdin.close()
         self.process.wait(timeout=30)
+
+
+class TreeServer(LocalServer):
+    """`radixserve serve` from another checkout (--baseline-tree): its code, the same flags."""
+
+    def __init__(self, tree: Path, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tree = tree
+
+    def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(self.tree), OMP_NUM_THREADS=str(self.threads))
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.tree)
 
 
 class LlamaServer:
@@ -202,10 +226,18 @@ def start_servers(args, llama_python: Path, model: Path, servers: list) -> dict:
     ours.start()
     theirs = LlamaServer(llama_python, model, args.threads, log_dir)
     servers.append(theirs)
+    named = [("llama.cpp", theirs), ("radixserve", ours)]
+    if args.baseline_tree:
+        base = TreeServer(Path(args.baseline_tree), ["--num-blocks", str(NUM_BLOCKS)], caching=True,
+                          threads=args.threads, log_dir=log_dir)  # fmt: skip
+        servers.append(base)
+        base.start()
+        base.wait_ready(300)
+        named.append(("radixserve baseline", base))
     ours.wait_ready(300)
     theirs.wait_ready()
     sides = {}
-    for name, server in (("llama.cpp", theirs), ("radixserve", ours)):
+    for name, server in named:
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
         sides[f"http/{name}"] = (lambda c, n: lambda m: http_ttft(c, n, m))(client, served_model(server.base_url))
     return sides
@@ -231,6 +263,11 @@ def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list
         "in-process/llama.cpp": lambda m: worker.ttft(prompt_ids(tokenizer, m)),
         "in-process/radixserve": lambda m: engine_ttft(engine, prompt_ids(tokenizer, m)),
     }
+    workers = [worker]
+    if args.baseline_tree:
+        workers.append(LlamaWorker.radixserve(Path(args.baseline_tree).resolve(), args.threads))
+        facts["baseline_code"] = workers[1].info["radixserve"]
+        sides["in-process/radixserve baseline"] = lambda m: workers[1].ttft(prompt_ids(tokenizer, m))
     servers: list = []
     times: dict[str, list[float]] = {}
     try:
@@ -253,7 +290,8 @@ def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list
                 times.setdefault(f"cold/{name}", []).append(seconds)
                 time.sleep(0.05)
     finally:
-        worker.close()
+        for w in workers:
+            w.close()
         for server in servers:
             server.stop()
     return times, facts
@@ -268,10 +306,20 @@ def report(times: dict[str, list[float]], facts: dict, args) -> str:
             if not theirs or not ours:
                 continue
             t, o = statistics.median(theirs), statistics.median(ours)
-            rows.append([label, where, len(ours), f"{t * 1000:.1f} ms", f"{o * 1000:.1f} ms", f"{o / t:.2f}"])
-    table = markdown_table(["prompt", "path", "rounds", "llama.cpp TTFT p50", "radixserve TTFT p50",
-                            "radixserve / llama.cpp"], rows)  # fmt: skip
+            row = [label, where, len(ours), f"{t * 1000:.1f} ms", f"{o * 1000:.1f} ms", f"{o / t:.2f}"]
+            base = times.get(f"{kind}/{where}/radixserve baseline")
+            if args.baseline_tree:
+                b = statistics.median(base)
+                row += [f"{b * 1000:.1f} ms", f"{b / t:.2f}", f"{o / b:.2f}"]
+            rows.append(row)
+    headers = ["prompt", "path", "rounds", "llama.cpp TTFT p50", "radixserve TTFT p50", "radixserve / llama.cpp"]
+    if args.baseline_tree:
+        headers += [f"baseline ({args.baseline_label}) p50", "baseline / llama.cpp", "radixserve / baseline"]
+    table = markdown_table(headers, rows)
     info = facts["llama_info"]
+    baseline = (f" The baseline is radixserve at {args.baseline_label}, run from another checkout "
+                f"(`{facts.get('baseline_code')}`) in its own process and as its own server, in the same rounds."
+                if args.baseline_tree else "")  # fmt: skip
     return (
         f"Embedded SmolLM2-135M-Instruct: radixserve dequantizes the Q4_1 GGUF to fp32 (KV fp32, block size 16); "
         f"llama-cpp-python {info['version']} runs the same file in Q4_1 (KV f16), one slot that reuses its longest "
@@ -280,7 +328,7 @@ def report(times: dict[str, list[float]], facts: dict, args) -> str:
         f"cached rounds: fp32 vs Q4_1 arithmetic). In a cached round llama.cpp computes "
         f"{facts['llama_computes']} tokens (from the first one that differs from its slot's previous prompt), "
         f"radixserve {facts['radixserve_computes']} (from its last cached full block of 16). Over HTTP: each server's own chat template, the openai client, "
-        f"streaming, until the first content chunk.\n\n{table}\n\nllama.cpp system info: `{info['system_info']}`"
+        f"streaming, until the first content chunk.{baseline}\n\n{table}\n\nllama.cpp system info: `{info['system_info']}`"
     )
 
 
@@ -292,6 +340,10 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true", help="in-process rows only")
     parser.add_argument("--llama-venv", default=str(DEFAULT_LLAMA_VENV))
     parser.add_argument("--log-dir", default="/tmp/radixserve-bench-ttft")
+    parser.add_argument("--baseline-tree", default=None,
+                        help="another checkout of radixserve (the code before a change) measured alongside, "
+                             "in its own process and over HTTP")  # fmt: skip
+    parser.add_argument("--baseline-label", default="baseline", help="what to call it in the table (a commit)")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
     llama_python = llama_cpp_python(Path(args.llama_venv))
