@@ -44,6 +44,9 @@ class ModelConfig:
     """bitwise-reproducible logits: a request's logits (and seeded samples) do not depend on the
     prefix cache, the batch, the prefill chunking or preemption; batch-invariant matmuls and one
     attention path (slower: see docs/benchmarks.md)"""
+    cpu_packed_weights: bool = True
+    """CPU, float32: multiply by oneDNN-packed copies of the linear layers' weights (prefill
+    matmuls a fifth faster; the decoder weights take twice the memory)"""
     show_progress: bool = True
     """progress bars while loading weights and warming up kernels"""
     kernel_warmup: bool = True

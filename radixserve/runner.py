@@ -41,6 +41,7 @@ class ModelRunner:
         max_model_len: int | None = None,
         cuda_graphs: bool = True,
         deterministic: bool = False,
+        packed_weights: bool = True,
     ) -> None:
         self.model = loaded.model
         self.arch = loaded.arch
@@ -52,6 +53,8 @@ class ModelRunner:
         # Before any graph capture: the graphs record whichever kernels the mode picks. Set on
         # every runner (a LoadedModel may be shared by engines of either mode, one at a time).
         self.model.set_deterministic(deterministic, max_model_len)
+        # CPU only (a no-op elsewhere); deterministic mode's own matmuls take precedence anyway.
+        self.packed_weights = self.model.set_packed_weights(packed_weights and not deterministic)
         self._uploader = None
         self.graphs = None
         self.prefill_graphs = None

@@ -323,15 +323,28 @@ class TorchAttentionBackend(AttentionBackend):
         return cache.index_select(0, blocks).view(-1, kvh, d)[:length]
 
     @staticmethod
-    def _causal_mask(num_new: int, context: int, total: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
-        """(attn_mask, is_causal) for the last `num_new` of `total` tokens attending to all of them."""
-        if num_new == 1:
-            return None, False  # the one query is the last position: it sees every key
-        if context == 0:
-            return None, True
-        # Query j sits at position context + j and sees keys 0..context + j.
-        pos_q = torch.arange(context, total, device=device)
-        return torch.arange(total, device=device)[None, :] <= pos_q[:, None], False
+    def _step_mask(meta: AttentionMetadata, i: int, context: int, total: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [total - context, total] of sequence i's new tokens over its whole context:
+        query j (position context + j) sees keys 0..context + j. Built once per step and shared
+        by every layer (meta.backend_state), already in SDPA's additive form."""
+        key = ("prefill_mask", i)
+        mask = meta.backend_state.get(key)
+        if mask is None:
+            device = meta.positions.device
+            pos_q = torch.arange(context, total, device=device)
+            visible = torch.arange(total, device=device)[None, :] <= pos_q[:, None]
+            mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+            meta.backend_state[key] = mask
+        return mask
+
+    @staticmethod
+    def _sdpa(q, keys, values, mask, causal: bool, scale: float) -> torch.Tensor:
+        """q [L, H, D] over keys/values [S, KV, D] -> [L, H, D]."""
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(0).transpose(1, 2), keys.unsqueeze(0).transpose(1, 2), values.unsqueeze(0).transpose(1, 2),
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != keys.shape[1],
+        )  # fmt: skip
+        return o[0].transpose(0, 1)
 
     def _prefill_one(
         self,
@@ -349,23 +362,16 @@ class TorchAttentionBackend(AttentionBackend):
         ctx = S - L
         if ctx == 0 and k_new is not None and v_new is not None:
             # Nothing cached: the fresh K/V is the whole context, no gather needed.
-            keys, values = k_new, v_new
-        else:
-            block_size = k_cache.shape[1]
-            blocks = meta.block_tables[i, : (S + block_size - 1) // block_size]
-            keys = self._gather(k_cache, blocks, S)
-            values = self._gather(v_cache, blocks, S)
-        mask, causal = self._causal_mask(L, ctx, S, q.device)
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(0).transpose(1, 2),
-            keys.unsqueeze(0).transpose(1, 2),
-            values.unsqueeze(0).transpose(1, 2),
-            attn_mask=mask,
-            is_causal=causal,
-            scale=scale,
-            enable_gqa=q.shape[1] != keys.shape[1],
-        )
-        return o[0].transpose(0, 1)
+            return self._sdpa(q, k_new, v_new, None, True, scale)
+        block_size = k_cache.shape[1]
+        blocks = meta.block_tables[i, : (S + block_size - 1) // block_size]
+        keys = self._gather(k_cache, blocks, S)
+        values = self._gather(v_cache, blocks, S)
+        if L == 1:  # the one query is the last position: it sees every key
+            return self._sdpa(q, keys, values, None, False, scale)
+        if ctx == 0:
+            return self._sdpa(q, keys, values, None, True, scale)
+        return self._sdpa(q, keys, values, self._step_mask(meta, i, ctx, S, q.dtype), False, scale)
 
     def _decode_batch(
         self,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -99,6 +101,12 @@ def _compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
+# encode_batch remembers texts of at least this many characters (a system prompt, a tool list),
+# up to _REMEMBER_CHARS characters in all (least recently used forgotten first).
+_REMEMBER_MIN_CHARS = 1024
+_REMEMBER_CHARS = 1 << 22
+
+
 class Tokenizer:
     """Text <-> token ids, special tokens, and chat-template rendering for one model."""
 
@@ -131,6 +139,10 @@ class Tokenizer:
         self._splits_at_specials: bool | None = None
         self._literal_backend: HFTokenizer | None = None  # specials spelled out, for client text
         self._max_token_bytes: int | None = None
+        # Long texts encode_batch has seen, most recent last (see _REMEMBER_MIN_CHARS).
+        self._remembered: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._remembered_chars = 0
+        self._remembered_lock = threading.Lock()  # prompts are tokenized in worker threads
 
     # ---- construction -------------------------------------------------------------------
 
@@ -323,8 +335,36 @@ class Tokenizer:
         return num_bytes // (self._max_token_bytes * margin)
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Many texts at once (parallel inside `tokenizers`)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        """Many texts at once (parallel inside `tokenizers`). Long texts are remembered (the most
+        recent, up to _REMEMBER_CHARS characters in all): a chat prompt is tokenized in pieces
+        cut at the template's control tokens (server/prompting.py), so a system prompt that
+        every request repeats is one piece, tokenized once instead of per request."""
+        if add_special_tokens:
+            return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=True)]
+        out: list[list[int] | None] = [None] * len(texts)
+        with self._remembered_lock:
+            for i, text in enumerate(texts):
+                ids = self._remembered.get(text) if len(text) >= _REMEMBER_MIN_CHARS else None
+                if ids is not None:
+                    self._remembered.move_to_end(text)
+                    out[i] = list(ids)
+        missing = [i for i, ids in enumerate(out) if ids is None]
+        if missing:
+            encoded = self.backend.encode_batch([texts[i] for i in missing], add_special_tokens=False)
+            for i, e in zip(missing, encoded):
+                out[i] = e.ids
+                if _REMEMBER_MIN_CHARS <= len(texts[i]) <= _REMEMBER_CHARS:
+                    self._remember(texts[i], e.ids)
+        return out  # type: ignore[return-value]
+
+    def _remember(self, text: str, ids: list[int]) -> None:
+        with self._remembered_lock:
+            if text not in self._remembered:
+                self._remembered[text] = tuple(ids)
+                self._remembered_chars += len(text)
+            while self._remembered_chars > _REMEMBER_CHARS:
+                old, _ = self._remembered.popitem(last=False)
+                self._remembered_chars -= len(old)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Ids -> text."""

@@ -11,7 +11,9 @@ from radixserve.model.attention import (
     KVCache,
     TorchAttentionBackend,
     dense_causal_attention,
+    padded_block_tables,
 )
+from radixserve.step import StepInput
 
 
 def _scenario(seqs, *, heads=8, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32, seed=0):
@@ -89,6 +91,53 @@ def test_paged_shapes_and_gqa(seqs, heads, kv_heads):
     backend.write_kv(kc, vc, k, v, meta.slot_mapping)
     out = backend.attend(q, kc, vc, meta, 0.3, k=k, v=v)
     torch.testing.assert_close(out, _reference(full, seqs, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def _long_context_scenario(seqs, heads, kv_heads, head_dim=16, block_size=16, dtype=torch.float32):
+    """Like _scenario, but each sequence's table starts with consecutive block ids (what a prompt
+    prefilled in one step gets from a fresh pool) and ends with scattered ones (blocks a later
+    question took from the free list), as a long cached prompt plus a new question has it."""
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(c + q + block_size - 1) // block_size for c, q in seqs]
+    num_blocks = 2 * sum(sizes) + 8
+    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    backend = TorchAttentionBackend()
+    spare = list(range(sum(sizes) + 4, num_blocks))[::-1]
+    full, tables, next_block = [], [], 0
+    for (ctx, qlen), nb in zip(seqs, sizes):
+        q, k, v = (torch.randn(ctx + qlen, h, head_dim, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads))
+        run = ctx // block_size
+        table = list(range(next_block, next_block + run)) + [spare.pop() for _ in range(nb - run)]
+        next_block += run
+        slots = [table[p // block_size] * block_size + p % block_size for p in range(ctx)]
+        backend.write_kv(k_cache, v_cache, k[:ctx], v[:ctx], torch.tensor(slots, dtype=torch.long))
+        full.append((q, k, v))
+        tables.append(table)
+    step = StepInput.build(block_size, ((list(range(q)), c, t, True) for (c, q), t in zip(seqs, tables)))
+    meta = AttentionMetadata.from_step(
+        step, torch.tensor(step.positions), torch.tensor(step.slot_mapping), torch.tensor(step.query_start_loc),
+        torch.tensor(step.seq_lens), torch.from_numpy(padded_block_tables(step)),
+    )  # fmt: skip
+    new = [torch.cat([t[c:] for t, (c, _) in zip(parts, seqs)]) for parts in zip(*full)]
+    return backend, k_cache, v_cache, meta, full, new
+
+
+# Long cached contexts, each with new tokens that start mid-block or at a block boundary, beside
+# a decode and a fresh prefill.
+LONG = [(300, 9), (256, 16), (517, 3), (40, 1), (0, 12)]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_cached_context_matches_dense(heads, kv_heads, dtype):
+    backend, kc, vc, meta, full, (q, k, v) = _long_context_scenario(LONG, heads, kv_heads, dtype=dtype)
+    backend.write_kv(kc, vc, k, v, meta.slot_mapping)
+    out = backend.attend(q, kc, vc, meta, 0.25, k=k, v=v)
+    assert len([key for key in meta.backend_state if key[0] == "prefill_mask"]) == 3  # one per cached prefill
+    ref = _reference([tuple(t.float() for t in f) for f in full], LONG, 0.25)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 def test_write_kv_lands_in_slots():

@@ -167,3 +167,32 @@ def test_padded_to_covers_a_larger_model_vocabulary():
     assert padded.decode([300, 3 + ord("A"), 999]) == " <300>A <999>"
     assert padded.eos_token_ids == tok.eos_token_ids and padded.special_token_ids == tok.special_token_ids
     assert padded.fingerprint() != tok.fingerprint()
+
+
+def test_encode_batch_remembers_long_texts_exactly(embedded_tokenizer, monkeypatch):
+    """A long piece (a system prompt every request repeats) is tokenized once; what comes back
+    from memory is exactly what tokenizing gives, and the memory stays within its bound."""
+    from radixserve.model import tokenizer as tokenizer_module
+
+    tok = Tokenizer(embedded_tokenizer.backend, chat_template=embedded_tokenizer.chat_template)  # a fresh memory
+    long_texts = [" ".join(_random_texts(200, seed=s)) for s in range(3)]
+    assert all(len(t) >= tokenizer_module._REMEMBER_MIN_CHARS for t in long_texts)
+    short = "a short question?"
+    first = tok.encode_batch([long_texts[0], short])
+    assert first == [tok.encode(long_texts[0]), tok.encode(short)]
+    assert list(tok._remembered) == [long_texts[0]]  # the short text is not kept
+    first[0].append(-1)  # a caller extending its list does not touch the memory
+    calls = []
+    real = tok.backend.encode_batch
+    monkeypatch.setattr(tok, "backend", type("Spy", (), {
+        "encode_batch": lambda self, texts, add_special_tokens: calls.append(texts) or real(texts, add_special_tokens),
+    })())  # fmt: skip
+    again = tok.encode_batch([long_texts[0], short])
+    assert again == [tok.encode_batch([long_texts[0]])[0], first[1]] and again[0][-1] != -1
+    assert calls[0] == [short]  # only the short text was tokenized again
+    # the bound: room for two of the long texts -> the least recently used one goes
+    monkeypatch.setattr(tokenizer_module, "_REMEMBER_CHARS", max(map(len, long_texts)) * 2 + 1)
+    monkeypatch.setattr(tok, "backend", embedded_tokenizer.backend)
+    tok.encode_batch(long_texts[1:])
+    assert list(tok._remembered) == long_texts[1:]
+    assert tok._remembered_chars == len(long_texts[1]) + len(long_texts[2])
