@@ -5,9 +5,12 @@
 
 The ingress does not re-implement any API: it reads the body, computes a routing hint (the
 prompt's content keys, routing_hint.py), and forwards the raw request; the replica runs it
-through the same FastAPI app as `radixserve serve`, and streams the response back chunk by
-chunk (status and headers first). So auth, errors, streaming, named caches and usage behave
-exactly as on one server. Each response carries `x-radixserve-replica: <replica id>`.
+through the same FastAPI app as `radixserve serve`, and streams the response back: the first
+item carries status, headers and the first body chunk (the whole body of a non-streaming
+response: one Ray object, one message), each later item every chunk ready by then. So auth,
+errors, streaming, named caches and usage behave exactly as on one server. Each response carries
+`x-radixserve-replica: <replica id>`. Every Ray hop costs an actor round trip (docs/scaling.md,
+"What routing adds"), so the path makes as few as it can.
 
 The router is pluggable: ``router="cache-aware"`` (ours, router.py), ``"pow2"`` (Ray's default)
 or ``"prefix-affinity"`` (Ray Serve LLM's PrefixCacheAffinityRouter), for side-by-side runs.
@@ -92,10 +95,11 @@ class EngineReplica:
         log.info("replica %s ready (%s)", self.replica_id, engine.model_id)
 
     async def handle(self, request: RoutedRequest) -> AsyncIterator[Any]:
-        """Run one forwarded HTTP request through the app: yields {status, headers}, then body chunks."""
+        """Run one forwarded HTTP request through the app: yields {status, headers, body, more_body},
+        then (while more_body) the body chunks."""
         if request.target_replica is not None and request.target_replica != self.replica_id:
-            yield {"status": 404, "headers": [(b"content-type", b"application/json")]}
-            yield b'{"error": {"message": "that replica is gone", "type": "not_found"}}'
+            yield {"status": 404, "headers": [(b"content-type", b"application/json")],
+                   "body": b'{"error": {"message": "that replica is gone", "type": "not_found"}}', "more_body": False}
             return
         async for item in call_asgi(self.app, request, extra_headers=[(REPLICA_HEADER.encode(), self.replica_id.encode())]):
             yield item
@@ -125,8 +129,11 @@ class EngineReplica:
 
 
 async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[bytes, bytes]] = ()) -> AsyncIterator[Any]:
-    """Drive an ASGI app for one request, streaming: the start message as a dict, then each body
-    chunk. Closing the generator (the client went away) tells the app the client disconnected."""
+    """Drive an ASGI app for one request, streaming: first {status, headers, body, more_body} (the
+    start message with the first body chunk: a non-streaming response is this one item), then,
+    while more body comes, every chunk the app has sent by then as one bytes item (each item is a
+    Ray object and a round trip to the ingress; a fast stream is sent in fewer, larger pieces).
+    Closing the generator (the client went away) tells the app the client disconnected."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
         "scheme": "http", "path": request.path, "raw_path": request.path.encode(), "root_path": "",
@@ -154,19 +161,34 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
         finally:
             await queue.put(None)
 
+    async def next_chunks() -> tuple[bytes, bool]:
+        """(the body sent since the last call, waiting for at least one message; more to come?)"""
+        parts, more = [], True
+        message = await queue.get()
+        while more:
+            if message is None:
+                more = False
+            elif message["type"] == "http.response.body":
+                parts.append(bytes(message.get("body", b"")))
+                more = message.get("more_body", False)
+            if not more or queue.empty():
+                break
+            message = queue.get_nowait()
+        return b"".join(parts), more
+
     task = asyncio.get_running_loop().create_task(run())
     try:
-        while True:
-            message = await queue.get()
-            if message is None:
-                break
-            if message["type"] == "http.response.start":
-                yield {"status": message["status"], "headers": list(message.get("headers", [])) + list(extra_headers)}
-            elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield bytes(message["body"])
-                if not message.get("more_body", False):
-                    break
+        start = await queue.get()
+        if start is None or start["type"] != "http.response.start":
+            await task  # the app failed before answering: its exception, as Ray reports it
+            raise RuntimeError("the app ended without a response")
+        body, more = await next_chunks()
+        yield {"status": start["status"], "headers": list(start.get("headers", [])) + list(extra_headers),
+               "body": body, "more_body": more}
+        while more:
+            body, more = await next_chunks()
+            if body:
+                yield body
     finally:
         disconnected.set()
         with contextlib.suppress(Exception):
@@ -220,9 +242,13 @@ class Ingress:
                                 status_code=503, headers={"retry-after": "1"})
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
                    if k.lower() not in (b"content-length", b"transfer-encoding")}
+        if not start["more_body"]:  # the whole response in one item: one message back to the proxy
+            return Response(start["body"], status_code=start["status"], headers=headers)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
+                if start["body"]:
+                    yield start["body"]
                 async for chunk in stream:
                     yield chunk
             except Exception as e:  # noqa: BLE001 - a replica died mid-stream: end the stream with an error event
@@ -271,10 +297,16 @@ class Ingress:
                 continue  # stopped since it last published
             if response.status_code != 200:
                 return response  # e.g. 401 without the metrics key: the replica's answer
-            text = b"".join([c async for c in response.body_iterator]).decode()
+            text = await response_text(response)
             parts.append(label_metrics(text, replica_id))
         parts.append(cluster_metrics(stats))
         return Response("".join(parts), media_type="text/plain; version=0.0.4")
+
+
+async def response_text(response: Response) -> str:
+    if isinstance(response, StreamingResponse):
+        return b"".join([c async for c in response.body_iterator]).decode()
+    return bytes(response.body).decode()
 
 
 def build_app(
