@@ -19,6 +19,7 @@ or ``"prefix-affinity"`` (Ray Serve LLM's PrefixCacheAffinityRouter), for side-b
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
 import time
@@ -33,7 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from radixserve.cache.block_keys import CacheIdentity
 from radixserve.cluster.kv_events import KVEventRecorder
 from radixserve.cluster.metrics import cluster_metrics, label_metrics
-from radixserve.cluster.routing_hint import RoutedRequest, RoutingProfile, prompt_hint
+from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutedRequest, RoutingProfile, prompt_hint
 from radixserve.cluster.shared_state import STATE_ACTOR_NAME, get_or_create_state_actor
 from radixserve.config import EngineConfig
 from radixserve.server.caches import CacheRegistry, NamedCache
@@ -271,7 +272,9 @@ class Ingress:
 
     async def _profile(self) -> RoutingProfile | None:
         if self.profile is None:
-            self.profile = await self.state_actor.get_profile.remote()
+            profile = await self.state_actor.get_profile.remote()
+            if profile is not None:
+                self.profile = dataclasses.replace(profile, tokenizer=PieceMemoTokenizer(profile.tokenizer))
         return self.profile
 
     async def _prefetch_named_cache(self, body: bytes) -> dict[str, NamedCache]:
