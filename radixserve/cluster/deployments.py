@@ -198,6 +198,14 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
             task.cancel()
 
 
+async def response_text(response: Response) -> str:
+    """A response's body as text, whether it came whole or streamed. (Above the Ingress class:
+    defined after it, the ingress replica raised NameError on it, as Serve ships that class.)"""
+    if isinstance(response, StreamingResponse):
+        return b"".join([c async for c in response.body_iterator]).decode()
+    return bytes(response.body).decode()
+
+
 # no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
 ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
 
@@ -304,12 +312,6 @@ class Ingress:
             parts.append(label_metrics(text, replica_id))
         parts.append(cluster_metrics(stats))
         return Response("".join(parts), media_type="text/plain; version=0.0.4")
-
-
-async def response_text(response: Response) -> str:
-    if isinstance(response, StreamingResponse):
-        return b"".join([c async for c in response.body_iterator]).decode()
-    return bytes(response.body).decode()
 
 
 def build_app(
