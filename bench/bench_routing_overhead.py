@@ -10,6 +10,8 @@ sequential requests from one HTTP client (p50 over --requests, after 3 warm-ups)
   routed no-engine   the real application (one replica of the embedded model), requests its app
                      refuses at once (unknown model: HTTP, Ray, routing hint, parsing; no engine step)
   routed 1-token     the same, 1-token completions
+  handle no-engine   the no-engine requests sent from this process straight to the Engine
+                     deployment's handle (our router; no Serve proxy, no ingress)
   direct ...         the same two request kinds against the plain single-process server (no Ray)
 The two request kinds alternate in --rounds rounds. The 1-token rows include the model's forward
 pass, whose time on a shared 2-core box varies more than the hops measured; the no-engine rows
@@ -99,6 +101,33 @@ def ingress_echo(router: str):
     engine = serve.deployment(EchoReplica, name="Engine", ray_actor_options={"num_cpus": 0},
                               request_router_config=config).bind()
     return serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0}).bind(engine, ServerConfig())
+
+
+def handle_requests(n: int) -> list[float]:
+    """No-engine requests straight to the Engine deployment's handle from this process (our
+    router, no Serve proxy, no ingress): what one actor hop costs."""
+    import asyncio
+    import json
+
+    from ray import serve
+
+    from radixserve.cluster.routing_hint import RoutedRequest
+
+    handle = serve.get_deployment_handle("Engine", app_name="routed").options(stream=True)
+
+    async def run() -> list[float]:
+        times = []
+        for i in range(n + 3):
+            body = json.dumps({"model": "unknown", "prompt": f"Hi {i}", "max_tokens": 1}).encode()
+            request = RoutedRequest("POST", "/v1/completions", b"", [(b"content-type", b"application/json")], body)
+            started = time.perf_counter()
+            first = await handle.handle.remote(request).__anext__()
+            assert first["status"] == 404, first
+            if i >= 3:
+                times.append(time.perf_counter() - started)
+        return times
+
+    return asyncio.run(run())
 
 
 def routed_model(options: dict):
@@ -197,6 +226,7 @@ def main() -> int:
         if name == "routed":
             for kind, times in model_requests(base, args.requests, args.rounds).items():
                 results[f"routed {kind}"] = times
+            results["handle no-engine"] = handle_requests(args.requests)
         else:
             results[name] = timed_posts(f"{base}/v1/completions", args.requests, body)
         serve.delete(name)
