@@ -7,11 +7,15 @@ sequential requests from one HTTP client (p50 over --requests, after 3 warm-ups)
   serve-echo         a Serve deployment that answers at once (Ray's floor: proxy + one replica call)
   ingress-echo       our Ingress forwarding to a deployment that answers at once (adds our hop:
                      the ingress's handle call and the response), router = ours (-pow2: Ray's)
-  routed no-engine   the real application (one replica of the embedded model), requests its app
+  routed no-engine   the Serve application (Serve's proxy, the Ingress deployment, one replica of
+                     the embedded model; a Serve config deploys this), requests its app
                      refuses at once (unknown model: HTTP, Ray, routing hint, parsing; no engine step)
   routed 1-token     the same, 1-token completions
   handle no-engine   the no-engine requests sent from this process straight to the Engine
                      deployment's handle (our router; no Serve proxy, no ingress)
+  serve --replicas 1 the same two request kinds against `radixserve serve --replicas 1` in its
+                     own process: Ray, the engine deployment, and that process's own HTTP
+                     ingress (http_ingress_app: no Serve proxy, no ingress actor)
   direct ...         the same two request kinds against the plain single-process server (no Ray)
 The two request kinds alternate in --rounds rounds. The 1-token rows include the model's forward
 pass, whose time on a shared 2-core box varies more than the hops measured; the no-engine rows
@@ -136,9 +140,9 @@ def routed_model(options: dict):
     return app_from_options(options)
 
 
-def direct_model(n: int, rounds: int, extra_args: list[str]) -> dict[str, list[float]]:
-    """The plain server in its own process (as users run it; in-process it would share the
-    client's GIL, which the routed replica does not)."""
+def served_model(n: int, rounds: int, extra_args: list[str]) -> dict[str, list[float]]:
+    """`radixserve serve` in its own process, as users run it (in-process it would share the
+    client's GIL); extra_args e.g. --replicas 1 (then its own Ray, and its HTTP ingress in it)."""
     import subprocess
     import tempfile
 
@@ -199,7 +203,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=60)
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the two request kinds")
-    p.add_argument("--only", nargs="+", default=["hint", "serve-echo", "ingress-echo", "routed", "direct"])
+    p.add_argument("--only", nargs="+", default=["hint", "serve-echo", "ingress-echo", "routed", "serve-replicas", "direct"])
     p.add_argument("--serve-arg", action="append", default=[], help="passed to both servers (e.g. --device=cuda)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
@@ -232,9 +236,14 @@ def main() -> int:
         serve.delete(name)
     serve.shutdown()
     ray.shutdown()
+    if "serve-replicas" in args.only:
+        print("== serve-replicas", flush=True)
+        replicas = ["--replicas", "1", "--replica-cpus", str(args.ray_cpus), "--ray-num-cpus", str(args.ray_cpus)]
+        for kind, times in served_model(args.requests, args.rounds, replicas + args.serve_arg).items():
+            results[f"serve --replicas 1 {kind}"] = times
     if "direct" in args.only:
         print("== direct", flush=True)
-        for kind, times in direct_model(args.requests, args.rounds, args.serve_arg).items():
+        for kind, times in served_model(args.requests, args.rounds, args.serve_arg).items():
             results[f"direct {kind}"] = times
 
     hint_rows = hint_costs() if "hint" in args.only else []
@@ -242,9 +251,10 @@ def main() -> int:
             for name, t in results.items()]
     body_md = markdown_table(["configuration", "p50 ms", "p90 ms"], rows)
     for kind in ("no-engine", "1-token"):
-        if f"routed {kind}" in results and f"direct {kind}" in results:
-            added = statistics.median(results[f"routed {kind}"]) - statistics.median(results[f"direct {kind}"])
-            body_md += f"\n\nRouting adds {1000 * added:+.1f} ms p50 per {kind} request (routed - direct)."
+        for path in ("routed", "serve --replicas 1"):
+            if f"{path} {kind}" in results and f"direct {kind}" in results:
+                added = statistics.median(results[f"{path} {kind}"]) - statistics.median(results[f"direct {kind}"])
+                body_md += f"\n\nRouting adds {1000 * added:+.1f} ms p50 per {kind} request ({path} - direct)."
     if hint_rows:
         body_md += ("\n\nThe ingress's routing hint for a chat request (render, tokenize, key: on the request's "
                     "path), median ms, new question after the same system prompt:\n\n"

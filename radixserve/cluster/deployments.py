@@ -215,13 +215,9 @@ async def response_text(response: Response) -> str:
     return bytes(response.body).decode()
 
 
-# no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
-ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
-
-
-@serve.ingress(ingress_app)
-class Ingress:
-    """HTTP in, routed calls to the engine deployment out."""
+class IngressCore:
+    """HTTP in, routed calls to the engine deployment out (plain: the Serve Ingress deployment
+    and the in-process HTTP ingress, http_ingress_app, both run one)."""
 
     def __init__(self, engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> None:
         from radixserve.server.auth import Authenticator
@@ -237,8 +233,7 @@ class Ingress:
         self.profile: RoutingProfile | None = None
         self._named_caches: dict[str, tuple[float, NamedCache | None]] = {}
 
-    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def forward(self, path: str, request: Request) -> Response:
+    async def forward(self, request: Request) -> Response:
         body = await request.body()
         # prompt defaults to the path: Ray's PrefixCacheAffinityRouter divides by its length
         routed = RoutedRequest(request.method, request.url.path, request.url.query.encode(),
@@ -323,6 +318,38 @@ class Ingress:
         return Response("".join(parts), media_type="text/plain; version=0.0.4")
 
 
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+# no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
+ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@serve.ingress(ingress_app)
+class Ingress:
+    """The ingress as a Serve deployment, behind Serve's HTTP proxy (a Serve config on a cluster)."""
+
+    def __init__(self, engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> None:
+        self.core = IngressCore(engine, server_config, state_actor_name)
+
+    @ingress_app.api_route("/{path:path}", methods=METHODS)
+    async def forward(self, path: str, request: Request) -> Response:
+        return await self.core.forward(request)
+
+
+def http_ingress_app(engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> FastAPI:
+    """The ingress as a plain ASGI app for this process's own HTTP server (`radixserve serve
+    --replicas`): no Serve proxy and no ingress actor in front of the engine replicas, so a
+    request makes one Ray hop (the handle call) instead of three (proxy -> ingress, the body
+    fetched back from the proxy, ingress -> replica): docs/scaling.md, "What routing adds"."""
+    app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
+    core = IngressCore(engine, server_config, state_actor_name)
+
+    @app.api_route("/{path:path}", methods=METHODS)
+    async def forward(path: str, request: Request) -> Response:
+        return await core.forward(request)
+
+    return app
+
+
 def build_app(
     engine_config: EngineConfig,
     server_config: ServerConfig,
@@ -332,8 +359,25 @@ def build_app(
     replica_resources: dict[str, float] | None = None,
     max_ongoing_requests: int = 64,
 ):
-    """The Serve application (`serve.run(build_app(...))`). replica_resources: Ray resources of
-    one engine replica, e.g. {"num_gpus": 1} on GPU nodes, {"num_cpus": 4} on CPU."""
+    """The Serve application with its HTTP ingress (`serve.run(build_app(...))`). replica_resources:
+    Ray resources of one engine replica, e.g. {"num_gpus": 1} on GPU nodes, {"num_cpus": 4} on CPU."""
+    engine = build_engine_app(engine_config, server_config, num_replicas, router, balance, replica_resources,
+                              max_ongoing_requests)
+    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4 * max_ongoing_requests * num_replicas,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine, server_config)
+
+
+def build_engine_app(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    num_replicas: int = 1,
+    router: str = "cache-aware",
+    balance: float = 0.25,
+    replica_resources: dict[str, float] | None = None,
+    max_ongoing_requests: int = 64,
+):
+    """The engine deployment alone (behind our router): what http_ingress_app calls."""
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
     kwargs: dict[str, Any] = {"balance": balance} if router == "cache-aware" else {}
@@ -341,14 +385,11 @@ def build_app(
         kwargs = {"imbalanced_threshold": 10}
     router_config = RequestRouterConfig(request_router_class=ROUTERS[router], request_router_kwargs=kwargs)
     resources = replica_resources or {"num_cpus": 1}
-    engine = serve.deployment(
+    return serve.deployment(
         EngineReplica, name="Engine", num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options=resources, request_router_config=router_config,
         health_check_period_s=2, health_check_timeout_s=30,
     ).bind(engine_config, server_config)
-    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4 * max_ongoing_requests * num_replicas,
-                               ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine, server_config)
 
 
 def app_builder(args: dict[str, Any]):
