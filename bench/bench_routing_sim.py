@@ -2,6 +2,7 @@
 recorders, prefix index and score, no model and no Ray.
 
     .venv/bin/python bench/bench_routing_sim.py [--requests 160] [--system-prompts 8] [--replicas 2]
+        [--prompts-per-pool 2 3 4 5 6 8]   # a sweep of pool sizes
 
 Each replica is a RadixTree over its own block pool (sized as in bench_routing.py: about half the
 system prompts fit); a request is routed, then on its replica matched (cached tokens counted,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def simulate(prompts: list[list[int]], policy: str, num_replicas: int, blocks: i
         else:
             order = ids[:]
             rng.shuffle(order)
-            replica = ids.index(min(order[:2], key=lambda r: in_flight[r]))
+            replica = ids.index(min(order[:2], key=lambda r: in_flight[r]))  # pow2
         in_flight_list.append(ids[replica])
         per_replica[replica] += 1
         tree = trees[replica]
@@ -90,6 +92,10 @@ def simulate(prompts: list[list[int]], policy: str, num_replicas: int, blocks: i
     return hit / total, per_replica
 
 
+def span(rates: list[float]) -> str:
+    return f"{100 * min(rates):.1f}% - {100 * max(rates):.1f}%"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=160)
@@ -99,6 +105,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--balance", type=float, default=0.25)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--prompts-per-pool", type=int, nargs="*", default=[],
+                   help="sweep: pool sizes, in system prompts one replica's pool holds "
+                        "(default: system_prompts / replicas + 1, about half)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     tokenizer = Tokenizer.from_gguf(find_embedded_gguf())
@@ -107,21 +116,30 @@ def main() -> int:
     prompts = [build_prompt(tokenizer, [ChatTurn(m["role"], [m["content"]]) for m in r.messages]).token_ids
                for r in workload.build()]
     prompt_blocks = max(len(t) for t in prompts) // BLOCK_SIZE + 1
-    blocks = prompt_blocks * (args.system_prompts // args.replicas + 1) + 4 * args.concurrency
+    default_fit = args.system_prompts // args.replicas + 1
     rows = []
-    for policy, n, pool in (("single", 1, blocks * args.replicas), ("random / pow2", args.replicas, blocks),
-                            ("ours", args.replicas, blocks)):
-        rates, loads = [], []
-        for seed in range(args.seeds):
-            rate, per_replica = simulate(prompts, policy.split()[0], n, pool, args.concurrency, args.balance, seed)
-            rates.append(rate)
-            loads.append(per_replica)
-        rows.append([f"{policy} ({n} x {pool} blocks)", f"{100 * min(rates):.1f}% - {100 * max(rates):.1f}%",
-                     " / ".join(map(str, loads[0]))])
-    body = (f"Workload: {workload.summary()}, round robin over the prompts, {args.concurrency} in flight; "
-            f"{args.seeds} seeds (the range is over seeds). Real RadixTree / KVEventRecorder / PrefixIndex / "
-            f"choose_replica (balance {args.balance}); no model, no Ray, no timing.\n\n"
-            + markdown_table(["policy (replicas x KV blocks each)", "hit rate (prompt tokens)", "requests per replica (seed 0)"], rows))
+    for fit in args.prompts_per_pool or [default_fit]:
+        blocks = prompt_blocks * fit + 4 * args.concurrency
+        rates: dict[str, list[float]] = {}
+        loads: dict[str, list[int]] = {}
+        for policy, n, pool in (("single", 1, blocks * args.replicas), ("pow2", args.replicas, blocks),
+                                ("ours", args.replicas, blocks)):
+            for seed in range(args.seeds):
+                rate, per_replica = simulate(prompts, policy, n, pool, args.concurrency, args.balance, seed)
+                rates.setdefault(policy, []).append(rate)
+                loads.setdefault(policy, per_replica)  # seed 0's
+        mean = {k: statistics.mean(v) for k, v in rates.items()}
+        rows.append([f"{fit} ({blocks})", span(rates["single"]), span(rates["pow2"]), span(rates["ours"]),
+                     f"{mean['ours'] / mean['pow2']:.2f}x", f"{100 * (mean['single'] - mean['ours']):.1f}",
+                     " / ".join(map(str, loads["pow2"])), " / ".join(map(str, loads["ours"]))])
+    body = (f"Workload: {workload.summary()}, round robin over the prompts, {args.concurrency} in flight, "
+            f"{args.replicas} replicas; {args.seeds} seeds (hit rate: the range over seeds; ratio and gap: of the "
+            f"means). Real RadixTree / KVEventRecorder / PrefixIndex / choose_replica (balance {args.balance}); "
+            f"no model, no Ray, no timing. `single` is one replica with all traffic and {args.replicas}x the pool "
+            "(equal memory): the ceiling, since every prompt's first request misses wherever it goes.\n\n"
+            + markdown_table(["system prompts one pool holds (blocks)", "single", "random / pow2", "ours",
+                              "ours / pow2", "single - ours (points)", "requests per replica pow2",
+                              "requests per replica ours"], rows))
     print(body)
     if not args.no_docs:
         update_section("routing-sim", "Scale-out: routing policies' hit rate, simulated on the real cache code", body,

@@ -5,9 +5,12 @@
 
 The ingress does not re-implement any API: it reads the body, computes a routing hint (the
 prompt's content keys, routing_hint.py), and forwards the raw request; the replica runs it
-through the same FastAPI app as `radixserve serve`, and streams the response back chunk by
-chunk (status and headers first). So auth, errors, streaming, named caches and usage behave
-exactly as on one server. Each response carries `x-radixserve-replica: <replica id>`.
+through the same FastAPI app as `radixserve serve`, and streams the response back: the first
+item carries status, headers and the first body chunk (the whole body of a non-streaming
+response: one Ray object, one message), each later item every chunk ready by then. So auth,
+errors, streaming, named caches and usage behave exactly as on one server. Each response carries
+`x-radixserve-replica: <replica id>`. Every Ray hop costs an actor round trip (docs/scaling.md,
+"What routing adds"), so the path makes as few as it can.
 
 The router is pluggable: ``router="cache-aware"`` (ours, router.py), ``"pow2"`` (Ray's default)
 or ``"prefix-affinity"`` (Ray Serve LLM's PrefixCacheAffinityRouter), for side-by-side runs.
@@ -31,7 +34,7 @@ from ray.serve.config import RequestRouterConfig
 from radixserve.cache.block_keys import CacheIdentity
 from radixserve.cluster.kv_events import KVEventRecorder
 from radixserve.cluster.metrics import cluster_metrics, label_metrics
-from radixserve.cluster.routing_hint import RoutedRequest, RoutingProfile, prompt_hint
+from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutedRequest, RoutingProfile, prompt_hint
 from radixserve.cluster.shared_state import STATE_ACTOR_NAME, get_or_create_state_actor
 from radixserve.config import EngineConfig
 from radixserve.server.caches import CacheRegistry, NamedCache
@@ -73,7 +76,8 @@ class EngineReplica:
     """One engine + the single-server app, as a Serve replica. Publishes its KV events."""
 
     async def __init__(self, engine_config: EngineConfig, server_config: ServerConfig,
-                       event_interval_s: float = 0.05, state_actor_name: str = STATE_ACTOR_NAME) -> None:
+                       event_interval_s: float = 0.05, heartbeat_s: float = 1.0,
+                       state_actor_name: str = STATE_ACTOR_NAME) -> None:
         from radixserve.server import create_app
 
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -91,25 +95,34 @@ class EngineReplica:
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # starts the engine thread, as uvicorn would
         self.event_interval_s = event_interval_s
+        self.heartbeat_s = heartbeat_s
         self._publisher = asyncio.get_running_loop().create_task(self._publish_forever())
         log.info("replica %s ready (%s)", self.replica_id, engine.model_id)
 
     async def handle(self, request: RoutedRequest) -> AsyncIterator[Any]:
-        """Run one forwarded HTTP request through the app: yields {status, headers}, then body chunks."""
+        """Run one forwarded HTTP request through the app: yields {status, headers, body, more_body},
+        then (while more_body) the body chunks."""
         if request.target_replica is not None and request.target_replica != self.replica_id:
-            yield {"status": 404, "headers": [(b"content-type", b"application/json")]}
-            yield b'{"error": {"message": "that replica is gone", "type": "not_found"}}'
+            yield {"status": 404, "headers": [(b"content-type", b"application/json")],
+                   "body": b'{"error": {"message": "that replica is gone", "type": "not_found"}}', "more_body": False}
             return
         async for item in call_asgi(self.app, request, extra_headers=[(REPLICA_HEADER.encode(), self.replica_id.encode())]):
             yield item
 
     async def _publish_forever(self) -> None:
+        """Every event_interval_s the new KV events, if any; an empty batch every heartbeat_s
+        (the replica is alive, its load). Idle, that is one engine-thread call and one actor
+        call a second instead of 20."""
         async_engine = self.state.async_engine
+        last_published = 0.0
         while True:
             await asyncio.sleep(self.event_interval_s)
+            if not self.recorder.has_pending and time.monotonic() - last_published < self.heartbeat_s:
+                continue
             try:
                 # drained on the engine thread: a snapshot walks the tree, which only that thread changes
                 batch = await async_engine.call(self._drain)
+                last_published = time.monotonic()
                 if not await self.state_actor.publish.remote(batch):
                     self.recorder.request_snapshot()
             except Exception:  # noqa: BLE001 - keep serving; the actor comes back, the next batch is a snapshot
@@ -128,8 +141,11 @@ class EngineReplica:
 
 
 async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[bytes, bytes]] = ()) -> AsyncIterator[Any]:
-    """Drive an ASGI app for one request, streaming: the start message as a dict, then each body
-    chunk. Closing the generator (the client went away) tells the app the client disconnected."""
+    """Drive an ASGI app for one request, streaming: first {status, headers, body, more_body} (the
+    start message with the first body chunk: a non-streaming response is this one item), then,
+    while more body comes, every chunk the app has sent by then as one bytes item (each item is a
+    Ray object and a round trip to the ingress; a fast stream is sent in fewer, larger pieces).
+    Closing the generator (the client went away) tells the app the client disconnected."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
         "scheme": "http", "path": request.path, "raw_path": request.path.encode(), "root_path": "",
@@ -157,19 +173,34 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
         finally:
             await queue.put(None)
 
+    async def next_chunks() -> tuple[bytes, bool]:
+        """(the body sent since the last call, waiting for at least one message; more to come?)"""
+        parts, more = [], True
+        message = await queue.get()
+        while more:
+            if message is None:
+                more = False
+            elif message["type"] == "http.response.body":
+                parts.append(bytes(message.get("body", b"")))
+                more = message.get("more_body", False)
+            if not more or queue.empty():
+                break
+            message = queue.get_nowait()
+        return b"".join(parts), more
+
     task = asyncio.get_running_loop().create_task(run())
     try:
-        while True:
-            message = await queue.get()
-            if message is None:
-                break
-            if message["type"] == "http.response.start":
-                yield {"status": message["status"], "headers": list(message.get("headers", [])) + list(extra_headers)}
-            elif message["type"] == "http.response.body":
-                if message.get("body"):
-                    yield bytes(message["body"])
-                if not message.get("more_body", False):
-                    break
+        start = await queue.get()
+        if start is None or start["type"] != "http.response.start":
+            await task  # the app failed before answering: its exception, as Ray reports it
+            raise RuntimeError("the app ended without a response")
+        body, more = await next_chunks()
+        yield {"status": start["status"], "headers": list(start.get("headers", [])) + list(extra_headers),
+               "body": body, "more_body": more}
+        while more:
+            body, more = await next_chunks()
+            if body:
+                yield body
     finally:
         disconnected.set()
         with contextlib.suppress(Exception):
@@ -178,13 +209,17 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
             task.cancel()
 
 
-# no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
-ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
+async def response_text(response: Response) -> str:
+    """A response's body as text, whether it came whole or streamed. (Above the Ingress class:
+    defined after it, the ingress replica raised NameError on it, as Serve ships that class.)"""
+    if isinstance(response, StreamingResponse):
+        return b"".join([c async for c in response.body_iterator]).decode()
+    return bytes(response.body).decode()
 
 
-@serve.ingress(ingress_app)
-class Ingress:
-    """HTTP in, routed calls to the engine deployment out."""
+class IngressCore:
+    """HTTP in, routed calls to the engine deployment out (plain: the Serve Ingress deployment
+    and the in-process HTTP ingress, http_ingress_app, both run one)."""
 
     def __init__(self, engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> None:
         from radixserve.server.auth import Authenticator
@@ -200,8 +235,7 @@ class Ingress:
         self.profile: RoutingProfile | None = None
         self._named_caches: dict[str, tuple[float, NamedCache | None]] = {}
 
-    @ingress_app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
-    async def forward(self, path: str, request: Request) -> Response:
+    async def forward(self, request: Request) -> Response:
         body = await request.body()
         # prompt defaults to the path: Ray's PrefixCacheAffinityRouter divides by its length
         routed = RoutedRequest(request.method, request.url.path, request.url.query.encode(),
@@ -223,9 +257,13 @@ class Ingress:
                                 status_code=503, headers={"retry-after": "1"})
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
                    if k.lower() not in (b"content-length", b"transfer-encoding")}
+        if not start["more_body"]:  # the whole response in one item: one message back to the proxy
+            return Response(start["body"], status_code=start["status"], headers=headers)
 
         async def chunks() -> AsyncIterator[bytes]:
             try:
+                if start["body"]:
+                    yield start["body"]
                 async for chunk in stream:
                     yield chunk
             except Exception as e:  # noqa: BLE001 - a replica died mid-stream: end the stream with an error event
@@ -248,7 +286,9 @@ class Ingress:
 
     async def _profile(self) -> RoutingProfile | None:
         if self.profile is None:
-            self.profile = await self.state_actor.get_profile.remote()
+            profile = await self.state_actor.get_profile.remote()
+            if profile is not None:
+                self.profile = dataclasses.replace(profile, tokenizer=PieceMemoTokenizer(profile.tokenizer))
         return self.profile
 
     async def _prefetch_named_cache(self, body: bytes) -> dict[str, NamedCache]:
@@ -274,10 +314,42 @@ class Ingress:
                 continue  # stopped since it last published
             if response.status_code != 200:
                 return response  # e.g. 401 without the metrics key: the replica's answer
-            text = b"".join([c async for c in response.body_iterator]).decode()
+            text = await response_text(response)
             parts.append(label_metrics(text, replica_id))
         parts.append(cluster_metrics(stats))
         return Response("".join(parts), media_type="text/plain; version=0.0.4")
+
+
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+# no docs routes of its own: /docs and /openapi.json are the replicas' (keyed when keys are configured)
+ingress_app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@serve.ingress(ingress_app)
+class Ingress:
+    """The ingress as a Serve deployment, behind Serve's HTTP proxy (a Serve config on a cluster)."""
+
+    def __init__(self, engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> None:
+        self.core = IngressCore(engine, server_config, state_actor_name)
+
+    @ingress_app.api_route("/{path:path}", methods=METHODS)
+    async def forward(self, path: str, request: Request) -> Response:
+        return await self.core.forward(request)
+
+
+def http_ingress_app(engine: Any, server_config: ServerConfig, state_actor_name: str = STATE_ACTOR_NAME) -> FastAPI:
+    """The ingress as a plain ASGI app for this process's own HTTP server (`radixserve serve
+    --replicas`): no Serve proxy and no ingress actor in front of the engine replicas, so a
+    request makes one Ray hop (the handle call) instead of three (proxy -> ingress, the body
+    fetched back from the proxy, ingress -> replica): docs/scaling.md, "What routing adds"."""
+    app = FastAPI(title="radixserve (replicas)", openapi_url=None, docs_url=None, redoc_url=None)
+    core = IngressCore(engine, server_config, state_actor_name)
+
+    @app.api_route("/{path:path}", methods=METHODS)
+    async def forward(path: str, request: Request) -> Response:
+        return await core.forward(request)
+
+    return app
 
 
 def build_app(
@@ -289,8 +361,25 @@ def build_app(
     replica_resources: dict[str, float] | None = None,
     max_ongoing_requests: int = 64,
 ):
-    """The Serve application (`serve.run(build_app(...))`). replica_resources: Ray resources of
-    one engine replica, e.g. {"num_gpus": 1} on GPU nodes, {"num_cpus": 4} on CPU."""
+    """The Serve application with its HTTP ingress (`serve.run(build_app(...))`). replica_resources:
+    Ray resources of one engine replica, e.g. {"num_gpus": 1} on GPU nodes, {"num_cpus": 4} on CPU."""
+    engine = build_engine_app(engine_config, server_config, num_replicas, router, balance, replica_resources,
+                              max_ongoing_requests)
+    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4 * max_ongoing_requests * num_replicas,
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine, server_config)
+
+
+def build_engine_app(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    num_replicas: int = 1,
+    router: str = "cache-aware",
+    balance: float = 0.25,
+    replica_resources: dict[str, float] | None = None,
+    max_ongoing_requests: int = 64,
+):
+    """The engine deployment alone (behind our router): what http_ingress_app calls."""
     if router not in ROUTERS:
         raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
     kwargs: dict[str, Any] = {"balance": balance} if router == "cache-aware" else {}
@@ -298,14 +387,11 @@ def build_app(
         kwargs = {"imbalanced_threshold": 10}
     router_config = RequestRouterConfig(request_router_class=ROUTERS[router], request_router_kwargs=kwargs)
     resources = replica_resources or {"num_cpus": 1}
-    engine = serve.deployment(
+    return serve.deployment(
         EngineReplica, name="Engine", num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
         ray_actor_options=resources, request_router_config=router_config,
         health_check_period_s=2, health_check_timeout_s=30,
     ).bind(engine_config, server_config)
-    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4 * max_ongoing_requests * num_replicas,
-                               ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine, server_config)
 
 
 def app_builder(args: dict[str, Any]):

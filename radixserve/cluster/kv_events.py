@@ -102,6 +102,12 @@ class KVEventRecorder(TreeObserver):
             return EventBatch(replica_id, seq, self.snapshot_events(), True, num_running_tokens, sent_at)
         return EventBatch(replica_id, seq, events, False, num_running_tokens, sent_at)
 
+    @property
+    def has_pending(self) -> bool:
+        """Whether the next drain would carry anything (events, or a snapshot)."""
+        with self._lock:
+            return bool(self._pending) or self._overflowed
+
     def request_snapshot(self) -> None:
         """Make the next batch a snapshot (a consumer lost track: it restarted, or saw a gap)."""
         with self._lock:

@@ -24,8 +24,10 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
     )
 
 
-def build_from_args(args: argparse.Namespace):
-    from radixserve.cluster.deployments import build_app
+def build_from_args(args: argparse.Namespace, with_ingress: bool = True):
+    """The Serve application: with its Ingress deployment (behind Serve's HTTP proxy), or the
+    engine deployment alone (for http_ingress_app in this process)."""
+    from radixserve.cluster.deployments import build_app, build_engine_app
     from radixserve.commands.common import engine_config_from_args
     from radixserve.commands.serve import server_config_from_args
 
@@ -35,8 +37,9 @@ def build_from_args(args: argparse.Namespace):
     resources: dict[str, float] = {"num_cpus": cluster.replica_cpus}
     if cluster.replica_gpus:
         resources["num_gpus"] = cluster.replica_gpus
-    return build_app(engine_config, server_config_from_args(args), num_replicas=max(cluster.replicas, 1),
-                     router=cluster.router, balance=cluster.router_balance, replica_resources=resources)
+    build = build_app if with_ingress else build_engine_app
+    return build(engine_config, server_config_from_args(args), num_replicas=max(cluster.replicas, 1),
+                 router=cluster.router, balance=cluster.router_balance, replica_resources=resources)
 
 
 def app_from_options(options: dict[str, Any]):
@@ -60,8 +63,14 @@ def app_from_options(options: dict[str, Any]):
 
 
 def run(args: argparse.Namespace) -> int:
+    """Ray + the engine deployment; the ingress is this process's own HTTP server
+    (http_ingress_app: one Ray hop per request, not Serve's proxy and an ingress actor)."""
     import ray
+    import uvicorn
     from ray import serve
+
+    from radixserve.cluster.deployments import http_ingress_app
+    from radixserve.commands.serve import server_config_from_args
 
     cluster = cluster_config_from_args(args)
     started = time.monotonic()
@@ -70,23 +79,24 @@ def run(args: argparse.Namespace) -> int:
         ray.init(address=cluster.ray_address, namespace="radixserve")
     else:
         ray.init(num_cpus=cluster.ray_num_cpus, namespace="radixserve", include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    app = build_from_args(args)
+    serve.start(proxy_location="Disabled")
+    app = build_from_args(args, with_ingress=False)
     print(f"radixserve: deploying {cluster.replicas} engine replica(s), router {cluster.router} "
           f"({time.monotonic() - started:.0f}s) ...", flush=True)
     done = threading.Event()
     threading.Thread(target=_report_progress, args=(done, started), daemon=True).start()
     try:
-        serve.run(app, name="radixserve", route_prefix="/", blocking=False)  # returns once every replica is up
+        engine = serve.run(app, name="radixserve", route_prefix=None, blocking=False)  # once every replica is up
     finally:
         done.set()
     print(f"radixserve: ready on http://{args.host}:{args.port} with {cluster.replicas} replica(s) "
           f"({time.monotonic() - started:.0f}s); Ctrl-C stops", flush=True)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        from radixserve.server.http_protocol import JSONErrorH11Protocol
+
+        config = server_config_from_args(args)
+        uvicorn.run(http_ingress_app(engine, config), host=args.host, port=args.port, log_level="warning",
+                    timeout_graceful_shutdown=config.shutdown_timeout, http=JSONErrorH11Protocol)
     finally:
         serve.shutdown()
         ray.shutdown()

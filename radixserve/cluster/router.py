@@ -2,9 +2,10 @@
 longest prefix of its prompt, weighed against load (prefix_index.choose_replica).
 
 It lives in the process that calls the engine deployment (the ingress), one per handle. A
-background task pulls the replicas' KV events from ClusterState every ``sync_interval_s`` into a
-local PrefixIndex, so routing itself never waits on the network: it hashes nothing (the ingress
-sent the keys) and does one set lookup per prompt block per candidate.
+background task pulls the replicas' KV events from ClusterState into a local PrefixIndex (a long
+poll: each pull returns as soon as a batch lands, or after ``sync_wait_s`` with nothing), so
+routing itself never waits on the network: it hashes nothing (the ingress sent the keys) and
+does one set lookup per prompt block per candidate.
 
 Load is this router's own count of requests in flight per replica (routed, not yet completed):
 exact for what it sent, and it needs no probe. Ray's queue-length probes still guard against a
@@ -38,19 +39,23 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def initialize_state(
         self,
         balance: float = 0.25,
-        sync_interval_s: float = 0.05,
+        sync_wait_s: float = 1.0,
+        min_sync_interval_s: float = 0.02,
         tentative_ttl_s: float = 10.0,
         state_actor_name: str = STATE_ACTOR_NAME,
         state_actor_namespace: str | None = None,
         first_sync_timeout_s: float = 2.0,
     ) -> None:
         """balance: how much one extra in-flight request costs against the fraction of the
-        prompt a replica would reuse (docs/scaling.md); sync_interval_s: how often KV events are
-        pulled; tentative_ttl_s: how long a routed prompt counts as held before its events come;
+        prompt a replica would reuse (docs/scaling.md); sync_wait_s: how long one pull of KV
+        events waits for a new batch (an idle router asks this often: polling every 50 ms was
+        CPU that replicas on a small box share); min_sync_interval_s:
+        the least time between pulls (many replicas' batches then come in one); tentative_ttl_s: how long a routed prompt counts as held before its events come;
         first_sync_timeout_s: how long a new (or restarted) router waits for its first snapshot
         of the replicas' blocks before it routes blind."""
         self.balance = balance
-        self.sync_interval_s = sync_interval_s
+        self.sync_wait_s = sync_wait_s
+        self.min_sync_interval_s = min_sync_interval_s
         self.index = PrefixIndex(tentative_ttl=tentative_ttl_s)
         self.in_flight: dict[str, int] = {}
         self._in_flight_by_request: dict[str, str] = {}
@@ -140,11 +145,12 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 log.warning("pulling KV events failed; retrying", exc_info=True)
                 self._state_actor = None
                 await asyncio.sleep(1.0)
-            await asyncio.sleep(self.sync_interval_s)
+            await asyncio.sleep(self.min_sync_interval_s)
 
     async def sync_once(self) -> None:
-        """Apply the KV events published since the last pull (a snapshot the first time)."""
-        cursor, batches = await self._state().updates.remote(self._cursor)
+        """Apply the KV events published since the last pull (a snapshot the first time), waiting
+        up to sync_wait_s for some when there are none yet."""
+        cursor, batches = await self._state().wait_for_updates.remote(self._cursor, self.sync_wait_s)
         now = time.time()
         for batch in batches:
             if not self.index.apply(batch):

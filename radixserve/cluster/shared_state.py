@@ -3,8 +3,10 @@
 It holds what must outlive any single replica or router:
 - the KV event relay: replicas publish batches here; the actor keeps each replica's key set
   (a PrefixIndex) and a bounded log of recent batches, and a router pulls what it has not seen
-  (``updates(cursor)``), or a full snapshot when it is new or fell behind. A replica that stops
-  publishing for ``replica_ttl_s`` is dropped (its entries expire);
+  (``updates(cursor)``), or a full snapshot when it is new or fell behind; ``wait_for_updates``
+  is the same as a long poll (a router hears of a batch as soon as it lands, and an idle one
+  asks once a second instead of 20 times). A replica that stops publishing for
+  ``replica_ttl_s`` is dropped (its entries expire);
 - named-cache definitions, so a cache created through one replica works through all, and a
   router or replica restart loses none (a Ray actor rather than Redis: it needs no extra
   server, and definitions are a few KB each; the KV bytes themselves go to the storage tier);
@@ -16,6 +18,8 @@ Everything in it is bookkeeping: a few dict operations per call; see docs/scalin
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -40,6 +44,25 @@ class ClusterStateImpl:
         self.caches: dict[str, Any] = {}
         self.router_stats: dict[str, dict[str, float]] = {}
         self.last_lag_s = 0.0
+        self._changed: asyncio.Event | None = None  # set (and replaced) when the log grows
+
+    async def wait_for_updates(self, cursor: int, timeout_s: float) -> tuple[int, list[EventBatch]]:
+        """``updates(cursor)``, after waiting up to ``timeout_s`` for something new when there is
+        nothing yet. (The actor is async for this one method; Ray runs the others on the same
+        event loop, so no two calls ever interleave inside a method.)"""
+        if cursor == self.version:
+            if self._changed is None:
+                self._changed = asyncio.Event()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+        return self.updates(cursor)
+
+    def _log(self, batch: EventBatch) -> None:
+        self.version += 1
+        self.log.append((self.version, batch))
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     # ---- KV events ------------------------------------------------------------------------
     def publish(self, batch: EventBatch) -> bool:
@@ -51,8 +74,7 @@ class ClusterStateImpl:
         if batch.sent_at:
             self.last_lag_s = max(0.0, time.time() - batch.sent_at)
         if batch.events or batch.snapshot:
-            self.version += 1
-            self.log.append((self.version, batch))
+            self._log(batch)
         return True
 
     def updates(self, cursor: int) -> tuple[int, list[EventBatch]]:
@@ -79,8 +101,7 @@ class ClusterStateImpl:
             self._log_drop(replica_id)
 
     def _log_drop(self, replica_id: str) -> None:
-        self.version += 1
-        self.log.append((self.version, EventBatch(replica_id, 0, [], snapshot=True)))
+        self._log(EventBatch(replica_id, 0, [], snapshot=True))
 
     def _snapshot(self) -> list[EventBatch]:
         batches = []

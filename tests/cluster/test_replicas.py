@@ -74,7 +74,7 @@ def call_replica(replica_id: str, method: str, path: str, body: bytes = b"") -> 
                                 target_replica=replica_id)
         stream = engine_handle().handle.remote(request)
         start = await stream.__anext__()
-        return start["status"], b"".join([chunk async for chunk in stream])
+        return start["status"], start["body"] + b"".join([chunk async for chunk in stream])
 
     return asyncio.run(go())
 

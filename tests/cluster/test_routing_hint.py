@@ -5,6 +5,7 @@ tenant namespace), for the three generation APIs, with API-key isolation and cac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 
 from radixserve.cache.block_keys import CacheIdentity
 from radixserve.cluster.kv_events import STORED, KVEventRecorder
-from radixserve.cluster.routing_hint import RoutingProfile, prompt_hint
+from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutingProfile, prompt_hint
 from radixserve.server import ServerConfig, create_app
 from tests.live_server import serve_app
 
@@ -71,3 +72,27 @@ def test_no_hint_for_a_bad_key_or_a_malformed_body(served):
     headers = {"authorization": "Bearer sk-a"}
     assert prompt_hint(profile, auth, "/v1/chat/completions", headers, b"{not json") == ("", [])
     assert prompt_hint(profile, auth, "/v1/models", headers, good) == ("", [])
+
+
+def test_piece_memo_gives_the_same_hint_and_reuses_the_system_prompt(served):
+    _, _, profile, auth = served
+    memo = PieceMemoTokenizer(profile.tokenizer, max_chars=2 * len(SYSTEM) + 100)
+    memo_profile = dataclasses.replace(profile, tokenizer=memo)
+    headers = {"authorization": "Bearer sk-a"}
+
+    def body(system: str, question: str) -> bytes:
+        return json.dumps({"model": "embedded", "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": question}]}).encode()
+
+    systems = [f"Prompt {n}. " + SYSTEM for n in range(3)]
+    expected_hits = 0
+    # room for two system prompts (the only pieces long enough to keep): the third pushes out
+    # the least recently used
+    for n, expect_hit in [(0, False), (1, False), (0, True), (1, True), (2, False), (1, True), (0, False)]:
+        raw = body(systems[n], f"Question {expected_hits}?")
+        expected = prompt_hint(profile, auth, "/v1/chat/completions", headers, raw)
+        assert prompt_hint(memo_profile, auth, "/v1/chat/completions", headers, raw) == expected
+        assert len(expected[1]) >= 4
+        expected_hits += expect_hit
+        assert memo.hits == expected_hits, n
+    assert memo._chars <= memo.max_chars

@@ -1,0 +1,270 @@
+"""Where the routed endpoint's extra latency goes: the same sequential requests hop by hop.
+
+    .venv/bin/python bench/bench_routing_overhead.py [--requests 60] [--ray-cpus 2]
+
+One local Ray; each configuration is deployed alone (the others are torn down) and gets the same
+sequential requests from one HTTP client (p50 over --requests, after 3 warm-ups):
+  serve-echo         a Serve deployment that answers at once (Ray's floor: proxy + one replica call)
+  ingress-echo       our Ingress forwarding to a deployment that answers at once (adds our hop:
+                     the ingress's handle call and the response), router = ours (-pow2: Ray's)
+  routed no-engine   the Serve application (Serve's proxy, the Ingress deployment, one replica of
+                     the embedded model; a Serve config deploys this), requests its app
+                     refuses at once (unknown model: HTTP, Ray, routing hint, parsing; no engine step)
+  routed 1-token     the same, 1-token completions
+  handle no-engine   the no-engine requests sent from this process straight to the Engine
+                     deployment's handle (our router; no Serve proxy, no ingress)
+  serve --replicas 1 the same two request kinds against `radixserve serve --replicas 1` in its
+                     own process: Ray, the engine deployment, and that process's own HTTP
+                     ingress (http_ingress_app: no Serve proxy, no ingress actor)
+  direct ...         the same two request kinds against the plain single-process server (no Ray)
+The two request kinds alternate in --rounds rounds. The 1-token rows include the model's forward
+pass, whose time on a shared 2-core box varies more than the hops measured; the no-engine rows
+show the path alone.
+Writes the section `routing-overhead` of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx  # noqa: E402
+
+from bench.report import markdown_table, update_section  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_posts(url: str, n: int, body: dict, expect: int = 200) -> list[float]:
+    times = []
+    with httpx.Client(timeout=120) as client:
+        for i in range(n + 3):
+            payload = {**body, "prompt": f"Hi {i}"}
+            started = time.perf_counter()
+            r = client.post(url, json=payload)
+            assert r.status_code == expect, r.text
+            if i >= 3:  # warm-ups: connections, first-call imports, the router's first sync
+                times.append(time.perf_counter() - started)
+    return times
+
+
+def model_requests(base: str, n: int, rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds of requests the replica's app refuses at once (an unknown model: the
+    whole HTTP and Ray path, the routing hint, the app's parsing, no engine step) and 1-token
+    completions (plus the engine)."""
+    out: dict[str, list[float]] = {"no-engine": [], "1-token": []}
+    for _ in range(rounds):
+        out["no-engine"] += timed_posts(f"{base}/v1/completions", n // rounds, {"model": "unknown", "max_tokens": 1}, 404)
+        out["1-token"] += timed_posts(f"{base}/v1/completions", n // rounds, {"model": "embedded", "max_tokens": 1})
+    return out
+
+
+class EchoReplica:
+    """Answers a forwarded request at once, as the engine replica's handle would (start, one chunk)."""
+
+    async def handle(self, request):
+        yield {"status": 200, "headers": [(b"content-type", b"application/json")], "body": b'{"ok": true}',
+               "more_body": False}
+
+
+def echo_ingress():
+    from fastapi import FastAPI
+    from ray import serve
+
+    app = FastAPI()
+
+    @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0})
+    @serve.ingress(app)
+    class Echo:
+        @app.post("/{path:path}")
+        async def answer(self, path: str) -> dict:
+            return {"ok": True}
+
+    return Echo.bind()
+
+
+def ingress_echo(router: str):
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from radixserve.cluster.deployments import ROUTERS, Ingress
+    from radixserve.server.config import ServerConfig
+
+    config = RequestRouterConfig(request_router_class=ROUTERS[router])
+    engine = serve.deployment(EchoReplica, name="Engine", ray_actor_options={"num_cpus": 0},
+                              request_router_config=config).bind()
+    return serve.deployment(Ingress, name="Ingress", ray_actor_options={"num_cpus": 0}).bind(engine, ServerConfig())
+
+
+def handle_requests(n: int) -> list[float]:
+    """No-engine requests straight to the Engine deployment's handle from this process (our
+    router, no Serve proxy, no ingress): what one actor hop costs."""
+    import asyncio
+    import json
+
+    from ray import serve
+
+    from radixserve.cluster.routing_hint import RoutedRequest
+
+    handle = serve.get_deployment_handle("Engine", app_name="routed").options(stream=True)
+
+    async def run() -> list[float]:
+        times = []
+        for i in range(n + 3):
+            body = json.dumps({"model": "unknown", "prompt": f"Hi {i}", "max_tokens": 1}).encode()
+            request = RoutedRequest("POST", "/v1/completions", b"", [(b"content-type", b"application/json")], body)
+            started = time.perf_counter()
+            first = await handle.handle.remote(request).__anext__()
+            assert first["status"] == 404, first
+            if i >= 3:
+                times.append(time.perf_counter() - started)
+        return times
+
+    return asyncio.run(run())
+
+
+def routed_model(options: dict):
+    from radixserve.cluster.launch import app_from_options
+
+    return app_from_options(options)
+
+
+def served_model(n: int, rounds: int, extra_args: list[str]) -> dict[str, list[float]]:
+    """`radixserve serve` in its own process, as users run it (in-process it would share the
+    client's GIL); extra_args e.g. --replicas 1 (then its own Ray, and its HTTP ingress in it)."""
+    import subprocess
+    import tempfile
+
+    from tests.live_server import wait_until_healthy
+
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", "--model", "embedded", "--host",
+                                 "127.0.0.1", "--port", str(port), *extra_args], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until_healthy(base, proc, lambda: (log.seek(0), log.read())[1])
+            return model_requests(base, n, rounds)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def hint_costs(repeat: int = 30) -> list[list[str]]:
+    """The ingress's routing hint for a chat request (render, tokenize, key), in-process: with the
+    plain tokenizer, and with the ingress's PieceMemoTokenizer once it has seen the system prompt."""
+    import dataclasses
+    import json
+
+    from radixserve.cache.block_keys import CacheIdentity
+    from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutingProfile, prompt_hint
+    from radixserve.model.loader import find_embedded_gguf
+    from radixserve.model.tokenizer import Tokenizer
+    from radixserve.request import CachePolicy
+    from radixserve.server.auth import Authenticator
+    from radixserve.server.config import ServerConfig
+
+    config = ServerConfig()
+    auth = Authenticator(config.api_keys, config.namespace_from_api_key, admin_keys=config.admin_keys,
+                         metrics_keys=config.metrics_keys, default_cache_policy=CachePolicy(config.default_cache_policy))
+    plain = RoutingProfile(Tokenizer.from_gguf(find_embedded_gguf()), CacheIdentity("bench", 16), config)
+    memo = dataclasses.replace(plain, tokenizer=PieceMemoTokenizer(plain.tokenizer))
+    rows = []
+    for sentences in (40, 400):
+        system = " ".join(f"Rule {i}: answer the user's question about topic {i} precisely." for i in range(sentences))
+        times = {}
+        for label, profile in (("plain", plain), ("memo", memo)):
+            samples = []
+            for i in range(repeat + 1):
+                body = json.dumps({"model": "m", "messages": [{"role": "system", "content": system},
+                                                              {"role": "user", "content": f"Question {i}?"}]}).encode()
+                started = time.perf_counter()
+                _, keys = prompt_hint(profile, auth, "/v1/chat/completions", {}, body)
+                if i:  # the first one fills the memo
+                    samples.append(time.perf_counter() - started)
+            times[label] = statistics.median(samples)
+        rows.append([f"{len(keys) * 16}-token prompt", f"{1000 * times['plain']:.2f}", f"{1000 * times['memo']:.2f}"])
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--requests", type=int, default=60)
+    p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the two request kinds")
+    p.add_argument("--only", nargs="+", default=["hint", "serve-echo", "ingress-echo", "routed", "serve-replicas", "direct"])
+    p.add_argument("--serve-arg", action="append", default=[], help="passed to both servers (e.g. --device=cuda)")
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_memory_usage_threshold", "0.99")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "embedded", "max_tokens": 1}
+    results: dict[str, list[float]] = {}
+    ray.init(num_cpus=args.ray_cpus, namespace="radixserve-bench", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model_options = {"model": "embedded", "replicas": 1, "replica_cpus": args.ray_cpus,
+                     **dict(a.removeprefix("--").split("=", 1) for a in args.serve_arg)}
+    ray_runs = {"serve-echo": echo_ingress, "ingress-echo": lambda: ingress_echo("cache-aware"),
+                "ingress-echo-pow2": lambda: ingress_echo("pow2"), "routed": lambda: routed_model(model_options)}
+    for name, build in ray_runs.items():
+        if name not in args.only:
+            continue
+        print(f"== {name}", flush=True)
+        serve.run(build(), name=name, route_prefix="/")
+        if name == "routed":
+            for kind, times in model_requests(base, args.requests, args.rounds).items():
+                results[f"routed {kind}"] = times
+            results["handle no-engine"] = handle_requests(args.requests)
+        else:
+            results[name] = timed_posts(f"{base}/v1/completions", args.requests, body)
+        serve.delete(name)
+    serve.shutdown()
+    ray.shutdown()
+    if "serve-replicas" in args.only:
+        print("== serve-replicas", flush=True)
+        replicas = ["--replicas", "1", "--replica-cpus", str(args.ray_cpus), "--ray-num-cpus", str(args.ray_cpus)]
+        for kind, times in served_model(args.requests, args.rounds, replicas + args.serve_arg).items():
+            results[f"serve --replicas 1 {kind}"] = times
+    if "direct" in args.only:
+        print("== direct", flush=True)
+        for kind, times in served_model(args.requests, args.rounds, args.serve_arg).items():
+            results[f"direct {kind}"] = times
+
+    hint_rows = hint_costs() if "hint" in args.only else []
+    rows = [[name, f"{1000 * statistics.median(t):.1f}", f"{1000 * statistics.quantiles(t, n=10)[-1]:.1f}"]
+            for name, t in results.items()]
+    body_md = markdown_table(["configuration", "p50 ms", "p90 ms"], rows)
+    for kind in ("no-engine", "1-token"):
+        for path in ("routed", "serve --replicas 1"):
+            if f"{path} {kind}" in results and f"direct {kind}" in results:
+                added = statistics.median(results[f"{path} {kind}"]) - statistics.median(results[f"direct {kind}"])
+                body_md += f"\n\nRouting adds {1000 * added:+.1f} ms p50 per {kind} request ({path} - direct)."
+    if hint_rows:
+        body_md += ("\n\nThe ingress's routing hint for a chat request (render, tokenize, key: on the request's "
+                    "path), median ms, new question after the same system prompt:\n\n"
+                    + markdown_table(["prompt", "plain tokenizer", "piece memo (system prompt seen)"], hint_rows))
+    print(body_md)
+    if not args.no_docs:
+        update_section("routing-overhead", "Scale-out: what the routed endpoint adds per request, hop by hop",
+                       body_md, command="python bench/bench_routing_overhead.py " + " ".join(sys.argv[1:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""ClusterState's KV-event relay as a long poll (the plain class, on asyncio; no Ray): a waiting
+router gets a batch as soon as a replica publishes it, and an idle one gets nothing after its
+timeout. Plus the recorder's has_pending, which lets an idle replica skip publishing."""
+
+from __future__ import annotations
+
+import asyncio
+
+from radixserve.cluster.kv_events import STORED, EventBatch, KVEvent
+from radixserve.cluster.shared_state import ClusterStateImpl
+from tests.cluster.test_kv_events import cache, make_tree
+
+
+def batch(replica: str, seq: int, key: bytes) -> EventBatch:
+    return EventBatch(replica, seq, [KVEvent(STORED, "", [key])])
+
+
+def test_a_waiting_pull_returns_when_a_batch_lands_and_times_out_when_none_does():
+    async def scenario() -> None:
+        state = ClusterStateImpl()
+        state.publish(batch("r1", 1, b"a" * 32))
+        cursor, first = await state.wait_for_updates(-1, timeout_s=5.0)  # new router: at once
+        assert [b.replica_id for b in first] == ["r1"] and cursor == state.version
+
+        waiting = asyncio.create_task(state.wait_for_updates(cursor, timeout_s=30.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # nothing new: it waits
+        state.publish(batch("r1", 2, b"b" * 32))
+        cursor, batches = await asyncio.wait_for(waiting, timeout=5.0)  # woken by the publish, not the 30 s
+        assert [(b.seq, b.events[0].keys) for b in batches] == [(2, [b"b" * 32])]
+
+        state.publish(EventBatch("r1", 3, []))  # a heartbeat: nothing for routers
+        assert await state.wait_for_updates(cursor, timeout_s=0.05) == (cursor, [])
+
+    asyncio.run(scenario())
+
+
+def test_recorder_has_pending_only_until_drained():
+    tree, recorder = make_tree()
+    assert not recorder.has_pending
+    cache(tree, list(range(8)))
+    assert recorder.has_pending
+    recorder.drain("r")
+    assert not recorder.has_pending
+    recorder.request_snapshot()
+    assert recorder.has_pending  # a snapshot is owed
