@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -40,6 +41,14 @@ class RequestFailedError(EngineDeadError):
     status = 500
 
 
+def joined(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one request as one: `later` with both deltas."""
+    return dataclasses.replace(
+        later, new_token_ids=earlier.new_token_ids + later.new_token_ids, new_text=earlier.new_text + later.new_text,
+        new_logprobs=earlier.new_logprobs + later.new_logprobs,
+    )
+
+
 class RequestStream:
     """The outputs of one request, in order; iterate with `async for`.
 
@@ -55,12 +64,21 @@ class RequestStream:
         self.final: RequestOutput | None = None
         self._aborted = False
         self.not_before: float | None = None  # monotonic time before which no output is handed out (TTFT floor)
+        self._held: BaseException | None = None  # an error queued behind outputs that were merged
 
     async def next(self) -> RequestOutput:
-        """The next output; raises StopAsyncIteration after the final one."""
+        """The next output; raises StopAsyncIteration after the final one. Outputs that queued
+        up meanwhile (the engine outpaced this consumer) come as one, their deltas joined: a
+        lagging stream then costs one event per read, not one per token (as vLLM's collector)."""
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        item, self._held = (self._held, None) if self._held is not None else (await self._queue.get(), None)
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, BaseException):
+                self._held = later
+                break
+            item = joined(item, later)
         if self.not_before is not None:
             wait, self.not_before = self.not_before - time.monotonic(), None
             if wait > 0:

@@ -12,6 +12,7 @@ import pytest
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig
 from radixserve.engine import LLMEngine
 from radixserve.errors import InvalidRequestError
+from radixserve.request import RequestOutput
 from radixserve.sampling import SamplingParams
 from radixserve.sequences import common_prefix_len
 from radixserve.server.anthropic_api import _LabelledPin, creation_by_ttl
@@ -84,14 +85,45 @@ def test_async_engine_streams_outputs_in_order_from_one_thread(engine):
 
     results = _run(main())
     for outs in results:
-        assert [len(o.new_token_ids) for o in outs] == [1, 1, 1, 1]  # streamed: one new token each
-        assert [len(o.token_ids) for o in outs] == [0, 0, 0, 4]  # the whole output: on the final one only
+        # streamed: the new tokens of each step; the streams are read one after the other here,
+        # so the steps that queued up meanwhile come joined (RequestStream.next), never lost
+        assert all(o.new_token_ids for o in outs) and sum(len(o.new_token_ids) for o in outs) == 4
+        assert [len(o.token_ids) for o in outs] == [0] * (len(outs) - 1) + [4]  # the whole: on the final one only
         assert [t for o in outs for t in o.new_token_ids] == outs[-1].token_ids
-        assert [o.finished for o in outs] == [False, False, False, True]
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
         assert outs[-1].finish_reason == "length"
     assert len(engine.threads) == 1 and threading.get_ident() not in engine.threads
     assert sorted(o.request_id for o in finished) == ["r0", "r1", "r2"]
     assert _all_blocks_back(engine)
+
+
+def test_a_lagging_stream_gets_queued_deltas_joined_and_a_later_error_still():
+    from radixserve.request import RequestMetrics
+    from radixserve.server.engine_client import RequestStream
+
+    def output(ids: list[int], text: str, finished: bool = False) -> RequestOutput:
+        return RequestOutput("r", None, [1], ids, text, finished, "length" if finished else None, None, 0,
+                             RequestMetrics(0.0, 0.0, 0.0, 0.0), token_ids=[5, 6, 7] if finished else [],
+                             text="abc" if finished else "", new_logprobs=[f"lp{i}" for i in ids])
+
+    async def main():
+        queue = asyncio.Queue()
+        stream = RequestStream(None, "r", queue)
+        for item in (output([5], "a"), output([6], "b"), EngineDeadError("gone")):
+            queue.put_nowait(item)
+        first = await stream.next()
+        with pytest.raises(EngineDeadError, match="gone"):
+            await stream.next()
+        queue = asyncio.Queue()
+        stream = RequestStream(None, "r", queue)
+        for item in (output([5], "a"), output([6], "b"), output([7], "c", finished=True)):
+            queue.put_nowait(item)
+        return first, [out async for out in stream]
+
+    first, outs = _run(main())
+    assert (first.new_token_ids, first.new_text, first.new_logprobs, first.finished) == ([5, 6], "ab", ["lp5", "lp6"], False)
+    (final,) = outs  # all three joined: the last one's fields, every delta
+    assert (final.new_token_ids, final.new_text, final.finished, final.token_ids) == ([5, 6, 7], "abc", True, [5, 6, 7])
 
 
 def test_async_engine_abort_delivers_final_output(engine):
