@@ -43,6 +43,7 @@ from radixserve.server.config import ServerConfig
 log = logging.getLogger("radixserve.cluster")
 
 REPLICA_HEADER = "x-radixserve-replica"
+INLINE_HINT_BYTES = 2048  # bodies this small get their routing hint on the event loop
 ROUTERS = {
     "cache-aware": "radixserve.cluster.router:CacheAwareRouter",
     "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
@@ -279,8 +280,11 @@ class IngressCore:
         if profile is None:
             return
         named = await self._prefetch_named_cache(routed.body)
-        routed.prompt, routed.keys = await asyncio.to_thread(
-            prompt_hint, profile, self.auth, routed.path, request.headers, routed.body, named.get)
+        hint_args = (profile, self.auth, routed.path, request.headers, routed.body, named.get)
+        if len(routed.body) < INLINE_HINT_BYTES:  # tens of microseconds: cheaper than a thread hop
+            routed.prompt, routed.keys = prompt_hint(*hint_args)
+        else:  # milliseconds for long prompts: off the event loop
+            routed.prompt, routed.keys = await asyncio.to_thread(prompt_hint, *hint_args)
 
     async def _profile(self) -> RoutingProfile | None:
         if self.profile is None:
