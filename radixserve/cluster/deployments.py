@@ -1,7 +1,11 @@
 """The Ray Serve application: an HTTP ingress and N engine replicas behind a request router.
 
-    client --HTTP--> Serve proxy --> Ingress (FastAPI, any route) --DeploymentHandle + router-->
+    client --HTTP--> ingress (IngressCore, any route) --DeploymentHandle + router-->
         EngineReplica (the unchanged single-server app: create_app, driven in-process over ASGI)
+
+The ingress is the launching process's own HTTP server (`http_ingress_app`, `radixserve serve
+--replicas`: one Ray hop per request) or, from a Serve config, the `Ingress` deployment behind
+Serve's HTTP proxy.
 
 The ingress does not re-implement any API: it reads the body, computes a routing hint (the
 prompt's content keys, routing_hint.py), and forwards the raw request; the replica runs it
