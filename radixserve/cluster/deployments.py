@@ -1,7 +1,11 @@
 """The Ray Serve application: an HTTP ingress and N engine replicas behind a request router.
 
-    client --HTTP--> Serve proxy --> Ingress (FastAPI, any route) --DeploymentHandle + router-->
+    client --HTTP--> ingress (IngressCore, any route) --DeploymentHandle + router-->
         EngineReplica (the unchanged single-server app: create_app, driven in-process over ASGI)
+
+The ingress is the launching process's own HTTP server (`http_ingress_app`, `radixserve serve
+--replicas`: one Ray hop per request) or, from a Serve config, the `Ingress` deployment behind
+Serve's HTTP proxy.
 
 The ingress does not re-implement any API: it reads the body, computes a routing hint (the
 prompt's content keys, routing_hint.py), and forwards the raw request; the replica runs it
@@ -43,6 +47,7 @@ from radixserve.server.config import ServerConfig
 log = logging.getLogger("radixserve.cluster")
 
 REPLICA_HEADER = "x-radixserve-replica"
+INLINE_HINT_BYTES = 2048  # bodies this small get their routing hint on the event loop
 ROUTERS = {
     "cache-aware": "radixserve.cluster.router:CacheAwareRouter",
     "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
@@ -281,8 +286,11 @@ class IngressCore:
         if profile is None:
             return
         named = await self._prefetch_named_cache(routed.body)
-        routed.prompt, routed.keys = await asyncio.to_thread(
-            prompt_hint, profile, self.auth, routed.path, request.headers, routed.body, named.get)
+        hint_args = (profile, self.auth, routed.path, request.headers, routed.body, named.get)
+        if len(routed.body) < INLINE_HINT_BYTES:  # tens of microseconds: cheaper than a thread hop
+            routed.prompt, routed.keys = prompt_hint(*hint_args)
+        else:  # milliseconds for long prompts: off the event loop
+            routed.prompt, routed.keys = await asyncio.to_thread(prompt_hint, *hint_args)
 
     async def _profile(self) -> RoutingProfile | None:
         if self.profile is None:
