@@ -144,6 +144,18 @@ class Tokenizer:
         self._remembered_chars = 0
         self._remembered_lock = threading.Lock()  # prompts are tokenized in worker threads
 
+    def __getstate__(self) -> dict:
+        """Pickled (the engine core process hands its tokenizer to the server; a Ray replica to
+        the ingress) without the lock and the memory of long texts: the copy starts afresh."""
+        state = self.__dict__.copy()
+        del state["_remembered_lock"]
+        state["_remembered"], state["_remembered_chars"] = OrderedDict(), 0
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._remembered_lock = threading.Lock()
+
     # ---- construction -------------------------------------------------------------------
 
     @classmethod

@@ -196,3 +196,15 @@ def test_encode_batch_remembers_long_texts_exactly(embedded_tokenizer, monkeypat
     tok.encode_batch(long_texts[1:])
     assert list(tok._remembered) == long_texts[1:]
     assert tok._remembered_chars == len(long_texts[1]) + len(long_texts[2])
+
+
+def test_a_tokenizer_that_remembered_texts_pickles_and_starts_afresh(embedded_tokenizer):
+    """The engine core process and Ray replicas hand their tokenizer over by pickle: the lock
+    and the memory of long texts stay behind, the ids do not change."""
+    import pickle
+
+    text = "You are a careful assistant. " * 40
+    ids = embedded_tokenizer.encode_batch([text])[0]
+    copy = pickle.loads(pickle.dumps(embedded_tokenizer))
+    assert copy.encode_batch([text])[0] == ids
+    assert copy.encode("hello world") == embedded_tokenizer.encode("hello world")
