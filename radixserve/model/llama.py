@@ -286,6 +286,7 @@ class LlamaForCausalLM(nn.Module):
         )
         self.rotary = RotaryEmbedding(arch)
         self.invariant_linear: LinearFn | None = None  # set by set_deterministic
+        self.packed_lm_head: torch.Tensor | None = None  # set by set_packed_weights
 
     def set_deterministic(self, enabled: bool, max_model_len: int | None = None) -> None:
         """Deterministic mode on or off: batch-invariant matmuls in every linear layer and the
@@ -313,6 +314,9 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.packed_weight = pack_weight(module.weight) if enabled else None
+        # The LM head too (the tied embedding matrix): one row of logits is a GEMV that F.linear
+        # runs on one thread; the packed one uses them all (10.0 -> 5.3 ms at 2 threads).
+        self.packed_lm_head = pack_weight(self._lm_head_weight) if enabled else None
         return enabled
 
     @property
@@ -343,10 +347,16 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, hidden] -> logits [n, vocab] in fp32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        weight = self._lm_head_weight
         if self.invariant_linear is not None:
             return self.invariant_linear(hidden, weight, None).float()
+        if self.packed_lm_head is not None:
+            return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_lm_head, None, "none", [], "").float()
         return F.linear(hidden, weight).float()
+
+    @property
+    def _lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into the (stacked) parameters; returns the HF names used.
