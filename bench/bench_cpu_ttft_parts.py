@@ -39,7 +39,7 @@ def timed(fn) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
-def forward_rows(loaded, rounds: int) -> list[list[str]]:
+def forward_rows(loaded, rounds: int, profile: bool = False) -> list[list[str]]:
     model = loaded.model
     num_blocks = (CACHED + NEW + BLOCK_SIZE - 1) // BLOCK_SIZE
     table = list(range(num_blocks))
@@ -59,6 +59,14 @@ def forward_rows(loaded, rounds: int) -> list[list[str]]:
             model.set_packed_weights(packed)
             step()  # warm
             samples[packed] += [timed(step) for _ in range(3)]
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     model.set_packed_weights(False)
     rows = []
     for packed, label in ((False, "F.linear (before)"), (True, "oneDNN-packed weights")):
@@ -92,11 +100,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the torch profiler's table of 5 packed forwards (where the time goes)")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_model(ModelConfig(show_progress=False))
-    rows = forward_rows(loaded, args.rounds) + tokenize_rows(loaded, args.rounds)
+    rows = forward_rows(loaded, args.rounds, args.profile) + tokenize_rows(loaded, args.rounds)
     body = (
         f"Embedded model, fp32, {args.threads} thread(s); the two variants of each row alternate. CPU time is "
         "this process's (steadier than wall time on a shared, loaded machine).\n\n"
