@@ -46,8 +46,10 @@ def test_answers_match_the_in_thread_engine(core_server, server):
     for mine, reference in zip(ours, theirs, strict=True):
         assert mine.choices[0].message.content == reference.choices[0].message.content
         assert mine.usage.completion_tokens == reference.usage.completion_tokens
-        assert mine.usage.prompt_tokens_details.cached_tokens == reference.usage.prompt_tokens_details.cached_tokens
-    assert ours[2].usage.prompt_tokens_details.cached_tokens > 0
+    # the repeats read what the first asks cached (the shared `server` may have cached more
+    # before them, from other tests: only the repeats are comparable)
+    for mine, reference in zip(ours[2:], theirs[2:], strict=True):
+        assert mine.usage.prompt_tokens_details.cached_tokens == reference.usage.prompt_tokens_details.cached_tokens > 0
     # streamed deltas concatenate to the same text, logprobs included
     stream = _chat(core_server.openai(), questions[0], stream=True, logprobs=True, top_logprobs=2)
     chunks = [c for c in stream if c.choices]
