@@ -12,15 +12,8 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
 OUT=${OUT:-/tmp/engine-process}; mkdir -p "$OUT"
-PYTHON=${PYTHON:-python3}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    2>&1 | tail -3
-  export PYTHONPATH="/tmp/site:$ROOT"
-else
-  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh  # the carried wheels, PYTHONPATH
 "$PYTHON" -c "import zmq, msgspec, fastapi, uvicorn, torch; print('zmq', zmq.__version__, 'msgspec', msgspec.__version__, torch.cuda.get_device_name())" \
   || { echo "environment check failed (carry .whl with pyzmq and msgspec)"; exit 1; }
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"

@@ -16,17 +16,10 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
-PYTHON=${PYTHON:-python3}
 OUTDIR=${OUT:-/tmp/working-set}
 mkdir -p "$OUTDIR"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    2>&1 | tail -3
-  export PYTHONPATH="/tmp/site:$ROOT"
-else
-  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# shellcheck source=bench/device_env.sh
+. bench/device_env.sh  # the carried wheels, PYTHONPATH
 DISK=$(mktemp -d /tmp/working-set-disk.XXXXXX)
 COMMON=(--device cuda --model dummy:llama3-8b --dtype bfloat16 --num-blocks 510 --max-model-len 4096
         --served-model-name dummy --log-level warning)

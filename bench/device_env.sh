@@ -1,0 +1,13 @@
+# Sourced by the device scripts (bash bench/device_*.sh) after they cd to the repository root:
+# installs the wheels carried in .whl/ (what the GPU image lacks for `radixserve serve`; fetch
+# them here with `bash bench/device_suite.sh --download-wheels`) into /tmp/site and puts that
+# and the checkout on PYTHONPATH. Without .whl/ the checkout alone is used.
+PYTHON=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    2>&1 | tail -3
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
