@@ -89,15 +89,21 @@ def test_logits_bitwise_equal_from_device_store_or_recomputed(make_engine, tmp_p
                                           second, "off")[0].token_ids
 
 
+def _served_then_stored(make_engine, store_dir: Path, prompt: list[int]) -> list[int]:
+    """Serve `prompt` on an engine over a disk store, close it (its blocks go down to disk) and
+    return the tokens it generated."""
+    writer = make_engine(num_blocks=64, kv_store=f"disk:{store_dir}")
+    writer.add_request(prompt, _greedy(), request_id="w")
+    want = run_to_completion(writer)["w"].token_ids
+    writer.close()
+    return want
+
+
 def test_a_storage_load_is_read_in_the_background_while_others_run(make_engine, tmp_path):
     """The loading state: a request whose prefix is on disk waits while its records are read
     on the prefetch thread; the step it arrives in runs the others without it."""
     prompt = _prompt(30, 6 * BLOCK + 3)
-    writer = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
-    writer.add_request(prompt, _greedy(), request_id="w")
-    want = run_to_completion(writer)["w"].token_ids
-    writer.close()  # its blocks go down to disk
-
+    want = _served_then_stored(make_engine, tmp_path, prompt)
     engine = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
     engine.add_request(_prompt(31, 20), SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
                        request_id="busy")
@@ -116,10 +122,7 @@ def test_a_storage_load_is_read_in_the_background_while_others_run(make_engine, 
 
 def test_a_request_aborted_while_loading_leaves_nothing_behind(make_engine, tmp_path):
     prompt = _prompt(32, 5 * BLOCK + 1)
-    writer = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
-    writer.add_request(prompt, _greedy(), request_id="w")
-    run_to_completion(writer)
-    writer.close()
+    _served_then_stored(make_engine, tmp_path, prompt)
     engine = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
     engine.add_request(prompt, _greedy(), request_id="gone")
     assert engine.step() == []  # loading
