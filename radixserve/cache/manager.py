@@ -195,9 +195,13 @@ class KVCacheManager:
         if self.prefetcher.is_reading(request_id):
             return True
         for nbytes, seconds in self.prefetcher.take_samples():
-            self.cost_model.observe_read("storage", nbytes, seconds)
-            self.load_seconds.append(("storage", seconds))
+            self._observe_storage_read(nbytes, seconds)
         return False
+
+    def _observe_storage_read(self, nbytes: int, seconds: float) -> None:
+        """A storage read's rate for the cost model and its time for the load histogram."""
+        self.cost_model.observe_read("storage", nbytes, seconds)
+        self.load_seconds.append(("storage", seconds))
 
     def wait_for_loading(self, timeout: float) -> None:
         """Wait up to `timeout` s for a background storage read to end (nothing else to run)."""
@@ -341,9 +345,7 @@ class KVCacheManager:
             start = time.perf_counter()
             records[first_unread:] = self.store.get(keys[first_unread:])
             seconds = time.perf_counter() - start
-            nbytes = sum(len(r.payload) for r in records[first_unread:] if r is not None)
-            self.cost_model.observe_read("storage", nbytes, seconds)
-            self.load_seconds.append(("storage", seconds))
+            self._observe_storage_read(sum(len(r.payload) for r in records[first_unread:] if r is not None), seconds)
         if None in records:
             self.tier_stats.short_loads += 1  # missing or corrupt: the rest is prefilled
         return records
