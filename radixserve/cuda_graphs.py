@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
+from radixserve.model.cascade import CASCADE_ROWS, CascadeMetadata, max_chunks, plan_cascade
 from radixserve.step import StepInput
 
 
@@ -107,6 +108,7 @@ class DecodeGraphs:
         block_size: int,
         max_batch_size: int,
         max_model_len: int,
+        cascade: bool = False,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -116,10 +118,20 @@ class DecodeGraphs:
         self.max_bs = self.sizes[-1]
         self.width = -(-max_model_len // block_size)  # block-table columns: a full-length sequence
         n, w = self.max_bs, self.width
+        # Cascade attention (model/cascade.py): each graph's prefix launch has a fixed grid of
+        # max_chunks(size) chunks; a replay fills the chunks the step has and zeroes the rest's
+        # prefix (their programs exit), and every row's prefix length (0: plain path).
+        self.cascade = cascade
+        self.chunks = max_chunks(n) if cascade else 0
+        self.cascade_rows = 0  # decode rows that took the cascade path, all replays together
         # One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
-        # | query_start_loc (n+1) | block tables (n x w), each part 16-byte aligned. A step
-        # copies its prefix in one go.
-        self._offsets, total = _layout({"ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "tables": n * w})
+        # | query_start_loc (n+1) | cascade parts | block tables (n x w), each part 16-byte
+        # aligned. A step copies its prefix in one go.
+        c = self.chunks
+        self._offsets, total = _layout({
+            "ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "row_prefix": n if cascade else 0,
+            "chunk_rows": c * CASCADE_ROWS, "chunk_prefix": c, "chunk_leader": c, "tables": n * w,
+        })  # fmt: skip
         device = next(model.parameters()).device
         self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
         self._np = self._host.numpy()
@@ -128,6 +140,7 @@ class DecodeGraphs:
         self._np[o["qsl"] : o["qsl"] + n + 1] = np.arange(n + 1)
         self._np[o["slots"] : o["slots"] + n] = -1
         self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
+        self._np[o["chunk_rows"] : o["chunk_rows"] + self.chunks * CASCADE_ROWS] = -1
         self._dev.copy_(self._host)
         self._host_tables = self._np[o["tables"] : o["tables"] + n * w].reshape(n, w)
         self._event: torch.cuda.Event | None = None
@@ -142,9 +155,16 @@ class DecodeGraphs:
         tables = self._view("tables", self.max_bs * self.width).view(self.max_bs, self.width)[:bs]
         # nominal lengths (one token of context each): decode launch shapes never depend on them
         step = StepInput(self.block_size, query_lens=[1] * bs, seq_lens=[1] * bs)
+        cascade = None
+        if self.cascade:
+            capacity = max_chunks(bs)
+            cascade = CascadeMetadata(
+                self._view("row_prefix", bs), self._view("chunk_rows", capacity * CASCADE_ROWS),
+                self._view("chunk_prefix", capacity), self._view("chunk_leader", capacity), capacity,
+            )  # fmt: skip
         return AttentionMetadata.from_step(
             step, self._view("pos", bs), self._view("slots", bs), self._view("qsl", bs + 1),
-            self._view("seq_lens", bs), tables, lengths_are_nominal=True,
+            self._view("seq_lens", bs), tables, lengths_are_nominal=True, cascade=cascade,
         )  # fmt: skip
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -193,12 +213,31 @@ class DecodeGraphs:
         tables = self._host_tables
         for i, blocks in enumerate(step.block_tables):
             tables[i, : len(blocks)] = blocks
+        if self.cascade:
+            self._fill_cascade(tables[:B], step.seq_lens, size)
         end = o["tables"] + size * self.width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
         self._graphs[size].replay()
         return self._logits[size][:B]
+
+    def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> None:
+        """The step's cascade into the buffer's parts for a graph of `size` rows (padding rows:
+        prefix 0; unused chunks: prefix 0, so their programs exit)."""
+        o, npb = self._offsets, self._np
+        capacity = max_chunks(size)
+        plan = plan_cascade(tables, np.asarray(seq_lens), self.block_size)
+        used = 0 if plan is None else plan.num_chunks
+        npb[o["row_prefix"] : o["row_prefix"] + size] = 0
+        if plan is not None:
+            self.cascade_rows += plan.shared_rows
+            npb[o["row_prefix"] : o["row_prefix"] + len(seq_lens)] = plan.row_prefix
+            rows = o["chunk_rows"]
+            npb[rows : rows + used * CASCADE_ROWS] = plan.chunk_rows.reshape(-1)
+            npb[o["chunk_prefix"] : o["chunk_prefix"] + used] = plan.chunk_prefix
+            npb[o["chunk_leader"] : o["chunk_leader"] + used] = plan.chunk_leader
+        npb[o["chunk_prefix"] + used : o["chunk_prefix"] + capacity] = 0
 
 
 class PrefillGraphs:

@@ -90,39 +90,38 @@ def plan_cascade(
     order = np.argsort(key, kind="stable")
     idx = candidates[order]
     key = key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    sizes = np.diff(np.r_[starts, idx.shape[0]])
-    keep = sizes >= 2
-    if not keep.any():
-        return None
-    leader = np.repeat(idx[starts], sizes)
+    new_group = np.empty(idx.shape[0], dtype=bool)
+    new_group[0] = True
+    np.not_equal(key[1:], key[:-1], out=new_group[1:])
+    group = np.cumsum(new_group) - 1  # each row's group, 0..G-1
+    starts = np.flatnonzero(new_group)
+    sizes = np.bincount(group)
+    leaders = idx[starts]
     width = int(full[idx].max())
-    same = tables[idx, :width] == tables[leader, :width]
+    same = tables[idx, :width] == tables[leaders[group], :width]
     # Columns equal to the leader's, counted from 0 (all of them when the row matches to the end).
     common = np.where(same.all(axis=1), width, np.argmin(same, axis=1))
     common = np.minimum(common, full[idx])
-    group_blocks = np.minimum.reduceat(common, starts)
-    # Keep groups of >= 2 rows (every row shares >= min_blocks: same block at column min_blocks - 1).
+    group_prefix = np.minimum.reduceat(common, starts) * block_size
+    # Every row of a kept group shares >= min_blocks blocks (the same block at column min_blocks - 1).
+    kept_row = (sizes >= 2)[group]
+    if not kept_row.any():
+        return None
     row_prefix = np.zeros(num_seqs, dtype=np.int64)
-    chunk_rows: list[np.ndarray] = []
-    chunk_prefix: list[int] = []
-    chunk_leader: list[int] = []
-    for g in np.flatnonzero(keep):  # one iteration per group (<= B / 2), not per block
-        members = idx[starts[g] : starts[g] + sizes[g]]
-        prefix = int(group_blocks[g]) * block_size
-        row_prefix[members] = prefix
-        for first in range(0, members.shape[0], rows_per_chunk):
-            chunk = np.full(rows_per_chunk, -1, dtype=np.int64)
-            part = members[first : first + rows_per_chunk]
-            chunk[: part.shape[0]] = part
-            chunk_rows.append(chunk)
-            chunk_prefix.append(prefix)
-            chunk_leader.append(int(members[0]))
+    row_prefix[idx[kept_row]] = group_prefix[group[kept_row]]
+    # Chunks: each group's rows in runs of rows_per_chunk, numbered group after group.
+    chunks_per_group = np.where(sizes >= 2, -(-sizes // rows_per_chunk), 0)
+    first_chunk = np.cumsum(chunks_per_group) - chunks_per_group
+    pos = np.arange(idx.shape[0]) - starts[group]
+    chunk = first_chunk[group] + pos // rows_per_chunk
+    num_chunks = int(chunks_per_group.sum())
+    chunk_rows = np.full((num_chunks, rows_per_chunk), -1, dtype=np.int64)
+    chunk_rows[chunk[kept_row], (pos % rows_per_chunk)[kept_row]] = idx[kept_row]
     return CascadePlan(
         row_prefix,
-        np.stack(chunk_rows),
-        np.asarray(chunk_prefix, dtype=np.int64),
-        np.asarray(chunk_leader, dtype=np.int64),
+        chunk_rows,
+        np.repeat(group_prefix, chunks_per_group).astype(np.int64),
+        np.repeat(leaders, chunks_per_group).astype(np.int64),
     )
 
 
