@@ -319,11 +319,12 @@ def profile_step(fn, label: str) -> None:
     log(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
-def our_speed(loaded, repeats: int, deterministic: bool = False) -> dict:
+def our_speed(loaded, repeats: int, deterministic: bool = False, cascade: bool = True) -> dict:
     vocab = loaded.arch.vocab_size
     rng = random.Random(4)
     config = EngineConfig(
-        model=ModelConfig(source="dummy:llama3-8b", dtype="bfloat16", device="cuda", max_model_len=8192, deterministic=deterministic),
+        model=ModelConfig(source="dummy:llama3-8b", dtype="bfloat16", device="cuda", max_model_len=8192, deterministic=deterministic,
+                          cascade_attention=cascade),
         cache=CacheConfig(gpu_memory_utilization=0.85),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192),
     )
