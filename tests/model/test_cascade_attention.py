@@ -57,6 +57,19 @@ def test_candidates_limit_the_rows():
     assert plan.row_prefix.tolist() == [8, 0, 8]
 
 
+def test_cli_flag_and_option_turn_it_off():
+    import argparse
+
+    from radixserve.commands.common import add_engine_args, engine_config_from_args
+    from radixserve.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert engine_config_from_args(parser.parse_args([])).model.cascade_attention is True
+    assert engine_config_from_args(parser.parse_args(["--no-cascade-attention"])).model.cascade_attention is False
+    assert EngineConfig.from_options(cascade_attention=False).model.cascade_attention is False
+
+
 # ---- kernels -----------------------------------------------------------------------------
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -159,6 +172,27 @@ def test_cascade_matches_plain_and_torch(heads, kv_heads, head_dim, group_rows):
     ref = _reference(meta, k_cache, v_cache, q)
     assert not cascaded.isnan().any()
     assert _rel(cascaded, plain) < TOL and _rel(cascaded, ref) < TOL
+
+
+@gpu
+@pytest.mark.gpu
+def test_runner_turns_cascade_off_in_deterministic_mode():
+    import types
+
+    from radixserve.config import CacheConfig
+    from radixserve.model.arch import preset
+    from radixserve.model.llama import LlamaForCausalLM
+    from radixserve.model.triton_attention import TritonAttentionBackend
+    from radixserve.runner import ModelRunner
+
+    arch = preset("tiny")
+    model = LlamaForCausalLM(arch, TritonAttentionBackend(), dtype=DTYPE, device=DEVICE)
+    loaded = types.SimpleNamespace(model=model, arch=arch)
+    for deterministic, expected in ((False, True), (True, False)):
+        ModelRunner(loaded, CacheConfig(num_blocks=16), 16, cuda_graphs=False, deterministic=deterministic)
+        assert model.backend.cascade is expected
+    ModelRunner(loaded, CacheConfig(num_blocks=16), 16, cuda_graphs=False, cascade_attention=False)
+    assert model.backend.cascade is False
 
 
 @gpu
