@@ -156,7 +156,7 @@ class DecodeGraphs:
         # nominal lengths (one token of context each): decode launch shapes never depend on them
         step = StepInput(self.block_size, query_lens=[1] * bs, seq_lens=[1] * bs)
         cascade = None
-        if self.cascade:
+        if self.cascade and bs >= 2:  # one row shares with nobody: no prefix launch in its graph
             capacity = max_chunks(bs)
             cascade = CascadeMetadata(
                 self._view("row_prefix", bs), self._view("chunk_rows", capacity * CASCADE_ROWS),
@@ -213,7 +213,7 @@ class DecodeGraphs:
         tables = self._host_tables
         for i, blocks in enumerate(step.block_tables):
             tables[i, : len(blocks)] = blocks
-        if self.cascade:
+        if self.cascade and size >= 2:
             self._fill_cascade(tables[:B], step.seq_lens, size)
         end = o["tables"] + size * self.width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
