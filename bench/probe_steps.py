@@ -203,8 +203,8 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
     engine = LLMEngine(config, loaded=loaded)
     result = {"args": vars(args), "startup_s": time.perf_counter() - t0, "startup_phases_s": engine.startup_seconds,
               "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "bursts": [],
-              "cascade_attention": model.cascade_attention}
-    print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}", flush=True)
+              "cascade_attention": model.cascade_attention, "num_kv_blocks": engine.num_kv_blocks}
+    print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}, {engine.num_kv_blocks} KV blocks", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     probe = StepProbe(engine)
