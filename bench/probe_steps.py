@@ -145,7 +145,7 @@ def kernel_variants() -> int:
 def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     variants0 = kernel_variants()
-    cascade0 = engine.runner.cascade_rows
+    cascade0 = engine.cascade_rows
     hits0, queries0 = engine.snapshot().prefix_cache_hits, engine.snapshot().prefix_cache_queries
     t0 = time.perf_counter()
     now = time.monotonic()
@@ -157,7 +157,7 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
     snap = engine.snapshot()
     return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
             "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
-            "cascade_attention": engine.config.model.cascade_attention, "cascade_rows": engine.runner.cascade_rows - cascade0,
+            "cascade_attention": engine.config.model.cascade_attention, "cascade_rows": engine.cascade_rows - cascade0,
             "hit_rate": (snap.prefix_cache_hits - hits0) / max(1, snap.prefix_cache_queries - queries0),
             "steps": probe.summary()}
 

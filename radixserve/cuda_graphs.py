@@ -117,22 +117,26 @@ class DecodeGraphs:
         self.sizes = sorted(set(sizes))
         self.max_bs = self.sizes[-1]
         self.width = -(-max_model_len // block_size)  # block-table columns: a full-length sequence
-        n, w = self.max_bs, self.width
         # Cascade attention (model/cascade.py): each graph's prefix launch has a fixed grid of
         # max_chunks(size) chunks; a replay fills the chunks the step has and zeroes the rest's
         # prefix (their programs exit), and every row's prefix length (0: plain path).
         self.cascade = cascade
-        self.chunks = max_chunks(n) if cascade else 0
         self.cascade_rows = 0  # decode rows that took the cascade path, all replays together
-        # One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
-        # | query_start_loc (n+1) | cascade parts | block tables (n x w), each part 16-byte
-        # aligned. A step copies its prefix in one go.
-        c = self.chunks
+        self._allocate_buffers(next(model.parameters()).device)
+        self._event: torch.cuda.Event | None = None
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def _allocate_buffers(self, device: torch.device) -> None:
+        """One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
+        | query_start_loc (n+1) | cascade parts | block tables (n x w), each part 16-byte
+        aligned. A step copies its prefix in one go."""
+        n, w = self.max_bs, self.width
+        c = max_chunks(n) if self.cascade else 0
         self._offsets, total = _layout({
-            "ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "row_prefix": n if cascade else 0,
+            "ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "row_prefix": n if self.cascade else 0,
             "chunk_rows": c * CASCADE_ROWS, "chunk_prefix": c, "chunk_leader": c, "tables": n * w,
         })  # fmt: skip
-        device = next(model.parameters()).device
         self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
         self._np = self._host.numpy()
         self._dev = torch.zeros(total, dtype=torch.long, device=device)
@@ -140,12 +144,9 @@ class DecodeGraphs:
         self._np[o["qsl"] : o["qsl"] + n + 1] = np.arange(n + 1)
         self._np[o["slots"] : o["slots"] + n] = -1
         self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
-        self._np[o["chunk_rows"] : o["chunk_rows"] + self.chunks * CASCADE_ROWS] = -1
+        self._np[o["chunk_rows"] : o["chunk_rows"] + c * CASCADE_ROWS] = -1
         self._dev.copy_(self._host)
         self._host_tables = self._np[o["tables"] : o["tables"] + n * w].reshape(n, w)
-        self._event: torch.cuda.Event | None = None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
 
     def _view(self, name: str, length: int) -> torch.Tensor:
         start = self._offsets[name]

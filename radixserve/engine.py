@@ -813,5 +813,11 @@ class LLMEngine:
         graphs (CUDA with the Triton backend, unless enforce_eager)."""
         return self.runner.graphs is not None
 
+    @property
+    def cascade_rows(self) -> int:
+        """Decode rows that read a shared prompt prefix once per group (cascade attention) so
+        far, a row counted once per step: 0 on CPU, with it off, or when nothing was shared."""
+        return self.runner.cascade_rows
+
 
 __all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "TierSnapshot", "default_dtype_for"]

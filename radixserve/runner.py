@@ -61,19 +61,15 @@ class ModelRunner:
         # Cascade attention: the Triton backend only, never in deterministic mode (it changes the
         # order in which a row's keys are reduced). Before the graph capture, which records it.
         backend = self.model.backend
-        backend.cascade = cascade_attention and backend.kernels is not None and not deterministic
-        self._eager_cascade_rows = 0
-        self._uploader = None
-        self.graphs = None
-        self.prefill_graphs = None
+        backend.cascade, self._eager_cascade_rows = cascade_attention and backend.kernels is not None and not deterministic, 0
+        self._uploader = self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda":
             from radixserve.cuda_graphs import DecodeGraphs, PinnedUploader, PrefillGraphs
 
             self._uploader = PinnedUploader(self.device)
             if cuda_graphs and max_num_seqs > 0 and self.model.backend.kernels is not None:
                 max_len = max_model_len or self.arch.max_position_embeddings
-                self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_len,
-                                           cascade=backend.cascade)  # fmt: skip
+                self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_len, backend.cascade)
                 pool = self.graphs.capture()
                 self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, self.block_size, max_len)
                 self.prefill_graphs.capture(pool)

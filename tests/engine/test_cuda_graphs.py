@@ -102,7 +102,7 @@ def test_cascade_attention_matches_plain(tiny_fp32):
         )  # fmt: skip
         engine = LLMEngine(config, loaded=tiny_fp32)
         _generate(engine, [p[:-1] for p in prompts[::5]])  # the shared prefixes, cached
-        return _generate(engine, prompts, max_tokens=16), engine.runner.cascade_rows
+        return _generate(engine, prompts, max_tokens=16), engine.cascade_rows
 
     plain, plain_rows = run(cascade=False, eager=False)
     graphs, graph_rows = run(cascade=True, eager=False)
