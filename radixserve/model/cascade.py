@@ -96,6 +96,8 @@ def plan_cascade(
     group = np.cumsum(new_group) - 1  # each row's group, 0..G-1
     starts = np.flatnonzero(new_group)
     sizes = np.bincount(group)
+    if sizes.max() < 2:  # every row alone: the common case without shared prompts
+        return None
     leaders = idx[starts]
     width = int(full[idx].max())
     same = tables[idx, :width] == tables[leaders[group], :width]
@@ -105,8 +107,6 @@ def plan_cascade(
     group_prefix = np.minimum.reduceat(common, starts) * block_size
     # Every row of a kept group shares >= min_blocks blocks (the same block at column min_blocks - 1).
     kept_row = (sizes >= 2)[group]
-    if not kept_row.any():
-        return None
     row_prefix = np.zeros(num_seqs, dtype=np.int64)
     row_prefix[idx[kept_row]] = group_prefix[group[kept_row]]
     # Chunks: each group's rows in runs of rows_per_chunk, numbered group after group.
