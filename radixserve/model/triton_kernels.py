@@ -576,93 +576,100 @@ def paged_attention(
 _launch_attention = _Launcher(_paged_attention_kernel, ATTENTION_UNSPECIALIZED)
 
 
-CASCADE_UNSPECIALIZED = ("num_splits", "part_stride", "stride_bt")
+CASCADE_UNSPECIALIZED = ("num_splits", "part_stride", "stride_bt", "num_items")
 
 
 @triton.jit(do_not_specialize=CASCADE_UNSPECIALIZED)
 def _cascade_prefix_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, part_acc_ptr, part_ml_ptr, block_tables_ptr, query_start_ptr,
-    chunk_rows_ptr, chunk_prefix_ptr, chunk_leader_ptr, scale_log2e, num_splits, part_stride,
+    chunk_rows_ptr, chunk_prefix_ptr, chunk_leader_ptr, scale_log2e, num_splits, part_stride, num_items,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """One program: one chunk of a cascade group (up to ROWS decode rows sharing a prefix), one KV
-    head, one slice (split) of the shared prefix's key tiles. The chunk's rows x the GROUP query
-    heads of the KV head are the tile's query rows, so each prefix K/V tile is loaded once for
-    all of them (the point of cascade attention); no mask: every prefix key precedes every
-    query. Writes the unnormalized partial (acc, max, sum) of each (row, head) for the split, at
-    [(split * part_stride + row) * heads + head]; the paged kernel's CASCADE variant folds them
-    in. A chunk with prefix 0 (unused slot of a CUDA graph's fixed grid) exits at once."""
-    c = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    prefix = tl.load(chunk_prefix_ptr + c)
-    if prefix == 0:
-        return
+    """Work items (chunk, KV head, split): one chunk of a cascade group (up to ROWS decode rows
+    sharing a prefix), one KV head, one slice (split) of the shared prefix's key tiles. The
+    chunk's rows x the GROUP query heads of the KV head are the tile's query rows, so each prefix
+    K/V tile is loaded once for all of them (the point of cascade attention); no mask: every
+    prefix key precedes every query. Writes the unnormalized partial (acc, max, sum) of each
+    (row, head) for the split, at [(split * part_stride + row) * heads + head]; the paged
+    kernel's CASCADE variant folds them in.
+
+    Persistent: the launch has at most ~2 programs per SM, each walking items pid, pid + G, ...
+    of the num_items slots; a chunk slot with prefix 0 (unused in a CUDA graph's fixed capacity)
+    costs one load. So a step that shares nothing pays about one wave of near-empty programs,
+    not capacity x heads x splits of them (each holding a whole tile's shared memory)."""
+    n_programs = tl.num_programs(0)
+    per_chunk = NUM_KV_HEADS * num_splits
     BLOCK_M: tl.constexpr = ROWS * GROUP_P
     rows = tl.arange(0, BLOCK_M)
     hg = rows % GROUP_P
-    seq = tl.load(chunk_rows_ptr + c * ROWS + rows // GROUP_P)
-    row_ok = (seq >= 0) & (hg < GROUP)
-    seq = tl.where(seq >= 0, seq, 0).to(tl.int64)
-    tok = tl.load(query_start_ptr + seq)  # a decode row's one query token
-    head = kvh * GROUP + hg
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(
-        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    bt_row = block_tables_ptr + tl.load(chunk_leader_ptr + c).to(tl.int64) * stride_bt
-    num_tiles = tl.cdiv(prefix, BLOCK_N)
-    per_split = tl.cdiv(num_tiles, num_splits)
-    t_begin = split * per_split
-    t_end = tl.minimum(t_begin + per_split, num_tiles)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
-    for t in range(t_begin, t_end):
-        kpos = t * BLOCK_N + offs_n
-        k_ok = kpos < prefix
-        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        in_page = (kpos % PAGE).to(tl.int64)
-        if HEAD_DIM == HEAD_DIM_P:
-            kv_mask = k_ok[:, None]
-        else:
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(k_ok[None, :], s * scale_log2e, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
-    idx = (split * part_stride + seq) * (NUM_KV_HEADS * GROUP) + head
-    tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
-    tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
-    tl.store(part_ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
+    for w in range(tl.program_id(0), num_items, n_programs):
+        c = w // per_chunk
+        kvh = (w % per_chunk) // num_splits
+        split = w % num_splits
+        prefix = tl.load(chunk_prefix_ptr + c)
+        if prefix > 0:
+            seq = tl.load(chunk_rows_ptr + c * ROWS + rows // GROUP_P)
+            row_ok = (seq >= 0) & (hg < GROUP)
+            seq = tl.where(seq >= 0, seq, 0).to(tl.int64)
+            tok = tl.load(query_start_ptr + seq)  # a decode row's one query token
+            head = kvh * GROUP + hg
+            q = tl.load(
+                q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            bt_row = block_tables_ptr + tl.load(chunk_leader_ptr + c).to(tl.int64) * stride_bt
+            num_tiles = tl.cdiv(prefix, BLOCK_N)
+            per_split = tl.cdiv(num_tiles, num_splits)
+            t_begin = split * per_split
+            t_end = tl.minimum(t_begin + per_split, num_tiles)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            for t in range(t_begin, t_end):
+                kpos = t * BLOCK_N + offs_n
+                k_ok = kpos < prefix
+                blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+                in_page = (kpos % PAGE).to(tl.int64)
+                if HEAD_DIM == HEAD_DIM_P:
+                    kv_mask = k_ok[:, None]
+                else:
+                    kv_mask = k_ok[:, None] & d_ok[None, :]
+                k = tl.load(
+                    k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(k_ok[None, :], s * scale_log2e, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(
+                    v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
+                if IEEE:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+            idx = (split * part_stride + seq) * (NUM_KV_HEADS * GROUP) + head
+            tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
 
 
 def cascade_prefix_attention(
@@ -695,11 +702,13 @@ def cascade_prefix_attention(
     n = num_splits * num_seqs * H
     part_acc = torch.empty(n * head_dim_p, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(n * 2, dtype=torch.float32, device=q.device)
+    num_items = capacity * kvh * num_splits
+    programs = min(num_items, CASCADE_PROGRAMS_PER_SM * _sm_count(q.device))
     _launch_cascade(
-        (capacity, kvh, num_splits),
+        (programs,),
         (
             q, k_cache, v_cache, part_acc, part_ml, block_tables, query_start_loc, chunk_rows, chunk_prefix,
-            chunk_leader, scale * 1.4426950408889634, num_splits, num_seqs, q.stride(0), q.stride(1),
+            chunk_leader, scale * 1.4426950408889634, num_splits, num_seqs, num_items, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         ),
@@ -713,6 +722,15 @@ def cascade_prefix_attention(
 
 
 _launch_cascade = _Launcher(_cascade_prefix_kernel, CASCADE_UNSPECIALIZED)
+# Persistent programs of the cascade prefix launch per SM (a tile's K/V stages take most of an
+# SM's shared memory, so more would only queue).
+CASCADE_PROGRAMS_PER_SM = 2
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # TRITON_INTERPRET on CPU: few programs, so each walks several items
 _launch_combine = _Launcher(_combine_splits_kernel, COMBINE_UNSPECIALIZED)
 
 
