@@ -72,10 +72,11 @@ def setup(groups: int, rows_per_group: int, prefix: int, seed: int = 0):
               torch.randn(num_blocks, PAGE, KV, D, device="cuda", dtype=torch.bfloat16)) for _ in range(LAYERS)]  # fmt: skip
     meta = AttentionMetadata.build(tables, ctx, [1] * rows, PAGE, device="cuda")
     q = torch.randn(rows, H, D, device="cuda", dtype=torch.bfloat16)
-    plan = plan_cascade(meta.block_tables.cpu().numpy(), np.asarray(meta.seq_lens_list), PAGE)
+    # min_rows 2: time the kernel on every group size (the engine skips groups < CASCADE_MIN_ROWS)
+    plan = plan_cascade(meta.block_tables.cpu().numpy(), np.asarray(meta.seq_lens_list), PAGE, min_rows=2)
     # Padded to the graph's capacity; with nothing shared every chunk slot is empty, as a CUDA
     # graph replays it.
-    capacity = max_chunks(rows)
+    capacity = max_chunks(rows, min_rows=2)
     used = 0 if plan is None else plan.num_chunks
     chunk_rows = np.full((capacity, CASCADE_ROWS), -1, dtype=np.int64)
     chunk_prefix = np.zeros(capacity, dtype=np.int64)

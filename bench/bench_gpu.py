@@ -290,9 +290,10 @@ def graph_replay_ms(engine: LLMEngine, bs: int, n: int = 50, prefill: bool = Fal
     """GPU time of one replay of a captured graph (decode batch `bs`, or the prefill bucket `bs`),
     replaying whatever inputs it last had."""
     graphs = engine.runner.prefill_graphs if prefill else engine.runner.graphs
-    if graphs is None or bs not in graphs._graphs:
+    key = bs if prefill else (bs, False)  # decode graphs: (size, with cascade attention)
+    if graphs is None or key not in graphs._graphs:
         return None
-    g = graphs._graphs[bs]
+    g = graphs._graphs[key]
     g.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
-from radixserve.model.cascade import CASCADE_ROWS, CascadeMetadata, max_chunks, plan_cascade
+from radixserve.model.cascade import CASCADE_MIN_ROWS, CASCADE_ROWS, CascadeMetadata, max_chunks, plan_cascade
 from radixserve.step import StepInput
 
 
@@ -117,15 +117,18 @@ class DecodeGraphs:
         self.sizes = sorted(set(sizes))
         self.max_bs = self.sizes[-1]
         self.width = -(-max_model_len // block_size)  # block-table columns: a full-length sequence
-        # Cascade attention (model/cascade.py): each graph's prefix launch has a fixed grid of
-        # max_chunks(size) chunks; a replay fills the chunks the step has and zeroes the rest's
-        # prefix (their programs exit), and every row's prefix length (0: plain path).
+        # Cascade attention (model/cascade.py): sizes that can hold a group (>= CASCADE_MIN_ROWS
+        # rows) get a second graph with the cascade; a step replays it only when its rows share
+        # (the plain graph otherwise: no cost when nothing is shared). Its prefix launch covers
+        # max_chunks(size) chunk slots; a replay fills the step's chunks, zeroes the rest's
+        # prefix (skipped), and sets every row's prefix length (0: plain path).
         self.cascade = cascade
+        self.cascade_sizes = [s for s in self.sizes if s >= CASCADE_MIN_ROWS] if cascade else []
         self.cascade_rows = 0  # decode rows that took the cascade path, all replays together
         self._allocate_buffers(next(model.parameters()).device)
         self._event: torch.cuda.Event | None = None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
 
     def _allocate_buffers(self, device: torch.device) -> None:
         """One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
@@ -152,12 +155,12 @@ class DecodeGraphs:
         start = self._offsets[name]
         return self._dev[start : start + length]
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, with_cascade: bool) -> AttentionMetadata:
         tables = self._view("tables", self.max_bs * self.width).view(self.max_bs, self.width)[:bs]
         # nominal lengths (one token of context each): decode launch shapes never depend on them
         step = StepInput(self.block_size, query_lens=[1] * bs, seq_lens=[1] * bs)
         cascade = None
-        if self.cascade and bs >= 2:  # one row shares with nobody: no prefix launch in its graph
+        if with_cascade:
             capacity = max_chunks(bs)
             cascade = CascadeMetadata(
                 self._view("row_prefix", bs), self._view("chunk_rows", capacity * CASCADE_ROWS),
@@ -177,16 +180,17 @@ class DecodeGraphs:
         """Warm up (compiles the kernels) and capture every size, largest first, in one pool;
         returns the pool (other graphs of the runner share it: only one replays at a time)."""
         pool = None
-        for bs in reversed(self.sizes):
-            meta = self._meta(bs)
+        variants = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.cascade_sizes]
+        for bs, with_cascade in sorted(variants, reverse=True):
+            meta = self._meta(bs, with_cascade)
             self._forward(bs, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with _no_gc(), torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(bs, meta)
             pool = graph.pool()
-            self._graphs[bs] = graph
-            self._logits[bs] = logits
+            self._graphs[bs, with_cascade] = graph
+            self._logits[bs, with_cascade] = logits
         torch.cuda.synchronize()
         return pool
 
@@ -214,31 +218,31 @@ class DecodeGraphs:
         tables = self._host_tables
         for i, blocks in enumerate(step.block_tables):
             tables[i, : len(blocks)] = blocks
-        if self.cascade and size >= 2:
-            self._fill_cascade(tables[:B], step.seq_lens, size)
+        with_cascade = size in self.cascade_sizes and self._fill_cascade(tables[:B], step.seq_lens, size)
         end = o["tables"] + size * self.width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
-        self._graphs[size].replay()
-        return self._logits[size][:B]
+        self._graphs[size, with_cascade].replay()
+        return self._logits[size, with_cascade][:B]
 
-    def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> None:
+    def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> bool:
         """The step's cascade into the buffer's parts for a graph of `size` rows (padding rows:
-        prefix 0; unused chunks: prefix 0, so their programs exit)."""
-        o, npb = self._offsets, self._np
-        capacity = max_chunks(size)
+        prefix 0; unused chunk slots: prefix 0, skipped); False when nothing is shared."""
         plan = plan_cascade(tables, np.asarray(seq_lens), self.block_size)
-        used = 0 if plan is None else plan.num_chunks
+        if plan is None:
+            return False
+        o, npb = self._offsets, self._np
+        used = plan.num_chunks
+        self.cascade_rows += plan.shared_rows
         npb[o["row_prefix"] : o["row_prefix"] + size] = 0
-        if plan is not None:
-            self.cascade_rows += plan.shared_rows
-            npb[o["row_prefix"] : o["row_prefix"] + len(seq_lens)] = plan.row_prefix
-            rows = o["chunk_rows"]
-            npb[rows : rows + used * CASCADE_ROWS] = plan.chunk_rows.reshape(-1)
-            npb[o["chunk_prefix"] : o["chunk_prefix"] + used] = plan.chunk_prefix
-            npb[o["chunk_leader"] : o["chunk_leader"] + used] = plan.chunk_leader
-        npb[o["chunk_prefix"] + used : o["chunk_prefix"] + capacity] = 0
+        npb[o["row_prefix"] : o["row_prefix"] + len(seq_lens)] = plan.row_prefix
+        rows = o["chunk_rows"]
+        npb[rows : rows + used * CASCADE_ROWS] = plan.chunk_rows.reshape(-1)
+        npb[o["chunk_prefix"] : o["chunk_prefix"] + used] = plan.chunk_prefix
+        npb[o["chunk_leader"] : o["chunk_leader"] + used] = plan.chunk_leader
+        npb[o["chunk_prefix"] + used : o["chunk_prefix"] + max_chunks(size)] = 0
+        return True
 
 
 class PrefillGraphs:

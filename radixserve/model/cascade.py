@@ -36,6 +36,11 @@ import torch
 CASCADE_MIN_BLOCKS = 16
 # Rows per chunk (per prefix-kernel tile): 16 rows x 4 query heads (Llama-3 GQA) = 64 query rows.
 CASCADE_ROWS = 16
+# A group of fewer rows is read per row. Plain decode already gets a group's prefix from L2 when
+# its rows run side by side, so the cascade wins only where one read serves many rows (H200, one
+# 8B layer, 128 rows over 2048-token prefixes, bench/bench_cascade_gpu.py): groups of 16 1.62x,
+# of 8 1.05x, of 4 0.87x (slower).
+CASCADE_MIN_ROWS = 8
 
 
 @dataclass(slots=True)
@@ -60,10 +65,10 @@ class CascadePlan:
         return int(np.count_nonzero(self.row_prefix))
 
 
-def max_chunks(num_rows: int, rows_per_chunk: int = CASCADE_ROWS) -> int:
-    """An upper bound on the chunks of `num_rows` rows (groups have >= 2 rows): the fixed grid of
-    a CUDA graph's prefix launch."""
-    return max(1, num_rows // 2 + num_rows // rows_per_chunk + 1)
+def max_chunks(num_rows: int, rows_per_chunk: int = CASCADE_ROWS, min_rows: int = CASCADE_MIN_ROWS) -> int:
+    """An upper bound on the chunks of `num_rows` rows (groups have >= min_rows rows): the fixed
+    grid of a CUDA graph's prefix launch."""
+    return max(1, num_rows // max(2, min_rows) + num_rows // rows_per_chunk + 1)
 
 
 def plan_cascade(
@@ -73,18 +78,20 @@ def plan_cascade(
     rows: np.ndarray | None = None,
     min_blocks: int = CASCADE_MIN_BLOCKS,
     rows_per_chunk: int = CASCADE_ROWS,
+    min_rows: int = CASCADE_MIN_ROWS,
 ) -> CascadePlan | None:
     """The cascade of a step whose sequences have block tables `tables` [B, W] (entries past a
     row's blocks are ignored) and contexts of `seq_lens` [B] tokens (including the newest one);
     only the sequences in `rows` (default: all) are candidates: decode rows, one query token
-    each. None when no two rows share >= min_blocks full blocks."""
+    each. None when no `min_rows` rows share >= min_blocks full blocks."""
     num_seqs = tables.shape[0]
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     # Full blocks strictly before the newest token: the most a row may share.
     full = (seq_lens - 1) // block_size
     candidates = np.arange(num_seqs) if rows is None else np.asarray(rows, dtype=np.int64)
     candidates = candidates[full[candidates] >= min_blocks]
-    if candidates.shape[0] < 2:
+    min_rows = max(2, min_rows)
+    if candidates.shape[0] < min_rows:
         return None
     key = tables[candidates, min_blocks - 1]
     order = np.argsort(key, kind="stable")
@@ -96,7 +103,7 @@ def plan_cascade(
     group = np.cumsum(new_group) - 1  # each row's group, 0..G-1
     starts = np.flatnonzero(new_group)
     sizes = np.bincount(group)
-    if sizes.max() < 2:  # every row alone: the common case without shared prompts
+    if sizes.max() < min_rows:  # every row alone or in a small group: the common case
         return None
     leaders = idx[starts]
     width = int(full[idx].max())
@@ -106,11 +113,11 @@ def plan_cascade(
     common = np.minimum(common, full[idx])
     group_prefix = np.minimum.reduceat(common, starts) * block_size
     # Every row of a kept group shares >= min_blocks blocks (the same block at column min_blocks - 1).
-    kept_row = (sizes >= 2)[group]
+    kept_row = (sizes >= min_rows)[group]
     row_prefix = np.zeros(num_seqs, dtype=np.int64)
     row_prefix[idx[kept_row]] = group_prefix[group[kept_row]]
     # Chunks: each group's rows in runs of rows_per_chunk, numbered group after group.
-    chunks_per_group = np.where(sizes >= 2, -(-sizes // rows_per_chunk), 0)
+    chunks_per_group = np.where(sizes >= min_rows, -(-sizes // rows_per_chunk), 0)
     first_chunk = np.cumsum(chunks_per_group) - chunks_per_group
     pos = np.arange(idx.shape[0]) - starts[group]
     chunk = first_chunk[group] + pos // rows_per_chunk

@@ -66,10 +66,11 @@ DETERMINISTIC_SPLIT_TILES = 16
 # head); a launch with more groups than this falls back to the separate merge kernel.
 MERGE_COUNTERS = 1 << 14
 # Cascade attention's shared-prefix kernel (model/cascade.py): a chunk of 16 decode rows x the
-# query heads of one KV head against 128-key tiles of the prefix, the shape of a short prefill
-# chunk over a long cached prefix (PREFILL_SHORT_CFG); prefix tiles split so that the launch
-# fills the GPU about once at the expected number of chunks (rows / 16).
-CASCADE_CFG = dict(block_n=128, num_warps=4, num_stages=3)
+# query heads of one KV head against 64-key tiles of the prefix, 3 stages (H200, one layer, 128
+# rows in 8 groups x 16 over 2048-token prefixes, bench/bench_cascade_gpu.py: 94 us against 100
+# for 128-key tiles in 2 stages, 111 in 3, plain decode 179); prefix tiles split so that the
+# launch fills the GPU about once at the expected number of chunks (rows / 16).
+CASCADE_CFG = dict(block_n=64, num_warps=4, num_stages=3)
 CASCADE_MAX_SPLITS = 8
 
 

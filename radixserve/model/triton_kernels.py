@@ -631,10 +631,15 @@ def _cascade_prefix_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            # the next tile's page ids are loaded one iteration ahead (hides that latency)
+            first = t_begin * BLOCK_N + offs_n
+            blk_next = tl.load(bt_row + first // PAGE, mask=first < prefix, other=0).to(tl.int64)
             for t in range(t_begin, t_end):
                 kpos = t * BLOCK_N + offs_n
                 k_ok = kpos < prefix
-                blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+                blk = blk_next
+                after = kpos + BLOCK_N
+                blk_next = tl.load(bt_row + after // PAGE, mask=after < prefix, other=0).to(tl.int64)
                 in_page = (kpos % PAGE).to(tl.int64)
                 if HEAD_DIM == HEAD_DIM_P:
                     kv_mask = k_ok[:, None]

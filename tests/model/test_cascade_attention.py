@@ -29,31 +29,40 @@ def test_groups_rows_by_shared_blocks_and_caps_at_full_blocks():
     # row 5 shares nothing. Block size 4.
     rows = [[10, 11, 12, 13, 30], [20, 21, 40], [10, 11, 12, 13, 31, 32], [10, 11, 12, 50], [20, 21, 41], [60, 61, 62]]
     seq_lens = np.array([18, 10, 22, 14, 9, 12])
-    plan = plan_cascade(_tables(rows), seq_lens, block_size=4, min_blocks=2, rows_per_chunk=2)
+    plan = plan_cascade(_tables(rows), seq_lens, block_size=4, min_blocks=2, rows_per_chunk=2, min_rows=2)
     assert plan is not None
     # group {0, 2, 3}: 3 common blocks (row 3 diverges at column 3) = 12 tokens
     # group {1, 4}: 2 blocks (row 4 has 9 tokens: 2 full blocks before its newest token)
     assert plan.row_prefix.tolist() == [12, 8, 12, 12, 8, 0]
     chunks = sorted((tuple(r), p, lead) for r, p, lead in zip(plan.chunk_rows.tolist(), plan.chunk_prefix.tolist(), plan.chunk_leader.tolist()))
     assert chunks == [((0, 2), 12, 0), ((1, 4), 8, 1), ((3, -1), 12, 0)]
-    assert plan.num_chunks <= max_chunks(6, 2)
+    assert plan.num_chunks <= max_chunks(6, 2, 2)
 
 
 def test_newest_token_block_is_never_shared():
     # both rows hold block 7 at column 1, but the newest token of row 0 (position 7) is in it
-    plan = plan_cascade(_tables([[5, 7], [5, 7, 8]]), np.array([8, 12]), block_size=4, min_blocks=1)
+    plan = plan_cascade(_tables([[5, 7], [5, 7, 8]]), np.array([8, 12]), block_size=4, min_blocks=1, min_rows=2)
     assert plan.row_prefix.tolist() == [4, 4]
 
 
 def test_nothing_shared_or_too_short_is_none():
-    assert plan_cascade(_tables([[1, 2, 3], [4, 5, 6]]), np.array([12, 12]), 4, min_blocks=1) is None
-    assert plan_cascade(_tables([[1, 2, 3], [1, 2, 6]]), np.array([12, 12]), 4, min_blocks=3) is None
-    assert plan_cascade(_tables([[1, 2, 3]]), np.array([12]), 4, min_blocks=1) is None
+    assert plan_cascade(_tables([[1, 2, 3], [4, 5, 6]]), np.array([12, 12]), 4, min_blocks=1, min_rows=2) is None
+    assert plan_cascade(_tables([[1, 2, 3], [1, 2, 6]]), np.array([12, 12]), 4, min_blocks=3, min_rows=2) is None
+    assert plan_cascade(_tables([[1, 2, 3]]), np.array([12]), 4, min_blocks=1, min_rows=2) is None
+
+
+def test_groups_smaller_than_min_rows_take_the_plain_path():
+    # rows 0-2 share blocks 1, 2; rows 3-4 share 7, 8: with min_rows 3 only the first group counts
+    tables = _tables([[1, 2, 3], [1, 2, 4], [1, 2, 5], [7, 8, 9], [7, 8, 10]])
+    plan = plan_cascade(tables, np.full(5, 12), 4, min_blocks=1, min_rows=3)
+    assert plan.row_prefix.tolist() == [8, 8, 8, 0, 0]
+    assert plan.chunk_rows[:, :3].tolist() == [[0, 1, 2]]
+    assert plan_cascade(tables, np.full(5, 12), 4, min_blocks=1, min_rows=4) is None
 
 
 def test_candidates_limit_the_rows():
     tables = _tables([[1, 2, 3], [1, 2, 4], [1, 2, 5]])
-    plan = plan_cascade(tables, np.array([12, 12, 12]), 4, rows=np.array([0, 2]), min_blocks=1)
+    plan = plan_cascade(tables, np.array([12, 12, 12]), 4, rows=np.array([0, 2]), min_blocks=1, min_rows=2)
     assert plan.row_prefix.tolist() == [8, 0, 8]
 
 
@@ -123,7 +132,7 @@ def _plan_into(meta, block_size, min_blocks, rows_per_chunk=4, capacity=None):
     tables = meta.block_tables.cpu().numpy()
     decode = np.array([i for i, n in enumerate(meta.query_lens) if n == 1])
     plan = plan_cascade(tables, np.array(meta.seq_lens_list), block_size, rows=decode,
-                        min_blocks=min_blocks, rows_per_chunk=rows_per_chunk)  # fmt: skip
+                        min_blocks=min_blocks, rows_per_chunk=rows_per_chunk, min_rows=2)  # fmt: skip
     assert plan is not None
     cascade = CascadeMetadata.from_plan(plan, DEVICE)
     if capacity is not None:  # a CUDA graph's fixed grid: unused chunks have prefix 0
@@ -165,7 +174,7 @@ def test_cascade_matches_plain_and_torch(heads, kv_heads, head_dim, group_rows):
     k_cache, v_cache, meta, q = _shared_setup(groups, own, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                              block_size=block_size)  # fmt: skip
     plain = _attend(meta, k_cache, v_cache, q, cascade_on=False)
-    plan, meta.cascade = _plan_into(meta, block_size, min_blocks=2, capacity=max_chunks(n, 4))
+    plan, meta.cascade = _plan_into(meta, block_size, min_blocks=2, capacity=max_chunks(n, 4, 2))
     assert plan.shared_rows == sum(r for r in group_rows if r >= 2)
     cascaded = _attend(meta, k_cache, v_cache, q, cascade_on=True)
     assert meta.backend_state["triton"].launches[0].cascade is not None
