@@ -126,11 +126,18 @@ class StepProbe:
         return out
 
 
-def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: int, question_len: int) -> list[list[int]]:
-    """Random token ids below 250 (valid in every preset's vocabulary, dummy:tiny's included)."""
+def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: int, question_len: int,
+                  grouped: bool = False) -> list[list[int]]:
+    """Random token ids below 250 (valid in every preset's vocabulary, dummy:tiny's included).
+    Shuffled (the issue's workload: ~128 running rows are ~32 groups x 4), or grouped: a group's
+    requests arrive one after another (a batch of questions over one document; the running rows
+    are ~8 groups x 16)."""
     prefixes = [[rng.randrange(3, 250) for _ in range(prefix_len)] for _ in range(groups)]
     prompts = [prefixes[i % groups] + [rng.randrange(3, 250) for _ in range(question_len)] for i in range(requests)]
     rng.shuffle(prompts)
+    if grouped:  # stable: the shuffled order within a group
+        group_of = {tuple(p): i for i, p in enumerate(prefixes)}
+        prompts.sort(key=lambda p: group_of[tuple(p[:prefix_len])])
     return prompts
 
 
@@ -142,7 +149,7 @@ def kernel_variants() -> int:
     return sum(len(v.cache) for v in vars(module).values() if isinstance(v, module._Launcher))
 
 
-def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int) -> dict:
+def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int, grouped: bool = False) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     variants0 = kernel_variants()
     cascade0 = engine.cascade_rows
@@ -158,6 +165,7 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
     return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
             "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
             "cascade_attention": engine.config.model.cascade_attention, "cascade_rows": engine.cascade_rows - cascade0,
+            "arrival": "grouped" if grouped else "shuffled",
             "hit_rate": (snap.prefix_cache_hits - hits0) / max(1, snap.prefix_cache_queries - queries0),
             "steps": probe.summary()}
 
@@ -174,6 +182,8 @@ def main() -> None:
     parser.add_argument("--model", default="dummy:llama3-8b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--lengths", default="2048,128,128", help="prefix, question, output tokens")
+    parser.add_argument("--arrival", default="shuffled", help="per burst: shuffled (the issue's) or grouped (a group's "
+                        "requests one after another), e.g. shuffled,grouped")
     parser.add_argument("--cascade", default=None, help="cascade attention per engine: on, off, or off,on (an A/B)")
     args = parser.parse_args()
     cascades = [None] if args.cascade is None else [v == "on" for v in args.cascade.split(",")]
@@ -210,15 +220,17 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
     probe = StepProbe(engine)
     rng = random.Random(18)
     overlap = [v == "on" for v in args.overlap.split(",")]
+    arrival = args.arrival.split(",")
     for i in range(args.bursts):
         engine.config.scheduler.overlap_outputs = overlap[min(i, len(overlap) - 1)]
-        prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len)
-        burst = run_burst(engine, probe, prompts, max_tokens)
+        grouped = arrival[min(i, len(arrival) - 1)] == "grouped"
+        prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len, grouped)
+        burst = run_burst(engine, probe, prompts, max_tokens, grouped)
         result["bursts"].append(burst)
         steps = burst["steps"]
         kinds = "; ".join(f"{k} {v['steps']} x {v['wall_ms_mean']:.1f} ms (GPU {v['gpu_ms_mean']:.1f})"
                           for k, v in steps.items() if k != "all")
-        print(f"burst {i + 1} (overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
+        print(f"burst {i + 1} ({burst['arrival']}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
               f"kernel variants, {burst['cascade_rows']} cascade rows): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
         if args.json:  # after every burst: a run cut short keeps what it measured
