@@ -138,8 +138,8 @@ def kernels() -> dict:
     # The prefix kernel's tile shape (block_n, warps, stages) on the first case.
     sweep = {}
     default = dict(TA.CASCADE_CFG)
-    for cfg in (dict(block_n=64, num_warps=4, num_stages=3), dict(block_n=128, num_warps=8, num_stages=3),
-                dict(block_n=64, num_warps=4, num_stages=4), dict(block_n=128, num_warps=4, num_stages=2)):
+    for cfg in (dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=64, num_warps=4, num_stages=2),
+                dict(block_n=32, num_warps=4, num_stages=4), dict(block_n=64, num_warps=8, num_stages=3)):
         TA.CASCADE_CFG = cfg
         try:
             r = time_case(f"  sweep {cfg}", 8, 16, 2048)
@@ -148,6 +148,14 @@ def kernels() -> dict:
             log(f"  sweep {cfg} failed: {type(e).__name__}: {str(e)[:100]}")
     TA.CASCADE_CFG = default
     out["sweep_8x16_us"] = sweep
+    # Prefix splits: work items per SM the split count aims at (1: ~3 splits at 128 rows).
+    splits_sweep = {}
+    for items, max_splits in ((2, 8), (4, 16)):
+        TA.CASCADE_ITEMS_PER_SM, TA.CASCADE_MAX_SPLITS = items, max_splits
+        r = time_case(f"  splits: {items} items per SM (max {max_splits})", 8, 16, 2048)
+        splits_sweep[f"{items} items/SM"] = r["cascade"]["us"]
+    TA.CASCADE_ITEMS_PER_SM, TA.CASCADE_MAX_SPLITS = 1, 8
+    out["splits_8x16_us"] = splits_sweep
     return out
 
 
@@ -174,6 +182,9 @@ def section(argv: list[str]) -> str:
         parts.append("### One layer's decode attention (Llama-3-8B shape, bf16, 200-300 own tokens per row; "
                      "4 layers' KV pools per CUDA graph, L2 cold; TB/s = the bytes each must read / time)\n\n"
                      + markdown_table(["rows", "plain", "cascade", "speedup", "rel. error vs plain"], rows))  # fmt: skip
+        if k.get("splits_8x16_us"):
+            parts.append("Prefix splits (8 x 16 case, cascade us; shipped: 1 item per SM, at most 8): "
+                         + ", ".join(f"{c} {v:.1f}" for c, v in k["splits_8x16_us"].items()) + ".")
         if k.get("sweep_8x16_us"):
             parts.append("Prefix-kernel tile sweep (8 x 16 case, cascade us): "
                          + ", ".join(f"{c} {v:.1f}" for c, v in k["sweep_8x16_us"].items())

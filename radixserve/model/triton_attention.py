@@ -72,6 +72,8 @@ MERGE_COUNTERS = 1 << 14
 # launch fills the GPU about once at the expected number of chunks (rows / 16).
 CASCADE_CFG = dict(block_n=64, num_warps=4, num_stages=3)
 CASCADE_MAX_SPLITS = 8
+# Prefix splits aim at this many work items per SM when the rows form full chunks.
+CASCADE_ITEMS_PER_SM = 1
 
 
 def _num_sms(device: torch.device) -> int:
@@ -200,7 +202,7 @@ class TritonAttentionBackend(AttentionBackend):
         """Prefix splits from the batch size only (a CUDA graph replays them for any grouping):
         enough programs to fill the GPU once when the rows form full chunks."""
         programs = -(-num_decode // rows_per_chunk) * num_kv_heads
-        splits = max(1, min(CASCADE_MAX_SPLITS, -(-_num_sms(device) // programs)))
+        splits = max(1, min(CASCADE_MAX_SPLITS, -(-CASCADE_ITEMS_PER_SM * _num_sms(device) // programs)))
         cfg = _fit_stages(dict(CASCADE_CFG), head_dim, elem_bytes, device)
         return _CascadeLaunch(splits, cfg)
 
