@@ -189,6 +189,21 @@ def section(argv: list[str]) -> str:
             parts.append("Prefix-kernel tile sweep (8 x 16 case, cascade us): "
                          + ", ".join(f"{c} {v:.1f}" for c, v in k["sweep_8x16_us"].items())
                          + f"; shipped {TA.CASCADE_CFG}.")
+    probe = RESULTS.get("probe")
+    if probe and probe.get("off") and probe.get("on"):
+        rows = []
+        for b_off, b_on in zip(probe["off"]["bursts"], probe["on"]["bursts"]):
+            def kind(b, k):
+                v = b["steps"].get(k)
+                return f"{v['steps']} x {v['gpu_ms_mean']:.1f}" if v else "-"
+            rows.append([b_off.get("arrival", "shuffled"), f"{b_off['req_per_s']:.1f}", f"{b_on['req_per_s']:.1f}",
+                         f"{b_on['req_per_s'] / b_off['req_per_s']:.2f}x", kind(b_off, "decode-only"), kind(b_on, "decode-only"),
+                         kind(b_off, "mixed"), kind(b_on, "mixed"), str(b_on.get("cascade_rows", 0))])  # fmt: skip
+        parts.append("### The issue #18 workload (`bench/probe_steps.py --bursts 2 --arrival shuffled,grouped --cascade "
+                     "off,on`: 512 requests, 32 groups x 2048-token prefix, +128 new, 128 out; one engine per mode over "
+                     "the same weights, in one process; steps as count x mean GPU ms)\n\n"
+                     + markdown_table(["arrivals", "req/s off", "req/s on", "on / off", "decode-only off", "decode-only on",
+                                       "mixed off", "mixed on", "rows cascaded"], rows))  # fmt: skip
     speed = RESULTS.get("speed", {})
     off, on = speed.get("off"), speed.get("on")
     if off and on and "error" not in off and "error" not in on:
@@ -205,9 +220,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--previous", default=None, help="a bench_cascade_gpu.json whose parts this run keeps")
+    parser.add_argument("--probe", default=None, help="a folder with probe_steps.py's probe-cascade_{off,on}.json")
     args = parser.parse_args()
     if args.previous and Path(args.previous).exists():
         RESULTS.update(json.loads(Path(args.previous).read_text()))
+    if args.probe:  # probe_steps.py --cascade off,on --json DIR/probe.json wrote these
+        found = {m: Path(args.probe, f"probe-cascade_{m}.json") for m in ("off", "on")}
+        if all(f.exists() for f in found.values()):
+            RESULTS["probe"] = {m: json.loads(f.read_text()) for m, f in found.items()}
     skip = set(filter(None, args.skip.split(",")))
     log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name(0)}")
 

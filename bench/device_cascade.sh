@@ -39,7 +39,7 @@ stamp() { echo "[device_cascade] $1 at +$(( $(date +%s) - start )) s"; }
   timeout 140 python3 bench/probe_steps.py --bursts 2 --arrival shuffled,grouped --cascade off,on --json "$OUT/probe.json"
   stamp "4. 8B speed table, cascade off vs on"
   mkdir -p "$OUT/speed"
-  timeout 120 python3 bench/bench_cascade_gpu.py --skip kernels --repeats 3 --previous "$OUT/kernels.json" --out "$OUT/speed" 2>&1 \
+  timeout 120 python3 bench/bench_cascade_gpu.py --skip kernels --repeats 3 --previous "$OUT/kernels.json" --probe "$OUT" --out "$OUT/speed" 2>&1 \
     | grep -v '^$' | tail -14
   stamp "done"
   date -u
