@@ -214,6 +214,23 @@ def section(argv: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def render(out: Path, date: str | None) -> None:
+    """The gpu-cascade section from a finished `bash bench/device_cascade.sh` whose $OUT was
+    copied to `out` (on a machine without the GPU)."""
+    for name in ("speed/bench_cascade_gpu.json", "bench_cascade_gpu.json", "kernels.json"):
+        if (out / name).exists():
+            RESULTS.update({k: v for k, v in json.loads((out / name).read_text()).items() if k not in RESULTS})
+    found = {m: out / f"probe-cascade_{m}.json" for m in ("off", "on")}
+    if all(f.exists() for f in found.values()):
+        RESULTS["probe"] = {m: json.loads(f.read_text()) for m, f in found.items()}
+    log_text = (out / "cascade.log").read_text() if (out / "cascade.log").exists() else ""
+    machine = next((line for line in log_text.splitlines() if line.startswith("NVIDIA")), "NVIDIA H200")
+    host = next((line.split(":", 1)[1].strip() for line in log_text.splitlines() if line.startswith("Model name")), "")
+    update_section("gpu-cascade", "GPU: cascade attention (shared-prefix decode)", section(["--skip speed"]),
+                   command="bash bench/device_cascade.sh", machine=f"{machine.split(',')[0]}, host {host}".strip(", "),
+                   date=date)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip", default="", help="comma-separated: kernels,speed")
@@ -221,6 +238,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--previous", default=None, help="a bench_cascade_gpu.json whose parts this run keeps")
     parser.add_argument("--probe", default=None, help="a folder with probe_steps.py's probe-cascade_{off,on}.json")
+    parser.add_argument("--render", default=None, help="write the section from a device run's $OUT copied here")
+    parser.add_argument("--render-date", default=None)
     args = parser.parse_args()
     if args.previous and Path(args.previous).exists():
         RESULTS.update(json.loads(Path(args.previous).read_text()))
@@ -229,6 +248,10 @@ def main() -> None:
         if all(f.exists() for f in found.values()):
             RESULTS["probe"] = {m: json.loads(f.read_text()) for m, f in found.items()}
     skip = set(filter(None, args.skip.split(",")))
+
+    if args.render:
+        render(Path(args.render), args.render_date)
+        return
     log(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name(0)}")
 
     def save() -> None:
