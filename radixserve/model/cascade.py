@@ -37,10 +37,11 @@ CASCADE_MIN_BLOCKS = 16
 # Rows per chunk (per prefix-kernel tile): 16 rows x 4 query heads (Llama-3 GQA) = 64 query rows.
 CASCADE_ROWS = 16
 # A group of fewer rows is read per row. Plain decode already gets a group's prefix from L2 when
-# its rows run side by side, so the cascade wins only where one read serves many rows (H200, one
-# 8B layer, 128 rows over 2048-token prefixes, bench/bench_cascade_gpu.py): groups of 16 1.62x,
-# of 8 1.05x, of 4 0.87x (slower).
-CASCADE_MIN_ROWS = 8
+# its rows run side by side, so the cascade wins only where one read serves several rows (H200,
+# one 8B layer over 2048-token prefixes, bench/bench_cascade_gpu.py, persistent prefix kernel):
+# 128 rows in groups of 16 1.94x, of 4 1.24x; 32 rows in groups of 8 1.33x. Groups of 2-3 were
+# not measured.
+CASCADE_MIN_ROWS = 4
 
 
 @dataclass(slots=True)
