@@ -290,9 +290,10 @@ def graph_replay_ms(engine: LLMEngine, bs: int, n: int = 50, prefill: bool = Fal
     """GPU time of one replay of a captured graph (decode batch `bs`, or the prefill bucket `bs`),
     replaying whatever inputs it last had."""
     graphs = engine.runner.prefill_graphs if prefill else engine.runner.graphs
-    if graphs is None or bs not in graphs._graphs:
+    key = bs if prefill else (bs, False)  # decode graphs: (size, with cascade attention)
+    if graphs is None or key not in graphs._graphs:
         return None
-    g = graphs._graphs[bs]
+    g = graphs._graphs[key]
     g.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -319,11 +320,12 @@ def profile_step(fn, label: str) -> None:
     log(events.table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=60))
 
 
-def our_speed(loaded, repeats: int, deterministic: bool = False) -> dict:
+def our_speed(loaded, repeats: int, deterministic: bool = False, cascade: bool = True) -> dict:
     vocab = loaded.arch.vocab_size
     rng = random.Random(4)
     config = EngineConfig(
-        model=ModelConfig(source="dummy:llama3-8b", dtype="bfloat16", device="cuda", max_model_len=8192, deterministic=deterministic),
+        model=ModelConfig(source="dummy:llama3-8b", dtype="bfloat16", device="cuda", max_model_len=8192, deterministic=deterministic,
+                          cascade_attention=cascade),
         cache=CacheConfig(gpu_memory_utilization=0.85),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192),
     )

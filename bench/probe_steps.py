@@ -3,6 +3,7 @@ burst after start-up vs later (warm) bursts, and where each step's time goes by 
 
     PYTHONPATH=. python3 bench/probe_steps.py [--requests 512] [--groups 32] [--bursts 2]
         [--overlap off,on,...] [--no-kernel-warmup] [--triton-cache-dir DIR] [--json FILE]
+        [--cascade on|off|off,on]
 
 Workload: Llama-3-8B shape with dummy weights (bf16), `--requests` requests in `--groups` groups
 sharing a 2048-token prefix, + 128 new tokens each, 128 output tokens (ignore_eos); all added at
@@ -17,6 +18,9 @@ included). Steps are grouped by kind: prefill-only, mixed (prefill chunks + deco
 "host outside GPU" = wall - GPU summed: the Python time between the GPU's steps that an overlapped
 scheduler could hide. `--overlap` sets SchedulerConfig.overlap_outputs per burst (one value per
 burst, the last repeated), so overlap off and on are compared in one process, on one engine.
+`--cascade off,on` builds one engine per value in turn over the same loaded weights (cascade
+attention off / on, ModelConfig.cascade_attention) and runs `--bursts` bursts on each: an A/B in
+one process ("cascade rows" counts the decode rows that read a shared prefix once per group).
 "new kernel variants" counts the Triton binaries the runner's launchers met for the first time
 during a burst (0 once the start-up warm-up covered them all).
 """
@@ -122,11 +126,18 @@ class StepProbe:
         return out
 
 
-def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: int, question_len: int) -> list[list[int]]:
-    """Random token ids below 250 (valid in every preset's vocabulary, dummy:tiny's included)."""
+def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: int, question_len: int,
+                  grouped: bool = False) -> list[list[int]]:
+    """Random token ids below 250 (valid in every preset's vocabulary, dummy:tiny's included).
+    Shuffled (the issue's workload: ~128 running rows are ~32 groups x 4), or grouped: a group's
+    requests arrive one after another (a batch of questions over one document; the running rows
+    are ~8 groups x 16)."""
     prefixes = [[rng.randrange(3, 250) for _ in range(prefix_len)] for _ in range(groups)]
     prompts = [prefixes[i % groups] + [rng.randrange(3, 250) for _ in range(question_len)] for i in range(requests)]
     rng.shuffle(prompts)
+    if grouped:  # stable: the shuffled order within a group
+        group_of = {tuple(p): i for i, p in enumerate(prefixes)}
+        prompts.sort(key=lambda p: group_of[tuple(p[:prefix_len])])
     return prompts
 
 
@@ -138,9 +149,10 @@ def kernel_variants() -> int:
     return sum(len(v.cache) for v in vars(module).values() if isinstance(v, module._Launcher))
 
 
-def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int) -> dict:
+def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int, grouped: bool = False) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     variants0 = kernel_variants()
+    cascade0 = engine.cascade_rows
     hits0, queries0 = engine.snapshot().prefix_cache_hits, engine.snapshot().prefix_cache_queries
     t0 = time.perf_counter()
     now = time.monotonic()
@@ -152,6 +164,8 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
     snap = engine.snapshot()
     return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
             "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
+            "cascade_attention": engine.config.model.cascade_attention, "cascade_rows": engine.cascade_rows - cascade0,
+            "arrival": "grouped" if grouped else "shuffled",
             "hit_rate": (snap.prefix_cache_hits - hits0) / max(1, snap.prefix_cache_queries - queries0),
             "steps": probe.summary()}
 
@@ -168,35 +182,68 @@ def main() -> None:
     parser.add_argument("--model", default="dummy:llama3-8b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--lengths", default="2048,128,128", help="prefix, question, output tokens")
+    parser.add_argument("--arrival", default="shuffled", help="per burst: shuffled (the issue's) or grouped (a group's "
+                        "requests one after another), e.g. shuffled,grouped")
+    parser.add_argument("--cascade", default=None, help="cascade attention per engine: on, off, or off,on (an A/B)")
     args = parser.parse_args()
+    cascades = [None] if args.cascade is None else [v == "on" for v in args.cascade.split(",")]
+    loaded = None
+    result: dict = {}
+    for cascade in cascades:
+        if len(cascades) > 1:
+            print(f"== cascade attention {'on' if cascade else 'off'}", flush=True)
+        result, loaded = run_engine(args, cascade, loaded)
+        if len(cascades) > 1:
+            args_key = "cascade_on" if cascade else "cascade_off"
+            if args.json:
+                path = Path(args.json)
+                path.with_name(f"{path.stem}-{args_key}{path.suffix}").write_text(json.dumps(result, indent=1))
+
+
+def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
+    """Build an engine (over `loaded` when given), run the bursts; (result, loaded weights)."""
     prefix_len, question_len, max_tokens = map(int, args.lengths.split(","))
     t0 = time.perf_counter()
     model = ModelConfig(source=args.model, device=args.device, max_model_len=4096, show_progress=False,
                         kernel_warmup=not args.no_kernel_warmup, triton_cache_dir=args.triton_cache_dir)
+    if cascade is not None:
+        model.cascade_attention = cascade
     cache = CacheConfig(gpu_memory_utilization=0.85) if args.device != "cpu" else CacheConfig(num_blocks=2048)
     config = EngineConfig(model=model, cache=cache, scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096))
-    engine = LLMEngine(config)
+    engine = LLMEngine(config, loaded=loaded)
     result = {"args": vars(args), "startup_s": time.perf_counter() - t0, "startup_phases_s": engine.startup_seconds,
-              "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "bursts": []}
-    print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}", flush=True)
+              "device": torch.cuda.get_device_name(0) if args.device != "cpu" else "cpu", "bursts": [],
+              "cascade_attention": model.cascade_attention, "num_kv_blocks": engine.num_kv_blocks}
+    print(f"start-up {result['startup_s']:.1f} s {engine.startup_seconds}, {engine.num_kv_blocks} KV blocks", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     probe = StepProbe(engine)
     rng = random.Random(18)
     overlap = [v == "on" for v in args.overlap.split(",")]
+    arrival = args.arrival.split(",")
     for i in range(args.bursts):
         engine.config.scheduler.overlap_outputs = overlap[min(i, len(overlap) - 1)]
-        prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len)
-        burst = run_burst(engine, probe, prompts, max_tokens)
+        grouped = arrival[min(i, len(arrival) - 1)] == "grouped"
+        prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len, grouped)
+        burst = run_burst(engine, probe, prompts, max_tokens, grouped)
         result["bursts"].append(burst)
         steps = burst["steps"]
         kinds = "; ".join(f"{k} {v['steps']} x {v['wall_ms_mean']:.1f} ms (GPU {v['gpu_ms_mean']:.1f})"
                           for k, v in steps.items() if k != "all")
-        print(f"burst {i + 1} (overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
-              f"kernel variants): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
+        print(f"burst {i + 1} ({burst['arrival']}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
+              f"kernel variants, {burst['cascade_rows']} cascade rows): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
         if args.json:  # after every burst: a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=1))
+    loaded = engine.loaded
+    engine.close()
+    del engine, probe
+    if args.device != "cpu":
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result, loaded
 
 
 if __name__ == "__main__":

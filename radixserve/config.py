@@ -44,6 +44,10 @@ class ModelConfig:
     """bitwise-reproducible logits: a request's logits (and seeded samples) do not depend on the
     prefix cache, the batch, the prefill chunking or preemption; batch-invariant matmuls and one
     attention path (slower: see docs/benchmarks.md)"""
+    cascade_attention: bool = True
+    """GPU: decode rows whose contexts start with the same cached blocks (requests sharing a
+    prompt prefix) read that prefix's KV once per group instead of once per row (cascade
+    attention; see docs/gpu.md). Off in deterministic mode (it changes the reduction order)"""
     cpu_packed_weights: bool = True
     """CPU, float32: multiply by oneDNN-packed copies of the linear layers' weights (prefill
     matmuls a fifth faster; the decoder weights take twice the memory)"""

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
+from radixserve.model.cascade import CASCADE_MIN_ROWS, CASCADE_ROWS, CascadeMetadata, max_chunks, plan_cascade
 from radixserve.step import StepInput
 
 
@@ -107,6 +108,7 @@ class DecodeGraphs:
         block_size: int,
         max_batch_size: int,
         max_model_len: int,
+        cascade: bool = False,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -115,12 +117,29 @@ class DecodeGraphs:
         self.sizes = sorted(set(sizes))
         self.max_bs = self.sizes[-1]
         self.width = -(-max_model_len // block_size)  # block-table columns: a full-length sequence
+        # Cascade attention (model/cascade.py): sizes that can hold a group (>= CASCADE_MIN_ROWS
+        # rows) get a second graph with the cascade; a step replays it only when its rows share
+        # (the plain graph otherwise: no cost when nothing is shared). Its prefix launch covers
+        # max_chunks(size) chunk slots; a replay fills the step's chunks, zeroes the rest's
+        # prefix (skipped), and sets every row's prefix length (0: plain path).
+        self.cascade = cascade
+        self.cascade_sizes = [s for s in self.sizes if s >= CASCADE_MIN_ROWS] if cascade else []
+        self.cascade_rows = 0  # decode rows that took the cascade path, all replays together
+        self._allocate_buffers(next(model.parameters()).device)
+        self._event: torch.cuda.Event | None = None
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def _allocate_buffers(self, device: torch.device) -> None:
+        """One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
+        | query_start_loc (n+1) | cascade parts | block tables (n x w), each part 16-byte
+        aligned. A step copies its prefix in one go."""
         n, w = self.max_bs, self.width
-        # One int64 buffer, host (pinned) and device alike: ids | positions | slots | seq_lens
-        # | query_start_loc (n+1) | block tables (n x w), each part 16-byte aligned. A step
-        # copies its prefix in one go.
-        self._offsets, total = _layout({"ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "tables": n * w})
-        device = next(model.parameters()).device
+        c = max_chunks(n) if self.cascade else 0
+        self._offsets, total = _layout({
+            "ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "row_prefix": n if self.cascade else 0,
+            "chunk_rows": c * CASCADE_ROWS, "chunk_prefix": c, "chunk_leader": c, "tables": n * w,
+        })  # fmt: skip
         self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
         self._np = self._host.numpy()
         self._dev = torch.zeros(total, dtype=torch.long, device=device)
@@ -128,23 +147,28 @@ class DecodeGraphs:
         self._np[o["qsl"] : o["qsl"] + n + 1] = np.arange(n + 1)
         self._np[o["slots"] : o["slots"] + n] = -1
         self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
+        self._np[o["chunk_rows"] : o["chunk_rows"] + c * CASCADE_ROWS] = -1
         self._dev.copy_(self._host)
         self._host_tables = self._np[o["tables"] : o["tables"] + n * w].reshape(n, w)
-        self._event: torch.cuda.Event | None = None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
 
     def _view(self, name: str, length: int) -> torch.Tensor:
         start = self._offsets[name]
         return self._dev[start : start + length]
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, with_cascade: bool) -> AttentionMetadata:
         tables = self._view("tables", self.max_bs * self.width).view(self.max_bs, self.width)[:bs]
         # nominal lengths (one token of context each): decode launch shapes never depend on them
         step = StepInput(self.block_size, query_lens=[1] * bs, seq_lens=[1] * bs)
+        cascade = None
+        if with_cascade:
+            capacity = max_chunks(bs)
+            cascade = CascadeMetadata(
+                self._view("row_prefix", bs), self._view("chunk_rows", capacity * CASCADE_ROWS),
+                self._view("chunk_prefix", capacity), self._view("chunk_leader", capacity), capacity,
+            )  # fmt: skip
         return AttentionMetadata.from_step(
             step, self._view("pos", bs), self._view("slots", bs), self._view("qsl", bs + 1),
-            self._view("seq_lens", bs), tables, lengths_are_nominal=True,
+            self._view("seq_lens", bs), tables, lengths_are_nominal=True, cascade=cascade,
         )  # fmt: skip
 
     def _forward(self, bs: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -156,16 +180,17 @@ class DecodeGraphs:
         """Warm up (compiles the kernels) and capture every size, largest first, in one pool;
         returns the pool (other graphs of the runner share it: only one replays at a time)."""
         pool = None
-        for bs in reversed(self.sizes):
-            meta = self._meta(bs)
+        variants = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.cascade_sizes]
+        for bs, with_cascade in sorted(variants, reverse=True):
+            meta = self._meta(bs, with_cascade)
             self._forward(bs, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with _no_gc(), torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(bs, meta)
             pool = graph.pool()
-            self._graphs[bs] = graph
-            self._logits[bs] = logits
+            self._graphs[bs, with_cascade] = graph
+            self._logits[bs, with_cascade] = logits
         torch.cuda.synchronize()
         return pool
 
@@ -193,12 +218,31 @@ class DecodeGraphs:
         tables = self._host_tables
         for i, blocks in enumerate(step.block_tables):
             tables[i, : len(blocks)] = blocks
+        with_cascade = size in self.cascade_sizes and self._fill_cascade(tables[:B], step.seq_lens, size)
         end = o["tables"] + size * self.width
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
-        self._graphs[size].replay()
-        return self._logits[size][:B]
+        self._graphs[size, with_cascade].replay()
+        return self._logits[size, with_cascade][:B]
+
+    def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> bool:
+        """The step's cascade into the buffer's parts for a graph of `size` rows (padding rows:
+        prefix 0; unused chunk slots: prefix 0, skipped); False when nothing is shared."""
+        plan = plan_cascade(tables, np.asarray(seq_lens), self.block_size)
+        if plan is None:
+            return False
+        o, npb = self._offsets, self._np
+        used = plan.num_chunks
+        self.cascade_rows += plan.shared_rows
+        npb[o["row_prefix"] : o["row_prefix"] + size] = 0
+        npb[o["row_prefix"] : o["row_prefix"] + len(seq_lens)] = plan.row_prefix
+        rows = o["chunk_rows"]
+        npb[rows : rows + used * CASCADE_ROWS] = plan.chunk_rows.reshape(-1)
+        npb[o["chunk_prefix"] : o["chunk_prefix"] + used] = plan.chunk_prefix
+        npb[o["chunk_leader"] : o["chunk_leader"] + used] = plan.chunk_leader
+        npb[o["chunk_prefix"] + used : o["chunk_prefix"] + max_chunks(size)] = 0
+        return True
 
 
 class PrefillGraphs:

@@ -183,7 +183,7 @@ class LLMEngine:
         runner = ModelRunner(
             loaded, cache_cfg, num_blocks, max_num_seqs=sched_cfg.max_num_seqs, max_model_len=self.max_model_len,
             cuda_graphs=not model_cfg.enforce_eager, deterministic=model_cfg.deterministic,
-            packed_weights=model_cfg.cpu_packed_weights,
+            packed_weights=model_cfg.cpu_packed_weights, cascade_attention=model_cfg.cascade_attention,
         )  # fmt: skip
         self.startup_seconds["kv_pool_and_cuda_graphs"] = time.perf_counter() - started
         if model_cfg.kernel_warmup and param.device.type == "cuda" and loaded.model.backend.kernels is not None:
@@ -812,6 +812,12 @@ class LLMEngine:
         """Whether decode steps and one-sequence prefills of up to 512 tokens replay captured CUDA
         graphs (CUDA with the Triton backend, unless enforce_eager)."""
         return self.runner.graphs is not None
+
+    @property
+    def cascade_rows(self) -> int:
+        """Decode rows that read a shared prompt prefix once per group (cascade attention) so
+        far, a row counted once per step: 0 on CPU, with it off, or when nothing was shared."""
+        return self.runner.cascade_rows
 
 
 __all__ = ["LLMEngine", "EngineSnapshot", "EngineStats", "TierSnapshot", "default_dtype_for"]

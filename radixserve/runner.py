@@ -6,10 +6,12 @@ manager decide which blocks hold what; the runner just writes and reads them.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from radixserve.config import CacheConfig
 from radixserve.model.attention import AttentionMetadata, KVCache, padded_block_tables
+from radixserve.model.cascade import CascadeMetadata, CascadePlan, plan_cascade
 from radixserve.model.loader import LoadedModel
 from radixserve.step import StepInput
 
@@ -42,6 +44,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         deterministic: bool = False,
         packed_weights: bool = True,
+        cascade_attention: bool = True,
     ) -> None:
         self.model = loaded.model
         self.arch = loaded.arch
@@ -55,16 +58,18 @@ class ModelRunner:
         self.model.set_deterministic(deterministic, max_model_len)
         # CPU only (a no-op elsewhere); deterministic mode's own matmuls take precedence anyway.
         self.packed_weights = self.model.set_packed_weights(packed_weights and not deterministic)
-        self._uploader = None
-        self.graphs = None
-        self.prefill_graphs = None
+        # Cascade attention: the Triton backend only, never in deterministic mode (it changes the
+        # order in which a row's keys are reduced). Before the graph capture, which records it.
+        backend = self.model.backend
+        backend.cascade, self._eager_cascade_rows = cascade_attention and backend.kernels is not None and not deterministic, 0
+        self._uploader = self.graphs = self.prefill_graphs = None
         if self.device.type == "cuda":
             from radixserve.cuda_graphs import DecodeGraphs, PinnedUploader, PrefillGraphs
 
             self._uploader = PinnedUploader(self.device)
             if cuda_graphs and max_num_seqs > 0 and self.model.backend.kernels is not None:
                 max_len = max_model_len or self.arch.max_position_embeddings
-                self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_len)
+                self.graphs = DecodeGraphs(self.model, self.kv_cache, self.block_size, max_num_seqs, max_len, backend.cascade)
                 pool = self.graphs.capture()
                 self.prefill_graphs = PrefillGraphs(self.model, self.kv_cache, self.block_size, max_len)
                 self.prefill_graphs.capture(pool)
@@ -94,12 +99,38 @@ class ModelRunner:
         ~10-20 us)."""
         tables = padded_block_tables(step)
         parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
+        cascade = self._plan_cascade(step, tables)
+        if cascade is not None:
+            parts += [cascade.row_prefix, cascade.chunk_rows.reshape(-1), cascade.chunk_prefix, cascade.chunk_leader]
         if self._uploader is not None:
             *lists, flat_tables = self._uploader.upload(parts + [tables.reshape(-1)])
         else:
             lists = [torch.tensor(p, dtype=torch.long, device=self.device) for p in parts]
             flat_tables = torch.from_numpy(tables).to(self.device)
-        ids, positions, slots, query_start, seq_lens, rows = lists
+        ids, positions, slots, query_start, seq_lens, rows = lists[:6]
+        cascade_meta = None
+        if cascade is not None:
+            cascade_meta = CascadeMetadata(*lists[6:], cascade.num_chunks, cascade.chunk_rows.shape[1])
         block_tables = flat_tables.view(step.num_seqs, step.max_blocks)
-        meta = AttentionMetadata.from_step(step, positions, slots, query_start, seq_lens, block_tables)
+        meta = AttentionMetadata.from_step(step, positions, slots, query_start, seq_lens, block_tables,
+                                           cascade=cascade_meta)  # fmt: skip
         return meta, ids, rows
+
+    def _plan_cascade(self, step: StepInput, tables: np.ndarray) -> CascadePlan | None:
+        """The cascade of an eager step's decode rows (a mixed step's, mostly: decode-only steps
+        replay graphs, which plan their own), when the backend does cascade attention."""
+        if not self.model.backend.cascade:
+            return None
+        decode = np.flatnonzero(np.asarray(step.query_lens) == 1)
+        if decode.shape[0] < 2:
+            return None
+        plan = plan_cascade(tables, np.asarray(step.seq_lens), self.block_size, rows=decode)
+        if plan is not None:
+            self._eager_cascade_rows += plan.shared_rows
+        return plan
+
+    @property
+    def cascade_rows(self) -> int:
+        """Decode rows that read a shared prefix through cascade attention so far (a row counts
+        once per step): 0 when it is off or nothing was shared."""
+        return self._eager_cascade_rows + (self.graphs.cascade_rows if self.graphs is not None else 0)

@@ -16,7 +16,7 @@ from radixserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerC
 _SECTIONS = (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig))
 # Flags whose name is not the field's (a bool that defaults to True gets a --no- flag).
 _FLAG_NAMES = {"source": "--model", "enable_prefix_caching": "--no-prefix-caching", "kernel_warmup": "--no-kernel-warmup",
-               "cpu_packed_weights": "--no-cpu-packed-weights"}
+               "cpu_packed_weights": "--no-cpu-packed-weights", "cascade_attention": "--no-cascade-attention"}
 # Fields without a flag: the dummy-weight seed (subcommands have their own --seed) and progress bars.
 _NO_FLAG = {"seed", "show_progress"}
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from radixserve.model import batch_invariant
 from radixserve.model.arch import ModelArch, parse_dtype
+from radixserve.model.cascade import CascadeMetadata
 from radixserve.step import StepInput
 
 
@@ -45,6 +46,9 @@ class AttentionMetadata:
     # True for a CUDA graph's capture: the host lengths are placeholders, so a backend may only
     # plan launches that are valid for any real lengths (no host-side slicing by length).
     lengths_are_nominal: bool = False
+    # Decode rows that share a cached prefix (model/cascade.py); None: no cascade this step.
+    # Only the Triton backend reads it (with cascade attention on); the others attend as usual.
+    cascade: CascadeMetadata | None = None
 
     def __post_init__(self) -> None:
         if len(self.query_lens) != len(self.seq_lens_list):
@@ -77,6 +81,7 @@ class AttentionMetadata:
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
         lengths_are_nominal: bool = False,
+        cascade: CascadeMetadata | None = None,
     ) -> AttentionMetadata:
         """The one builder every path uses: a step's record (its host lengths, which the CPU
         backend and the Triton planner read) and the device copies of its lists, wherever they
@@ -91,6 +96,7 @@ class AttentionMetadata:
             query_lens=step.query_lens,
             seq_lens_list=step.seq_lens,
             lengths_are_nominal=lengths_are_nominal,
+            cascade=cascade,
         )
 
     @classmethod
@@ -227,6 +233,9 @@ class AttentionBackend(abc.ABC):
     # Deterministic mode (set_deterministic): one batch-invariant attention computation for
     # fresh prefill, prefill over a cached prefix and decode (see model/batch_invariant.py).
     deterministic = False
+    # Cascade attention (model/cascade.py): whether attend() reads meta.cascade. The runner
+    # plans a step's cascade only for a backend that sets this (the Triton one, when enabled).
+    cascade = False
 
     def set_deterministic(self, enabled: bool, max_model_len: int) -> None:
         """Turn deterministic mode on or off (LlamaForCausalLM.set_deterministic calls this).

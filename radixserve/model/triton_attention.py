@@ -65,6 +65,15 @@ DETERMINISTIC_SPLIT_TILES = 16
 # Arrival counters of split launches that merge in-kernel (one per sequence x query block x KV
 # head); a launch with more groups than this falls back to the separate merge kernel.
 MERGE_COUNTERS = 1 << 14
+# Cascade attention's shared-prefix kernel (model/cascade.py): a chunk of 16 decode rows x the
+# query heads of one KV head against 64-key tiles of the prefix, 3 stages (H200, one layer, 128
+# rows in 8 groups x 16 over 2048-token prefixes, bench/bench_cascade_gpu.py: 94 us against 100
+# for 128-key tiles in 2 stages, 111 in 3, plain decode 179); prefix tiles split so that the
+# launch fills the GPU about once at the expected number of chunks (rows / 16).
+CASCADE_CFG = dict(block_n=64, num_warps=4, num_stages=3)
+CASCADE_MAX_SPLITS = 8
+# Prefix splits aim at this many work items per SM when the rows form full chunks.
+CASCADE_ITEMS_PER_SM = 1
 
 
 def _num_sms(device: torch.device) -> int:
@@ -87,12 +96,21 @@ def _fit_stages(cfg: dict, head_dim: int, elem_bytes: int, device: torch.device)
 
 
 @dataclass(slots=True)
+class _CascadeLaunch:
+    """The shared-prefix launch of a decode launch's cascade (see model/cascade.py)."""
+
+    num_splits: int
+    cfg: dict
+
+
+@dataclass(slots=True)
 class _Launch:
     seq_ids: torch.Tensor | None  # None: all sequences of the batch, in order
     num_seqs: int
     n_qblocks: int
     num_splits: int
     cfg: dict
+    cascade: _CascadeLaunch | None = None  # decode launches of a step with cascade metadata
 
 
 @dataclass(slots=True)
@@ -164,7 +182,11 @@ class TritonAttentionBackend(AttentionBackend):
             ids = None if len(decode) == everyone else torch.tensor(decode, dtype=torch.int32).to(device)
             splits = self.decode_splits(len(decode), num_kv_heads, device)
             cfg = dict(DECODE_CFG, block_m=max(DECODE_CFG["block_m"], group_p))
-            launches.append(_Launch(ids, len(decode), 1, splits, cfg))
+            cascade = None
+            if self.cascade and meta.cascade is not None:
+                cascade = self._cascade_launch(len(decode), meta.cascade.rows_per_chunk, num_kv_heads, head_dim,
+                                               elem_bytes, device)  # fmt: skip
+            launches.append(_Launch(ids, len(decode), 1, splits, cfg, cascade))
         if prefill:
             ids = None if len(prefill) == everyone else torch.tensor(prefill, dtype=torch.int32).to(device)
             launches.append(self._prefill_launch(ids, [qlens[i] for i in prefill], [slens[i] for i in prefill],
@@ -172,6 +194,17 @@ class TritonAttentionBackend(AttentionBackend):
         plan = _StepPlan(fresh, gathered, launches)
         meta.backend_state["triton"] = plan
         return plan
+
+    @staticmethod
+    def _cascade_launch(
+        num_decode: int, rows_per_chunk: int, num_kv_heads: int, head_dim: int, elem_bytes: int, device: torch.device
+    ) -> _CascadeLaunch:
+        """Prefix splits from the batch size only (a CUDA graph replays them for any grouping):
+        enough programs to fill the GPU once when the rows form full chunks."""
+        programs = -(-num_decode // rows_per_chunk) * num_kv_heads
+        splits = max(1, min(CASCADE_MAX_SPLITS, -(-CASCADE_ITEMS_PER_SM * _num_sms(device) // programs)))
+        cfg = _fit_stages(dict(CASCADE_CFG), head_dim, elem_bytes, device)
+        return _CascadeLaunch(splits, cfg)
 
     @staticmethod
     def _classify(
@@ -265,10 +298,19 @@ class TritonAttentionBackend(AttentionBackend):
             blocks = meta.block_tables[seq, : -(-context // layer_k_cache.shape[1])]
             out[start : start + n] = self.attend_gathered(q[start : start + n], layer_k_cache, layer_v_cache, blocks, context, scale)
         for launch in plan.launches:
+            cascade = None
+            if launch.cascade is not None:
+                c = meta.cascade
+                acc, ml = K.cascade_prefix_attention(
+                    q, layer_k_cache, layer_v_cache, meta.block_tables, meta.query_start_loc, scale,
+                    c.chunk_rows, c.chunk_prefix, c.chunk_leader, num_seqs=meta.num_seqs, capacity=c.capacity,
+                    rows_per_chunk=c.rows_per_chunk, num_splits=launch.cascade.num_splits, **launch.cascade.cfg,
+                )  # fmt: skip
+                cascade = (c.row_prefix, acc, ml, launch.cascade.num_splits)
             K.paged_attention(
                 q, layer_k_cache, layer_v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc, scale,
                 num_seqs=launch.num_seqs, n_qblocks=launch.n_qblocks, seq_ids=launch.seq_ids,
-                num_splits=launch.num_splits, counters=self._merge_counters(q.device), **launch.cfg,
+                num_splits=launch.num_splits, counters=self._merge_counters(q.device), cascade=cascade, **launch.cfg,
             )  # fmt: skip
         return out
 

@@ -205,7 +205,7 @@ def _merge_splits(
 # one during serving, each a 1-3 s compile inside a step. None of them is on a hot path (index
 # arithmetic once per program), so one binary serves every value, and the start-up warm-up
 # (radixserve/warmup.py) can compile all that serving will launch.
-ATTENTION_UNSPECIALIZED = ("num_splits", "n_qblocks", "stride_bt")
+ATTENTION_UNSPECIALIZED = ("num_splits", "n_qblocks", "stride_bt", "cascade_splits", "cascade_stride")
 COMBINE_UNSPECIALIZED = ("num_splits", "n_qblocks")
 
 
@@ -222,9 +222,14 @@ def _paged_attention_kernel(
     seq_lens_ptr,
     query_start_ptr,
     seq_ids_ptr,
+    cascade_len_ptr,
+    cascade_acc_ptr,
+    cascade_ml_ptr,
     scale_log2e,
     num_splits,
     n_qblocks,
+    cascade_splits,
+    cascade_stride,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -250,6 +255,7 @@ def _paged_attention_kernel(
     USE_SEQ_IDS: tl.constexpr,
     IEEE: tl.constexpr,
     SPLIT_TILES: tl.constexpr = 0,
+    CASCADE: tl.constexpr = False,
 ):
     """One program: one sequence, BLOCK_M // GROUP_P of its new tokens times the GROUP query
     heads sharing one KV head (so each K/V tile is loaded once for all of them), and one slice
@@ -261,6 +267,11 @@ def _paged_attention_kernel(
     splits (a second launch), or, with FUSE_MERGE, the last split program of each (sequence,
     query block, KV head) to finish merges them itself: a per-group arrival counter tells it
     that it is last (the counter is reset for the next launch by that same program).
+
+    CASCADE (decode launches, see model/cascade.py): the first cascade_len[seq] keys of the
+    sequence were attended by _cascade_prefix_kernel, once for its whole group; this program
+    reads only the keys after them, and its split 0 folds the prefix kernel's partials (one per
+    prefix split, at [(split * cascade_stride + seq) * heads + head]) into its own state.
     """
     s_idx = tl.program_id(0)
     qb = tl.program_id(1)
@@ -297,6 +308,10 @@ def _paged_attention_kernel(
     kv_end = ctx_len + tl.minimum(q_len, (qb + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     bt_row = block_tables_ptr + seq * stride_bt
+    if CASCADE:  # keys before kv_begin were attended by the cascade prefix kernel
+        kv_begin = tl.load(cascade_len_ptr + seq)
+    else:
+        kv_begin = 0
     if SPLIT_TILES > 0:
         # Deterministic mode: fixed key chunks of SPLIT_TILES tiles counted from position 0, each
         # reduced from a fresh state and folded in chunk order (_merge_step), so a query's keys
@@ -324,8 +339,9 @@ def _paged_attention_kernel(
         t_begin = 0
         t_end = 0  # the default loop below does nothing
     else:
-        per_split = tl.cdiv(num_tiles, num_splits)
-        t_begin = split * per_split
+        first_tile = kv_begin // BLOCK_N
+        per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+        t_begin = first_tile + split * per_split
         t_end = tl.minimum(t_begin + per_split, num_tiles)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -337,6 +353,8 @@ def _paged_attention_kernel(
     for t in range(t_begin, t_end):
         kpos = t * BLOCK_N + offs_n
         k_ok = kpos < kv_end
+        if CASCADE:
+            k_ok = k_ok & (kpos >= kv_begin)
         if PREFETCH:
             blk = blk_next
             after = kpos + BLOCK_N
@@ -377,6 +395,18 @@ def _paged_attention_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+
+    if CASCADE:
+        if split == 0:
+            if kv_begin > 0:
+                for cs in range(0, cascade_splits):
+                    idx = (cs * cascade_stride + seq) * (NUM_KV_HEADS * GROUP) + head
+                    m_c = tl.load(cascade_ml_ptr + idx * 2, mask=row_ok, other=float("-inf"))
+                    l_c = tl.load(cascade_ml_ptr + idx * 2 + 1, mask=row_ok, other=0.0)
+                    acc_c = tl.load(
+                        cascade_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], mask=row_ok[:, None], other=0.0
+                    )
+                    m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
 
     if SPLIT:
         part = ((s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh) * num_splits + split
@@ -473,6 +503,7 @@ def paged_attention(
     counters: torch.Tensor | None = None,
     prefetch: bool = False,
     split_tiles: int = 0,
+    cascade: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> None:
     """Launch the paged kernel over `num_seqs` sequences (all of them, or those in seq_ids),
     each with up to n_qblocks query blocks of block_m rows, its key range cut into num_splits.
@@ -485,6 +516,9 @@ def paged_attention(
     merge folds the partials in chunk order (num_splits must then cover the longest context of
     the launch; extra splits are empty, exact no-ops); with num_splits == 1 each program walks
     every chunk and folds them the same way (the same bits, no partials).
+    cascade (decode launches): (row_prefix [B], prefix partial acc, prefix partial (m, l),
+    prefix splits) from cascade_prefix_attention: each sequence skips its first row_prefix keys
+    and folds those partials in instead.
     """
     T, H, D = q.shape
     _, page, kvh, _ = k_cache.shape
@@ -504,12 +538,18 @@ def paged_attention(
     if counters is None:
         counters = seq_lens  # unused without FUSE_MERGE
     ids = seq_ids if seq_ids is not None else seq_lens  # unused when USE_SEQ_IDS is False
+    if cascade is not None:
+        cascade_len, cascade_acc, cascade_ml, cascade_splits = cascade
+        cascade_stride = seq_lens.shape[0]
+    else:  # unused without CASCADE
+        cascade_len, cascade_acc, cascade_ml, cascade_splits, cascade_stride = seq_lens, out, out, 0, 0
     grid = (num_seqs, n_qblocks, kvh * num_splits)
     _launch_attention(
         grid,
         (
             q, k_cache, v_cache, out, part_acc, part_ml, counters, block_tables, seq_lens, query_start_loc, ids,
-            scale * 1.4426950408889634, num_splits, n_qblocks,
+            cascade_len, cascade_acc, cascade_ml, scale * 1.4426950408889634, num_splits, n_qblocks,
+            cascade_splits, cascade_stride,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -517,7 +557,7 @@ def paged_attention(
         dict(
             NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p, PAGE=page,
             BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, FUSE_MERGE=fuse, PREFETCH=prefetch, USE_SEQ_IDS=seq_ids is not None,
-            IEEE=q.dtype == torch.float32, SPLIT_TILES=split_tiles,
+            IEEE=q.dtype == torch.float32, SPLIT_TILES=split_tiles, CASCADE=cascade is not None,
         ),
         num_warps, num_stages,
     )  # fmt: skip
@@ -534,6 +574,168 @@ def paged_attention(
 
 
 _launch_attention = _Launcher(_paged_attention_kernel, ATTENTION_UNSPECIALIZED)
+
+
+CASCADE_UNSPECIALIZED = ("num_splits", "part_stride", "stride_bt", "num_items")
+
+
+@triton.jit(do_not_specialize=CASCADE_UNSPECIALIZED)
+def _cascade_prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, part_acc_ptr, part_ml_ptr, block_tables_ptr, query_start_ptr,
+    chunk_rows_ptr, chunk_prefix_ptr, chunk_leader_ptr, scale_log2e, num_splits, part_stride, num_items,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Work items (chunk, KV head, split): one chunk of a cascade group (up to ROWS decode rows
+    sharing a prefix), one KV head, one slice (split) of the shared prefix's key tiles. The
+    chunk's rows x the GROUP query heads of the KV head are the tile's query rows, so each prefix
+    K/V tile is loaded once for all of them (the point of cascade attention); no mask: every
+    prefix key precedes every query. Writes the unnormalized partial (acc, max, sum) of each
+    (row, head) for the split, at [(split * part_stride + row) * heads + head]; the paged
+    kernel's CASCADE variant folds them in.
+
+    Persistent: the launch has at most ~2 programs per SM, each walking items pid, pid + G, ...
+    of the num_items slots; a chunk slot with prefix 0 (unused in a CUDA graph's fixed capacity)
+    costs one load. So a step that shares nothing pays about one wave of near-empty programs,
+    not capacity x heads x splits of them (each holding a whole tile's shared memory)."""
+    n_programs = tl.num_programs(0)
+    per_chunk = NUM_KV_HEADS * num_splits
+    BLOCK_M: tl.constexpr = ROWS * GROUP_P
+    rows = tl.arange(0, BLOCK_M)
+    hg = rows % GROUP_P
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+    for w in range(tl.program_id(0), num_items, n_programs):
+        c = w // per_chunk
+        kvh = (w % per_chunk) // num_splits
+        split = w % num_splits
+        prefix = tl.load(chunk_prefix_ptr + c)
+        if prefix > 0:
+            seq = tl.load(chunk_rows_ptr + c * ROWS + rows // GROUP_P)
+            row_ok = (seq >= 0) & (hg < GROUP)
+            seq = tl.where(seq >= 0, seq, 0).to(tl.int64)
+            tok = tl.load(query_start_ptr + seq)  # a decode row's one query token
+            head = kvh * GROUP + hg
+            q = tl.load(
+                q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            bt_row = block_tables_ptr + tl.load(chunk_leader_ptr + c).to(tl.int64) * stride_bt
+            num_tiles = tl.cdiv(prefix, BLOCK_N)
+            per_split = tl.cdiv(num_tiles, num_splits)
+            t_begin = split * per_split
+            t_end = tl.minimum(t_begin + per_split, num_tiles)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            # the next tile's page ids are loaded one iteration ahead (hides that latency)
+            first = t_begin * BLOCK_N + offs_n
+            blk_next = tl.load(bt_row + first // PAGE, mask=first < prefix, other=0).to(tl.int64)
+            for t in range(t_begin, t_end):
+                kpos = t * BLOCK_N + offs_n
+                k_ok = kpos < prefix
+                blk = blk_next
+                after = kpos + BLOCK_N
+                blk_next = tl.load(bt_row + after // PAGE, mask=after < prefix, other=0).to(tl.int64)
+                in_page = (kpos % PAGE).to(tl.int64)
+                if HEAD_DIM == HEAD_DIM_P:
+                    kv_mask = k_ok[:, None]
+                else:
+                    kv_mask = k_ok[:, None] & d_ok[None, :]
+                k = tl.load(
+                    k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = tl.where(k_ok[None, :], s * scale_log2e, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_use)
+                p = tl.exp2(s - m_use[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(
+                    v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
+                    mask=kv_mask,
+                    other=0.0,
+                )
+                if IEEE:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+            idx = (split * part_stride + seq) * (NUM_KV_HEADS * GROUP) + head
+            tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
+            tl.store(part_ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
+
+
+def cascade_prefix_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    chunk_rows: torch.Tensor,
+    chunk_prefix: torch.Tensor,
+    chunk_leader: torch.Tensor,
+    *,
+    num_seqs: int,
+    capacity: int,
+    rows_per_chunk: int,
+    num_splits: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared-prefix half of cascade attention over `capacity` chunks (see model/cascade.py):
+    returns the partials (acc [splits * num_seqs * H * D_P], (m, l) [.. * 2]) that
+    paged_attention(cascade=...) folds in. Rows outside every chunk are left unwritten (their
+    row_prefix is 0, so nothing reads them)."""
+    T, H, D = q.shape
+    _, page, kvh, _ = k_cache.shape
+    group = H // kvh
+    head_dim_p = triton.next_power_of_2(D)
+    n = num_splits * num_seqs * H
+    part_acc = torch.empty(n * head_dim_p, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(n * 2, dtype=torch.float32, device=q.device)
+    num_items = capacity * kvh * num_splits
+    programs = min(num_items, CASCADE_PROGRAMS_PER_SM * _sm_count(q.device))
+    _launch_cascade(
+        (programs,),
+        (
+            q, k_cache, v_cache, part_acc, part_ml, block_tables, query_start_loc, chunk_rows, chunk_prefix,
+            chunk_leader, scale * 1.4426950408889634, num_splits, num_seqs, num_items, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        ),
+        dict(
+            NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=triton.next_power_of_2(group), HEAD_DIM=D,
+            HEAD_DIM_P=head_dim_p, PAGE=page, ROWS=rows_per_chunk, BLOCK_N=block_n, IEEE=q.dtype == torch.float32,
+        ),
+        num_warps, num_stages,
+    )  # fmt: skip
+    return part_acc, part_ml
+
+
+_launch_cascade = _Launcher(_cascade_prefix_kernel, CASCADE_UNSPECIALIZED)
+# Persistent programs of the cascade prefix launch per SM (a tile's K/V stages take most of an
+# SM's shared memory, so more would only queue).
+CASCADE_PROGRAMS_PER_SM = 2
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # TRITON_INTERPRET on CPU: few programs, so each walks several items
 _launch_combine = _Launcher(_combine_splits_kernel, COMBINE_UNSPECIALIZED)
 
 

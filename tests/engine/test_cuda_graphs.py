@@ -80,3 +80,32 @@ def test_single_prefill_graph_matches_eager(tiny_fp32):
     eager = _engine(tiny_fp32, eager=True)
     for p in prompts:
         assert _generate(graphs, [p]) == _generate(eager, [p])
+
+
+def test_cascade_attention_matches_plain(tiny_fp32):
+    """Groups of requests over long shared prefixes: decode rows read each prefix once per group
+    (cascade attention, in the decode graphs and in eager mixed steps); the greedy tokens are
+    those of plain attention."""
+    rng = random.Random(3)
+    vocab = tiny_fp32.arch.vocab_size
+    prompts = []
+    for group, prefix_len in enumerate((300, 420)):  # groups of CASCADE_MIN_ROWS rows and more
+        prefix = [rng.randrange(3, vocab) for _ in range(prefix_len)]
+        prompts += [prefix + [rng.randrange(3, vocab) for _ in range(rng.randrange(1, 40))] for _ in range(10)]
+
+    def run(cascade: bool, eager: bool) -> tuple[list[list[int]], int]:
+        config = EngineConfig(
+            model=ModelConfig(source="dummy:tiny", dtype="float32", device="cuda", enforce_eager=eager,
+                              max_model_len=1024, cascade_attention=cascade),
+            cache=CacheConfig(num_blocks=512),
+            scheduler=SchedulerConfig(max_num_seqs=32),
+        )  # fmt: skip
+        engine = LLMEngine(config, loaded=tiny_fp32)
+        _generate(engine, [p[:-1] for p in prompts[::10]])  # the shared prefixes, cached
+        return _generate(engine, prompts, max_tokens=16), engine.cascade_rows
+
+    plain, plain_rows = run(cascade=False, eager=False)
+    graphs, graph_rows = run(cascade=True, eager=False)
+    eager, eager_rows = run(cascade=True, eager=True)
+    assert plain_rows == 0 and graph_rows > 0 and eager_rows > 0
+    assert graphs == plain and eager == plain
