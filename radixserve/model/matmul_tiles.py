@@ -25,7 +25,7 @@ on a new GPU generation before trusting a new bucket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,21 @@ class MatmulTiles:
     block_n: int
     num_warps: int
     num_stages: int
+    # The K loop's form: "nested" (a loop per chunk inside a loop over chunks: the pipeline drains
+    # at every chunk end) or "flat" (one pipelined loop over every step, the chunk's sum added to
+    # the total when its last step is done); "flat_tma" loads A and W tiles with TMA descriptors.
+    # Same MMA steps, same additions: the probe checks the bits of every one it ships.
+    kernel: str = "nested"
+    # K width of one load (0: the order's BLOCK_K). A multiple of the order's BLOCK_K chains the
+    # same k16 MMA instructions in the same order (checked by the probe, like any tile).
+    load_k: int = 0
+
+    def step_k(self, order: "ReductionOrder") -> int:
+        """The K width of one loop step for this order (a multiple of BLOCK_K dividing the chunk)."""
+        k = self.load_k or order.block_k
+        if k % order.block_k or order.chunk % k:
+            raise ValueError(f"load_k {k} must be a multiple of BLOCK_K {order.block_k} dividing the chunk {order.chunk}")
+        return k
 
 
 # 16 steps of 64 = 1024-wide K chunks: an 8B decode projection (K = 4096 or 14336) splits into
@@ -80,6 +95,7 @@ BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "float32": ((1 << 62, MatmulTiles(128, 128, 8, 3)),),
 }
 
+KERNELS = ("nested", "flat", "flat_tma")
 GROUP_M = 8  # row tiles that sweep the column tiles together (weight tiles stay in L2)
 SPLIT_FILL = 2  # split K when a launch has fewer output tiles than this many per SM
 
@@ -131,6 +147,9 @@ def plan_launch(
     the choice (tests, the device probe), never the order."""
     order = reduction_order(dtype)
     tiles = fit_stages(tiles or tiles_for(m, dtype), order.block_k, elem_bytes, smem_bytes)
+    tiles.step_k(order)  # a load width the order cannot take is an error, not other bits
+    if tiles.kernel not in KERNELS:
+        raise ValueError(f"deterministic matmul: unknown kernel {tiles.kernel!r} ({', '.join(KERNELS)})")
     out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
     if split is None:
         split = split_chunks(m, n, k, dtype, num_sms, max_split_tiles)
@@ -149,9 +168,9 @@ def split_chunks(m: int, n: int, k: int, dtype: str, num_sms: int, max_tiles: in
 
 def fit_stages(tiles: MatmulTiles, block_k: int, elem_bytes: int, smem_bytes: int) -> MatmulTiles:
     """Fewer pipeline stages where every stage's A and W tiles would not fit in shared memory
-    (stages change no bits)."""
-    per_stage = (tiles.block_m + tiles.block_n) * block_k * elem_bytes
+    (stages change no bits). `block_k` is the order's; the tile's own load width wins."""
+    per_stage = (tiles.block_m + tiles.block_n) * (tiles.load_k or block_k) * elem_bytes
     stages = max(1, min(tiles.num_stages, smem_bytes // max(per_stage, 1)))
     if stages == tiles.num_stages:
         return tiles
-    return MatmulTiles(tiles.block_m, tiles.block_n, tiles.num_warps, stages)
+    return replace(tiles, num_stages=stages)
