@@ -173,8 +173,12 @@ def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(40, k, generator=gen).to(device=device, dtype=dtype)
     mm = TB.BatchInvariantMatmul()
-    gpu_shapes = [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(32, 64, 4, 5), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 128, 8, 4)]
-    shapes = [MT.MatmulTiles(16, 32, 4, 2)] if INTERPRET else gpu_shapes
+    gpu_shapes = [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(32, 64, 4, 5), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 128, 8, 4),
+                  MT.MatmulTiles(16, 128, 4, 4, "flat"), MT.MatmulTiles(64, 128, 4, 4, "flat_tma"),
+                  MT.MatmulTiles(128, 256, 8, 3, "flat_tma")]  # fmt: skip
+    # The interpreter's dot (numpy) gives a row other bits in another tile shape: one shape there,
+    # in each kernel form (the loops' additions must agree).
+    shapes = [MT.MatmulTiles(16, 32, 4, 2, kernel) for kernel in MT.KERNELS] if INTERPRET else gpu_shapes
     reference = mm.linear(x, weight, bias, tiles=shapes[0], split=False)
     ref = F.linear(x.float(), weight.float(), bias.float())
     assert ((reference.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)

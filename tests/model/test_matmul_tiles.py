@@ -68,3 +68,28 @@ def test_fit_stages_keeps_the_tile_and_drops_stages():
 def test_unknown_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="int8"):
         MT.tiles_for(1, "int8")
+
+
+def test_a_tiles_load_width_must_fit_the_k_order():
+    """load_k changes how wide each loop step loads, never which MMA steps or chunks a row gets:
+    a width that is not a multiple of BLOCK_K, or does not divide the chunk, is refused."""
+    order = MT.reduction_order("bfloat16")  # 64 x 16 = 1024-wide chunks
+    assert MT.MatmulTiles(128, 256, 8, 2, "flat_tma", 128).step_k(order) == 128
+    assert MT.MatmulTiles(128, 256, 8, 2).step_k(order) == order.block_k
+    for bad in (32, 96, 384):
+        with pytest.raises(ValueError, match="load_k"):
+            launch(4096, 4096, 4096, "bfloat16", tiles=MT.MatmulTiles(128, 256, 8, 2, "flat", bad))
+
+
+def test_kernel_choice_is_checked_and_keeps_the_k_schedule():
+    base = launch(4096, 4096, 14336, "bfloat16")
+    for kernel in MT.KERNELS:
+        plan = launch(4096, 4096, 14336, "bfloat16", tiles=MT.MatmulTiles(128, 256, 8, 3, kernel))
+        assert plan.k_schedule(14336) == base.k_schedule(14336) and plan.tiles.kernel == kernel
+    with pytest.raises(ValueError, match="unknown kernel"):
+        launch(1, 4096, 4096, "bfloat16", tiles=MT.MatmulTiles(16, 128, 4, 4, "cutlass"))
+
+
+def test_fit_stages_counts_the_tiles_own_load_width_and_keeps_its_kernel():
+    tiles = MT.MatmulTiles(128, 256, 8, 3, "flat_tma", 128)  # 96 KiB a stage
+    assert MT.fit_stages(tiles, 64, 2, 227 * 1024) == MT.MatmulTiles(128, 256, 8, 2, "flat_tma", 128)
