@@ -4,10 +4,11 @@
 #
 #   bash bench/device_detcost2.sh [STAGES]      STAGES: comma-separated, default sweep,profile,table,tests
 #
-# sweep:   bench/bench_matmul_sweep.py: candidate kernels (nested / flat / flat_tma), tiles, warps,
+# sweep:   bench/bench_deterministic_sweep.py: candidate kernels (nested / flat / flat_tma), tiles, warps,
 #          stages and load widths per M bucket (1, 32, 64, 4096) on the Llama-3-8B shapes; each
 #          checked bitwise against the shipped prefill launch at M = 1 ... 4096, timed against
-#          cuBLAS -> $OUT/matmul_sweep.md (+ .json)
+#          cuBLAS; deterministic attention launch configs (bits vs the shipped one, time vs default)
+#          -> $OUT/matmul_sweep.md (+ .json)
 # bits:    bench/bench_batch_invariant_matmul.py --quick: the shipped buckets and split rule give
 #          every row the prefill tile's bits (0 mismatches expected) -> $OUT/bits.log
 # profile: bench/profile_deterministic_gpu.py: GPU time per kernel, default vs deterministic, for
@@ -32,8 +33,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u; git l
 $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 if [[ $STAGES == *,sweep,* ]]; then
-  stamp "matmul sweep"
-  timeout 210 $PYTHON bench/bench_matmul_sweep.py --out "$OUTDIR" > "$OUTDIR/sweep.log" 2>&1
+  stamp "matmul + attention sweep"
+  timeout 240 $PYTHON bench/bench_deterministic_sweep.py --out "$OUTDIR" > "$OUTDIR/sweep.log" 2>&1
   grep -E 'BITS DIFFER|Error|error' "$OUTDIR/sweep.log" | head -20
   cat "$OUTDIR/matmul_sweep.md" 2>/dev/null || tail -20 "$OUTDIR/sweep.log"
 fi

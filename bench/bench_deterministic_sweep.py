@@ -1,6 +1,6 @@
-"""Candidate kernels and tiles for the batch-invariant matmul, per M bucket, on the device (issue #17):
+"""Candidate kernels and tiles for deterministic mode's matmul and attention, on the device (issue #17):
 
-    PYTHONPATH=. python3 bench/bench_matmul_sweep.py [--out DIR] [--smoke]
+    PYTHONPATH=. python3 bench/bench_deterministic_sweep.py [--out DIR] [--smoke] [--skip matmul|attention]
 
 For each Llama-3-8B projection shape and each workload's M (1 = decode b1, 32 = decode b32,
 64 = the cached TTFT's 64 new tokens, 4096 = a cold prefill), every candidate (kernel "nested" /
@@ -11,8 +11,14 @@ For each Llama-3-8B projection shape and each workload's M (1 = decode b1, 32 = 
    guarantee: whatever bucket serves a row, its bits are the same;
 2. timed against cuBLAS (F.linear), CUDA-graph timed (triton.testing.do_bench_cudagraph).
 
+Attention: deterministic-mode launch configs of the paged kernel (query tile rows, warps, stages,
+page-id prefetch; the key tile (64) and chunk (16 tiles) that fix the order stay), one Llama-3-8B
+layer (32 heads, 8 KV heads, 128 dims, block 16) in the four workloads: each candidate's output
+must equal the shipped config's bit for bit in every workload; timed against the default plan.
+
 Writes matmul_sweep.md (per shape and M: cuBLAS, the shipped choice, the best candidate with equal
-bits; per M the matmuls of one model step) and matmul_sweep.json into --out (default $OUT).
+bits; per M the matmuls of one model step; the attention table) and matmul_sweep.json into --out
+(default $OUT).
 --smoke runs tiny fp32 shapes on CPU under TRITON_INTERPRET=1 (code paths only, no timing).
 """
 
@@ -63,7 +69,6 @@ CANDIDATES: dict[int, list[tuple[T, bool]]] = {
         (T(64, 64, 4, 4, "flat_tma"), True),
         (T(64, 64, 4, 6, "flat_tma"), True),
         (T(64, 128, 4, 4, "flat_tma"), True),
-        (T(64, 128, 4, 4, "flat"), True),
         (T(64, 256, 8, 3, "flat_tma"), True),
         (T(64, 64, 4, 4, "flat_tma", 128), True),
     ],
@@ -72,7 +77,6 @@ CANDIDATES: dict[int, list[tuple[T, bool]]] = {
         (T(128, 256, 8, 3, "flat_tma"), False),
         (T(128, 256, 8, 4, "flat_tma"), False),
         (T(128, 128, 8, 4, "flat_tma"), False),
-        (T(128, 128, 4, 4, "flat_tma"), False),
         (T(256, 128, 8, 3, "flat_tma"), False),
         (T(128, 256, 8, 2, "flat_tma", 128), False),
         (T(128, 128, 8, 3, "flat_tma", 128), False),
@@ -95,6 +99,86 @@ def time_us(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=6) * 1000
+
+
+# Deterministic attention launch configs (TA.DETERMINISTIC_CFG's keys); the first is the shipped one.
+ATTENTION_CANDIDATES = [
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, prefetch=True),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=32, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=16, block_n=64, num_warps=4, num_stages=2),
+]
+
+
+ATTENTION_WORKLOADS = {"prefill 4096": [(0, 4096)], "4032 cached + 64": [(4032, 64)], "decode b1 ctx 512": [(511, 1)],
+                       "decode b32 ctx 1024": [(1023, 1)] * 32}  # fmt: skip
+
+
+def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, workloads=None, candidates=None) -> str:
+    """Each candidate config against the shipped one: bits and time per workload."""
+    import radixserve.model.triton_attention as TA
+    from radixserve.model.attention import AttentionMetadata
+
+    block_size, heads, kvh, dim = 16, 32, 8, 128
+    workloads = workloads or ATTENTION_WORKLOADS
+    candidates = candidates or ATTENTION_CANDIDATES
+    shipped = dict(TA.DETERMINISTIC_CFG)
+    table: dict = {}
+    torch.manual_seed(1)
+    for wname, seqs in workloads.items():
+        blocks_per = -(-max(c + n for c, n in seqs) // block_size)
+        pool = blocks_per * len(seqs) + 1
+        k_cache = torch.randn(pool, block_size, kvh, dim, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        tables = [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(len(seqs))]
+        T_ = sum(n for _, n in seqs)
+        q = torch.randn(T_, heads, dim, device=device, dtype=dtype)
+        k = torch.randn(T_, kvh, dim, device=device, dtype=dtype)
+
+        def run(det: bool, cfg: dict | None):
+            TA.DETERMINISTIC_CFG = cfg or shipped
+            backend = TA.TritonAttentionBackend()
+            backend.set_deterministic(det, 8192)
+            meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size, device=device)
+            fn = lambda: backend.attend(q, k_cache, v_cache, meta, dim**-0.5, k=k, v=k)  # noqa: E731
+            out = fn().clone()
+            return out, (time_us(fn) if timing else float("nan"))
+
+        try:
+            _, default_us = run(False, None)
+            ref, _ = run(True, shipped)
+            row = table.setdefault(wname, {"default": default_us})
+            for cfg in candidates:
+                key = "a " + ",".join(f"{k_}={v_}" for k_, v_ in cfg.items())
+                try:
+                    out, us = run(True, cfg)
+                except Exception as e:
+                    log(f"[attention] {wname} {key}: {type(e).__name__}: {str(e)[:200]}")
+                    results["errors"][key] = f"{type(e).__name__}: {str(e)[:200]}"
+                    continue
+                same = torch.equal(out, ref)
+                row[key] = us
+                if not same:
+                    results["bits"].setdefault(key, []).append(wname)
+                log(f"[attention] {wname} {key}: {us:.1f} us (default {default_us:.1f}){'' if same else ' BITS DIFFER'}")
+        finally:
+            TA.DETERMINISTIC_CFG = shipped
+    results["attention_us"] = table
+    lines = ["", "Attention, one 8B layer, us (deterministic candidates; `!` = bits differ from the shipped config):", "",
+             "| config | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]  # fmt: skip
+    keys = ["default"] + ["a " + ",".join(f"{k_}={v_}" for k_, v_ in c.items()) for c in candidates]
+    for key in keys:
+        cells = []
+        for wname in workloads:
+            v = table.get(wname, {}).get(key)
+            flag = "!" if wname in results["bits"].get(key, []) else ""
+            cells.append(f"{v:.1f}{flag}" if v is not None else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def sweep_shape(mm, results, name, n, k, device, dtype, timing: bool) -> None:
@@ -177,6 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--skip", default="", help="comma-separated: matmul,attention")
     args = parser.parse_args()
     global SHAPES, CHECK_ROWS, CANDIDATES, REFERENCE
     device, dtype, timing = "cuda", torch.bfloat16, True
@@ -193,7 +278,16 @@ def main() -> None:
                      "triton": triton.__version__, "bits": {}, "speed": {}, "errors": {}}  # fmt: skip
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else None
-    for name, n, k, _ in SHAPES:
+    skip = set(filter(None, args.skip.split(",")))
+    attention_text = ""
+    if "attention" not in skip:
+        try:
+            attention_text = attention_sweep(results) if timing else attention_sweep(
+                results, "cpu", torch.float32, False, {"prefill 40": [(0, 40)], "20 cached + 5": [(20, 5)], "decode b2": [(30, 1)] * 2},
+                [dict(block_m=16, block_n=16, num_warps=4, num_stages=1), dict(block_m=32, block_n=16, num_warps=4, num_stages=1)])
+        except Exception:
+            traceback.print_exc()
+    for name, n, k, _ in ([] if "matmul" in skip else SHAPES):
         try:
             sweep_shape(mm, results, name, n, k, device, dtype, timing)
         except Exception:
@@ -203,7 +297,7 @@ def main() -> None:
         if out:  # what a timeout would cut short stays
             out.mkdir(parents=True, exist_ok=True)
             (out / "matmul_sweep.json").write_text(json.dumps(results, indent=1))
-    text = summary(results) if timing else f"bits: {results['bits']}, errors: {results['errors']}"
+    text = (summary(results) + "\n" + attention_text) if timing else f"bits: {results['bits']}, errors: {results['errors']}\n{attention_text}"
     results["seconds"] = time.perf_counter() - t0
     log(text)
     log(f"[sweep] {results['seconds']:.0f} s")
