@@ -278,15 +278,9 @@ def main() -> None:
                      "triton": triton.__version__, "bits": {}, "speed": {}, "errors": {}}  # fmt: skip
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
-    attention_text = ""
-    if "attention" not in skip:
-        try:
-            attention_text = attention_sweep(results) if timing else attention_sweep(
-                results, "cpu", torch.float32, False, {"prefill 40": [(0, 40)], "20 cached + 5": [(20, 5)], "decode b2": [(30, 1)] * 2},
-                [dict(block_m=16, block_n=16, num_warps=4, num_stages=1), dict(block_m=32, block_n=16, num_warps=4, num_stages=1)])
-        except Exception:
-            traceback.print_exc()
     for name, n, k, _ in ([] if "matmul" in skip else SHAPES):
         try:
             sweep_shape(mm, results, name, n, k, device, dtype, timing)
@@ -297,6 +291,16 @@ def main() -> None:
         if out:  # what a timeout would cut short stays
             out.mkdir(parents=True, exist_ok=True)
             (out / "matmul_sweep.json").write_text(json.dumps(results, indent=1))
+    if timing and out and "matmul" not in skip:  # the matmul table stands even if the attention part is cut short
+        (out / "matmul_sweep.md").write_text(summary(results) + "\n")
+    attention_text = ""
+    if "attention" not in skip:
+        try:
+            attention_text = attention_sweep(results) if timing else attention_sweep(
+                results, "cpu", torch.float32, False, {"prefill 40": [(0, 40)], "20 cached + 5": [(20, 5)], "decode b2": [(30, 1)] * 2},
+                [dict(block_m=16, block_n=16, num_warps=4, num_stages=1), dict(block_m=32, block_n=16, num_warps=4, num_stages=1)])
+        except Exception:
+            traceback.print_exc()
     text = (summary(results) + "\n" + attention_text) if timing else f"bits: {results['bits']}, errors: {results['errors']}\n{attention_text}"
     results["seconds"] = time.perf_counter() - t0
     log(text)
