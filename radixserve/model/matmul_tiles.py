@@ -53,7 +53,8 @@ class MatmulTiles:
     num_stages: int
     # The K loop's form: "nested" (a loop per chunk inside a loop over chunks: the pipeline drains
     # at every chunk end) or "flat" (one pipelined loop over every step, the chunk's sum added to
-    # the total when its last step is done); "flat_tma" loads A and W tiles with TMA descriptors.
+    # the total when its last step is done); "flat_tma" loads A and W tiles with TMA descriptors;
+    # "persistent_tma": flat_tma in one program per SM looping over output tiles (never split).
     # Same MMA steps, same additions: the probe checks the bits of every one it ships.
     kernel: str = "nested"
     # K width of one load (0: the order's BLOCK_K). A multiple of the order's BLOCK_K chains the
@@ -95,7 +96,7 @@ BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "float32": ((1 << 62, MatmulTiles(128, 128, 8, 3)),),
 }
 
-KERNELS = ("nested", "flat", "flat_tma")
+KERNELS = ("nested", "flat", "flat_tma", "persistent_tma")
 GROUP_M = 8  # row tiles that sweep the column tiles together (weight tiles stay in L2)
 SPLIT_FILL = 2  # split K when a launch has fewer output tiles than this many per SM
 
@@ -153,7 +154,9 @@ def plan_launch(
     out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
     if split is None:
         split = split_chunks(m, n, k, dtype, num_sms, max_split_tiles)
-    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles
+    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
+    if tiles.kernel == "persistent_tma":
+        return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms), 1))
     return MatmulLaunch(order, tiles, split, (out_tiles, order.num_chunks(k) if split else 1))
 
 

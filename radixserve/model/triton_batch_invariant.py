@@ -99,25 +99,21 @@ def _matmul_kernel(
         tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _matmul_kernel_flat(
+@triton.jit
+def _flat_tile(
     a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    tile, chunk_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
     GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    """_matmul_kernel's additions in one pipelined loop over the K steps (the nested loop drains
-    the software pipeline at every chunk end): the chunk's accumulator starts from zero, takes
-    CHUNK_STEPS BLOCK_K-wide MMA steps and is added to the total after its last one; with TMA
-    the A and W tiles come through the tensor descriptors (rows past M / K read as zeros)."""
-    pid = tl.program_id(0)
+    """One output tile (with SPLIT: one K chunk of it) of _matmul_kernel_flat."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP * num_pid_n
-    first_m = (pid // per_group) * GROUP
+    first_m = (tile // per_group) * GROUP
     size_m = tl.minimum(num_pid_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m = first_m + (tile % per_group) % size_m
+    pid_n = (tile % per_group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -128,11 +124,9 @@ def _matmul_kernel_flat(
     k_steps = tl.cdiv(K, BLOCK_K)
     n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
     if SPLIT:
-        chunk_lo = tl.program_id(1)
         step_lo = chunk_lo * CHUNK_STEPS
         step_hi = tl.minimum(step_lo + CHUNK_STEPS, k_steps)
     else:
-        chunk_lo = 0
         step_lo = 0
         step_hi = k_steps
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -159,7 +153,7 @@ def _matmul_kernel_flat(
         part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
         tl.debug_barrier()
-        arrived = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if arrived == n_chunks - 1:
             merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for c in range(0, n_chunks):
@@ -167,11 +161,35 @@ def _matmul_kernel_flat(
             if HAS_BIAS:
                 merged += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
             tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(counters_ptr + pid, 0)
+            tl.store(counters_ptr + tile, 0)
     else:
         if HAS_BIAS:
             total += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
         tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_kernel_flat(
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """_matmul_kernel's additions in one pipelined loop over the K steps (the nested loop drains
+    the software pipeline at every chunk end): the chunk's accumulator starts from zero, takes
+    CHUNK_STEPS BLOCK_K-wide MMA steps and is added to the total after its last one; with TMA
+    the A and W tiles come through the tensor descriptors (rows past M / K read as zeros). With
+    PERSISTENT (never SPLIT) each program takes output tiles pid, pid + programs, ..."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _flat_tile(a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am,
+                       stride_wn, stride_cm, tile, 0, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK_STEPS, GROUP, False,
+                       HAS_BIAS, IEEE, TMA, NUM_STAGES)  # fmt: skip
+    else:
+        _flat_tile(a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am,
+                   stride_wn, stride_cm, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, CHUNK_STEPS,
+                   GROUP, SPLIT, HAS_BIAS, IEEE, TMA, NUM_STAGES)  # fmt: skip
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -249,14 +267,14 @@ class BatchInvariantMatmul:
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )  # fmt: skip
         else:
-            tma = tiles.kernel == "flat_tma" and _tma_ok(a) and _tma_ok(weight)
+            tma = tiles.kernel.endswith("_tma") and _tma_ok(a) and _tma_ok(weight)
             a_desc = TensorDescriptor.from_tensor(a, [tiles.block_m, step_k]) if tma else a
             w_desc = TensorDescriptor.from_tensor(weight, [tiles.block_n, step_k]) if tma else weight
             _matmul_kernel_flat[launch.grid](
                 a, weight, a_desc, w_desc, bias_arg, c, part, counters, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=step_k, CHUNK_STEPS=order.chunk // step_k,
                 GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
-                TMA=tma, NUM_STAGES=tiles.num_stages,
+                TMA=tma, NUM_STAGES=tiles.num_stages, PERSISTENT=tiles.kernel == "persistent_tma",
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )  # fmt: skip
         return c.view(*lead, N)

@@ -175,7 +175,7 @@ def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
     mm = TB.BatchInvariantMatmul()
     gpu_shapes = [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(32, 64, 4, 5), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 128, 8, 4),
                   MT.MatmulTiles(16, 128, 4, 4, "flat"), MT.MatmulTiles(64, 128, 4, 4, "flat_tma"),
-                  MT.MatmulTiles(128, 256, 8, 3, "flat_tma")]  # fmt: skip
+                  MT.MatmulTiles(128, 256, 8, 3, "flat_tma"), MT.MatmulTiles(128, 128, 8, 3, "persistent_tma")]  # fmt: skip
     # The interpreter's dot (numpy) gives a row other bits in another tile shape: one shape there,
     # in each kernel form (the loops' additions must agree).
     shapes = [MT.MatmulTiles(16, 32, 4, 2, kernel) for kernel in MT.KERNELS] if INTERPRET else gpu_shapes

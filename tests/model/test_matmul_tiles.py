@@ -93,3 +93,12 @@ def test_kernel_choice_is_checked_and_keeps_the_k_schedule():
 def test_fit_stages_counts_the_tiles_own_load_width_and_keeps_its_kernel():
     tiles = MT.MatmulTiles(128, 256, 8, 3, "flat_tma", 128)  # 96 KiB a stage
     assert MT.fit_stages(tiles, 64, 2, 227 * 1024) == MT.MatmulTiles(128, 256, 8, 2, "flat_tma", 128)
+
+
+def test_a_persistent_launch_runs_one_program_per_sm_at_most_and_never_splits():
+    tiles = MT.MatmulTiles(128, 256, 8, 3, "persistent_tma")
+    prefill = launch(4096, 4096, 4096, "bfloat16", tiles=tiles)
+    assert prefill.grid == (132, 1) and not prefill.split  # 512 output tiles on 132 programs
+    small = launch(64, 4096, 14336, "bfloat16", tiles=tiles, split=True)
+    assert small.grid == (16, 1) and not small.split
+    assert small.k_schedule(14336) == launch(64, 4096, 14336, "bfloat16").k_schedule(14336)
