@@ -118,6 +118,7 @@ ATTENTION_CANDIDATES = [
     # to see what shorter chunks buy decode at short contexts (more programs per KV head)
     dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=8),
     dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=4),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=2),
 ]
 
 
