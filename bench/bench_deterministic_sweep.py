@@ -12,7 +12,7 @@ For each Llama-3-8B projection shape and each workload's M (1 = decode b1, 32 = 
 2. timed against cuBLAS (F.linear), CUDA-graph timed (triton.testing.do_bench_cudagraph).
 
 Attention: deterministic-mode launch configs of the paged kernel (query tile rows, warps, stages,
-page-id prefetch; the key tile (64) and chunk (16 tiles) that fix the order stay), one Llama-3-8B
+the flat walk; the key tile (64) and chunk (16 tiles) that fix the order stay), one Llama-3-8B
 layer (32 heads, 8 KV heads, 128 dims, block 16) in the four workloads: each candidate's output
 must equal the shipped config's bit for bit in every workload; timed against the default plan.
 
@@ -108,12 +108,14 @@ def time_us(fn) -> float:
 ATTENTION_CANDIDATES = [
     dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
     dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, prefetch=True),
     dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
     dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
     dict(block_m=128, block_n=64, num_warps=4, num_stages=2),
     dict(block_m=32, block_n=64, num_warps=4, num_stages=2),
     dict(block_m=16, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, flat_walk=True),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=3, flat_walk=True),
     # another order (chunks of 8 / 4 key tiles): bits differ from the shipped build by design; timed
     # to see what shorter chunks buy decode at short contexts (more programs per KV head)
     dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=8),
