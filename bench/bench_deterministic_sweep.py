@@ -48,29 +48,30 @@ from radixserve.model.triton_batch_invariant import BatchInvariantMatmul  # noqa
 SHAPES = [("qkv", 6144, 4096, 32), ("o", 4096, 4096, 32), ("gate_up", 28672, 4096, 32), ("down", 4096, 14336, 32),
           ("lm_head", 128256, 4096, 1)]  # fmt: skip
 REFERENCE = (T(128, 256, 8, 3), False)  # the shipped prefill launch
-# M -> candidates (tiles, split K); the shipped bucket's choice is timed as "shipped" besides.
-CANDIDATES: dict[int, list[tuple[T, bool]]] = {
+# M -> candidates (tiles, split K: None = the shipped rule, by output tiles per SM); the shipped
+# bucket's choice is timed as "shipped" besides.
+CANDIDATES: dict[int, list[tuple[T, bool | None]]] = {
     1: [
-        (T(16, 128, 4, 4, "flat"), True),
-        (T(16, 128, 4, 4, "flat_tma"), True),
-        (T(16, 64, 4, 6, "flat_tma"), True),
-        (T(16, 256, 4, 3, "flat_tma"), True),
-        (T(16, 128, 4, 4, "flat_tma", 128), True),
-        (T(16, 128, 4, 3, "nested", 128), True),
+        (T(16, 128, 4, 4, "flat"), None),
+        (T(16, 128, 4, 4, "flat_tma"), None),
+        (T(16, 64, 4, 6, "flat_tma"), None),
+        (T(16, 256, 4, 3, "flat_tma"), None),
+        (T(16, 128, 4, 4, "flat_tma", 128), None),
+        (T(16, 128, 4, 3, "nested", 128), None),
     ],
     32: [
-        (T(32, 64, 4, 5, "flat"), True),
-        (T(32, 64, 4, 5, "flat_tma"), True),
-        (T(32, 128, 4, 4, "flat_tma"), True),
-        (T(32, 64, 4, 4, "flat_tma", 128), True),
+        (T(32, 64, 4, 5, "flat"), None),
+        (T(32, 64, 4, 5, "flat_tma"), None),
+        (T(32, 128, 4, 4, "flat_tma"), None),
+        (T(32, 64, 4, 4, "flat_tma", 128), None),
     ],
     64: [
-        (T(64, 64, 4, 4, "flat"), True),
-        (T(64, 64, 4, 4, "flat_tma"), True),
-        (T(64, 64, 4, 6, "flat_tma"), True),
-        (T(64, 128, 4, 4, "flat_tma"), True),
-        (T(64, 256, 8, 3, "flat_tma"), True),
-        (T(64, 64, 4, 4, "flat_tma", 128), True),
+        (T(64, 64, 4, 4, "flat"), None),
+        (T(64, 64, 4, 4, "flat_tma"), None),
+        (T(64, 64, 4, 6, "flat_tma"), None),
+        (T(64, 128, 4, 4, "flat_tma"), None),
+        (T(64, 256, 8, 3, "flat_tma"), None),
+        (T(64, 64, 4, 4, "flat_tma", 128), None),
     ],
     4096: [
         (T(128, 256, 8, 3, "flat"), False),
@@ -93,9 +94,10 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
-def label(tiles: T, split: bool) -> str:
+def label(tiles: T, split: bool | None) -> str:
     lk = f"k{tiles.load_k}" if tiles.load_k else ""
-    return f"{tiles.kernel} {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{lk}{'+split' if split else ''}"
+    how = {None: "+rule", True: "+split", False: ""}[split]
+    return f"{tiles.kernel} {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{lk}{how}"
 
 
 def time_us(fn) -> float:

@@ -153,7 +153,7 @@ def plan_launch(
         raise ValueError(f"deterministic matmul: unknown kernel {tiles.kernel!r} ({', '.join(KERNELS)})")
     out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
     if split is None:
-        split = split_chunks(m, n, k, dtype, num_sms, max_split_tiles)
+        split = out_tiles < SPLIT_FILL * num_sms  # the rule of split_chunks, on these tiles
     split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
     if tiles.kernel == "persistent_tma":
         return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms), 1))

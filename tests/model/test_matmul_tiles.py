@@ -102,3 +102,14 @@ def test_a_persistent_launch_runs_one_program_per_sm_at_most_and_never_splits():
     small = launch(64, 4096, 14336, "bfloat16", tiles=tiles, split=True)
     assert small.grid == (16, 1) and not small.split
     assert small.k_schedule(14336) == launch(64, 4096, 14336, "bfloat16").k_schedule(14336)
+
+
+@given(m=st.integers(1, 70000), n=st.integers(1, 200000), k=st.integers(1, 40000))
+def test_the_split_rule_counts_the_tiles_the_launch_runs(m, n, k):
+    """Without an override the launch splits exactly as split_chunks says for the bucket's tiles;
+    with other tiles, by those tiles' own count (the sweep times candidates under the rule)."""
+    assert launch(m, n, k, "bfloat16").split == MT.split_chunks(m, n, k, "bfloat16", 132, 1 << 14)
+    wide = MT.MatmulTiles(64, 256, 8, 3)
+    out_tiles = -(-m // 64) * -(-n // 256)
+    expect = out_tiles < MT.SPLIT_FILL * 132 and MT.reduction_order("bfloat16").num_chunks(k) > 1
+    assert launch(m, n, k, "bfloat16", tiles=wide).split == expect
