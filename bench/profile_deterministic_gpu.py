@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sys
+import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -56,10 +57,11 @@ def kernel_times(prof, steps: int) -> dict[str, float]:
 
 
 def profiled(fn, steps: int) -> dict[str, float]:
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA] if torch.cuda.is_available() else [ProfilerActivity.CPU]) as prof:
         fn()
-        torch.cuda.synchronize()
+        sync()
     return kernel_times(prof, steps)
 
 
@@ -80,23 +82,33 @@ def decode_steps(engine: LLMEngine, rng, vocab: int, batch: int, prompt: int, st
     return prepare, run
 
 
-def profile_mode(loaded, deterministic: bool) -> dict[str, dict[str, float]]:
+# (prefill, cached, new, decode-b1 prompt, decode-b32 prompt); --cpu-check shrinks them
+SIZES = (4096, 4032, 64, 512, 1024)
+ENGINE = dict(source="dummy:llama3-8b", dtype="bfloat16", device="cuda", max_model_len=8192)
+
+
+def profile_mode(loaded, deterministic: bool, engines_built: list | None = None) -> dict[str, dict[str, float]]:
     vocab = loaded.arch.vocab_size
     rng = random.Random(7)
+    prefill, cached, new, b1_prompt, b32_prompt = SIZES
     config = EngineConfig(
-        model=ModelConfig(source="dummy:llama3-8b", dtype="bfloat16", device="cuda", max_model_len=8192, deterministic=deterministic),
+        model=ModelConfig(**ENGINE, deterministic=deterministic),
         cache=CacheConfig(gpu_memory_utilization=0.85),
         scheduler=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=8192),
     )
     engine = LLMEngine(config, loaded=loaded)
+    if engines_built is not None:  # --cpu-check: a weak reference, to see the engine go
+        engines_built.append(weakref.ref(engine))
+    log(f"[profile] deterministic={deterministic}: {engine.num_kv_blocks} KV blocks, "
+        f"{torch.cuda.memory_allocated() / 1e9 if torch.cuda.is_available() else 0:.1f} GB allocated")  # fmt: skip
     out = {}
-    ttft(engine, rand_ids(rng, 4096, vocab))  # warm-up
-    out[WORKLOADS[0]] = profiled(lambda: ttft(engine, rand_ids(rng, 4096, vocab)), 1)
-    base = rand_ids(rng, 4096, vocab)
+    ttft(engine, rand_ids(rng, prefill, vocab))  # warm-up
+    out[WORKLOADS[0]] = profiled(lambda: ttft(engine, rand_ids(rng, prefill, vocab)), 1)
+    base = rand_ids(rng, prefill, vocab)
     ttft(engine, base)
-    ttft(engine, base[:4032] + rand_ids(rng, 64, vocab))
-    out[WORKLOADS[1]] = profiled(lambda: ttft(engine, base[:4032] + rand_ids(rng, 64, vocab)), 1)
-    for name, batch, prompt, steps in ((WORKLOADS[2], 1, 512, 16), (WORKLOADS[3], 32, 1024, 8)):
+    ttft(engine, base[:cached] + rand_ids(rng, new, vocab))
+    out[WORKLOADS[1]] = profiled(lambda: ttft(engine, base[:cached] + rand_ids(rng, new, vocab)), 1)
+    for name, batch, prompt, steps in ((WORKLOADS[2], 1, b1_prompt, 16), (WORKLOADS[3], 32, b32_prompt, 8)):
         prepare, run = decode_steps(engine, rng, vocab, batch, prompt, steps)
         prepare()
         run()  # warm-up
@@ -104,7 +116,9 @@ def profile_mode(loaded, deterministic: bool) -> dict[str, dict[str, float]]:
         prepare()
         out[name] = profiled(run, steps)
         run_until_done(engine)
-    del engine
+    # The closures hold the engine: drop them too, or its KV pool stays allocated and the next
+    # mode's engine finds no memory for one (the first device run: a 16-block pool).
+    del prepare, run, engine
     free_memory()
     return out
 
@@ -133,12 +147,27 @@ def report(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--cpu-check", action="store_true", help="the embedded model on CPU, small sizes: the flow "
+                        "and that each mode's engine is freed before the next is built (no GPU kernels to time)")  # fmt: skip
     args = parser.parse_args()
-    loaded = dummy("llama3-8b", max_model_len=8192)
+    global SIZES, ENGINE
+    built: list = []
+    if args.cpu_check:
+        from radixserve.model.loader import load_model
+
+        SIZES = (96, 64, 8, 32, 24)
+        ENGINE = dict(source="embedded", dtype="float32", device="cpu", max_model_len=256)
+        loaded = load_model(ModelConfig(**ENGINE, show_progress=False))
+    else:
+        loaded = dummy("llama3-8b", max_model_len=8192)
     results = {}
     for mode, det in (("default", False), ("deterministic", True)):
-        results[mode] = profile_mode(loaded, det)
-        log(f"[profile] {mode} done")
+        results[mode] = profile_mode(loaded, det, built)
+        free_memory() if torch.cuda.is_available() else None
+        alive = [ref() is not None for ref in built]
+        log(f"[profile] {mode} done; engines still alive: {sum(alive)}")
+        if any(alive):
+            raise RuntimeError("an engine outlived its mode: its KV pool would starve the next one")
     text = report(results)
     log(text)
     if args.out:

@@ -82,12 +82,19 @@ REDUCTION = {
 # Llama-3-8B shapes, CUDA-graph timed; every tile below gave every row the bits of the 128 x 256
 # prefill tile, split or not): M=1 16x128+split beat 16x64+split on qkv/o/gate_up (15.4/11.0/66.7
 # us vs 16.4/12.6/72.3), M=4096 128x256 beat 128x128 by 8-12% on every shape.
+# Then bench/bench_deterministic_sweep.py (H200, 2026-11-30 20:19 UTC, every candidate bitwise equal
+# to the nested 128x256 prefill launch at M = 1 ... 4096): at M=4096 flat_tma 128x256 w8 s3 ran
+# the four projections in 1.07-1.14x cuBLAS (qkv 298.9, o 192.4, gate_up 1412.3, down 662.5 us)
+# where the nested kernel took 1.54-1.62x (a step's matmuls 82.1 vs 115.4 ms, cuBLAS 73.8); the
+# pointer-loaded flat loop was 5x slower still (no pipelining); persistent_tma 2-8% behind. At M=1
+# flat_tma 16x128 took a step's matmuls from 4.43 to 4.28 ms (o 11.3 -> 8.9 us). At M=32 and 64
+# no candidate beat the nested kernel: those buckets stay.
 _HALF_BUCKETS: tuple[tuple[int, MatmulTiles], ...] = (
-    (16, MatmulTiles(16, 128, 4, 4)),
+    (16, MatmulTiles(16, 128, 4, 4, "flat_tma")),
     (32, MatmulTiles(32, 64, 4, 5)),
     (64, MatmulTiles(64, 64, 4, 4)),
     (256, MatmulTiles(64, 128, 4, 4)),
-    (1 << 62, MatmulTiles(128, 256, 8, 3)),
+    (1 << 62, MatmulTiles(128, 256, 8, 3, "flat_tma")),
 )
 BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "bfloat16": _HALF_BUCKETS,
