@@ -25,7 +25,7 @@ on a new GPU generation before trusting a new bucket.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,22 @@ class MatmulTiles:
     block_n: int
     num_warps: int
     num_stages: int
+    # The K loop's form: "nested" (a loop per chunk inside a loop over chunks: the pipeline drains
+    # at every chunk end) or "flat" (one pipelined loop over every step, the chunk's sum added to
+    # the total when its last step is done); "flat_tma" loads A and W tiles with TMA descriptors;
+    # "persistent_tma": flat_tma in one program per SM looping over output tiles (never split).
+    # Same MMA steps, same additions: the probe checks the bits of every one it ships.
+    kernel: str = "nested"
+    # K width of one load (0: the order's BLOCK_K). A multiple of the order's BLOCK_K chains the
+    # same k16 MMA instructions in the same order (checked by the probe, like any tile).
+    load_k: int = 0
+
+    def step_k(self, order: "ReductionOrder") -> int:
+        """The K width of one loop step for this order (a multiple of BLOCK_K dividing the chunk)."""
+        k = self.load_k or order.block_k
+        if k % order.block_k or order.chunk % k:
+            raise ValueError(f"load_k {k} must be a multiple of BLOCK_K {order.block_k} dividing the chunk {order.chunk}")
+        return k
 
 
 # 16 steps of 64 = 1024-wide K chunks: an 8B decode projection (K = 4096 or 14336) splits into
@@ -66,12 +82,19 @@ REDUCTION = {
 # Llama-3-8B shapes, CUDA-graph timed; every tile below gave every row the bits of the 128 x 256
 # prefill tile, split or not): M=1 16x128+split beat 16x64+split on qkv/o/gate_up (15.4/11.0/66.7
 # us vs 16.4/12.6/72.3), M=4096 128x256 beat 128x128 by 8-12% on every shape.
+# Then bench/bench_deterministic_sweep.py (H200, 2026-11-30 20:19 UTC, every candidate bitwise equal
+# to the nested 128x256 prefill launch at M = 1 ... 4096): at M=4096 flat_tma 128x256 w8 s3 ran
+# the four projections in 1.07-1.14x cuBLAS (qkv 298.9, o 192.4, gate_up 1412.3, down 662.5 us)
+# where the nested kernel took 1.54-1.62x (a step's matmuls 82.1 vs 115.4 ms, cuBLAS 73.8); the
+# pointer-loaded flat loop was 5x slower still (no pipelining); persistent_tma 2-8% behind. At M=1
+# flat_tma 16x128 took a step's matmuls from 4.43 to 4.28 ms (o 11.3 -> 8.9 us). At M=32 and 64
+# no candidate beat the nested kernel: those buckets stay.
 _HALF_BUCKETS: tuple[tuple[int, MatmulTiles], ...] = (
-    (16, MatmulTiles(16, 128, 4, 4)),
+    (16, MatmulTiles(16, 128, 4, 4, "flat_tma")),
     (32, MatmulTiles(32, 64, 4, 5)),
     (64, MatmulTiles(64, 64, 4, 4)),
     (256, MatmulTiles(64, 128, 4, 4)),
-    (1 << 62, MatmulTiles(128, 256, 8, 3)),
+    (1 << 62, MatmulTiles(128, 256, 8, 3, "flat_tma")),
 )
 BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "bfloat16": _HALF_BUCKETS,
@@ -80,6 +103,7 @@ BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "float32": ((1 << 62, MatmulTiles(128, 128, 8, 3)),),
 }
 
+KERNELS = ("nested", "flat", "flat_tma", "persistent_tma")
 GROUP_M = 8  # row tiles that sweep the column tiles together (weight tiles stay in L2)
 SPLIT_FILL = 2  # split K when a launch has fewer output tiles than this many per SM
 
@@ -131,10 +155,15 @@ def plan_launch(
     the choice (tests, the device probe), never the order."""
     order = reduction_order(dtype)
     tiles = fit_stages(tiles or tiles_for(m, dtype), order.block_k, elem_bytes, smem_bytes)
+    tiles.step_k(order)  # a load width the order cannot take is an error, not other bits
+    if tiles.kernel not in KERNELS:
+        raise ValueError(f"deterministic matmul: unknown kernel {tiles.kernel!r} ({', '.join(KERNELS)})")
     out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
     if split is None:
-        split = split_chunks(m, n, k, dtype, num_sms, max_split_tiles)
-    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles
+        split = out_tiles < SPLIT_FILL * num_sms  # the rule of split_chunks, on these tiles
+    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
+    if tiles.kernel == "persistent_tma":
+        return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms), 1))
     return MatmulLaunch(order, tiles, split, (out_tiles, order.num_chunks(k) if split else 1))
 
 
@@ -149,9 +178,9 @@ def split_chunks(m: int, n: int, k: int, dtype: str, num_sms: int, max_tiles: in
 
 def fit_stages(tiles: MatmulTiles, block_k: int, elem_bytes: int, smem_bytes: int) -> MatmulTiles:
     """Fewer pipeline stages where every stage's A and W tiles would not fit in shared memory
-    (stages change no bits)."""
-    per_stage = (tiles.block_m + tiles.block_n) * block_k * elem_bytes
+    (stages change no bits). `block_k` is the order's; the tile's own load width wins."""
+    per_stage = (tiles.block_m + tiles.block_n) * (tiles.load_k or block_k) * elem_bytes
     stages = max(1, min(tiles.num_stages, smem_bytes // max(per_stage, 1)))
     if stages == tiles.num_stages:
         return tiles
-    return MatmulTiles(tiles.block_m, tiles.block_n, tiles.num_warps, stages)
+    return replace(tiles, num_stages=stages)

@@ -60,7 +60,20 @@ GATHER_SDPA_MIN_QUERY = 1024
 # from and whatever else is in the launch.
 # 64-row query tiles (16 tokens x 4 query heads of a KV head on Llama-3), 64-key tiles, 16 tiles
 # (1024 keys) per chunk: decode at long contexts still gets several programs per KV head.
-DETERMINISTIC_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+# 3 stages (bench/bench_deterministic_sweep.py, H200, 2026-11-30, one 8B layer, bits equal to 2
+# stages in all four workloads): prefill 4096 726 vs 794 us, 64 after 4032 cached 32.7 vs 36.9,
+# decode b1 19.4 vs 22.4, b32 53.9 vs 62.1.
+DETERMINISTIC_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+# Launch configs by the step's longest query (the first bucket whose bound it does not pass; None:
+# DETERMINISTIC_CFG). Only the key tile (block_n) and the chunk fix the order; a config may only
+# enter here once bench/bench_deterministic_sweep.py shows its output equal to DETERMINISTIC_CFG's
+# bit for bit in every workload (fresh prefill, cached prefill, decode b1 and b32).
+# Long prefills: 128-row query tiles on 8 warps (same sweep: bits equal in all four workloads;
+# prefill 4096 682 vs 726 us; slower for short queries: 42.6 vs 32.7 us at 64 new tokens).
+DETERMINISTIC_CFG_BY_QUERY: tuple[tuple[int, dict | None], ...] = (
+    (512, None),
+    (1 << 62, dict(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+)
 DETERMINISTIC_SPLIT_TILES = 16
 # Arrival counters of split launches that merge in-kernel (one per sequence x query block x KV
 # head); a launch with more groups than this falls back to the separate merge kernel.
@@ -269,7 +282,9 @@ class TritonAttentionBackend(AttentionBackend):
         795 walked, not worth that). The split count only has to cover the longest context (a
         graph: any context up to max_model_len); at least 2."""
         group_p = 1 << (max(1, num_heads // num_kv_heads) - 1).bit_length()
-        cfg = dict(DETERMINISTIC_CFG, block_m=max(DETERMINISTIC_CFG["block_m"], group_p))
+        base = next(c for top, c in DETERMINISTIC_CFG_BY_QUERY if meta.max_query_len <= top) or DETERMINISTIC_CFG
+        assert base["block_n"] == DETERMINISTIC_CFG["block_n"], "the key tile fixes the order"
+        cfg = dict(base, block_m=max(base["block_m"], group_p))
         cfg = _fit_stages(cfg, head_dim, elem_bytes, device)
         block_q = cfg["block_m"] // group_p
         chunk = DETERMINISTIC_SPLIT_TILES * cfg["block_n"]

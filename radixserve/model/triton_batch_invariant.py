@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, plan_launch
 
@@ -98,6 +99,104 @@ def _matmul_kernel(
         tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _flat_tile(
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    tile, chunk_lo, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """One output tile (with SPLIT: one K chunk of it) of _matmul_kernel_flat."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * num_pid_n
+    first_m = (tile // per_group) * GROUP
+    size_m = tl.minimum(num_pid_m - first_m, GROUP)
+    pid_m = first_m + (tile % per_group) % size_m
+    pid_n = (tile % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    rm = tl.where(m_ok, offs_m, 0).to(tl.int64)
+    rn = tl.where(n_ok, offs_n, 0).to(tl.int64)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    n_chunks = tl.cdiv(k_steps, CHUNK_STEPS)
+    if SPLIT:
+        step_lo = chunk_lo * CHUNK_STEPS
+        step_hi = tl.minimum(step_lo + CHUNK_STEPS, k_steps)
+    else:
+        step_lo = 0
+        step_hi = k_steps
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in tl.range(step_lo, step_hi, num_stages=NUM_STAGES):
+        k0 = step * BLOCK_K
+        if TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0]).T
+        else:
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :], mask=k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None], mask=k_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        if (step % CHUNK_STEPS == CHUNK_STEPS - 1) or (step == step_hi - 1):
+            total += acc
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    if SPLIT:
+        part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_chunks - 1:
+            merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c in range(0, n_chunks):
+                merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                merged += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(counters_ptr + tile, 0)
+    else:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_kernel_flat(
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    GROUP: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    NUM_STAGES: tl.constexpr, PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """_matmul_kernel's additions in one pipelined loop over the K steps (the nested loop drains
+    the software pipeline at every chunk end): the chunk's accumulator starts from zero, takes
+    CHUNK_STEPS BLOCK_K-wide MMA steps and is added to the total after its last one; with TMA
+    the A and W tiles come through the tensor descriptors (rows past M / K read as zeros). With
+    PERSISTENT (never SPLIT) each program takes output tiles pid, pid + programs, ..."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            _flat_tile(a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am,
+                       stride_wn, stride_cm, tile, 0, BLOCK_M, BLOCK_N, BLOCK_K, CHUNK_STEPS, GROUP, False,
+                       HAS_BIAS, IEEE, TMA, NUM_STAGES)  # fmt: skip
+    else:
+        _flat_tile(a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am,
+                   stride_wn, stride_cm, tl.program_id(0), tl.program_id(1), BLOCK_M, BLOCK_N, BLOCK_K, CHUNK_STEPS,
+                   GROUP, SPLIT, HAS_BIAS, IEEE, TMA, NUM_STAGES)  # fmt: skip
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor needs a 16-byte aligned base and row stride (else the pointer loads run)."""
+    return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -158,13 +257,26 @@ class BatchInvariantMatmul:
         else:
             part = counters = c  # unused
         order, tiles = launch.order, launch.tiles
-        _matmul_kernel[launch.grid](
-            a, weight, bias if bias is not None else weight, c, part, counters, M, N, K,
-            a.stride(0), weight.stride(0), c.stride(0),
-            BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=order.block_k, CHUNK_STEPS=order.chunk_steps,
-            GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        )  # fmt: skip
+        step_k = tiles.step_k(order)
+        bias_arg = bias if bias is not None else weight
+        if tiles.kernel == "nested":
+            _matmul_kernel[launch.grid](
+                a, weight, bias_arg, c, part, counters, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
+                BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=step_k, CHUNK_STEPS=order.chunk // step_k,
+                GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )  # fmt: skip
+        else:
+            tma = tiles.kernel.endswith("_tma") and _tma_ok(a) and _tma_ok(weight)
+            a_desc = TensorDescriptor.from_tensor(a, [tiles.block_m, step_k]) if tma else a
+            w_desc = TensorDescriptor.from_tensor(weight, [tiles.block_n, step_k]) if tma else weight
+            _matmul_kernel_flat[launch.grid](
+                a, weight, a_desc, w_desc, bias_arg, c, part, counters, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
+                BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=step_k, CHUNK_STEPS=order.chunk // step_k,
+                GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
+                TMA=tma, NUM_STAGES=tiles.num_stages, PERSISTENT=tiles.kernel == "persistent_tma",
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )  # fmt: skip
         return c.view(*lead, N)
 
 

@@ -94,6 +94,54 @@ def _merge_step(run_m, run_l, run_acc, m_c, l_c, acc_c):
 
 
 @triton.jit
+def _attend_tile(
+    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """Deterministic mode: one key tile's online-softmax step on (max, sum, accumulator)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    kpos = t * BLOCK_N + offs_n
+    k_ok = kpos < kv_end
+    blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+    in_page = (kpos % PAGE).to(tl.int64)
+    if HEAD_DIM == HEAD_DIM_P:
+        kv_mask = k_ok[:, None]
+    else:
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(
+        k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale_log2e
+    visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(
+        v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
+        mask=kv_mask,
+        other=0.0,
+    )
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attend_chunk(
     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, kv_end, scale_log2e,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
@@ -106,44 +154,12 @@ def _attend_chunk(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
     for t in range(t_begin, t_end):
-        kpos = t * BLOCK_N + offs_n
-        k_ok = kpos < kv_end
-        blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        in_page = (kpos % PAGE).to(tl.int64)
-        if HEAD_DIM == HEAD_DIM_P:
-            kv_mask = k_ok[:, None]
-        else:
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2e
-        visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(
+            q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+            HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+        )  # fmt: skip
     return m_i, l_i, acc
 
 
@@ -256,6 +272,7 @@ def _paged_attention_kernel(
     IEEE: tl.constexpr,
     SPLIT_TILES: tl.constexpr = 0,
     CASCADE: tl.constexpr = False,
+    FLAT_WALK: tl.constexpr = False,
 ):
     """One program: one sequence, BLOCK_M // GROUP_P of its new tokens times the GROUP query
     heads sharing one KV head (so each K/V tile is loaded once for all of them), and one slice
@@ -324,6 +341,27 @@ def _paged_attention_kernel(
                 kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
                 HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
             )  # fmt: skip
+        elif FLAT_WALK:
+            # The same tiles and folds in one loop over the tiles (the nested walk drains the
+            # software pipeline at every chunk end): the chunk's state is folded into the
+            # running one after its last tile, then restarts from empty.
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_c = tl.zeros([BLOCK_M], tl.float32)
+            acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            for t in range(0, num_tiles):
+                m_c, l_c, acc_c = _attend_tile(
+                    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_c, l_c, acc_c,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+                    HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+                )  # fmt: skip
+                if (t % SPLIT_TILES == SPLIT_TILES - 1) or (t == num_tiles - 1):
+                    m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
+                    m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                    l_c = tl.zeros([BLOCK_M], tl.float32)
+                    acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -504,6 +542,7 @@ def paged_attention(
     prefetch: bool = False,
     split_tiles: int = 0,
     cascade: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    flat_walk: bool = False,
 ) -> None:
     """Launch the paged kernel over `num_seqs` sequences (all of them, or those in seq_ids),
     each with up to n_qblocks query blocks of block_m rows, its key range cut into num_splits.
@@ -515,7 +554,8 @@ def paged_attention(
     split_tiles) counted from position 0; with num_splits > 1 each program does one chunk and the
     merge folds the partials in chunk order (num_splits must then cover the longest context of
     the launch; extra splits are empty, exact no-ops); with num_splits == 1 each program walks
-    every chunk and folds them the same way (the same bits, no partials).
+    every chunk and folds them the same way (the same bits, no partials); flat_walk does that
+    walk in one loop over the tiles, folding at each chunk's last tile (same bits again).
     cascade (decode launches): (row_prefix [B], prefix partial acc, prefix partial (m, l),
     prefix splits) from cascade_prefix_attention: each sequence skips its first row_prefix keys
     and folds those partials in instead.
@@ -557,7 +597,8 @@ def paged_attention(
         dict(
             NUM_KV_HEADS=kvh, GROUP=group, GROUP_P=group_p, HEAD_DIM=D, HEAD_DIM_P=head_dim_p, PAGE=page,
             BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=split, FUSE_MERGE=fuse, PREFETCH=prefetch, USE_SEQ_IDS=seq_ids is not None,
-            IEEE=q.dtype == torch.float32, SPLIT_TILES=split_tiles, CASCADE=cascade is not None,
+            IEEE=q.dtype == torch.float32, SPLIT_TILES=split_tiles, FLAT_WALK=flat_walk,
+            CASCADE=cascade is not None,
         ),
         num_warps, num_stages,
     )  # fmt: skip

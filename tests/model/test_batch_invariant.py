@@ -173,8 +173,12 @@ def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
     bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
     x = torch.randn(40, k, generator=gen).to(device=device, dtype=dtype)
     mm = TB.BatchInvariantMatmul()
-    gpu_shapes = [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(32, 64, 4, 5), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 128, 8, 4)]
-    shapes = [MT.MatmulTiles(16, 32, 4, 2)] if INTERPRET else gpu_shapes
+    gpu_shapes = [MT.MatmulTiles(16, 64, 4, 4), MT.MatmulTiles(32, 64, 4, 5), MT.MatmulTiles(64, 128, 4, 3), MT.MatmulTiles(128, 128, 8, 4),
+                  MT.MatmulTiles(16, 128, 4, 4, "flat"), MT.MatmulTiles(64, 128, 4, 4, "flat_tma"),
+                  MT.MatmulTiles(128, 256, 8, 3, "flat_tma"), MT.MatmulTiles(128, 128, 8, 3, "persistent_tma")]  # fmt: skip
+    # The interpreter's dot (numpy) gives a row other bits in another tile shape: one shape there,
+    # in each kernel form (the loops' additions must agree).
+    shapes = [MT.MatmulTiles(16, 32, 4, 2, kernel) for kernel in MT.KERNELS] if INTERPRET else gpu_shapes
     reference = mm.linear(x, weight, bias, tiles=shapes[0], split=False)
     ref = F.linear(x.float(), weight.float(), bias.float())
     assert ((reference.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
@@ -195,17 +199,21 @@ def test_triton_attention_split_and_walked_key_chunks_give_the_same_bits(monkeyp
 
     device = "cpu" if INTERPRET else "cuda"
     dtype = torch.float32 if INTERPRET else torch.bfloat16
-    monkeypatch.setattr(TA, "DETERMINISTIC_SPLIT_TILES", 1)
+    monkeypatch.setattr(TA, "DETERMINISTIC_SPLIT_TILES", 2)  # 150 keys = 3 tiles of 64: chunks of 2 + 1
     block_size, length, heads, kv_heads, head_dim = 16, 150, 8, 2, 64
     k_cache, v_cache, table = _pool(length, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, device=device, dtype=dtype)
     q_all = torch.randn(length, heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
     outs = {}
-    for split in (False, True):
+    # split: one program per chunk, merged; walk: one program folds chunk after chunk; flat walk:
+    # the same folds in one loop over the tiles
+    for variant, split, extra in (("walk", False, {}), ("split", True, {}), ("flat walk", False, {"flat_walk": True})):
+        monkeypatch.setattr(TA, "DETERMINISTIC_CFG", dict(TA.DETERMINISTIC_CFG, **extra))
         backend = TA.TritonAttentionBackend()
         backend.set_deterministic(True, 4096)
         backend.deterministic_split = split
-        outs[split] = _run_scenarios(
+        outs[variant] = _run_scenarios(
             lambda q, kc, vc, meta: backend.attend(q, kc, vc, meta, 1.0 / 8), q_all, k_cache, v_cache, table, length, block_size, device
         )
-    for name in outs[False]:
-        assert torch.equal(outs[False][name], outs[True][name]), name
+    for variant in ("split", "flat walk"):
+        for name in outs["walk"]:
+            assert torch.equal(outs["walk"][name], outs[variant][name]), (variant, name)

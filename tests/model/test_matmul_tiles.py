@@ -68,3 +68,48 @@ def test_fit_stages_keeps_the_tile_and_drops_stages():
 def test_unknown_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="int8"):
         MT.tiles_for(1, "int8")
+
+
+def test_a_tiles_load_width_must_fit_the_k_order():
+    """load_k changes how wide each loop step loads, never which MMA steps or chunks a row gets:
+    a width that is not a multiple of BLOCK_K, or does not divide the chunk, is refused."""
+    order = MT.reduction_order("bfloat16")  # 64 x 16 = 1024-wide chunks
+    assert MT.MatmulTiles(128, 256, 8, 2, "flat_tma", 128).step_k(order) == 128
+    assert MT.MatmulTiles(128, 256, 8, 2).step_k(order) == order.block_k
+    for bad in (32, 96, 384):
+        with pytest.raises(ValueError, match="load_k"):
+            launch(4096, 4096, 4096, "bfloat16", tiles=MT.MatmulTiles(128, 256, 8, 2, "flat", bad))
+
+
+def test_kernel_choice_is_checked_and_keeps_the_k_schedule():
+    base = launch(4096, 4096, 14336, "bfloat16")
+    for kernel in MT.KERNELS:
+        plan = launch(4096, 4096, 14336, "bfloat16", tiles=MT.MatmulTiles(128, 256, 8, 3, kernel))
+        assert plan.k_schedule(14336) == base.k_schedule(14336) and plan.tiles.kernel == kernel
+    with pytest.raises(ValueError, match="unknown kernel"):
+        launch(1, 4096, 4096, "bfloat16", tiles=MT.MatmulTiles(16, 128, 4, 4, "cutlass"))
+
+
+def test_fit_stages_counts_the_tiles_own_load_width_and_keeps_its_kernel():
+    tiles = MT.MatmulTiles(128, 256, 8, 3, "flat_tma", 128)  # 96 KiB a stage
+    assert MT.fit_stages(tiles, 64, 2, 227 * 1024) == MT.MatmulTiles(128, 256, 8, 2, "flat_tma", 128)
+
+
+def test_a_persistent_launch_runs_one_program_per_sm_at_most_and_never_splits():
+    tiles = MT.MatmulTiles(128, 256, 8, 3, "persistent_tma")
+    prefill = launch(4096, 4096, 4096, "bfloat16", tiles=tiles)
+    assert prefill.grid == (132, 1) and not prefill.split  # 512 output tiles on 132 programs
+    small = launch(64, 4096, 14336, "bfloat16", tiles=tiles, split=True)
+    assert small.grid == (16, 1) and not small.split
+    assert small.k_schedule(14336) == launch(64, 4096, 14336, "bfloat16").k_schedule(14336)
+
+
+@given(m=st.integers(1, 70000), n=st.integers(1, 200000), k=st.integers(1, 40000))
+def test_the_split_rule_counts_the_tiles_the_launch_runs(m, n, k):
+    """Without an override the launch splits exactly as split_chunks says for the bucket's tiles;
+    with other tiles, by those tiles' own count (the sweep times candidates under the rule)."""
+    assert launch(m, n, k, "bfloat16").split == MT.split_chunks(m, n, k, "bfloat16", 132, 1 << 14)
+    wide = MT.MatmulTiles(64, 256, 8, 3)
+    out_tiles = -(-m // 64) * -(-n // 256)
+    expect = out_tiles < MT.SPLIT_FILL * 132 and MT.reduction_order("bfloat16").num_chunks(k) > 1
+    assert launch(m, n, k, "bfloat16", tiles=wide).split == expect

@@ -1,0 +1,329 @@
+"""Candidate kernels and tiles for deterministic mode's matmul and attention, on the device (issue #17):
+
+    PYTHONPATH=. python3 bench/bench_deterministic_sweep.py [--out DIR] [--smoke] [--skip matmul|attention]
+
+For each Llama-3-8B projection shape and each workload's M (1 = decode b1, 32 = decode b32,
+64 = the cached TTFT's 64 new tokens, 4096 = a cold prefill), every candidate (kernel "nested" /
+"flat" / "flat_tma", tile, warps, stages, load width, split K) is
+
+1. checked for bits: at M = 1, 17, 64, 100, 300 (and 4096 for tiles of 64+ rows) each row must be
+   exactly the row of the shipped prefill launch (nested 128x256, unsplit, M = 4096) - the
+   guarantee: whatever bucket serves a row, its bits are the same;
+2. timed against cuBLAS (F.linear), CUDA-graph timed (triton.testing.do_bench_cudagraph).
+
+Attention: deterministic-mode launch configs of the paged kernel (query tile rows, warps, stages,
+the flat walk; the key tile (64) and chunk (16 tiles) that fix the order stay), one Llama-3-8B
+layer (32 heads, 8 KV heads, 128 dims, block 16) in the four workloads: each candidate's output
+must equal the shipped config's bit for bit in every workload; timed against the default plan.
+
+Writes matmul_sweep.md (per shape and M: cuBLAS, the shipped choice, the best candidate with equal
+bits; per M the matmuls of one model step; the attention table) and matmul_sweep.json into --out
+(default $OUT).
+--smoke runs tiny fp32 shapes on CPU under TRITON_INTERPRET=1 (code paths only, no timing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import triton  # noqa: E402
+
+from radixserve.model import matmul_tiles as MT  # noqa: E402
+from radixserve.model.matmul_tiles import MatmulTiles as T  # noqa: E402
+from radixserve.model.triton_batch_invariant import BatchInvariantMatmul  # noqa: E402
+
+# Llama-3-8B: (name, N, K, per-step count); the LM head runs on one row per sequence, so it is
+# timed at the decode Ms only.
+SHAPES = [("qkv", 6144, 4096, 32), ("o", 4096, 4096, 32), ("gate_up", 28672, 4096, 32), ("down", 4096, 14336, 32),
+          ("lm_head", 128256, 4096, 1)]  # fmt: skip
+REFERENCE = (T(128, 256, 8, 3), False)  # the shipped prefill launch
+# M -> candidates (tiles, split K: None = the shipped rule, by output tiles per SM); the shipped
+# bucket's choice is timed as "shipped" besides.
+CANDIDATES: dict[int, list[tuple[T, bool | None]]] = {
+    1: [
+        (T(16, 128, 4, 4, "flat"), None),
+        (T(16, 128, 4, 4, "flat_tma"), None),
+        (T(16, 64, 4, 6, "flat_tma"), None),
+        (T(16, 256, 4, 3, "flat_tma"), None),
+        (T(16, 128, 4, 4, "flat_tma", 128), None),
+        (T(16, 128, 4, 3, "nested", 128), None),
+    ],
+    32: [
+        (T(32, 64, 4, 5, "flat"), None),
+        (T(32, 64, 4, 5, "flat_tma"), None),
+        (T(32, 128, 4, 4, "flat_tma"), None),
+        (T(32, 64, 4, 4, "flat_tma", 128), None),
+    ],
+    64: [
+        (T(64, 64, 4, 4, "flat"), None),
+        (T(64, 64, 4, 4, "flat_tma"), None),
+        (T(64, 64, 4, 6, "flat_tma"), None),
+        (T(64, 128, 4, 4, "flat_tma"), None),
+        (T(64, 256, 8, 3, "flat_tma"), None),
+        (T(64, 64, 4, 4, "flat_tma", 128), None),
+    ],
+    4096: [
+        (T(128, 256, 8, 3, "flat"), False),
+        (T(128, 256, 8, 3, "flat_tma"), False),
+        (T(128, 256, 8, 4, "flat_tma"), False),
+        (T(128, 128, 8, 4, "flat_tma"), False),
+        (T(256, 128, 8, 3, "flat_tma"), False),
+        (T(128, 256, 8, 3, "persistent_tma"), False),
+        (T(128, 256, 8, 4, "persistent_tma"), False),
+        (T(128, 128, 8, 4, "persistent_tma"), False),
+        (T(128, 256, 8, 2, "flat_tma", 128), False),
+        (T(128, 128, 8, 3, "flat_tma", 128), False),
+        (T(128, 256, 8, 2, "nested", 128), False),
+    ],
+}
+CHECK_ROWS = (1, 17, 64, 100, 300, 4096)
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+def label(tiles: T, split: bool | None) -> str:
+    lk = f"k{tiles.load_k}" if tiles.load_k else ""
+    how = {None: "+rule", True: "+split", False: ""}[split]
+    return f"{tiles.kernel} {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{lk}{how}"
+
+
+def time_us(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=6) * 1000
+
+
+# Deterministic attention launch configs (TA.DETERMINISTIC_CFG's keys); the first is the shipped one.
+ATTENTION_CANDIDATES = [
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=32, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=16, block_n=64, num_warps=4, num_stages=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, flat_walk=True),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True),
+    dict(block_m=128, block_n=64, num_warps=8, num_stages=3, flat_walk=True),
+    # another order (chunks of 8 / 4 key tiles): bits differ from the shipped build by design; timed
+    # to see what shorter chunks buy decode at short contexts (more programs per KV head)
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=8),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=4),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=2),
+]
+
+
+ATTENTION_WORKLOADS = {"prefill 4096": [(0, 4096)], "4032 cached + 64": [(4032, 64)], "decode b1 ctx 512": [(511, 1)],
+                       "decode b32 ctx 1024": [(1023, 1)] * 32}  # fmt: skip
+
+
+def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, workloads=None, candidates=None) -> str:
+    """Each candidate config against the shipped one: bits and time per workload."""
+    import radixserve.model.triton_attention as TA
+    from radixserve.model.attention import AttentionMetadata
+
+    block_size, heads, kvh, dim = 16, 32, 8, 128
+    workloads = workloads or ATTENTION_WORKLOADS
+    candidates = candidates or ATTENTION_CANDIDATES
+    shipped = dict(TA.DETERMINISTIC_CFG)
+    shipped_split = TA.DETERMINISTIC_SPLIT_TILES
+    table: dict = {}
+    torch.manual_seed(1)
+    for wname, seqs in workloads.items():
+        blocks_per = -(-max(c + n for c, n in seqs) // block_size)
+        pool = blocks_per * len(seqs) + 1
+        k_cache = torch.randn(pool, block_size, kvh, dim, device=device, dtype=dtype)
+        v_cache = torch.randn_like(k_cache)
+        tables = [list(range(i * blocks_per, (i + 1) * blocks_per)) for i in range(len(seqs))]
+        T_ = sum(n for _, n in seqs)
+        q = torch.randn(T_, heads, dim, device=device, dtype=dtype)
+        k = torch.randn(T_, kvh, dim, device=device, dtype=dtype)
+
+        def run(det: bool, cfg: dict | None):
+            cfg = dict(cfg or shipped)
+            TA.DETERMINISTIC_SPLIT_TILES = cfg.pop("split_tiles", shipped_split)
+            TA.DETERMINISTIC_CFG = cfg
+            backend = TA.TritonAttentionBackend()
+            backend.set_deterministic(det, 8192)
+            meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size, device=device)
+            fn = lambda: backend.attend(q, k_cache, v_cache, meta, dim**-0.5, k=k, v=k)  # noqa: E731
+            out = fn().clone()
+            return out, (time_us(fn) if timing else float("nan"))
+
+        try:
+            _, default_us = run(False, None)
+            ref, _ = run(True, shipped)
+            row = table.setdefault(wname, {"default": default_us})
+            for cfg in candidates:
+                key = "a " + ",".join(f"{k_}={v_}" for k_, v_ in cfg.items())
+                try:
+                    out, us = run(True, cfg)
+                except Exception as e:
+                    log(f"[attention] {wname} {key}: {type(e).__name__}: {str(e)[:200]}")
+                    results["errors"][key] = f"{type(e).__name__}: {str(e)[:200]}"
+                    continue
+                same = torch.equal(out, ref)
+                row[key] = us
+                if not same:
+                    results["bits"].setdefault(key, []).append(wname)
+                log(f"[attention] {wname} {key}: {us:.1f} us (default {default_us:.1f}){'' if same else ' BITS DIFFER'}")
+        finally:
+            TA.DETERMINISTIC_CFG, TA.DETERMINISTIC_SPLIT_TILES = shipped, shipped_split
+    results["attention_us"] = table
+    lines = ["", "Attention, one 8B layer, us (deterministic candidates; `!` = bits differ from the shipped config):", "",
+             "| config | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]  # fmt: skip
+    keys = ["default"] + ["a " + ",".join(f"{k_}={v_}" for k_, v_ in c.items()) for c in candidates]
+    for key in keys:
+        cells = []
+        for wname in workloads:
+            v = table.get(wname, {}).get(key)
+            flag = "!" if wname in results["bits"].get(key, []) else ""
+            cells.append(f"{v:.1f}{flag}" if v is not None else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sweep_shape(mm, results, name, n, k, device, dtype, timing: bool) -> None:
+    w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    x = torch.randn(max(CHECK_ROWS), k, device=device).to(dtype)
+    ref = mm.linear(x, w, tiles=REFERENCE[0], split=REFERENCE[1])
+    for m, cands in CANDIDATES.items():
+        if name == "lm_head" and m > 64:
+            continue
+        xm = x[:m].contiguous()
+        row = results["speed"].setdefault(f"{name} M={m}", {})
+        if timing:
+            row["cublas"] = time_us(lambda: F.linear(xm, w))
+            row["shipped"] = time_us(lambda: mm.linear(xm, w))
+        for tiles, split in cands:
+            key = label(tiles, split)
+            bad = []
+            try:
+                for rows in CHECK_ROWS:
+                    if rows == 4096 and tiles.block_m < 64:
+                        continue
+                    if not torch.equal(mm.linear(x[:rows], w, tiles=tiles, split=split), ref[:rows]):
+                        bad.append(rows)
+                if timing:
+                    row[key] = time_us(lambda t=tiles, sp=split: mm.linear(xm, w, tiles=t, split=sp))
+            except Exception as e:  # a candidate that does not compile or fit: say so, go on
+                log(f"[sweep] {name} M={m} {key}: {type(e).__name__}: {str(e)[:300]}")
+                results["errors"][key] = f"{type(e).__name__}: {str(e)[:300]}"
+                continue
+            results["bits"].setdefault(key, []).extend(f"{name} M={r}" for r in bad)
+            log(f"[sweep] {name} M={m} {key}: {row.get(key, float('nan')):.1f} us"
+                + (f" (cuBLAS {row['cublas']:.1f}, shipped {row['shipped']:.1f})" if timing else "")
+                + (f" BITS DIFFER at M={bad}" if bad else " bits ok"))  # fmt: skip
+    # the shipped rule itself (bucket + split) at every checked M
+    for rows in CHECK_ROWS:
+        if not torch.equal(mm.linear(x[:rows], w), ref[:rows]):
+            results["bits"].setdefault("shipped", []).append(f"{name} M={rows}")
+
+
+def summary(results) -> str:
+    """Markdown: per shape and M the best bitwise-equal candidate, then per M one model step."""
+    ok = lambda key: key not in results["errors"] and not results["bits"].get(key)  # noqa: E731
+    lines = ["| shape | M | cuBLAS us | shipped us (x cuBLAS) | best candidate with equal bits | us (x cuBLAS) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    best_per_m: dict[int, dict[str, str]] = {}
+    step: dict[int, dict[str, float]] = {}
+    for name, _, _, count in SHAPES:
+        for m in CANDIDATES:
+            row = results["speed"].get(f"{name} M={m}")
+            if not row or "cublas" not in row:
+                continue
+            cands = sorted((v, key) for key, v in row.items() if key not in ("cublas", "shipped") and ok(key))
+            best_v, best_key = cands[0] if cands else (row["shipped"], "shipped")
+            if row["shipped"] <= best_v:
+                best_v, best_key = row["shipped"], "shipped"
+            cub = row["cublas"]
+            lines.append(f"| {name} | {m} | {cub:.1f} | {row['shipped']:.1f} ({row['shipped'] / cub:.2f}x) | {best_key} | "
+                         f"{best_v:.1f} ({best_v / cub:.2f}x) |")  # fmt: skip
+            best_per_m.setdefault(m, {})[name] = best_key
+            s = step.setdefault(m, {"cublas": 0.0, "shipped": 0.0, "best": 0.0})
+            s["cublas"] += cub * count / 1000
+            s["shipped"] += row["shipped"] * count / 1000
+            s["best"] += best_v * count / 1000
+    lines += ["", "Matmuls of one model step (32 layers of qkv, o, gate_up, down; the LM head on one row per "
+              "sequence at M <= 64, left out at 4096):", "",
+              "| M | cuBLAS ms | shipped ms | best per shape ms |", "|---|---|---|---|"]  # fmt: skip
+    for m, s in step.items():
+        lines.append(f"| {m} | {s['cublas']:.2f} | {s['shipped']:.2f} ({s['shipped'] / s['cublas']:.2f}x) | "
+                     f"{s['best']:.2f} ({s['best'] / s['cublas']:.2f}x) |")  # fmt: skip
+    results["best"] = best_per_m
+    results["step_ms"] = step
+    bad = {k: v for k, v in results["bits"].items() if v}
+    lines += ["", f"Bits: {len(bad)} candidates differ from the shipped prefill launch: "
+              + ("; ".join(f"{k} at {v[:4]}" for k, v in bad.items()) or "none")
+              + f". Errors: {results['errors'] or 'none'}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU under TRITON_INTERPRET=1")
+    parser.add_argument("--skip", default="", help="comma-separated: matmul,attention")
+    args = parser.parse_args()
+    global SHAPES, CHECK_ROWS, CANDIDATES, REFERENCE
+    device, dtype, timing = "cuda", torch.bfloat16, True
+    if args.smoke:  # code paths only: the interpreter's dot is numpy's, so load widths differ there
+        device, dtype, timing = "cpu", torch.float32, False
+        SHAPES, CHECK_ROWS = [("tiny", 96, 200, 1)], (1, 17, 40)
+        MT.REDUCTION["float32"] = MT.ReductionOrder(16, 4)
+        REFERENCE = (T(32, 32, 4, 2), False)
+        CANDIDATES = {1: [(T(16, 32, 4, 2, "flat"), True), (T(16, 32, 4, 2, "flat_tma"), True)],
+                      40: [(T(32, 64, 4, 2, "flat_tma"), False), (T(32, 32, 4, 2, "flat_tma", 32), False)]}  # fmt: skip
+    torch.manual_seed(0)
+    mm = BatchInvariantMatmul()
+    results: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
+                     "triton": triton.__version__, "bits": {}, "speed": {}, "errors": {}}  # fmt: skip
+    t0 = time.perf_counter()
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    for name, n, k, _ in ([] if "matmul" in skip else SHAPES):
+        try:
+            sweep_shape(mm, results, name, n, k, device, dtype, timing)
+        except Exception:
+            traceback.print_exc()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        if out:  # what a timeout would cut short stays
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "matmul_sweep.json").write_text(json.dumps(results, indent=1))
+    if timing and out and "matmul" not in skip:  # the matmul table stands even if the attention part is cut short
+        (out / "matmul_sweep.md").write_text(summary(results) + "\n")
+    attention_text = ""
+    if "attention" not in skip:
+        try:
+            attention_text = attention_sweep(results) if timing else attention_sweep(
+                results, "cpu", torch.float32, False, {"prefill 40": [(0, 40)], "20 cached + 5": [(20, 5)], "decode b2": [(30, 1)] * 2},
+                [dict(block_m=16, block_n=16, num_warps=4, num_stages=1), dict(block_m=32, block_n=16, num_warps=4, num_stages=1, split_tiles=2)])
+        except Exception:
+            traceback.print_exc()
+    text = (summary(results) + "\n" + attention_text) if timing else f"bits: {results['bits']}, errors: {results['errors']}\n{attention_text}"
+    results["seconds"] = time.perf_counter() - t0
+    log(text)
+    log(f"[sweep] {results['seconds']:.0f} s")
+    if out:
+        (out / "matmul_sweep.json").write_text(json.dumps(results, indent=1))
+        (out / "matmul_sweep.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
