@@ -48,6 +48,7 @@ log = logging.getLogger("radixserve.cluster")
 
 REPLICA_HEADER = "x-radixserve-replica"
 INLINE_HINT_BYTES = 2048  # bodies this small get their routing hint on the event loop
+METRICS_ATTEMPTS = 16  # targeted /metrics calls per replica under Ray's routers (pow2 misses 16 times in ~1e-5)
 ROUTERS = {
     "cache-aware": "radixserve.cluster.router:CacheAwareRouter",
     "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
@@ -315,9 +316,15 @@ class IngressCore:
         stats = await self.state_actor.stats.remote()
         parts = []
         for replica_id in sorted(stats["replicas"]):
-            target = RoutedRequest(routed.method, routed.path, routed.query_string, routed.headers, b"",
-                                   prompt=routed.path, target_replica=replica_id)
-            response = await self._call(self.engine, target)
+            # Our router sends a targeted call to its replica; Ray's routers cannot be told, and
+            # the wrong replica answers 404: ask again (pow2 picks at random, prefix-affinity by
+            # the prompt text, hence a new one each time) before taking the replica for gone.
+            for attempt in range(METRICS_ATTEMPTS):
+                target = RoutedRequest(routed.method, routed.path, routed.query_string, routed.headers, b"",
+                                       prompt=f"{routed.path}#{replica_id}#{attempt}", target_replica=replica_id)
+                response = await self._call(self.engine, target)
+                if response.status_code != 404:
+                    break
             if response.status_code == 404:
                 continue  # stopped since it last published
             if response.status_code != 200:
