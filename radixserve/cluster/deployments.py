@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -321,11 +322,12 @@ class IngressCore:
         parts = []
         for replica_id in sorted(stats["replicas"]):
             # Our router sends a targeted call to its replica; Ray's routers cannot be told, and
-            # the wrong replica answers 404: ask again (pow2 picks at random, prefix-affinity by
-            # the prompt text, hence a new one each time) before taking the replica for gone.
-            for attempt in range(METRICS_ATTEMPTS):
+            # the wrong replica answers 404: ask again (pow2 picks at random; prefix-affinity by
+            # the prompt text's longest match, hence a fresh text that matches nothing: it then
+            # picks like pow2) before taking the replica for gone.
+            for _ in range(METRICS_ATTEMPTS):
                 target = RoutedRequest(routed.method, routed.path, routed.query_string, routed.headers, b"",
-                                       prompt=f"{routed.path}#{replica_id}#{attempt}", target_replica=replica_id)
+                                       prompt=f"{os.urandom(8).hex()}{routed.path}", target_replica=replica_id)
                 response = await self._call(self.engine, target)
                 if response.status_code != 404:
                     break

@@ -55,16 +55,18 @@ def test_openai_client_through_the_in_process_ingress():
         ray.shutdown()
 
 
-def test_metrics_reach_every_replica_under_rays_router():
-    """/metrics fans out to each replica by id; Ray's pow2 router cannot be told which, so the
-    wrong replica answers first about half the time: every page must still carry both replicas."""
+@pytest.mark.parametrize("router", ["pow2", "prefix-affinity"])
+def test_metrics_reach_every_replica_under_rays_router(router):
+    """/metrics fans out to each replica by id; Ray's routers cannot be told which, so the wrong
+    replica answers first (pow2: half the time; prefix-affinity: always, were the text the same):
+    every page must still carry both replicas."""
     ray.init(num_cpus=2, namespace="radixserve-test-metrics-pow2", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(proxy_location="Disabled")
         config = ServerConfig()
         engine = serve.run(build_engine_app(
             EngineConfig(model=ModelConfig(source="dummy:tiny", show_progress=False), cache=CacheConfig(num_blocks=64)),
-            config, num_replicas=2, router="pow2", replica_resources={"num_cpus": 0.5}),
+            config, num_replicas=2, router=router, replica_resources={"num_cpus": 0.5}),
             name="radixserve", route_prefix=None)
         state = ray.get_actor(STATE_ACTOR_NAME)
         deadline = time.monotonic() + 60
