@@ -1,18 +1,26 @@
-"""Routers side by side on a local Ray Serve: the same requests against each, one run.
+"""Routers side by side, each deployed as users run it: `radixserve serve --replicas`, same requests.
 
-    .venv/bin/python bench/bench_routing.py [--requests 160] [--system-prompts 8] [--serve-opt kv_store=redis://...]
+    .venv/bin/python bench/bench_routing.py [--requests 160] [--system-prompts 8] [--prompts-per-pool 4 5]
+        [--with-store-runs] [--serve-opt NAME=VALUE]
 
-Configurations (each a fresh `radixserve serve --replicas` application, same engine options):
-  one replica (all traffic; it gets both replicas' KV pool, so the comparison is equal memory),
-  2 replicas with Ray's default power-of-two router, Ray Serve LLM's PrefixCacheAffinityRouter,
-  and ours (KV-event prefix index). `--serve-opt NAME=VALUE` passes any `radixserve serve`
-  option to every replica (e.g. kv_store=redis://127.0.0.1:6379 for "ours + Redis tier" once
-  the tier is wired in; `--with-store-runs` then repeats pow2 and ours with it).
+Every configuration is a fresh `radixserve serve --replicas N --router R` in its own process (its
+own local Ray, the engine replicas, and that process's own HTTP ingress: one Ray hop per request,
+docs/scaling.md), with the same engine options; this process only sends the requests:
+  single           one replica taking all traffic, with both replicas' KV pools and all the CPUs
+                   (equal memory and compute: the ceiling, every prompt's first request misses)
+  pow2             2 replicas, Ray Serve's default power-of-two-choices router
+  prefix-affinity  2 replicas, Ray Serve LLM's PrefixCacheAffinityRouter (guesses from prompt text)
+  cache-aware      2 replicas, ours (KV-event prefix index)
 Workload: `system-prompt` with N system prompts x M questions, arriving mixed (round robin),
-closed loop with --concurrency clients; each replica's KV pool is sized so that it holds about
-half of the system prompts (what makes routing matter: a replica that sees every prompt thrashes).
-Also measures what routing adds per request: p50 latency of a 1-token request through the routed
-endpoint (one replica) vs the same engine behind the plain single-process server.
+closed loop with --concurrency clients. A replica's KV pool holds exactly half the system prompts
+(--prompts-per-pool, default N/2; what makes routing matter: a replica that sees every prompt
+thrashes) plus room for the requests in flight. Further --prompts-per-pool sizes repeat pow2 and
+ours there, so the default reads as one point of the curve (bench_routing_sim.py sweeps it).
+--with-store-runs repeats pow2 and ours with a shared Redis tier (--kv-store): this bench starts
+its own redis-server on a free loopback port (emptied before each run) unless --serve-opt names
+a kv_store. Blocks loaded from it count as cached (they are in usage.cached_tokens; the column
+"from store" is the storage tier's share, from the replicas' radixserve_tier_hit_tokens).
+What routing adds per request is bench_routing_overhead.py's (section routing-overhead).
 Writes the section `routing-cpu` of docs/benchmarks.md.
 """
 
@@ -21,10 +29,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
-import statistics
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,66 +42,61 @@ from bench.report import markdown_table, update_section  # noqa: E402
 from radixserve.benchmark.loadgen import LoadConfig, run_load_sync  # noqa: E402
 from radixserve.benchmark.results import summarize  # noqa: E402
 from radixserve.benchmark.workloads import SystemPromptWorkload  # noqa: E402
+from tests.live_server import wait_until_healthy  # noqa: E402
+from tests.redis_server import RedisServer, find_redis_server, free_port  # noqa: E402
+
+BLOCK_SIZE = 16
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def replica_requests(base: str) -> dict[str, float]:
-    """Finished requests per replica, from the routed /metrics."""
+def replica_counters(base: str) -> dict[str, float]:
+    """From the routed /metrics: finished requests per replica, the router's decisions, and the
+    prompt tokens the replicas loaded from the storage tier."""
     text = httpx.get(f"{base}/metrics", timeout=60).text
-    counts = {}
+    out: dict[str, float] = {}
     for m in re.finditer(r'^radixserve_e2e_request_latency_seconds_count\{[^}]*replica="([^"]+)"[^}]*\} (\S+)$', text, re.M):
-        counts[m.group(1)] = counts.get(m.group(1), 0.0) + float(m.group(2))
-    decisions = dict(re.findall(r'^radixserve_router_decisions_total\{decision="(\w+)"\} (\S+)$', text, re.M))
-    return {**counts, **{f"decisions_{k}": float(v) for k, v in decisions.items()}}
+        out[f"replica {m.group(1)}"] = out.get(f"replica {m.group(1)}", 0.0) + float(m.group(2))
+    for decision, value in re.findall(r'^radixserve_router_decisions_total\{decision="(\w+)"\} (\S+)$', text, re.M):
+        out[f"decisions {decision}"] = float(value)
+    out["storage tokens"] = sum(float(v) for v in re.findall(
+        r'^radixserve_tier_hit_tokens_total\{[^}]*tier="storage"[^}]*\} (\S+)$', text, re.M))
+    return out
 
 
-def deploy(options: dict, port: int) -> str:
-    import ray
-    from ray import serve
+class RoutedServer:
+    """`radixserve serve --replicas ...` in its own process, as a user starts it."""
 
-    from radixserve.cluster.launch import app_from_options
+    def __init__(self, options: dict[str, object]) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "radixserve", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        for name, value in options.items():
+            argv += ["--" + name.replace("_", "-"), str(value)]
+        # A shared box: Ray's memory monitor kills workers at 95% of *node* memory, which other
+        # processes can cause; a killed replica restarts with a cold cache. Only past 99% here.
+        env = {**os.environ, "RAY_memory_usage_threshold": "0.99"}
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
-    serve.run(app_from_options(options), name="radixserve", route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    httpx.get(f"{base}/v1/models", timeout=120).raise_for_status()
-    # the previous application's replicas leave the shared index once they stop publishing
-    state = ray.get_actor("radixserve-cluster-state")
-    deadline = time.monotonic() + 60
-    while len(ray.get(state.live_replicas.remote())) != options["replicas"] and time.monotonic() < deadline:
-        time.sleep(1)
-    return base
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
 
+    def __enter__(self) -> RoutedServer:
+        try:
+            wait_until_healthy(self.base, self.proc, self.log_text, timeout=600)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
 
-def sequential_latency(base: str, n: int) -> list[float]:
-    times = []
-    with httpx.Client(timeout=120) as client:
-        for i in range(n + 2):
-            started = time.perf_counter()
-            r = client.post(f"{base}/v1/completions", json={"model": "embedded", "prompt": f"Hi {i}", "max_tokens": 1})
-            r.raise_for_status()
-            if i >= 2:  # the first two warm up
-                times.append(time.perf_counter() - started)
-    return times
-
-
-def direct_latency(engine_options: dict, n: int) -> list[float]:
-    """The same 1-token requests against the plain single-process server (no Ray on the path)."""
-    from radixserve.cli import build_parser
-    from radixserve.commands.common import engine_config_from_args
-    from radixserve.server import ServerConfig, create_app
-    from tests.live_server import serve_app
-
-    argv = ["serve"] + [a for k, v in engine_options.items() if k != "min_cacheable_tokens"
-                        for a in ("--" + k.replace("_", "-"), str(v))]
-    config = engine_config_from_args(build_parser().parse_args(argv))
-    config.model.show_progress = False
-    with serve_app(create_app(config, ServerConfig())) as base:
-        return sequential_latency(base, n)
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()  # uvicorn stops, then serve.shutdown() and ray.shutdown()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def main() -> int:
@@ -104,92 +106,101 @@ def main() -> int:
     p.add_argument("--system-tokens", type=int, default=384)
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--blocks-per-replica", type=int, default=0,
-                   help="KV pool of a replica (default: room for about half the system prompts)")
+    p.add_argument("--prompts-per-pool", type=int, nargs="+", default=None,
+                   help="system prompts one replica's KV pool holds (default: half of them, then one more); "
+                        "the first size runs every router, the others pow2 and cache-aware")
     p.add_argument("--routers", nargs="+", default=["single", "pow2", "prefix-affinity", "cache-aware"])
-    p.add_argument("--serve-opt", action="append", default=[], metavar="NAME=VALUE")
-    p.add_argument("--with-store-runs", action="store_true", help="repeat pow2 and cache-aware with --serve-opt's store")
-    p.add_argument("--latency-requests", type=int, default=40)
-    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray (GPUs are detected)")
+    p.add_argument("--serve-opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="a `radixserve serve` option for every replica, e.g. kv_store_write=through")
+    p.add_argument("--with-store-runs", action="store_true",
+                   help="repeat pow2 and cache-aware with a shared Redis tier (started here unless --serve-opt kv_store=...)")
+    p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of each local Ray, split between its replicas")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
 
-    import ray
-    from ray import serve
-
-    block_size = 16
-    prompt_blocks = args.system_tokens // block_size + 3
-    blocks = args.blocks_per_replica or prompt_blocks * (args.system_prompts // 2 + 1) + 4 * args.concurrency
+    half = args.system_prompts // 2
+    pool_sizes = args.prompts_per_pool or [half, half + 1]
+    # a prompt: the system prompt, the question and the chat template (3 blocks), never shared past the system prompt
+    prompt_blocks = args.system_tokens // BLOCK_SIZE + 3
+    blocks_for = {fit: prompt_blocks * fit + 4 * args.concurrency for fit in pool_sizes}
     extra = dict(item.split("=", 1) for item in args.serve_opt)
+    store_url = extra.pop("kv_store", None)
+    redis = None
+    if args.with_store_runs and store_url is None:
+        executable = find_redis_server()
+        if executable is None:
+            sys.exit("--with-store-runs: no redis-server (scripts/setup-venv.sh installs it), and no --serve-opt kv_store=")
+        redis = RedisServer(executable)
+        redis.start("--maxmemory", "2gb", "--maxmemory-policy", "allkeys-lru")
+        store_url = redis.url
+    if args.with_store_runs:  # written as computed: the other replica can load a prefix at once
+        extra.setdefault("kv_store_write", "through")
+
     workload = SystemPromptWorkload(num_requests=args.requests, num_system_prompts=args.system_prompts,
                                     system_tokens=args.system_tokens, output_tokens=args.output_tokens)
     requests = workload.build()
-    port = free_port()
-    # The box is shared: Ray's memory monitor kills workers at 95% of *node* memory, which other
-    # processes can cause; a killed ingress fails every request of a run. Only past 99% here.
-    os.environ.setdefault("RAY_memory_usage_threshold", "0.99")
-    ray.init(num_cpus=args.ray_cpus, namespace="radixserve-bench", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    runs = [(name, {}) for name in args.routers]
+    runs = [(name, pool_sizes[0], False) for name in args.routers]
     if args.with_store_runs:
-        runs += [(name, {"store": True}) for name in ("pow2", "cache-aware")]
-    rows, results = [], {}
-    for name, flags in runs:
-        options = {"model": "embedded", "replica_cpus": 0.5, "min_cacheable_tokens": 16, **extra}
-        if name == "single":
-            options.update(replicas=1, router="cache-aware", num_blocks=2 * blocks)
-        else:
-            options.update(replicas=2, router=name, num_blocks=blocks)
-        if not flags.get("store"):
-            options.pop("kv_store", None)
-        label = name + (" + store" if flags.get("store") else "")
-        print(f"== {label}: deploying", flush=True)
-        base = deploy(options, port)
-        before = replica_requests(base)
-        config = LoadConfig(base_url=base, model="embedded", concurrency=args.concurrency, progress=False)
-        run = run_load_sync(requests, config, label=label)
-        s = summarize(run)
-        after = replica_requests(base)
-        per_replica = sorted(int(after[k] - before.get(k, 0)) for k in after if not k.startswith("decisions_"))
-        decisions = {k.removeprefix("decisions_"): int(after[k] - before.get(k, 0)) for k in after
-                     if k.startswith("decisions_")}
-        results[label] = s
-        rows.append([label, f"{100 * (s.hit_rate or 0):.1f}%", f"{s.ttft_p50 * 1000:.0f}", f"{s.ttft_p99 * 1000:.0f}",
-                     f"{s.request_throughput:.2f}", " / ".join(map(str, per_replica)),
-                     f"{decisions.get('prefix', 0)} / {decisions.get('balance', 0)}" if name == "cache-aware" else "",
-                     s.num_failed])
-        print(rows[-1], flush=True)
-        for failed in [r for r in run.results if not r.ok][:3]:
-            print(f"  failed #{failed.index}: {failed.error}", flush=True)
-    # routing overhead: one replica through the routed endpoint vs the plain server, same engine
-    # the replica gets every core, like the plain server (Ray sets a worker's torch threads to its CPUs)
-    options = {"model": "embedded", **extra, "replica_cpus": args.ray_cpus, "replicas": 1, "router": "cache-aware",
-               "num_blocks": blocks}
-    base = deploy(options, port)
-    routed = sequential_latency(base, args.latency_requests)
-    text = httpx.get(f"{base}/metrics", timeout=60).text
-    routing_s = float(re.search(r"^radixserve_router_seconds_total (\S+)$", text, re.M).group(1))
-    decided = sum(float(v) for v in re.findall(r'^radixserve_router_decisions_total\{[^}]*\} (\S+)$', text, re.M))
-    serve.shutdown()
-    ray.shutdown()
-    cluster_only = {"replicas", "router", "router_balance", "replica_cpus", "replica_gpus", "ray_address", "ray_num_cpus"}
-    engine_options = {k: v for k, v in {**options, **extra}.items() if k not in cluster_only}
-    direct = direct_latency(engine_options, args.latency_requests)
-    p50_routed, p50_direct = statistics.median(routed), statistics.median(direct)
+        runs += [(name, pool_sizes[0], True) for name in ("pow2", "cache-aware")]
+    runs += [(name, fit, False) for fit in pool_sizes[1:] for name in ("pow2", "cache-aware")]
+    rows = []
+    try:
+        for name, fit, store in runs:
+            blocks = blocks_for[fit]
+            options: dict[str, object] = {"model": "embedded", "min_cacheable_tokens": BLOCK_SIZE,
+                                          "ray_num_cpus": args.ray_cpus, **extra}
+            if name == "single":
+                options.update(replicas=1, router="cache-aware", num_blocks=2 * blocks, replica_cpus=args.ray_cpus)
+            else:
+                options.update(replicas=2, router=name, num_blocks=blocks, replica_cpus=args.ray_cpus / 2)
+            if store:
+                options["kv_store"] = store_url
+                if redis is not None:
+                    redis.client().flushall()  # each store run starts from an empty tier
+            else:
+                options.pop("kv_store_write", None)
+            label = name + (" + Redis tier" if store else "")
+            print(f"== {label}, pools of {fit} prompts ({blocks} blocks): starting", flush=True)
+            with RoutedServer(options) as server:
+                before = replica_counters(server.base)
+                config = LoadConfig(base_url=server.base, model="embedded", concurrency=args.concurrency, progress=False)
+                run = run_load_sync(requests, config, label=label)
+                after = replica_counters(server.base)
+            s = summarize(run)
+            delta = {k: after[k] - before.get(k, 0.0) for k in after}
+            per_replica = sorted(int(v) for k, v in delta.items() if k.startswith("replica "))
+            from_store = delta["storage tokens"] / s.prompt_tokens if s.prompt_tokens else 0.0
+            rows.append([label, f"{fit} ({blocks})", f"{100 * (s.hit_rate or 0):.1f}%",
+                         f"{100 * from_store:.1f}%" if store else "", f"{s.ttft_p50 * 1000:.0f}",
+                         f"{s.ttft_p99 * 1000:.0f}", f"{s.request_throughput:.2f}", " / ".join(map(str, per_replica)),
+                         f"{int(delta.get('decisions prefix', 0))} / {int(delta.get('decisions balance', 0))}"
+                         if name == "cache-aware" else "", s.num_failed])
+            print(rows[-1], flush=True)
+            for failed in [r for r in run.results if not r.ok][:3]:
+                print(f"  failed #{failed.index}: {failed.error}", flush=True)
+    finally:
+        if redis is not None:
+            redis.close()
+
+    store_note = ""
+    if args.with_store_runs:
+        store_note = (f" `+ Redis tier`: the same with `--kv-store` on one shared redis-server (emptied before each "
+                      f"run), `--kv-store-write {extra.get('kv_store_write')}`; blocks a replica loads from it count "
+                      "as cached (\"from store\": their share of all prompt tokens).")
     body = "\n".join([
         f"Workload: {workload.summary()}, arriving mixed (round robin over the prompts), {args.concurrency} "
-        f"concurrent clients. Two replicas of the embedded model, {blocks} KV blocks each (about half the system "
-        f"prompts fit); `single` is one replica with {2 * blocks} blocks taking all traffic (equal total memory). "
-        "All on one local Ray (2 CPUs for everything, replicas 0.5 CPU each), same requests in one run.",
+        f"concurrent clients. Each configuration is `radixserve serve --replicas N --router R` in its own process "
+        f"(its own local Ray with {args.ray_cpus} CPUs, the replicas splitting them; its own HTTP ingress), "
+        f"the same requests in one run. A replica's KV pool holds exactly {pool_sizes[0]} of the "
+        f"{args.system_prompts} system prompts (half) plus {4 * args.concurrency} blocks for requests in flight; "
+        f"`single` is one replica with both pools and all {args.ray_cpus} CPUs taking all traffic (equal memory "
+        "and compute: the ceiling)."
+        + (f" The rows at {', '.join(map(str, pool_sizes[1:]))} prompts per pool repeat pow2 and ours with roomier "
+           "pools (the ratio depends on the pool size: section routing-sim)." if pool_sizes[1:] else "")
+        + store_note,
         "",
-        markdown_table(["router", "hit rate", "TTFT p50 ms", "TTFT p99 ms", "req/s", "requests per replica",
-                        "decisions prefix / balance", "failed"], rows),
-        "",
-        f"Routing overhead, {args.latency_requests} sequential 1-token completions: p50 {p50_routed * 1000:.1f} ms "
-        f"through the routed endpoint (HTTP proxy, ingress, router, handle to the replica) vs "
-        f"{p50_direct * 1000:.1f} ms against the plain server: +{(p50_routed - p50_direct) * 1000:.1f} ms. "
-        f"Of that, choosing the replica (the router's own code) took {1e6 * routing_s / max(decided, 1):.0f} us "
-        f"per request on average.",
+        markdown_table(["router", "prompts per pool (blocks)", "hit rate", "from store", "TTFT p50 ms", "TTFT p99 ms",
+                        "req/s", "requests per replica", "decisions prefix / balance", "failed"], rows),
     ])
     print(body)
     if not args.no_docs:

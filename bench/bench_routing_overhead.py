@@ -1,6 +1,6 @@
 """Where the routed endpoint's extra latency goes: the same sequential requests hop by hop.
 
-    .venv/bin/python bench/bench_routing_overhead.py [--requests 60] [--ray-cpus 2]
+    .venv/bin/python bench/bench_routing_overhead.py [--requests 60] [--ray-cpus 2] [--repeat 3]
 
 One local Ray; each configuration is deployed alone (the others are torn down) and gets the same
 sequential requests from one HTTP client (p50 over --requests, after 3 warm-ups):
@@ -17,7 +17,8 @@ sequential requests from one HTTP client (p50 over --requests, after 3 warm-ups)
                      own process: Ray, the engine deployment, and that process's own HTTP
                      ingress (http_ingress_app: no Serve proxy, no ingress actor)
   direct ...         the same two request kinds against the plain single-process server (no Ray)
-The two request kinds alternate in --rounds rounds. The 1-token rows include the model's forward
+The two request kinds alternate in --rounds rounds; `serve --replicas 1` and direct alternate
+--repeat times (each a fresh process), and each round's difference is reported. The 1-token rows include the model's forward
 pass, whose time on a shared 2-core box varies more than the hops measured; the no-engine rows
 show the path alone.
 Writes the section `routing-overhead` of docs/benchmarks.md.
@@ -140,9 +141,10 @@ def routed_model(options: dict):
     return app_from_options(options)
 
 
-def served_model(n: int, rounds: int, extra_args: list[str]) -> dict[str, list[float]]:
+def served_model(n: int, rounds: int, extra_args: list[str], env: dict[str, str] | None = None) -> dict[str, list[float]]:
     """`radixserve serve` in its own process, as users run it (in-process it would share the
-    client's GIL); extra_args e.g. --replicas 1 (then its own Ray, and its HTTP ingress in it)."""
+    client's GIL); extra_args e.g. --replicas 1 (then its own Ray, and its HTTP ingress in it);
+    env: extra environment variables of that process (and of the Ray it starts)."""
     import subprocess
     import tempfile
 
@@ -151,7 +153,8 @@ def served_model(n: int, rounds: int, extra_args: list[str]) -> dict[str, list[f
     port = free_port()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", "--model", "embedded", "--host",
-                                 "127.0.0.1", "--port", str(port), *extra_args], stdout=log, stderr=subprocess.STDOUT)
+                                 "127.0.0.1", "--port", str(port), *extra_args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
         try:
             base = f"http://127.0.0.1:{port}"
             wait_until_healthy(base, proc, lambda: (log.seek(0), log.read())[1])
@@ -204,6 +207,7 @@ def main() -> int:
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the two request kinds")
     p.add_argument("--only", nargs="+", default=["hint", "serve-echo", "ingress-echo", "routed", "serve-replicas", "direct"])
+    p.add_argument("--repeat", type=int, default=1, help="alternating rounds of serve --replicas 1 and direct")
     p.add_argument("--serve-arg", action="append", default=[], help="passed to both servers (e.g. --device=cuda)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
@@ -236,15 +240,21 @@ def main() -> int:
         serve.delete(name)
     serve.shutdown()
     ray.shutdown()
-    if "serve-replicas" in args.only:
-        print("== serve-replicas", flush=True)
-        replicas = ["--replicas", "1", "--replica-cpus", str(args.ray_cpus), "--ray-num-cpus", str(args.ray_cpus)]
-        for kind, times in served_model(args.requests, args.rounds, replicas + args.serve_arg).items():
-            results[f"serve --replicas 1 {kind}"] = times
-    if "direct" in args.only:
-        print("== direct", flush=True)
-        for kind, times in served_model(args.requests, args.rounds, args.serve_arg).items():
-            results[f"direct {kind}"] = times
+    # `serve --replicas 1` and the plain server alternate, --repeat times: on a shared box a
+    # slow minute then hits both alike, and the spread of the rounds shows the noise
+    added_per_round: list[float] = []
+    for round_index in range(args.repeat):
+        medians = {}
+        for name, extra in (("serve --replicas 1", ["--replicas", "1", "--replica-cpus", str(args.ray_cpus),
+                                                    "--ray-num-cpus", str(args.ray_cpus)]), ("direct", [])):
+            if ("serve-replicas" if extra else "direct") not in args.only:
+                continue
+            print(f"== {name}, round {round_index + 1}", flush=True)
+            for kind, times in served_model(args.requests, args.rounds, extra + args.serve_arg).items():
+                results.setdefault(f"{name} {kind}", []).extend(times)
+                medians[f"{name} {kind}"] = statistics.median(times)
+        if "serve --replicas 1 no-engine" in medians and "direct no-engine" in medians:
+            added_per_round.append(medians["serve --replicas 1 no-engine"] - medians["direct no-engine"])
 
     hint_rows = hint_costs() if "hint" in args.only else []
     rows = [[name, f"{1000 * statistics.median(t):.1f}", f"{1000 * statistics.quantiles(t, n=10)[-1]:.1f}"]
@@ -255,6 +265,10 @@ def main() -> int:
             if f"{path} {kind}" in results and f"direct {kind}" in results:
                 added = statistics.median(results[f"{path} {kind}"]) - statistics.median(results[f"direct {kind}"])
                 body_md += f"\n\nRouting adds {1000 * added:+.1f} ms p50 per {kind} request ({path} - direct)."
+    if len(added_per_round) > 1:
+        body_md += (f"\n\nPer round ({len(added_per_round)} alternating rounds of `serve --replicas 1` and direct, "
+                    "p50 of each): routing adds " + ", ".join(f"{1000 * a:+.1f}" for a in added_per_round)
+                    + f" ms per no-engine request; median of the rounds {1000 * statistics.median(added_per_round):+.1f} ms.")
     if hint_rows:
         body_md += ("\n\nThe ingress's routing hint for a chat request (render, tokenize, key: on the request's "
                     "path), median ms, new question after the same system prompt:\n\n"

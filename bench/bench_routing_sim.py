@@ -4,7 +4,7 @@ recorders, prefix index and score, no model and no Ray.
     .venv/bin/python bench/bench_routing_sim.py [--requests 160] [--system-prompts 8] [--replicas 2]
         [--prompts-per-pool 2 3 4 5 6 8]   # a sweep of pool sizes
 
-Each replica is a RadixTree over its own block pool (sized as in bench_routing.py: about half the
+Each replica is a RadixTree over its own block pool (sized as in bench_routing.py: exactly half the
 system prompts fit); a request is routed, then on its replica matched (cached tokens counted,
 capped as KVCacheManager does), its missing blocks allocated (LRU eviction), inserted and
 released; events reach the index at once (no lag: routing quality, not event latency).
@@ -107,7 +107,7 @@ def main() -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--prompts-per-pool", type=int, nargs="*", default=[],
                    help="sweep: pool sizes, in system prompts one replica's pool holds "
-                        "(default: system_prompts / replicas + 1, about half)")
+                        "(default: system_prompts / replicas, exactly half with 2, as bench_routing.py)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     tokenizer = Tokenizer.from_gguf(find_embedded_gguf())
@@ -116,7 +116,7 @@ def main() -> int:
     prompts = [build_prompt(tokenizer, [ChatTurn(m["role"], [m["content"]]) for m in r.messages]).token_ids
                for r in workload.build()]
     prompt_blocks = max(len(t) for t in prompts) // BLOCK_SIZE + 1
-    default_fit = args.system_prompts // args.replicas + 1
+    default_fit = args.system_prompts // args.replicas
     rows = []
     for fit in args.prompts_per_pool or [default_fit]:
         blocks = prompt_blocks * fit + 4 * args.concurrency

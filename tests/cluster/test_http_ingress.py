@@ -14,6 +14,7 @@ serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
 from radixserve.cluster.deployments import REPLICA_HEADER, build_engine_app, http_ingress_app  # noqa: E402
+from radixserve.cluster.shared_state import STATE_ACTOR_NAME  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from radixserve.server.config import ServerConfig  # noqa: E402
 from tests.live_server import serve_app  # noqa: E402
@@ -49,6 +50,35 @@ def test_openai_client_through_the_in_process_ingress():
             assert bad.status_code == 404 and "model" in bad.text  # the replica's own error, passed through
             metrics = httpx.get(f"{base}/metrics", timeout=60).text
             assert 'radixserve_router_decisions_total{decision="prefix"}' in metrics
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("router", ["pow2", "prefix-affinity"])
+def test_metrics_reach_every_replica_under_rays_router(router):
+    """/metrics fans out to each replica by id; Ray's routers cannot be told which, so the wrong
+    replica answers first (pow2: half the time; prefix-affinity: always, were the text the same):
+    every page must still carry both replicas."""
+    ray.init(num_cpus=2, namespace="radixserve-test-metrics-pow2", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        config = ServerConfig()
+        engine = serve.run(build_engine_app(
+            EngineConfig(model=ModelConfig(source="dummy:tiny", show_progress=False), cache=CacheConfig(num_blocks=64)),
+            config, num_replicas=2, router=router, replica_resources={"num_cpus": 0.5}),
+            name="radixserve", route_prefix=None)
+        state = ray.get_actor(STATE_ACTOR_NAME)
+        deadline = time.monotonic() + 60
+        while len(ray.get(state.live_replicas.remote())) < 2:  # each replica's first heartbeat
+            assert time.monotonic() < deadline, "the replicas never published"
+            time.sleep(0.2)
+        replica_ids = ray.get(state.live_replicas.remote())
+        with serve_app(http_ingress_app(engine, config)) as base:
+            for _ in range(4):
+                metrics = httpx.get(f"{base}/metrics", timeout=60).text
+                for replica_id in replica_ids:
+                    assert f'replica="{replica_id}"' in metrics
     finally:
         serve.shutdown()
         ray.shutdown()
