@@ -14,6 +14,8 @@ falls on both alike:
     venv (bench/llama_cpp_worker.py); the same token ids, one token, greedy;
   - over HTTP: `radixserve serve` and `python -m llama_cpp.server`, each in its own process,
     through the official openai client, streaming; TTFT = until the first content chunk.
+radixserve runs with --reuse-partial-blocks (CacheConfig.reuse_partial_blocks), as llama.cpp
+computes from the first token that differs from its slot's previous prompt.
 """
 
 from __future__ import annotations
@@ -222,14 +224,14 @@ def start_servers(args, llama_python: Path, model: Path, servers: list) -> dict:
 
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    ours = LocalServer(["--num-blocks", str(NUM_BLOCKS)], caching=True, threads=args.threads, log_dir=log_dir)
+    ours = LocalServer(["--num-blocks", str(NUM_BLOCKS), "--reuse-partial-blocks"], caching=True, threads=args.threads, log_dir=log_dir)
     servers.append(ours)
     ours.start()
     theirs = LlamaServer(llama_python, model, args.threads, log_dir)
     servers.append(theirs)
     named = [("llama.cpp", theirs), ("radixserve", ours)]
     if args.spin_count:
-        spinning = LocalServer(["--num-blocks", str(NUM_BLOCKS), "--engine-spin-count", str(args.spin_count)],
+        spinning = LocalServer(["--num-blocks", str(NUM_BLOCKS), "--reuse-partial-blocks", "--engine-spin-count", str(args.spin_count)],
                                caching=True, threads=args.threads, log_dir=log_dir)  # fmt: skip
         servers.append(spinning)
         spinning.start()
@@ -266,7 +268,8 @@ def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list
              "llama_computes": len(full) - common,
              "radixserve_computes": len(full) - (common if common // 16 * 16 + 16 <= len(previous) else common // 16 * 16)}
     model = find_embedded_gguf()
-    engine = LLMEngine(EngineConfig(model=ModelConfig(show_progress=False), cache=CacheConfig(num_blocks=NUM_BLOCKS)),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(show_progress=False),
+                                    cache=CacheConfig(num_blocks=NUM_BLOCKS, reuse_partial_blocks=True)),
                        loaded=loaded)  # fmt: skip
     worker = LlamaWorker(llama_python, model, args.threads)
     facts["llama_info"] = worker.info

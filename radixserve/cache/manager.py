@@ -98,8 +98,11 @@ class KVCacheManager:
         write_through_all: bool = False,
         ghost_index_blocks: int = 0,
         tenant_quota_blocks: int | None = None,
+        reuse_partial_blocks: bool = False,
     ) -> None:
         self.block_size = block_size
+        # admission also reuses the matching head of a partly matching cached block (not with tiers)
+        self.reuse_partial_blocks = reuse_partial_blocks
         self.pool = BlockPool(num_blocks)
         self.model_key = model_key
         self.enable_prefix_caching = enable_prefix_caching
@@ -254,7 +257,7 @@ class KVCacheManager:
             handle.keys = BlockKeyChain(self.identity, request.namespace)
             if reads:
                 cached += self._admit_from_lower_tiers(tokens, handle, report)
-        elif reads and self.enable_prefix_caching:
+        elif reads and self.enable_prefix_caching and self.reuse_partial_blocks:
             cached += self._reuse_partial_head(tokens, handle, report)
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1

@@ -62,8 +62,7 @@ def test_diverged_at_the_exact_token_with_the_callers_own_context():
     mine = list(range(100, 110)) + [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
     report = _run(cache, _request("b", mine))
     assert report.reason == "diverged"
-    # inside the third block: its first two tokens are reused too (the head of a partly matching block)
-    assert report.cached_tokens == 10 and report.diverged_at == 10
+    assert report.cached_tokens == 8 and report.diverged_at == 10  # inside the third block
     assert report.context_before == mine[6:10] and report.context_after == mine[10:14]  # never the cached side
 
 

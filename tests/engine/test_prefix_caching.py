@@ -21,12 +21,8 @@ def _greedy(n: int = 16) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def _expected_cached(n: int, k: int, block_size: int, tree_tokens: int) -> int:
-    """Whole cached blocks up to the first differing token (k), then the head of the next block
-    if the tree holds it (`tree_tokens`: the seed's whole blocks); never the last prompt token."""
-    reusable = min(k, n - 1)
-    whole = block_size * (reusable // block_size)
-    return reusable if whole + block_size <= tree_tokens else whole
+def _expected_cached(n: int, k: int, block_size: int) -> int:
+    return block_size * (min(k, n - 1) // block_size)
 
 
 @pytest.mark.parametrize("block_size", [16, 1])
@@ -54,7 +50,7 @@ def test_exact_cached_token_counts(make_engine, embedded_model, block_size):
             k += 1
         engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0), request_id=name)
         out = run_to_completion(engine)[name]
-        assert out.num_cached_tokens == _expected_cached(len(prompt), k, block_size, 100 // block_size * block_size), name
+        assert out.num_cached_tokens == _expected_cached(len(prompt), k, block_size), name
         engine.reset_prefix_cache()
         engine.add_request(base, SamplingParams(max_tokens=1, temperature=0), request_id=f"reseed-{name}")
         run_to_completion(engine)
@@ -176,7 +172,7 @@ def test_cache_off_reports_zero_and_counts(make_engine, embedded_model):
 
 
 def test_the_head_of_a_partly_matching_block_is_copied_not_shared(make_engine, embedded_model):
-    """A prompt that leaves the cached tokens inside a block reuses that block's matching head
+    """With --reuse-partial-blocks, a prompt that leaves the cached tokens inside a block reuses that block's matching head
     (copied into a private block before the forward writes the rest): the same tokens as with
     the cache off, and the tree's block is intact for the next reader."""
     base = embedded_model.tokenizer.encode(SYSTEM)[:100]
@@ -187,7 +183,7 @@ def test_the_head_of_a_partly_matching_block_is_copied_not_shared(make_engine, e
         off.add_request(prompt, _greedy(8), request_id=name)
         reference[name] = run_to_completion(off)[name].token_ids
 
-    engine = make_engine(num_blocks=256)
+    engine = make_engine(num_blocks=256, reuse_partial_blocks=True)
     engine.add_request(base, _greedy(8), request_id="seed")
     run_to_completion(engine)
     engine.add_request(diverging, _greedy(8), request_id="diverging")
