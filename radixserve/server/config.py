@@ -55,7 +55,7 @@ class ServerConfig:
     # (OMP_WAIT_POLICY=PASSIVE), the safe choice when the cores are shared: spinning threads
     # the OS deschedules stalled steps 2-10x on a loaded 2-core machine. On cores the server
     # has to itself, ~10000 keeps the threads awake between one forward's ops: a cached-prefix
-    # TTFT 21% lower on an idle 2-core machine (docs/benchmarks.md, cpu-http-hops).
+    # TTFT 21% lower on an idle 2-core machine (docs/benchmarks.md, cpu-ttft-notes).
     engine_spin_count: int = 0
 
     @property
