@@ -255,10 +255,9 @@ class KVCacheManager:
             report = request.cache_report = self._report(request, tokens, lookup)
         if self.tiered:
             handle.keys = BlockKeyChain(self.identity, request.namespace)
-            if reads:
-                cached += self._admit_from_lower_tiers(tokens, handle, report)
-        elif reads and self.enable_prefix_caching and self.reuse_partial_blocks:
-            cached += self._reuse_partial_head(tokens, handle, report)
+        if reads:  # past the whole blocks matched: the lower tiers, or the head of a partly matching block
+            cached += self._admit_from_lower_tiers(tokens, handle, report) if self.tiered else \
+                self._reuse_partial_head(tokens, handle, report)
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
@@ -279,6 +278,8 @@ class KVCacheManager:
         as for forks), so the tree's block is never written and the tree still holds whole
         blocks only. Returns the tokens reused (0..block_size-1; never the last prompt token,
         whose logits are needed)."""
+        if not (self.reuse_partial_blocks and self.enable_prefix_caching):
+            return 0
         cached = handle.num_computed_tokens
         room = len(tokens) - 1 - cached
         if room <= 0 or handle.node is None:

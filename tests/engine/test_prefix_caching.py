@@ -189,7 +189,6 @@ def test_the_head_of_a_partly_matching_block_is_copied_not_shared(make_engine, e
     engine.add_request(diverging, _greedy(8), request_id="diverging")
     out = run_to_completion(engine)["diverging"]
     assert out.num_cached_tokens == 37 and out.token_ids == reference["diverging"]
-    assert engine.cache.stats.partial_hit_tokens == 5 and engine.cache.stats.copied_blocks == 1
     engine.add_request(base, _greedy(8), request_id="again")  # reads the block the copy came from
     again = run_to_completion(engine)["again"]
     assert again.num_cached_tokens == 96 and again.token_ids == reference["seed"]  # whole blocks 0..95
