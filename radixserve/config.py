@@ -81,6 +81,10 @@ class CacheConfig:
     """fraction of GPU memory the engine may use (weights + KV pool)"""
     enable_prefix_caching: bool = True
     """automatic prefix caching"""
+    reuse_partial_blocks: bool = False
+    """also reuse the matching head of a cached block a prompt shares only in part (copied, then
+    the rest computed): a question after a cached system prompt computes from its first new token,
+    not from the last whole block. Changes usage's cached token counts; not with a KV store"""
     max_pinned_fraction: float = 0.5
     """share of the KV pool that pins (cache_control breakpoints, named caches) may hold in all;
     a pin over it is refused, so pins can never starve the pool"""

@@ -156,7 +156,7 @@ class LLMEngine:
             max_pinned_fraction_per_namespace=cache_cfg.max_pinned_fraction_per_namespace,
             **self._tier_options(loaded),
             ghost_index_blocks=cache_cfg.ghost_index_blocks, tenant_quota_blocks=cache_cfg.tenant_quota,
-        )
+            reuse_partial_blocks=cache_cfg.reuse_partial_blocks)
         # None with the tiers off: then a step does no tier work at all
         self.tier_io: TierIO | None = self._tier_io() if self.cache.tiered else None
         self.scheduler = Scheduler(self.config.scheduler, self.cache)

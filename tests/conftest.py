@@ -30,11 +30,12 @@ def make_engine(embedded_model):
         policy: str = "fcfs",
         kv_store: str | None = None,
         kv_store_gb: float = 1.0,
+        reuse_partial_blocks: bool = False,
     ) -> LLMEngine:
         config = EngineConfig(
             model=ModelConfig(source="embedded", show_progress=False),
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
-                              kv_store=kv_store, kv_store_gb=kv_store_gb),
+                              kv_store=kv_store, kv_store_gb=kv_store_gb, reuse_partial_blocks=reuse_partial_blocks),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, policy=policy
             ),

@@ -44,6 +44,7 @@ class CacheStats:
     inserted_blocks: int = 0
     forks: int = 0  # handles forked off another request's (n > 1: the choices share one prefill)
     copied_blocks: int = 0  # shared partial blocks copied on write
+    partial_hit_tokens: int = 0  # of hit_tokens, those read from the head of a partly matching block
 
     @property
     def hit_rate(self) -> float:
@@ -97,8 +98,11 @@ class KVCacheManager:
         write_through_all: bool = False,
         ghost_index_blocks: int = 0,
         tenant_quota_blocks: int | None = None,
+        reuse_partial_blocks: bool = False,
     ) -> None:
         self.block_size = block_size
+        # admission also reuses the matching head of a partly matching cached block (not with tiers)
+        self.reuse_partial_blocks = reuse_partial_blocks
         self.pool = BlockPool(num_blocks)
         self.model_key = model_key
         self.enable_prefix_caching = enable_prefix_caching
@@ -251,8 +255,9 @@ class KVCacheManager:
             report = request.cache_report = self._report(request, tokens, lookup)
         if self.tiered:
             handle.keys = BlockKeyChain(self.identity, request.namespace)
-            if reads:
-                cached += self._admit_from_lower_tiers(tokens, handle, report)
+        if reads:  # past the whole blocks matched: the lower tiers, or the head of a partly matching block
+            cached += self._admit_from_lower_tiers(tokens, handle, report) if self.tiered else \
+                self._reuse_partial_head(tokens, handle, report)
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1
             self.stats.query_tokens += len(tokens)
@@ -264,6 +269,32 @@ class KVCacheManager:
             if lookup.scope_node is not None:
                 self.prefix_cache.refresh_pins(lookup.scope_node)
         return cached
+
+    def _reuse_partial_head(self, tokens: list[int], handle: KVHandle, report: CacheReport | None) -> int:
+        """Past the whole blocks matched, reuse the leading tokens of a cached block that the
+        prompt shares only in part (the block after a system prompt, which the previous
+        question filled): the request takes a reference on that tree block as its partial last
+        block, and allocate_slots copies it before the forward writes the rest (copy-on-write,
+        as for forks), so the tree's block is never written and the tree still holds whole
+        blocks only. Returns the tokens reused (0..block_size-1; never the last prompt token,
+        whose logits are needed)."""
+        if not (self.reuse_partial_blocks and self.enable_prefix_caching):
+            return 0
+        cached = handle.num_computed_tokens
+        room = len(tokens) - 1 - cached
+        if room <= 0 or handle.node is None:
+            return 0
+        block, n = self.prefix_cache.head_match(handle.node, tokens[cached : cached + self.block_size])
+        n = min(n, room)
+        if n == 0:
+            return 0
+        self.pool.incref(block)  # held until the copy (or free()); an eviction meanwhile only drops the tree's ref
+        handle.block_ids.append(block)
+        handle.num_computed_tokens += n
+        self.stats.partial_hit_tokens += n
+        if report is not None:
+            report.cached_tokens += n
+        return n
 
     def fork(self, parent: Request, child: Request) -> None:
         """Give `child` (another choice of the same prompt, n > 1) the parent's KV: the same block
@@ -468,7 +499,7 @@ class KVCacheManager:
         block_size, computed = self.block_size, handle.num_computed_tokens
         needed_blocks = -(-(computed + num_new_tokens) // block_size)
         missing = max(0, needed_blocks - len(handle.block_ids))
-        # only a fork shares a partial block: the tree holds full blocks only
+        # a partial block shared with a fork, or with the tree (a reused head): copied first
         tail = computed // block_size
         copy_tail = num_new_tokens > 0 and computed % block_size != 0 and self.pool.ref_count(handle.block_ids[tail]) > 1
         wanted = missing + copy_tail

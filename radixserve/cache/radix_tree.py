@@ -238,6 +238,27 @@ class RadixTree:
             root = self._roots[namespace] = TreeNode(namespace, [], [], None, 0)
         return root
 
+    def head_match(self, node: TreeNode, token_ids: Sequence[int], max_scan: int = 64) -> tuple[int, int]:
+        """(block id, n): the block, among the first blocks of ``node``'s child edges, whose
+        leading tokens agree longest with ``token_ids`` (n of them; (-1, 0) when none agrees).
+        For admission to reuse the matching head of a block its prompt only partly shares
+        (e.g. a question after a cached system prompt whose last block the previous question
+        filled). Reads only: no split, no LRU stamp. Scans the ``max_scan`` newest children,
+        so a node with thousands of them costs a bounded time per admission."""
+        want = list(token_ids[: self.block_size])
+        best_block, best = -1, 0
+        for i, child in enumerate(reversed(node.children.values())):
+            if i == max_scan or best == len(want):
+                break
+            n = 0
+            for a, b in zip(child.tokens, want):
+                if a != b:
+                    break
+                n += 1
+            if n > best:
+                best_block, best = child.block_ids[0], n
+        return best_block, best
+
     # ---- locks ----------------------------------------------------------------------------
     def lock(self, node: TreeNode) -> None:
         """+1 lock on ``node`` and all its ancestors: none of them is evicted while locked.

@@ -85,7 +85,7 @@ def _engine_client(engine_or_config: LLMEngine | EngineConfig | None, config: Se
             # auto: an environment without the channel's packages still serves, as before
             log.warning("engine process unavailable (%s): the engine runs on a thread of this process", e)
         else:
-            return EngineProcessClient.launch(engine_config, log_level=config.log_level)
+            return EngineProcessClient.launch(engine_config, log_level=config.log_level, spin_count=config.engine_spin_count)
     return AsyncEngine(LLMEngine(engine_config))
 
 

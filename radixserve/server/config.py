@@ -50,6 +50,13 @@ class ServerConfig:
     # included: measured faster there too (docs/benchmarks.md, engine-process-cpu). A server
     # given a built LLMEngine runs it in-thread.
     engine_process: Literal["auto", "on", "off"] = "auto"
+    # CPU, engine process: how long (GOMP_SPINCOUNT, busy-wait iterations) an OpenMP thread of
+    # the core spins for the next parallel op before it sleeps. 0 (default): it sleeps at once
+    # (OMP_WAIT_POLICY=PASSIVE), the safe choice when the cores are shared: spinning threads
+    # the OS deschedules stalled steps 2-10x on a loaded 2-core machine. On cores the server
+    # has to itself, ~10000 keeps the threads awake between one forward's ops: a cached-prefix
+    # TTFT 21% lower on an idle 2-core machine (docs/benchmarks.md, cpu-ttft-notes).
+    engine_spin_count: int = 0
 
     @property
     def uses_engine_process(self) -> bool:
@@ -73,6 +80,8 @@ class ServerConfig:
             raise ValueError(f"probe_burst must be >= 1, got {self.probe_burst}")
         if not self.shared_ttft_floor >= 0:
             raise ValueError(f"shared_ttft_floor must be >= 0 seconds, got {self.shared_ttft_floor}")
+        if self.engine_spin_count < 0:
+            raise ValueError(f"engine_spin_count must be >= 0, got {self.engine_spin_count}")
         if self.engine_process not in ("auto", "on", "off"):
             raise ValueError(f"engine_process must be auto, on or off, got {self.engine_process!r}")
         if self.cache_ttl_scale <= 0:

@@ -98,9 +98,10 @@ class EngineProcessClient(EngineClient):
         return f"ipc://{directory}/to-core", f"ipc://{directory}/from-core"
 
     @classmethod
-    def launch(cls, config: EngineConfig, log_level: str = "info") -> EngineProcessClient:
+    def launch(cls, config: EngineConfig, log_level: str = "info", spin_count: int = 0) -> EngineProcessClient:
         """Start the engine core process and wait until its engine is built. Raises
-        ModelLoadError (with the core's reason) when it cannot start."""
+        ModelLoadError (with the core's reason) when it cannot start. `spin_count`: on CPU, how
+        long its OpenMP threads spin before they sleep (ServerConfig.engine_spin_count)."""
         directory = tempfile.mkdtemp(prefix="radixserve-core-")
         to_core, from_core = cls.addresses(directory)
         startup = {"config": config, "input_address": to_core, "output_address": from_core,
@@ -116,6 +117,10 @@ class EngineProcessClient(EngineClient):
             # whenever the OS deschedules one of them (the server shares the cores): on a loaded
             # 2-core machine 10-20x slower steps than passive waiting, which costs nothing idle
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            if spin_count:
+                # a short spin before the sleep: one forward's ops follow each other within
+                # microseconds, so the threads stay awake through a step but sleep between steps
+                env.setdefault("GOMP_SPINCOUNT", str(spin_count))
         try:
             process = subprocess.Popen([sys.executable, "-m", "radixserve.server.engine_core", str(write_fd)],
                                        stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)

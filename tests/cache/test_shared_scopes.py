@@ -7,6 +7,7 @@ another tenant's suffix, even when the two send identical suffixes.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,8 +18,8 @@ BS = 4
 SHARED = list(range(1, 3 * BS + 1))  # 3 blocks
 
 
-def _published(num_blocks: int = 512) -> KVCacheManager:
-    cache = KVCacheManager(num_blocks=num_blocks, block_size=BS, model_key="m")
+def _published(num_blocks: int = 512, reuse_partial_blocks: bool = False) -> KVCacheManager:
+    cache = KVCacheManager(num_blocks=num_blocks, block_size=BS, model_key="m", reuse_partial_blocks=reuse_partial_blocks)
     cache.shared_scopes.publish("sys", SHARED)
     run_request(cache, "publish", SHARED, scope="sys")
     return cache
@@ -31,6 +32,13 @@ def _common_blocks(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _common_head(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 # suffixes made of a few whole blocks, so the two tenants often send the very same ones
 _BLOCKS = [[100 + 10 * b + i for i in range(BS)] for b in range(3)]
 suffixes = st.builds(
@@ -40,16 +48,21 @@ suffixes = st.builds(
 traffic = st.lists(st.tuples(st.sampled_from(["key:A", "key:B"]), suffixes), min_size=1, max_size=30)
 
 
+@pytest.mark.parametrize("reuse_partial_blocks", [False, True])
 @settings(max_examples=80, deadline=None)
-@given(traffic)
-def test_each_tenant_reads_the_shared_part_and_only_its_own_suffixes(requests):
-    cache = _published()
+@given(requests=traffic)
+def test_each_tenant_reads_the_shared_part_and_only_its_own_suffixes(reuse_partial_blocks, requests):
+    cache = _published(reuse_partial_blocks=reuse_partial_blocks)
     seen: dict[str, list[list[int]]] = {"key:A": [], "key:B": []}
     for i, (tenant, suffix) in enumerate(requests):
         prompt = SHARED + suffix
         cacheable = (len(prompt) - 1) // BS * BS
         own = max((_common_blocks(suffix, earlier) for earlier in seen[tenant]), default=0)
-        expected = min(len(SHARED) + own, cacheable)
+        whole = min(len(SHARED) + own, cacheable) - len(SHARED)
+        # then the head of a cached block after the same whole blocks, up to the last prompt token
+        head = max((_common_head(suffix[whole : whole + BS], earlier[whole : whole + BS]) for earlier in seen[tenant]
+                    if earlier[:whole] == suffix[:whole] and len(earlier) >= whole + BS), default=0)
+        expected = len(SHARED) + whole + (min(head, len(prompt) - 1 - len(SHARED) - whole) if reuse_partial_blocks else 0)
         assert run_request(cache, f"r{i}", prompt, tenant) == expected
         seen[tenant].append(suffix + [])  # its whole prompt (prompt and the one output) is in its namespace
         cache.prefix_cache.check_invariants()

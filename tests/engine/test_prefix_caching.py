@@ -169,3 +169,28 @@ def test_cache_off_reports_zero_and_counts(make_engine, embedded_model):
         engine.add_request(prompt, _greedy(2), request_id=str(i))
         assert run_to_completion(engine)[str(i)].num_cached_tokens == 0
     assert engine.snapshot().prefix_cache_queries == 0
+
+
+def test_the_head_of_a_partly_matching_block_is_copied_not_shared(make_engine, embedded_model):
+    """With --reuse-partial-blocks, a prompt that leaves the cached tokens inside a block reuses that block's matching head
+    (copied into a private block before the forward writes the rest): the same tokens as with
+    the cache off, and the tree's block is intact for the next reader."""
+    base = embedded_model.tokenizer.encode(SYSTEM)[:100]
+    diverging = base[:37] + [7] * 20  # diverges 5 tokens into the third block (32..47)
+    off = make_engine(enable_prefix_caching=False, num_blocks=256)
+    reference = {}
+    for name, prompt in (("seed", base), ("diverging", diverging)):
+        off.add_request(prompt, _greedy(8), request_id=name)
+        reference[name] = run_to_completion(off)[name].token_ids
+
+    engine = make_engine(num_blocks=256, reuse_partial_blocks=True)
+    engine.add_request(base, _greedy(8), request_id="seed")
+    run_to_completion(engine)
+    engine.add_request(diverging, _greedy(8), request_id="diverging")
+    out = run_to_completion(engine)["diverging"]
+    assert out.num_cached_tokens == 37 and out.token_ids == reference["diverging"]
+    engine.add_request(base, _greedy(8), request_id="again")  # reads the block the copy came from
+    again = run_to_completion(engine)["again"]
+    assert again.num_cached_tokens == 96 and again.token_ids == reference["seed"]  # whole blocks 0..95
+    snap = engine.snapshot()
+    assert snap.free_blocks + snap.cached_blocks == snap.total_blocks

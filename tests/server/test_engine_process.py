@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,3 +193,26 @@ def test_no_core_outlives_its_server(tmp_path: Path, sig: int):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    items = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in items if b"=" in item)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
+def test_core_threads_sleep_at_once_unless_a_spin_count_is_given(core_server, monkeypatch):
+    from radixserve.config import EngineConfig, ModelConfig
+    from radixserve.server.engine_process import EngineProcessClient
+
+    default = _environ(_core_pid(core_server))
+    assert default["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in default
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    client = EngineProcessClient.launch(EngineConfig(model=ModelConfig(source="dummy:tiny", show_progress=False)),
+                                        log_level="warning", spin_count=10000)
+    try:
+        spinning = _environ(client.process.pid)
+        assert spinning["OMP_WAIT_POLICY"] == "PASSIVE" and spinning["GOMP_SPINCOUNT"] == "10000"
+    finally:
+        client._kill()
+        shutil.rmtree(client._directory, ignore_errors=True)
