@@ -54,12 +54,18 @@ class MatmulTiles:
     # The K loop's form: "nested" (a loop per chunk inside a loop over chunks: the pipeline drains
     # at every chunk end) or "flat" (one pipelined loop over every step, the chunk's sum added to
     # the total when its last step is done); "flat_tma" loads A and W tiles with TMA descriptors;
-    # "persistent_tma": flat_tma in one program per SM looping over output tiles (never split).
-    # Same MMA steps, same additions: the probe checks the bits of every one it ships.
+    # "persistent_tma": flat_tma in one program per SM looping over output tiles (never split);
+    # "stream_tma": stream-K over whole K chunks - the (output tile, K chunk) units, tile-major,
+    # cut into per_sm * SMs contiguous runs of near-equal length, each walked in one pipelined
+    # loop, every chunk's sum merged in chunk order by the tile's last arrival (a split launch
+    # whose programs each take several units: no wave tail). Same MMA steps, same additions: the
+    # probe checks the bits of every one it ships.
     kernel: str = "nested"
     # K width of one load (0: the order's BLOCK_K). A multiple of the order's BLOCK_K chains the
     # same k16 MMA instructions in the same order (checked by the probe, like any tile).
     load_k: int = 0
+    # Programs per SM of the persistent forms (persistent_tma, stream_tma).
+    per_sm: int = 1
 
     def step_k(self, order: "ReductionOrder") -> int:
         """The K width of one loop step for this order (a multiple of BLOCK_K dividing the chunk)."""
@@ -103,7 +109,7 @@ BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "float32": ((1 << 62, MatmulTiles(128, 128, 8, 3)),),
 }
 
-KERNELS = ("nested", "flat", "flat_tma", "persistent_tma")
+KERNELS = ("nested", "flat", "flat_tma", "persistent_tma", "stream_tma")
 GROUP_M = 8  # row tiles that sweep the column tiles together (weight tiles stay in L2)
 SPLIT_FILL = 2  # split K when a launch has fewer output tiles than this many per SM
 
@@ -131,8 +137,10 @@ class MatmulLaunch:
 
     order: ReductionOrder
     tiles: MatmulTiles
-    split: bool  # one program per (output tile, K chunk), merged in chunk order by the last one
-    grid: tuple[int, int]  # (output tiles, K chunks if split else 1)
+    # Chunk sums go through fp32 partials merged in chunk order by the tile's last arrival: one
+    # program per (output tile, K chunk), or (stream_tma) per run of such units.
+    split: bool
+    grid: tuple[int, int]  # (output tiles, K chunks if split else 1); stream_tma: (runs, 1)
 
     def k_schedule(self, k: int) -> list[list[int]]:
         """The K offsets each chunk's MMA steps start at, chunk by chunk in the order their sums
@@ -159,12 +167,19 @@ def plan_launch(
     if tiles.kernel not in KERNELS:
         raise ValueError(f"deterministic matmul: unknown kernel {tiles.kernel!r} ({', '.join(KERNELS)})")
     out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
+    chunks = order.num_chunks(k)
+    if tiles.kernel == "stream_tma":
+        # Its units are whole chunks: K must be whole chunks (a partial last chunk would need a
+        # shorter unit) and the tiles within the arrival counters; else the flat_tma launch.
+        if k % order.chunk == 0 and chunks > 1 and out_tiles <= max_split_tiles and split is not False:
+            return MatmulLaunch(order, tiles, True, (min(out_tiles * chunks, num_sms * tiles.per_sm), 1))
+        tiles = replace(tiles, kernel="flat_tma")
     if split is None:
         split = out_tiles < SPLIT_FILL * num_sms  # the rule of split_chunks, on these tiles
-    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
+    split = split and chunks > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
     if tiles.kernel == "persistent_tma":
-        return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms), 1))
-    return MatmulLaunch(order, tiles, split, (out_tiles, order.num_chunks(k) if split else 1))
+        return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms * tiles.per_sm), 1))
+    return MatmulLaunch(order, tiles, split, (out_tiles, chunks if split else 1))
 
 
 def split_chunks(m: int, n: int, k: int, dtype: str, num_sms: int, max_tiles: int) -> bool:

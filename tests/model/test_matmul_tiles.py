@@ -113,3 +113,15 @@ def test_the_split_rule_counts_the_tiles_the_launch_runs(m, n, k):
     out_tiles = -(-m // 64) * -(-n // 256)
     expect = out_tiles < MT.SPLIT_FILL * 132 and MT.reduction_order("bfloat16").num_chunks(k) > 1
     assert launch(m, n, k, "bfloat16", tiles=wide).split == expect
+
+
+def test_a_stream_launch_cuts_whole_chunks_into_per_sm_runs_or_falls_back_to_flat_tma():
+    tiles = MT.MatmulTiles(64, 128, 4, 4, "stream_tma", per_sm=2)
+    down = launch(64, 4096, 14336, "bfloat16", tiles=tiles)
+    assert down.split and down.grid == (2 * 132, 1)  # 32 tiles x 14 chunks = 448 units on 264 runs
+    small = launch(64, 256, 4096, "bfloat16", tiles=tiles)
+    assert small.grid == (2 * 4, 1)  # 2 tiles x 4 chunks: one unit a program
+    assert down.k_schedule(14336) == launch(64, 4096, 14336, "bfloat16").k_schedule(14336)
+    for k, kw in ((4096 + 64, {}), (1024, {}), (4096, {"split": False}), (4096, {"max_split_tiles": 31})):
+        plan = launch(64, 4096, k, "bfloat16", tiles=tiles, **kw)  # part chunk / 1 chunk / no split / no counters
+        assert plan.tiles.kernel == "flat_tma" and plan.grid[0] == 32
