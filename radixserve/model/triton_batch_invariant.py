@@ -192,6 +192,24 @@ def _matmul_kernel_flat(
                    GROUP, SPLIT, HAS_BIAS, IEEE, TMA, NUM_STAGES)  # fmt: skip
 
 
+@triton.jit
+def _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, prefix_chunk, offs_m, offs_n,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """The tile's last arrival: part[prefix_chunk] (chunks 0 ... prefix_chunk already summed in
+    order by one program) plus part[prefix_chunk + 1], ... in chunk order, the bias, the store."""
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    # .cg: the partials were just written by other SMs (bypass L1)
+    merged = tl.load(part_ptr + prefix_chunk.to(tl.int64) * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+    for c in tl.static_range(1, N_CHUNKS):  # unrolled: the partials' loads can all be in flight
+        if c > prefix_chunk:
+            merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        merged += tl.load(bias_ptr + tl.where(offs_n < N, offs_n, 0)).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], merged.to(c_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(counters_ptr + tile, 0)  # ready for the next launch
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel_stream(
     a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
@@ -199,21 +217,25 @@ def _matmul_kernel_stream(
     N_CHUNKS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Stream-K over whole K chunks (K = N_CHUNKS chunks exactly): the units (output tile, K
-    chunk), tile-major, are cut into one contiguous run per program; the program walks its run's
-    MMA steps in one pipelined loop, each chunk from a zero accumulator, stores every chunk's fp32
-    sum in part[chunk] and counts it in; the tile's last arrival adds part[0], part[1], ... in
-    order - the additions of one program walking every chunk, so the same bits."""
+    """Stream-K over whole K chunks (K = N_CHUNKS chunks exactly). The units (output tile, K
+    chunk), tile-major, are cut into one contiguous run per program, walked in one pipelined
+    loop, each chunk's MMA steps from a zero accumulator. A tile the run holds from chunk 0 is
+    summed in registers in chunk order (the unsplit kernel's additions): stored to c if the run
+    holds all of it, else parked as a prefix sum in part[last chunk held]; the chunks of a tile
+    begun by an earlier run are parked one by one in part[chunk]. The tile's last arrival (the
+    arrivals count chunks) adds the prefix and the later chunks in order - the same additions,
+    so the same bits as one program walking every chunk."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     units = num_pid_m * num_pid_n * N_CHUNKS
-    pid = tl.program_id(0)
     programs = tl.num_programs(0)
-    first = (pid.to(tl.int64) * units // programs).to(tl.int32)
-    last = ((pid.to(tl.int64) + 1) * units // programs).to(tl.int32)
+    pid = tl.program_id(0).to(tl.int64)
+    first = (pid * units // programs).to(tl.int32)
+    last = ((pid + 1) * units // programs).to(tl.int32)
     per_group = GROUP * num_pid_n
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in tl.range(first * CHUNK_STEPS, last * CHUNK_STEPS, num_stages=NUM_STAGES):
         unit = step // CHUNK_STEPS
         tile = unit // N_CHUNKS
@@ -236,24 +258,40 @@ def _matmul_kernel_stream(
             acc = tl.dot(a, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, w, acc)
-        if step % CHUNK_STEPS == CHUNK_STEPS - 1:  # the chunk's sum is done: park it, count it in
+        if step % CHUNK_STEPS == CHUNK_STEPS - 1:  # the chunk's sum is done
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
             part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
             chunk = unit - tile * N_CHUNKS
-            tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, acc, mask=out_mask)
-            tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
-            arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == N_CHUNKS - 1:
-                merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for c in tl.static_range(N_CHUNKS):  # unrolled: every partial's load can be in flight
-                    merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    merged += tl.load(bias_ptr + tl.where(offs_n < N, offs_n, 0)).to(tl.float32)[None, :]
-                c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-                tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
-                tl.store(counters_ptr + tile, 0)  # ready for the next launch
+            tile_start = tile * N_CHUNKS
+            if tile_start >= first:  # this run holds the tile from chunk 0
+                total += acc
+                if chunk == N_CHUNKS - 1:  # ... to its end: no partials
+                    if HAS_BIAS:
+                        total += tl.load(bias_ptr + tl.where(offs_n < N, offs_n, 0)).to(tl.float32)[None, :]
+                    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+                    tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                elif unit == last - 1:  # ... up to the run's end: park the prefix sum
+                    tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
+                    tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+                    arrived = tl.atomic_add(counters_ptr + tile, chunk + 1, sem="acq_rel", scope="gpu")
+                    if arrived + chunk + 1 == N_CHUNKS:
+                        _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, chunk, offs_m,
+                                      offs_n, BLOCK_M, BLOCK_N, N_CHUNKS, HAS_BIAS)  # fmt: skip
+            else:  # a tile begun by an earlier run: park this chunk alone
+                tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, acc, mask=out_mask)
+                tl.debug_barrier()
+                arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived + 1 == N_CHUNKS:
+                    # The prefix: chunks 0 ... the end of the run that began the tile (its owner
+                    # is the program p with first(p) <= tile_start < first(p + 1)).
+                    owner = ((tile_start.to(tl.int64) + 1) * programs - 1) // units
+                    owner_last = ((owner + 1) * units // programs).to(tl.int32)
+                    prefix_chunk = tl.minimum(owner_last, tile_start + N_CHUNKS) - tile_start - 1
+                    _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, prefix_chunk, offs_m,
+                                  offs_n, BLOCK_M, BLOCK_N, N_CHUNKS, HAS_BIAS)  # fmt: skip
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
