@@ -16,12 +16,16 @@ Only imported on a CUDA device (or under TRITON_INTERPRET=1): CI has no Triton.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, plan_launch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Arrival counters of split launches (one per output tile); a launch with more output tiles
 # than this does not split (it never needs to: it fills the GPU).
@@ -193,6 +197,18 @@ def _matmul_kernel_flat(
 
 
 @triton.jit
+def _cta_barrier(token, INTERPRET: tl.constexpr):
+    """bar.sync 0 (what tl.debug_barrier emits) as side-effecting inline asm: Triton 3.6 does not
+    software-pipeline a loop whose body holds a tl.debug_barrier (checked by compiling for sm_90:
+    one stage of shared memory instead of NUM_STAGES), but does with this. The interpreter runs
+    no PTX: there, tl.debug_barrier."""
+    if INTERPRET:
+        tl.debug_barrier()
+    else:
+        tl.inline_asm_elementwise("bar.sync 0;\n mov.u32 $0, $1;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, prefix_chunk, offs_m, offs_n,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
     """The tile's last arrival: part[prefix_chunk] (chunks 0 ... prefix_chunk already summed in
@@ -215,7 +231,7 @@ def _matmul_kernel_stream(
     a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
     N_CHUNKS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """Stream-K over whole K chunks (K = N_CHUNKS chunks exactly). The units (output tile, K
     chunk), tile-major, are cut into one contiguous run per program, walked in one pipelined
@@ -275,14 +291,14 @@ def _matmul_kernel_stream(
                     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 elif unit == last - 1:  # ... up to the run's end: park the prefix sum
                     tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
-                    tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+                    _cta_barrier(chunk, INTERPRET)  # every thread's partial is stored before the arrival is counted
                     arrived = tl.atomic_add(counters_ptr + tile, chunk + 1, sem="acq_rel", scope="gpu")
                     if arrived + chunk + 1 == N_CHUNKS:
                         _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, chunk, offs_m,
                                       offs_n, BLOCK_M, BLOCK_N, N_CHUNKS, HAS_BIAS)  # fmt: skip
             else:  # a tile begun by an earlier run: park this chunk alone
                 tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, acc, mask=out_mask)
-                tl.debug_barrier()
+                _cta_barrier(chunk, INTERPRET)
                 arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
                 if arrived + 1 == N_CHUNKS:
                     # The prefix: chunks 0 ... the end of the run that began the tile (its owner
@@ -378,7 +394,7 @@ class BatchInvariantMatmul:
                 a, weight, a_desc, w_desc, bias_arg, c, part, counters, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=step_k, CHUNK_STEPS=order.chunk // step_k,
                 N_CHUNKS=order.num_chunks(K), GROUP=GROUP_M, HAS_BIAS=bias is not None,
-                IEEE=weight.dtype == torch.float32, TMA=tma, NUM_STAGES=tiles.num_stages,
+                IEEE=weight.dtype == torch.float32, TMA=tma, NUM_STAGES=tiles.num_stages, INTERPRET=_INTERPRET,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )  # fmt: skip
         else:
