@@ -223,6 +223,39 @@ def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, w
     return "\n".join(lines)
 
 
+def _compile_candidates(cands: list[tuple[T, bool | None]]) -> int:
+    """One worker of --precompile: launch each candidate once per distinct compile (split or not,
+    K of 4 or 14 chunks) on small weights, filling Triton's on-disk cache for the sweep."""
+    torch.cuda.set_device(0)
+    mm, done = BatchInvariantMatmul(), 0
+    for k in (4096, 14336):
+        x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
+        for n in (256, 4096):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            for tiles, split in cands:
+                for rows in (1, 4096) if n == 4096 else (1,):
+                    try:
+                        mm.linear(x[:rows], w, tiles=tiles, split=split)
+                        done += 1
+                    except Exception:  # the sweep reports it
+                        pass
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(workers: int) -> None:
+    """Compile every candidate in `workers` processes at once (a fresh machine compiles ~70 kernels:
+    one by one, most of the sweep's time)."""
+    import multiprocessing
+
+    cands = [REFERENCE] + [c for m in CANDIDATES for c in CANDIDATES[m]]
+    slices = [cands[i::workers] for i in range(workers)]
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = sum(pool.map(_compile_candidates, slices))
+    log(f"[sweep] precompiled {done} launches in {workers} processes: {time.perf_counter() - t0:.0f} s")
+
+
 def sweep_shape(mm, results, name, n, k, device, dtype, timing: bool) -> None:
     w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
     x = torch.randn(max(CHECK_ROWS), k, device=device).to(dtype)
@@ -347,6 +380,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--skip", default="", help="comma-separated: matmul,attention")
     parser.add_argument("--ms", default="", help="comma-separated Ms of CANDIDATES to sweep (default: all)")
+    parser.add_argument("--precompile", type=int, default=0, help="compile the candidates in this many processes first")
     args = parser.parse_args()
     global SHAPES, CHECK_ROWS, CANDIDATES, REFERENCE
     if args.ms:
@@ -360,6 +394,11 @@ def main() -> None:
         CANDIDATES = {1: [(T(16, 32, 4, 2, "flat"), True), (T(16, 32, 4, 2, "flat_tma"), True)],
                       40: [(T(32, 64, 4, 2, "flat_tma"), False), (T(32, 32, 4, 2, "flat_tma", 32), False),
                            (T(16, 32, 4, 2, "stream_tma", per_sm=2), None)]}  # fmt: skip
+    if args.precompile and device == "cuda" and "matmul" not in args.skip:
+        try:
+            precompile(args.precompile)
+        except Exception:  # the sweep then compiles as it goes
+            traceback.print_exc()
     torch.manual_seed(0)
     mm = BatchInvariantMatmul()
     results: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,

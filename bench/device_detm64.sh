@@ -32,7 +32,7 @@ $PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 if [[ $STAGES == *,sweep,* ]]; then
   stamp "matmul sweep, M = 1, 32, 64"
-  timeout 150 $PYTHON bench/bench_deterministic_sweep.py --ms 1,32,64 --skip attention --out "$OUTDIR" > "$OUTDIR/sweep.log" 2>&1
+  timeout 170 $PYTHON bench/bench_deterministic_sweep.py --ms 1,32,64 --skip attention --precompile 12 --out "$OUTDIR" > "$OUTDIR/sweep.log" 2>&1
   echo "sweep rc $?"
   grep -E 'BITS DIFFER|Error|error' "$OUTDIR/sweep.log" | head -20
   cat "$OUTDIR/matmul_sweep.md" 2>/dev/null || tail -20 "$OUTDIR/sweep.log"
