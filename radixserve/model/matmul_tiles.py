@@ -13,7 +13,9 @@ output tile: BLOCK_M / BLOCK_N / warps / stages come from an M bucket (small til
 where a 128-row tile is 127/128 padding and leaves an 8B projection with 32 programs on 132
 SMs; 128 x 256 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
 separate programs (a fixed split-K) whose partial sums the last one to finish adds in chunk
-order - the same additions, so the same bits, as one program walking every chunk.
+order - the same additions, so the same bits, as one program walking every chunk. The
+`stream_tma` form cuts the same (tile, chunk) units into one contiguous run per program instead
+(stream-K in whole chunks: no wave tail; partials only where a tile straddles runs).
 
 The one assumption (vLLM's batch-invariant tables make it too): a tensor core gives an output
 element the same bits whatever tile shape the MMA instruction is issued in. Measured on an H200
