@@ -90,7 +90,9 @@ CANDIDATES: dict[int, list[tuple[T, bool | None]]] = {
         # only where that many programs fit on an SM (shared memory, registers: sm_90 compile, Triton 3.6)
         (T(64, 64, 4, 4, "stream_tma", per_sm=2), None),  # 82 KB, 168-174 regs
         (T(64, 64, 4, 3, "stream_tma", per_sm=2), None),
+        (T(64, 64, 4, 3, "stream_tma", per_sm=3), None),  # 66 KB
         (T(64, 64, 4, 6, "stream_tma", per_sm=1), None),  # 115 KB
+        (T(64, 64, 4, 6, "stream_tma", per_sm=2), None),
         (T(64, 32, 4, 6, "stream_tma", per_sm=2), None),  # 82 KB, 120 regs
         (T(64, 128, 4, 3, "stream_tma", per_sm=2), None),  # 98 KB, 255 regs x 128 threads
         (T(64, 128, 4, 4, "stream_tma", per_sm=1), None),  # 131 KB
