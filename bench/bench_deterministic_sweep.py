@@ -1,10 +1,10 @@
 """Candidate kernels and tiles for deterministic mode's matmul and attention, on the device (issue #17):
 
-    PYTHONPATH=. python3 bench/bench_deterministic_sweep.py [--out DIR] [--smoke] [--skip matmul|attention]
+    PYTHONPATH=. python3 bench/bench_deterministic_sweep.py [--out DIR] [--smoke] [--skip matmul|attention] [--ms 1,32,64]
 
 For each Llama-3-8B projection shape and each workload's M (1 = decode b1, 32 = decode b32,
 64 = the cached TTFT's 64 new tokens, 4096 = a cold prefill), every candidate (kernel "nested" /
-"flat" / "flat_tma", tile, warps, stages, load width, split K) is
+"flat" / "flat_tma" / "stream_tma", tile, warps, stages, load width, programs per SM, split K) is
 
 1. checked for bits: at M = 1, 17, 64, 100, 300 (and 4096 for tiles of 64+ rows) each row must be
    exactly the row of the shipped prefill launch (nested 128x256, unsplit, M = 4096) - the
@@ -17,8 +17,10 @@ layer (32 heads, 8 KV heads, 128 dims, block 16) in the four workloads: each can
 must equal the shipped config's bit for bit in every workload; timed against the default plan.
 
 Writes matmul_sweep.md (per shape and M: cuBLAS, the shipped choice, the best candidate with equal
-bits; per M the matmuls of one model step; the attention table) and matmul_sweep.json into --out
-(default $OUT).
+bits; per M the matmuls of one model step; per M the fastest single tile with equal bits under the
+shipped split rule - a bucket's constant, as code to paste into matmul_tiles._HALF_BUCKETS; the
+attention table), matmul_sweep.json and best_buckets.json (the bfloat16 buckets with those
+constants: `bench_deterministic_gpu.py --buckets` runs them) into --out (default $OUT).
 --smoke runs tiny fp32 shapes on CPU under TRITON_INTERPRET=1 (code paths only, no timing).
 """
 
@@ -58,20 +60,46 @@ CANDIDATES: dict[int, list[tuple[T, bool | None]]] = {
         (T(16, 256, 4, 3, "flat_tma"), None),
         (T(16, 128, 4, 4, "flat_tma", 128), None),
         (T(16, 128, 4, 3, "nested", 128), None),
+        (T(16, 128, 4, 4, "stream_tma", per_sm=2), None),
+        (T(16, 128, 4, 4, "stream_tma", per_sm=3), None),
     ],
     32: [
-        (T(32, 64, 4, 5, "flat"), None),
         (T(32, 64, 4, 5, "flat_tma"), None),
         (T(32, 128, 4, 4, "flat_tma"), None),
         (T(32, 64, 4, 4, "flat_tma", 128), None),
+        (T(32, 64, 4, 5, "stream_tma", per_sm=3), None),  # 53 KB, 114-122 regs
+        (T(32, 64, 4, 5, "stream_tma", per_sm=4), None),
+        (T(32, 128, 4, 4, "stream_tma", per_sm=3), None),  # 70 KB, 168 regs
+        (T(32, 256, 4, 3, "stream_tma", per_sm=2), None),  # 90 KB, 255 regs
+        (T(16, 128, 4, 4, "stream_tma", per_sm=3), None),  # 64 KB
     ],
     64: [
-        (T(64, 64, 4, 4, "flat"), None),
         (T(64, 64, 4, 4, "flat_tma"), None),
         (T(64, 64, 4, 6, "flat_tma"), None),
+        (T(64, 64, 4, 8, "flat_tma"), None),
+        (T(64, 64, 4, 4, "flat_tma"), True),
+        (T(64, 32, 4, 6, "flat_tma"), None),
+        (T(32, 64, 4, 5, "flat_tma"), None),
         (T(64, 128, 4, 4, "flat_tma"), None),
+        (T(64, 128, 4, 6, "flat_tma"), None),
+        (T(64, 128, 8, 4, "flat_tma"), None),
         (T(64, 256, 8, 3, "flat_tma"), None),
         (T(64, 64, 4, 4, "flat_tma", 128), None),
+        (T(64, 128, 4, 3, "flat_tma", 128), None),
+        # stream-K over whole chunks: no wave tail, the pipeline runs across chunks and tiles. per_sm
+        # only where that many programs fit on an SM (shared memory, registers: sm_90 compile, Triton 3.6)
+        (T(64, 64, 4, 4, "stream_tma", per_sm=2), None),  # 82 KB, 168-174 regs
+        (T(64, 64, 4, 3, "stream_tma", per_sm=2), None),
+        (T(64, 64, 4, 3, "stream_tma", per_sm=3), None),  # 66 KB
+        (T(64, 64, 4, 6, "stream_tma", per_sm=1), None),  # 115 KB
+        (T(64, 64, 4, 6, "stream_tma", per_sm=2), None),
+        (T(64, 32, 4, 6, "stream_tma", per_sm=2), None),  # 82 KB, 120 regs
+        (T(64, 128, 4, 3, "stream_tma", per_sm=2), None),  # 98 KB, 255 regs x 128 threads
+        (T(64, 128, 4, 4, "stream_tma", per_sm=1), None),  # 131 KB
+        (T(64, 128, 8, 4, "stream_tma", per_sm=1), None),  # 131 KB, 185 regs x 256 threads
+        (T(64, 256, 8, 3, "stream_tma", per_sm=1), None),  # 188 KB
+        (T(64, 128, 4, 3, "stream_tma", 128, per_sm=1), None),  # 180 KB
+        (T(32, 128, 4, 4, "stream_tma", per_sm=3), None),  # 70 KB
     ],
     4096: [
         (T(128, 256, 8, 3, "flat"), False),
@@ -96,6 +124,7 @@ def log(*args) -> None:
 
 def label(tiles: T, split: bool | None) -> str:
     lk = f"k{tiles.load_k}" if tiles.load_k else ""
+    lk += f"p{tiles.per_sm}" if tiles.kernel in ("persistent_tma", "stream_tma") else ""
     how = {None: "+rule", True: "+split", False: ""}[split]
     return f"{tiles.kernel} {tiles.block_m}x{tiles.block_n}w{tiles.num_warps}s{tiles.num_stages}{lk}{how}"
 
@@ -196,6 +225,39 @@ def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, w
     return "\n".join(lines)
 
 
+def _compile_candidates(cands: list[tuple[T, bool | None]]) -> int:
+    """One worker of --precompile: launch each candidate once per distinct compile (split or not,
+    K of 4 or 14 chunks) on small weights, filling Triton's on-disk cache for the sweep."""
+    torch.cuda.set_device(0)
+    mm, done = BatchInvariantMatmul(), 0
+    for k in (4096, 14336):
+        x = torch.randn(4096, k, device="cuda", dtype=torch.bfloat16)
+        for n in (256, 4096):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            for tiles, split in cands:
+                for rows in (1, 4096) if n == 4096 else (1,):
+                    try:
+                        mm.linear(x[:rows], w, tiles=tiles, split=split)
+                        done += 1
+                    except Exception:  # the sweep reports it
+                        pass
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(workers: int) -> None:
+    """Compile every candidate in `workers` processes at once (a fresh machine compiles ~70 kernels:
+    one by one, most of the sweep's time)."""
+    import multiprocessing
+
+    cands = [REFERENCE] + [c for m in CANDIDATES for c in CANDIDATES[m]]
+    slices = [cands[i::workers] for i in range(workers)]
+    t0 = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = sum(pool.map(_compile_candidates, slices))
+    log(f"[sweep] precompiled {done} launches in {workers} processes: {time.perf_counter() - t0:.0f} s")
+
+
 def sweep_shape(mm, results, name, n, k, device, dtype, timing: bool) -> None:
     w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
     x = torch.randn(max(CHECK_ROWS), k, device=device).to(dtype)
@@ -265,6 +327,7 @@ def summary(results) -> str:
                      f"{s['best']:.2f} ({s['best'] / s['cublas']:.2f}x) |")  # fmt: skip
     results["best"] = best_per_m
     results["step_ms"] = step
+    lines += bucket_choice(results, ok)
     bad = {k: v for k, v in results["bits"].items() if v}
     lines += ["", f"Bits: {len(bad)} candidates differ from the shipped prefill launch: "
               + ("; ".join(f"{k} at {v[:4]}" for k, v in bad.items()) or "none")
@@ -272,21 +335,77 @@ def summary(results) -> str:
     return "\n".join(lines)
 
 
+def tiles_code(tiles: T) -> str:
+    """The MatmulTiles(...) to paste into matmul_tiles._HALF_BUCKETS."""
+    default = T(16, 16, 4, 1)
+    extra = "".join([f', "{tiles.kernel}"' if tiles.kernel != default.kernel or tiles.load_k or tiles.per_sm != 1 else "",
+                     f", {tiles.load_k}" if tiles.load_k else "", f", per_sm={tiles.per_sm}" if tiles.per_sm != 1 else ""])  # fmt: skip
+    return f"MatmulTiles({tiles.block_m}, {tiles.block_n}, {tiles.num_warps}, {tiles.num_stages}{extra})"
+
+
+# A bucket changes only for a step at least this much faster: run to run, CUDA-graph times of one
+# kernel move by about 1% (23:59 UTC run: M = 1 "won" by 0.05%).
+MIN_BUCKET_GAIN = 0.02
+
+
+def bucket_choice(results, ok) -> list[str]:
+    """A bucket holds one tile for every shape: per swept M, each candidate that runs under the
+    shipped split rule (what a bucket does) with equal bits on every shape, summed over one model
+    step (the step table's counts); the fastest is the bucket's constant if it beats the shipped
+    one by MIN_BUCKET_GAIN. Writes the bfloat16 buckets with those constants into results["buckets"] (--buckets of
+    bench_deterministic_gpu.py takes that file)."""
+    lines = ["", "One tile per M bucket (what `matmul_tiles._HALF_BUCKETS` holds): a step's matmuls, ms, the "
+             "candidates under the shipped split rule with equal bits on every shape:", "",
+             "| M | shipped ms | best candidate | ms (x shipped) | constant |", "|---|---|---|---|---|"]  # fmt: skip
+    buckets = list(MT.BUCKETS["bfloat16"])
+    for m, cands in CANDIDATES.items():
+        rows = {name: results["speed"].get(f"{name} M={m}", {}) for name, *_ in SHAPES if name != "lm_head" or m <= 64}
+        rows = {name: r for name, r in rows.items() if "shipped" in r}  # the LM head may be cut short: the rest weigh in
+        if not rows or any(name not in rows for name, *_ in SHAPES if name != "lm_head"):
+            continue  # a layer shape not timed (cut short)
+        counts = {name: count for name, _, _, count in SHAPES}
+        total = lambda key: sum(r[key] * counts[name] / 1000 for name, r in rows.items())  # noqa: E731
+        shipped = total("shipped")
+        eligible = [(total(label(t, sp)), label(t, sp), t) for t, sp in cands
+                    if sp is None and ok(label(t, sp)) and all(label(t, sp) in r for r in rows.values())]  # fmt: skip
+        if not eligible:
+            continue
+        best_ms, best_key, best_tiles = min(eligible, key=lambda e: e[0])
+        wins = best_ms < shipped * (1 - MIN_BUCKET_GAIN)
+        if wins:
+            at = next(i for i, (top, _) in enumerate(buckets) if m <= top)
+            buckets[at] = (buckets[at][0], best_tiles)
+        lines.append(f"| {m} | {shipped:.3f} | {best_key} | {best_ms:.3f} ({best_ms / shipped:.3f}x) | "
+                     f"{tiles_code(best_tiles) if wins else 'keep the shipped tile'} |")  # fmt: skip
+    results["buckets"] = {"bfloat16": [[top, {f: getattr(t, f) for f in T.__slots__}] for top, t in buckets]}
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT"))
     parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--skip", default="", help="comma-separated: matmul,attention")
+    parser.add_argument("--ms", default="", help="comma-separated Ms of CANDIDATES to sweep (default: all)")
+    parser.add_argument("--precompile", type=int, default=0, help="compile the candidates in this many processes first")
     args = parser.parse_args()
     global SHAPES, CHECK_ROWS, CANDIDATES, REFERENCE
+    if args.ms:
+        CANDIDATES = {m: CANDIDATES[m] for m in map(int, args.ms.split(","))}
     device, dtype, timing = "cuda", torch.bfloat16, True
     if args.smoke:  # code paths only: the interpreter's dot is numpy's, so load widths differ there
         device, dtype, timing = "cpu", torch.float32, False
-        SHAPES, CHECK_ROWS = [("tiny", 96, 200, 1)], (1, 17, 40)
+        SHAPES, CHECK_ROWS = [("tiny", 96, 200, 1), ("whole-chunks", 96, 256, 1)], (1, 17, 40)
         MT.REDUCTION["float32"] = MT.ReductionOrder(16, 4)
         REFERENCE = (T(32, 32, 4, 2), False)
         CANDIDATES = {1: [(T(16, 32, 4, 2, "flat"), True), (T(16, 32, 4, 2, "flat_tma"), True)],
-                      40: [(T(32, 64, 4, 2, "flat_tma"), False), (T(32, 32, 4, 2, "flat_tma", 32), False)]}  # fmt: skip
+                      40: [(T(32, 64, 4, 2, "flat_tma"), False), (T(32, 32, 4, 2, "flat_tma", 32), False),
+                           (T(16, 32, 4, 2, "stream_tma", per_sm=2), None)]}  # fmt: skip
+    if args.precompile and device == "cuda" and "matmul" not in args.skip:
+        try:
+            precompile(args.precompile)
+        except Exception:  # the sweep then compiles as it goes
+            traceback.print_exc()
     torch.manual_seed(0)
     mm = BatchInvariantMatmul()
     results: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
@@ -305,6 +424,9 @@ def main() -> None:
             torch.cuda.empty_cache()
         if out:  # what a timeout would cut short stays
             out.mkdir(parents=True, exist_ok=True)
+            if timing:
+                (out / "matmul_sweep.md").write_text(summary(results) + "\n")
+                (out / "best_buckets.json").write_text(json.dumps(results["buckets"], indent=1))
             (out / "matmul_sweep.json").write_text(json.dumps(results, indent=1))
     if timing and out and "matmul" not in skip:  # the matmul table stands even if the attention part is cut short
         (out / "matmul_sweep.md").write_text(summary(results) + "\n")

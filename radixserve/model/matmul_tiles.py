@@ -13,7 +13,9 @@ output tile: BLOCK_M / BLOCK_N / warps / stages come from an M bucket (small til
 where a 128-row tile is 127/128 padding and leaves an 8B projection with 32 programs on 132
 SMs; 128 x 256 for prefill), and a launch whose tiles do not fill the GPU runs its chunks as
 separate programs (a fixed split-K) whose partial sums the last one to finish adds in chunk
-order - the same additions, so the same bits, as one program walking every chunk.
+order - the same additions, so the same bits, as one program walking every chunk. The
+`stream_tma` form cuts the same (tile, chunk) units into one contiguous run per program instead
+(stream-K in whole chunks: no wave tail; partials only where a tile straddles runs).
 
 The one assumption (vLLM's batch-invariant tables make it too): a tensor core gives an output
 element the same bits whatever tile shape the MMA instruction is issued in. Measured on an H200
@@ -54,12 +56,18 @@ class MatmulTiles:
     # The K loop's form: "nested" (a loop per chunk inside a loop over chunks: the pipeline drains
     # at every chunk end) or "flat" (one pipelined loop over every step, the chunk's sum added to
     # the total when its last step is done); "flat_tma" loads A and W tiles with TMA descriptors;
-    # "persistent_tma": flat_tma in one program per SM looping over output tiles (never split).
-    # Same MMA steps, same additions: the probe checks the bits of every one it ships.
+    # "persistent_tma": flat_tma in one program per SM looping over output tiles (never split);
+    # "stream_tma": stream-K over whole K chunks - the (output tile, K chunk) units, tile-major,
+    # cut into per_sm * SMs contiguous runs of near-equal length, each walked in one pipelined
+    # loop, every chunk's sum merged in chunk order by the tile's last arrival (a split launch
+    # whose programs each take several units: no wave tail). Same MMA steps, same additions: the
+    # probe checks the bits of every one it ships.
     kernel: str = "nested"
     # K width of one load (0: the order's BLOCK_K). A multiple of the order's BLOCK_K chains the
     # same k16 MMA instructions in the same order (checked by the probe, like any tile).
     load_k: int = 0
+    # Programs per SM of the persistent forms (persistent_tma, stream_tma).
+    per_sm: int = 1
 
     def step_k(self, order: "ReductionOrder") -> int:
         """The K width of one loop step for this order (a multiple of BLOCK_K dividing the chunk)."""
@@ -89,10 +97,14 @@ REDUCTION = {
 # pointer-loaded flat loop was 5x slower still (no pipelining); persistent_tma 2-8% behind. At M=1
 # flat_tma 16x128 took a step's matmuls from 4.43 to 4.28 ms (o 11.3 -> 8.9 us). At M=32 and 64
 # no candidate beat the nested kernel: those buckets stay.
+# M in (32, 64] (the cached TTFT's 64 new tokens): the sweep of 2026-11-30 23:59 UTC (H200, 0 bit
+# mismatches among 38 candidates at M = 1 ... 4096) put flat_tma 64x64 w4 s6 first as one tile for
+# every shape: a step's matmuls 5.17 vs 5.82 ms nested 64x64 s4 (cuBLAS 4.19), mostly gate_up
+# (unsplit, 448 programs: 63.4 vs 80.3 us) and down (split: 54.4 vs 58.9); qkv and o within 0.3 us.
 _HALF_BUCKETS: tuple[tuple[int, MatmulTiles], ...] = (
     (16, MatmulTiles(16, 128, 4, 4, "flat_tma")),
     (32, MatmulTiles(32, 64, 4, 5)),
-    (64, MatmulTiles(64, 64, 4, 4)),
+    (64, MatmulTiles(64, 64, 4, 6, "flat_tma")),
     (256, MatmulTiles(64, 128, 4, 4)),
     (1 << 62, MatmulTiles(128, 256, 8, 3, "flat_tma")),
 )
@@ -103,7 +115,7 @@ BUCKETS: dict[str, tuple[tuple[int, MatmulTiles], ...]] = {
     "float32": ((1 << 62, MatmulTiles(128, 128, 8, 3)),),
 }
 
-KERNELS = ("nested", "flat", "flat_tma", "persistent_tma")
+KERNELS = ("nested", "flat", "flat_tma", "persistent_tma", "stream_tma")
 GROUP_M = 8  # row tiles that sweep the column tiles together (weight tiles stay in L2)
 SPLIT_FILL = 2  # split K when a launch has fewer output tiles than this many per SM
 
@@ -131,8 +143,10 @@ class MatmulLaunch:
 
     order: ReductionOrder
     tiles: MatmulTiles
-    split: bool  # one program per (output tile, K chunk), merged in chunk order by the last one
-    grid: tuple[int, int]  # (output tiles, K chunks if split else 1)
+    # Chunk sums go through fp32 partials merged in chunk order by the tile's last arrival: one
+    # program per (output tile, K chunk), or (stream_tma) per run of such units.
+    split: bool
+    grid: tuple[int, int]  # (output tiles, K chunks if split else 1); stream_tma: (runs, 1)
 
     def k_schedule(self, k: int) -> list[list[int]]:
         """The K offsets each chunk's MMA steps start at, chunk by chunk in the order their sums
@@ -159,12 +173,19 @@ def plan_launch(
     if tiles.kernel not in KERNELS:
         raise ValueError(f"deterministic matmul: unknown kernel {tiles.kernel!r} ({', '.join(KERNELS)})")
     out_tiles = -(-m // tiles.block_m) * -(-n // tiles.block_n)
+    chunks = order.num_chunks(k)
+    if tiles.kernel == "stream_tma":
+        # Its units are whole chunks: K must be whole chunks (a partial last chunk would need a
+        # shorter unit) and the tiles within the arrival counters; else the flat_tma launch.
+        if k % order.chunk == 0 and chunks > 1 and out_tiles <= max_split_tiles and split is not False:
+            return MatmulLaunch(order, tiles, True, (min(out_tiles * chunks, num_sms * tiles.per_sm), 1))
+        tiles = replace(tiles, kernel="flat_tma")
     if split is None:
         split = out_tiles < SPLIT_FILL * num_sms  # the rule of split_chunks, on these tiles
-    split = split and order.num_chunks(k) > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
+    split = split and chunks > 1 and out_tiles <= max_split_tiles and tiles.kernel != "persistent_tma"
     if tiles.kernel == "persistent_tma":
-        return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms), 1))
-    return MatmulLaunch(order, tiles, split, (out_tiles, order.num_chunks(k) if split else 1))
+        return MatmulLaunch(order, tiles, False, (min(out_tiles, num_sms * tiles.per_sm), 1))
+    return MatmulLaunch(order, tiles, split, (out_tiles, chunks if split else 1))
 
 
 def split_chunks(m: int, n: int, k: int, dtype: str, num_sms: int, max_tiles: int) -> bool:

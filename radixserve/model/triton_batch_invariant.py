@@ -16,12 +16,16 @@ Only imported on a CUDA device (or under TRITON_INTERPRET=1): CI has no Triton.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from radixserve.model.matmul_tiles import GROUP_M, MatmulTiles, plan_launch
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Arrival counters of split launches (one per output tile); a launch with more output tiles
 # than this does not split (it never needs to: it fills the GPU).
@@ -192,6 +196,121 @@ def _matmul_kernel_flat(
                    GROUP, SPLIT, HAS_BIAS, IEEE, TMA, NUM_STAGES)  # fmt: skip
 
 
+@triton.jit
+def _cta_barrier(token, INTERPRET: tl.constexpr):
+    """bar.sync 0 (what tl.debug_barrier emits) as side-effecting inline asm: Triton 3.6 does not
+    software-pipeline a loop whose body holds a tl.debug_barrier (checked by compiling for sm_90:
+    one stage of shared memory instead of NUM_STAGES), but does with this. The interpreter runs
+    no PTX: there, tl.debug_barrier."""
+    if INTERPRET:
+        tl.debug_barrier()
+    else:
+        tl.inline_asm_elementwise("bar.sync 0;\n mov.u32 $0, $1;", "=r,r", [token], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, prefix_chunk, offs_m, offs_n,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_CHUNKS: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """The tile's last arrival: part[prefix_chunk] (chunks 0 ... prefix_chunk already summed in
+    order by one program) plus part[prefix_chunk + 1], ... in chunk order, the bias, the store."""
+    out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    # .cg: the partials were just written by other SMs (bypass L1)
+    merged = tl.load(part_ptr + prefix_chunk.to(tl.int64) * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+    # A loop, not unrolled: unrolled, 64x128 tiles on 4 warps spilled (255 registers + 168 bytes).
+    for c in range(prefix_chunk + 1, N_CHUNKS):
+        merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        merged += tl.load(bias_ptr + tl.where(offs_n < N, offs_n, 0)).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :], merged.to(c_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(counters_ptr + tile, 0)  # ready for the next launch
+
+
+@triton.jit(do_not_specialize=["M"])
+def _matmul_kernel_stream(
+    a_ptr, w_ptr, a_desc, w_desc, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    N_CHUNKS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, TMA: tl.constexpr,
+    NUM_STAGES: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """Stream-K over whole K chunks (K = N_CHUNKS chunks exactly). The units (output tile, K
+    chunk), tile-major, are cut into one contiguous run per program, walked in one pipelined
+    loop, each chunk's MMA steps from a zero accumulator. A tile the run holds from chunk 0 is
+    summed in registers in chunk order (the unsplit kernel's additions): stored to c if the run
+    holds all of it, else parked as a prefix sum in part[last chunk held]; the chunks of a tile
+    begun by an earlier run are parked one by one in part[chunk]. The tile's last arrival (the
+    arrivals count chunks) adds the prefix and the later chunks in order - the same additions,
+    so the same bits as one program walking every chunk."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    units = num_pid_m * num_pid_n * N_CHUNKS
+    programs = tl.num_programs(0)
+    pid = tl.program_id(0).to(tl.int64)
+    first = (pid * units // programs).to(tl.int32)
+    last = ((pid + 1) * units // programs).to(tl.int32)
+    per_group = GROUP * num_pid_n
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in tl.range(first * CHUNK_STEPS, last * CHUNK_STEPS, num_stages=NUM_STAGES):
+        unit = step // CHUNK_STEPS
+        tile = unit // N_CHUNKS
+        first_m = (tile // per_group) * GROUP
+        size_m = tl.minimum(num_pid_m - first_m, GROUP)
+        pid_m = first_m + (tile % per_group) % size_m
+        pid_n = (tile % per_group) // size_m
+        k0 = (step - tile * (N_CHUNKS * CHUNK_STEPS)) * BLOCK_K
+        if TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            w = w_desc.load([pid_n * BLOCK_N, k0]).T
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+            rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+            a = tl.load(a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :])
+            w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None])
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        if step % CHUNK_STEPS == CHUNK_STEPS - 1:  # the chunk's sum is done
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+            chunk = unit - tile * N_CHUNKS
+            tile_start = tile * N_CHUNKS
+            if tile_start >= first:  # this run holds the tile from chunk 0
+                total += acc
+                if chunk == N_CHUNKS - 1:  # ... to its end: no partials
+                    if HAS_BIAS:
+                        total += tl.load(bias_ptr + tl.where(offs_n < N, offs_n, 0)).to(tl.float32)[None, :]
+                    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+                    tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+                    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                elif unit == last - 1:  # ... up to the run's end: park the prefix sum
+                    tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
+                    _cta_barrier(chunk, INTERPRET)  # every thread's partial is stored before the arrival is counted
+                    arrived = tl.atomic_add(counters_ptr + tile, chunk + 1, sem="acq_rel", scope="gpu")
+                    if arrived + chunk + 1 == N_CHUNKS:
+                        _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, chunk, offs_m,
+                                      offs_n, BLOCK_M, BLOCK_N, N_CHUNKS, HAS_BIAS)  # fmt: skip
+            else:  # a tile begun by an earlier run: park this chunk alone
+                tl.store(part_ptr + chunk.to(tl.int64) * M * N + part_rows, acc, mask=out_mask)
+                _cta_barrier(chunk, INTERPRET)
+                arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived + 1 == N_CHUNKS:
+                    # The prefix: chunks 0 ... the end of the run that began the tile (its owner
+                    # is the program p with first(p) <= tile_start < first(p + 1)).
+                    owner = ((tile_start.to(tl.int64) + 1) * programs - 1) // units
+                    owner_last = ((owner + 1) * units // programs).to(tl.int32)
+                    prefix_chunk = tl.minimum(owner_last, tile_start + N_CHUNKS) - tile_start - 1
+                    _stream_merge(part_ptr, bias_ptr, c_ptr, counters_ptr, M, N, stride_cm, tile, prefix_chunk, offs_m,
+                                  offs_n, BLOCK_M, BLOCK_N, N_CHUNKS, HAS_BIAS)  # fmt: skip
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """A TMA descriptor needs a 16-byte aligned base and row stride (else the pointer loads run)."""
     return t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
@@ -252,7 +371,7 @@ class BatchInvariantMatmul:
             elem_bytes=weight.element_size(), max_split_tiles=MAX_SPLIT_TILES, tiles=tiles, split=split,
         )  # fmt: skip
         if launch.split:
-            part = torch.empty(launch.grid[1], M, N, dtype=torch.float32, device=x.device)
+            part = torch.empty(launch.order.num_chunks(K), M, N, dtype=torch.float32, device=x.device)
             counters = self._arrival_counters(x.device)
         else:
             part = counters = c  # unused
@@ -266,10 +385,19 @@ class BatchInvariantMatmul:
                 GROUP=GROUP_M, SPLIT=launch.split, HAS_BIAS=bias is not None, IEEE=weight.dtype == torch.float32,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages,
             )  # fmt: skip
+            return c.view(*lead, N)
+        tma = tiles.kernel.endswith("_tma") and _tma_ok(a) and _tma_ok(weight)
+        a_desc = TensorDescriptor.from_tensor(a, [tiles.block_m, step_k]) if tma else a
+        w_desc = TensorDescriptor.from_tensor(weight, [tiles.block_n, step_k]) if tma else weight
+        if tiles.kernel == "stream_tma":
+            _matmul_kernel_stream[launch.grid](
+                a, weight, a_desc, w_desc, bias_arg, c, part, counters, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
+                BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=step_k, CHUNK_STEPS=order.chunk // step_k,
+                N_CHUNKS=order.num_chunks(K), GROUP=GROUP_M, HAS_BIAS=bias is not None,
+                IEEE=weight.dtype == torch.float32, TMA=tma, NUM_STAGES=tiles.num_stages, INTERPRET=_INTERPRET,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            )  # fmt: skip
         else:
-            tma = tiles.kernel.endswith("_tma") and _tma_ok(a) and _tma_ok(weight)
-            a_desc = TensorDescriptor.from_tensor(a, [tiles.block_m, step_k]) if tma else a
-            w_desc = TensorDescriptor.from_tensor(weight, [tiles.block_n, step_k]) if tma else weight
             _matmul_kernel_flat[launch.grid](
                 a, weight, a_desc, w_desc, bias_arg, c, part, counters, M, N, K, a.stride(0), weight.stride(0), c.stride(0),
                 BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=step_k, CHUNK_STEPS=order.chunk // step_k,

@@ -191,6 +191,43 @@ def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
 
 
 @pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("sms", [1, 3, 7, 132])
+def test_triton_linear_stream_k_runs_merge_to_the_same_bits(monkeypatch, sms):
+    """stream_tma: the (tile, chunk) units cut into runs that start and end anywhere inside a
+    tile (a GPU of 1, 3, 7 or 132 SMs, 1-3 programs each) give every row the bits of one program
+    walking every chunk; a K of partial chunks falls back to flat_tma with the same bits."""
+    pytest.importorskip("triton")
+    from radixserve.model import matmul_tiles as MT
+    from radixserve.model import triton_batch_invariant as TB
+
+    device = "cpu" if INTERPRET else "cuda"
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    order = MT.REDUCTION[name]
+    monkeypatch.setitem(MT.REDUCTION, name, MT.ReductionOrder(order.block_k, 2))
+    monkeypatch.setattr(TB, "_num_sms", lambda device: sms)
+    gen = torch.Generator().manual_seed(5)
+    n = 200
+    mm = TB.BatchInvariantMatmul()
+    block_m = 16 if INTERPRET else 64
+    for k in (order.block_k * 10, order.block_k * 11 - 8):  # 5 whole chunks; 5.5 chunks
+        weight = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
+        bias = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+        x = torch.randn(40, k, generator=gen).to(device=device, dtype=dtype)
+        reference = mm.linear(x, weight, bias, tiles=MT.MatmulTiles(block_m, 32, 4, 2, "flat_tma"), split=False)
+        ref = F.linear(x.float(), weight.float(), bias.float())
+        assert ((reference.float() - ref).norm() / ref.norm()).item() < (1e-5 if INTERPRET else 1e-2)
+        for per_sm in (1, 3):
+            tiles = MT.MatmulTiles(block_m, 32, 4, 2, "stream_tma", per_sm=per_sm)
+            for rows in (1, 17, 40):
+                for with_bias in (True, False):
+                    out = mm.linear(x[:rows], weight, bias if with_bias else None, tiles=tiles)
+                    want = reference[:rows] if with_bias else mm.linear(x[:rows], weight, tiles=tiles, split=False)
+                    assert torch.equal(out, want), (k, per_sm, rows, with_bias)
+    assert int(mm._arrival_counters(x.device).abs().sum()) == 0  # every stream launch reset its counters
+
+
+@pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 def test_triton_attention_split_and_walked_key_chunks_give_the_same_bits(monkeypatch):
     """Deterministic attention: one program per key chunk merged in chunk order, and one program
     walking every chunk, fold the same partials the same way (the plan picks by GPU fill)."""

@@ -29,14 +29,18 @@ def test_a_rows_k_schedule_never_depends_on_m(m1, m2, n, k, dtype, sms):
     assert flat == list(range(0, k, a.order.block_k))
     for plan in (a, b):
         assert plan.tiles.block_m % 16 == 0 and plan.tiles.block_n % 16 == 0  # whole MMA tiles
-        assert plan.grid[1] == (len(plan.k_schedule(k)) if plan.split else 1)
+        assert plan.grid[1] == (len(plan.k_schedule(k)) if plan.split and plan.tiles.kernel != "stream_tma" else 1)
 
 
 @given(m=st.integers(1, 70000), n=st.integers(1, 200000), k=st.integers(1, 40000), dtype=st.sampled_from(DTYPES))
 def test_the_grid_covers_every_output_tile(m, n, k, dtype):
     plan = launch(m, n, k, dtype)
+    out_tiles = -(-m // plan.tiles.block_m) * -(-n // plan.tiles.block_n)
+    if plan.tiles.kernel == "stream_tma":  # runs over (tile, chunk) units: at most one a unit
+        assert plan.grid[0] == min(out_tiles * plan.order.num_chunks(k), 132 * plan.tiles.per_sm)
+        return
     assert plan.grid[0] * plan.tiles.block_m * plan.tiles.block_n >= m * n
-    assert plan.grid[0] == -(-m // plan.tiles.block_m) * -(-n // plan.tiles.block_n)
+    assert plan.grid[0] == out_tiles
 
 
 def test_decode_gets_small_tiles_and_a_split_prefill_neither():
@@ -108,8 +112,26 @@ def test_a_persistent_launch_runs_one_program_per_sm_at_most_and_never_splits():
 def test_the_split_rule_counts_the_tiles_the_launch_runs(m, n, k):
     """Without an override the launch splits exactly as split_chunks says for the bucket's tiles;
     with other tiles, by those tiles' own count (the sweep times candidates under the rule)."""
-    assert launch(m, n, k, "bfloat16").split == MT.split_chunks(m, n, k, "bfloat16", 132, 1 << 14)
+    plan = launch(m, n, k, "bfloat16")
+    if MT.tiles_for(m, "bfloat16").kernel == "stream_tma":  # a stream bucket: whole chunks or flat_tma by the rule
+        order = MT.reduction_order("bfloat16")
+        if k % order.chunk == 0 and order.num_chunks(k) > 1 and plan.tiles.kernel == "stream_tma":
+            assert plan.split
+            return
+    assert plan.split == MT.split_chunks(m, n, k, "bfloat16", 132, 1 << 14)
     wide = MT.MatmulTiles(64, 256, 8, 3)
     out_tiles = -(-m // 64) * -(-n // 256)
     expect = out_tiles < MT.SPLIT_FILL * 132 and MT.reduction_order("bfloat16").num_chunks(k) > 1
     assert launch(m, n, k, "bfloat16", tiles=wide).split == expect
+
+
+def test_a_stream_launch_cuts_whole_chunks_into_per_sm_runs_or_falls_back_to_flat_tma():
+    tiles = MT.MatmulTiles(64, 128, 4, 4, "stream_tma", per_sm=2)
+    down = launch(64, 4096, 14336, "bfloat16", tiles=tiles)
+    assert down.split and down.grid == (2 * 132, 1)  # 32 tiles x 14 chunks = 448 units on 264 runs
+    small = launch(64, 256, 4096, "bfloat16", tiles=tiles)
+    assert small.grid == (2 * 4, 1)  # 2 tiles x 4 chunks: one unit a program
+    assert down.k_schedule(14336) == launch(64, 4096, 14336, "bfloat16").k_schedule(14336)
+    for k, kw in ((4096 + 64, {}), (1024, {}), (4096, {"split": False}), (4096, {"max_split_tiles": 31})):
+        plan = launch(64, 4096, k, "bfloat16", tiles=tiles, **kw)  # part chunk / 1 chunk / no split / no counters
+        assert plan.tiles.kernel == "flat_tma" and plan.grid[0] == 32
