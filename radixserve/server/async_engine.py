@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixserve.engine import LLMEngine
-from radixserve.request import CachePin, CachePolicy, RequestOutput, choice_request_ids
+from radixserve.request import RequestOutput, choice_request_ids
 from radixserve.sampling import SamplingParams
 from radixserve.server.engine_client import (  # noqa: F401 - RequestStream and the errors: re-exported
     ENGINE_CALLS,
@@ -28,6 +28,7 @@ from radixserve.server.engine_client import (  # noqa: F401 - RequestStream and 
     EngineDeadError,
     EngineInfo,
     RequestFailedError,
+    RequestOptions,
     RequestStream,
     merge_streams,
 )
@@ -104,25 +105,16 @@ class AsyncEngine(EngineClient):
         return await self.call(ENGINE_CALLS[name].fn, self.engine, *args)
 
     async def add_choices(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        request_id: str,
-        namespace: str = "",
-        cache_pins: list[CachePin] | None = None,
-        arrival_time: float | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        cache_report_namespaces: tuple[str, ...] = (),
+        self, prompt_token_ids: list[int], params: SamplingParams, options: RequestOptions
     ) -> list[RequestStream]:
-        ids = choice_request_ids(request_id, params.n)
+        ids = choice_request_ids(options.request_id, params.n)
         queues = {rid: asyncio.Queue() for rid in ids}
         self._streams.update(queues)
         try:
             await self.call(
-                self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time,
-                cache_policy, cache_report, cache_report_namespaces,
+                self.engine.add_request, prompt_token_ids, params, options.request_id, options.namespace,
+                options.cache_pins, options.arrival_time, options.cache_policy, options.cache_report,
+                options.cache_report_namespaces,
             )
         except asyncio.CancelledError:
             # the add may still run on the engine thread: make sure the request dies with us

@@ -49,6 +49,20 @@ def joined(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """A request's options besides its prompt and sampling (LLMEngine.add_request's), defined
+    once for every EngineClient and the calls into them."""
+
+    request_id: str
+    namespace: str = ""  # the tenant's cache namespace
+    cache_pins: list[CachePin] | None = None
+    arrival_time: float | None = None
+    cache_policy: CachePolicy = CachePolicy.READ_WRITE
+    cache_report: bool = False  # the final output carries a CacheReport ...
+    cache_report_namespaces: tuple[str, ...] = ()  # ... which may name these other namespaces of the caller
+
+
 class RequestStream:
     """The outputs of one request, in order; iterate with `async for`.
 
@@ -228,25 +242,15 @@ class EngineClient(abc.ABC):
 
     # ---- requests -------------------------------------------------------------------------
     async def add_request(self, prompt_token_ids: list[int], params: SamplingParams, **options: Any) -> RequestStream:
-        """Queue a request (params.n == 1; options as add_choices); returns once the engine
-        accepted it. Bad input raises here (InvalidRequestError, PromptTooLongError), before any
-        response has been started."""
+        """Queue a request (params.n == 1; `options`: the fields of RequestOptions); returns once
+        the engine accepted it. Bad input raises here (InvalidRequestError, PromptTooLongError),
+        before any response has been started."""
         assert params.n == 1, "add_choices takes n > 1"
-        return (await self.add_choices(prompt_token_ids, params, **options))[0]
+        return (await self.add_choices(prompt_token_ids, params, RequestOptions(**options)))[0]
 
     @abc.abstractmethod
     async def add_choices(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        request_id: str,
-        namespace: str = "",
-        cache_pins: list[CachePin] | None = None,
-        arrival_time: float | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        cache_report_namespaces: tuple[str, ...] = (),
+        self, prompt_token_ids: list[int], params: SamplingParams, options: RequestOptions
     ) -> list[RequestStream]:
         """Queue a request of params.n choices (one prefill, shared); one stream per choice, in
         index order. Bad input raises here, as in add_request."""
