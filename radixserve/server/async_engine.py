@@ -110,22 +110,12 @@ class AsyncEngine(EngineClient):
         ids = choice_request_ids(options.request_id, params.n)
         queues = {rid: asyncio.Queue() for rid in ids}
         self._streams.update(queues)
-        try:
-            await self.call(
-                self.engine.add_request, prompt_token_ids, params, options.request_id, options.namespace,
-                options.cache_pins, options.arrival_time, options.cache_policy, options.cache_report,
-                options.cache_report_namespaces,
-            )
-        except asyncio.CancelledError:
-            # the add may still run on the engine thread: make sure the request dies with us
-            for rid in ids:
-                self._streams.pop(rid, None)
-                self.abort(rid)
-            raise
-        except BaseException:
-            for rid in ids:
-                self._streams.pop(rid, None)
-            raise
+        add = self.call(
+            self.engine.add_request, prompt_token_ids, params, options.request_id, options.namespace,
+            options.cache_pins, options.arrival_time, options.cache_policy, options.cache_report,
+            options.cache_report_namespaces,
+        )
+        await self._until_accepted(add, ids, self._streams)
         return [RequestStream(self, rid, queues[rid]) for rid in ids]
 
     def abort(self, request_id: str) -> None:

@@ -15,7 +15,7 @@ import abc
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -258,6 +258,19 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         """Abort a request (returns at once); its final output still arrives."""
+
+    async def _until_accepted(self, add: Awaitable[Any], ids: list[str], streams: dict[str, Any]) -> None:
+        """Await `add`, the engine accepting the choices `ids`. If it fails their `streams` go;
+        if the caller is cancelled they are aborted too: the add may still run in the engine,
+        and the request must die with its caller."""
+        try:
+            await add
+        except BaseException as e:
+            for rid in ids:
+                streams.pop(rid, None)
+                if isinstance(e, asyncio.CancelledError):
+                    self.abort(rid)
+            raise
 
     # ---- named engine calls -----------------------------------------------------------------
     @abc.abstractmethod

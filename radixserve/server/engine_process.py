@@ -220,21 +220,11 @@ class EngineProcessClient(EngineClient):
         pins = [wire.WirePin(p.num_tokens, p.ttl, p.refresh, p.owner) for p in options.cache_pins or ()]
         policy = options.cache_policy
         policy = policy.value if isinstance(policy, CachePolicy) else str(policy)
-        try:
-            await self._call(type(None), lambda call_id: wire.AddRequest(
-                call_id, options.request_id, prompt_token_ids, _params_map(params), options.namespace, pins,
-                options.arrival_time, policy, options.cache_report, list(options.cache_report_namespaces),
-            ))
-        except asyncio.CancelledError:
-            # the add may still run in the core: make sure the request dies with us
-            for rid in ids:
-                self._streams.pop(rid, None)
-                self.abort(rid)
-            raise
-        except BaseException:
-            for rid in ids:
-                self._streams.pop(rid, None)
-            raise
+        add = self._call(type(None), lambda call_id: wire.AddRequest(
+            call_id, options.request_id, prompt_token_ids, _params_map(params), options.namespace, pins,
+            options.arrival_time, policy, options.cache_report, list(options.cache_report_namespaces),
+        ))
+        await self._until_accepted(add, ids, self._streams)
         return [RequestStream(self, rid, records[rid].queue) for rid in ids]
 
     def abort(self, request_id: str) -> None:
