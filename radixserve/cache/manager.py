@@ -206,10 +206,10 @@ class KVCacheManager:
         self.cost_model.observe_read("storage", nbytes, seconds)
         self.load_seconds.append(("storage", seconds))
 
-    def wait_for_loading(self, timeout: float) -> None:
-        """Wait up to `timeout` s for a background storage read to end (nothing else to run)."""
-        if self.prefetcher is not None:
-            self.prefetcher.wait(timeout)
+    def wait_for_loading(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a background storage read to end (nothing else to run).
+        False if no read was running or had just ended: nothing was waited for."""
+        return self.prefetcher is not None and self.prefetcher.wait(timeout)
 
     def _probe_lower_tiers(self, request: Request) -> StorageProbe:
         """Key the request's cacheable blocks and find the store's leading run past the device

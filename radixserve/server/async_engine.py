@@ -158,7 +158,7 @@ class AsyncEngine(EngineClient):
             self._post(self._deliver, [result])
 
     def _step(self) -> None:
-        steps_before = self.engine.stats.steps
+        stalled_before = self.engine.stats.stalled_steps
         try:
             outputs = self.engine.step()
         except Exception as e:  # a bug, not bad input: fail the running requests, keep serving
@@ -167,8 +167,9 @@ class AsyncEngine(EngineClient):
             return
         if outputs:
             self._post(self._deliver, outputs)
-        elif self.engine.stats.steps == steps_before:
-            # nothing could be scheduled (e.g. the pool is full of pinned blocks): don't spin
+        elif self.engine.stats.stalled_steps != stalled_before:
+            # nothing could be scheduled (e.g. the pool is full of pinned blocks): don't spin. A step
+            # with only loading requests already waited on their reads: it is followed at once.
             with self._cond:
                 if not self._commands and not self._stopping:
                     self._cond.wait(0.01)
