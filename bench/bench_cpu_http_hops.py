@@ -37,6 +37,7 @@ from radixserve.benchmark.suite import _free_port  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from radixserve.engine import LLMEngine  # noqa: E402
 from radixserve.model.loader import load_model  # noqa: E402
+from tests.live_server import wait_until_healthy  # noqa: E402
 
 HOPS = [  # (label, from, to)
     ("client -> app", "client_send", "asgi_start"),
@@ -75,16 +76,7 @@ class HopsServer:
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)  # fmt: skip
 
     def wait_ready(self) -> None:
-        for _ in range(600):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: see {self.log.name}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("the server did not start")
+        wait_until_healthy(self.url, self.process, lambda: f"the server exited: see {self.log.name}")
 
     def side(self):
         from openai import OpenAI

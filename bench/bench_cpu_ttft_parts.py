@@ -39,6 +39,13 @@ def timed(fn) -> tuple[float, float]:
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
+def median_row(title: str, samples: list[tuple[float, float]], decimals: int) -> list:
+    """A table row: title, samples, median CPU and wall time (ms) of `timed` samples."""
+    cpu = statistics.median(s[0] for s in samples)
+    wall = statistics.median(s[1] for s in samples)
+    return [title, len(samples), f"{cpu * 1000:.{decimals}f} ms", f"{wall * 1000:.{decimals}f} ms"]
+
+
 def forward_rows(loaded, rounds: int, profile: bool = False) -> list[list[str]]:
     model = loaded.model
     num_blocks = (CACHED + NEW + BLOCK_SIZE - 1) // BLOCK_SIZE
@@ -68,13 +75,8 @@ def forward_rows(loaded, rounds: int, profile: bool = False) -> list[list[str]]:
                 step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     model.set_packed_weights(False)
-    rows = []
-    for packed, label in ((False, "F.linear (before)"), (True, "oneDNN-packed weights")):
-        cpu = statistics.median(s[0] for s in samples[packed])
-        wall = statistics.median(s[1] for s in samples[packed])
-        rows.append([f"forward, {NEW} new over {CACHED} cached + LM head: {label}", len(samples[packed]),
-                     f"{cpu * 1000:.1f} ms", f"{wall * 1000:.1f} ms"])  # fmt: skip
-    return rows
+    return [median_row(f"forward, {NEW} new over {CACHED} cached + LM head: {label}", samples[packed], 1)
+            for packed, label in ((False, "F.linear (before)"), (True, "oneDNN-packed weights"))]
 
 
 def tokenize_rows(loaded, rounds: int) -> list[list[str]]:
@@ -87,13 +89,8 @@ def tokenize_rows(loaded, rounds: int) -> list[list[str]]:
             fresh = tok if memory else Tokenizer(tok.backend, chat_template=tok.chat_template,
                                                  bos_token=tok.bos_token, eos_token=tok.eos_token)  # fmt: skip
             samples[memory].append(timed(lambda t=fresh: build_prompt(t, turns)))
-    rows = []
-    for memory, label in ((False, "each piece tokenized (before)"), (True, "long pieces remembered")):
-        cpu = statistics.median(s[0] for s in samples[memory])
-        wall = statistics.median(s[1] for s in samples[memory])
-        rows.append([f"build_prompt, {SYSTEM_TOKENS}-token system prompt + question: {label}", len(samples[memory]),
-                     f"{cpu * 1000:.2f} ms", f"{wall * 1000:.2f} ms"])  # fmt: skip
-    return rows
+    return [median_row(f"build_prompt, {SYSTEM_TOKENS}-token system prompt + question: {label}", samples[memory], 2)
+            for memory, label in ((False, "each piece tokenized (before)"), (True, "long pieces remembered"))]
 
 
 def main() -> None:

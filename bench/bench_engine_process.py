@@ -40,6 +40,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.live_server import wait_until_healthy  # noqa: E402
+
 
 def log(*args) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *args, flush=True)
@@ -127,21 +129,6 @@ def start_server(mode: str, args, log_dir: Path, env: dict) -> tuple[subprocess.
     env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=env)
     return proc, f"http://127.0.0.1:{port}", log_path
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, log_path: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited:\n{log_path.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not start")
-        time.sleep(0.5)
 
 
 async def _client_share(base: str, prompts: list[list[int]], concurrency: int, out_len: int,
@@ -296,7 +283,7 @@ def main() -> None:
             servers[mode] = start_server(mode, args, out, server_env)
         for mode in http_modes:
             proc, base, log_path = servers[mode]
-            wait_healthy(proc, base, log_path)
+            wait_until_healthy(base, proc, lambda: f"server exited:\n{log_path.read_text()[-3000:]}", timeout=900)
         log(f"servers up in {time.perf_counter() - t0:.1f} s")
         if http_modes and vocab is None:
             from radixserve.config import ModelConfig

@@ -29,11 +29,10 @@ from radixserve.benchmark.text import TextGenerator  # noqa: E402
 from radixserve.cache.manager import KVCacheManager  # noqa: E402
 from radixserve.config import ModelConfig  # noqa: E402
 from radixserve.model.loader import load_model  # noqa: E402
-from radixserve.request import Request  # noqa: E402
-from radixserve.sampling import SamplingParams  # noqa: E402
 from radixserve.security.audit import AuditConfig, run_audit  # noqa: E402
 from radixserve.server import ServerConfig  # noqa: E402
 from radixserve.server.probe_guard import ProbeRateLimiter  # noqa: E402
+from tests.cache.manager_helpers import run_request  # noqa: E402
 
 
 def floor_audit(loaded, args) -> list[list[object]]:
@@ -74,16 +73,6 @@ def limiter_cost(loaded, text: TextGenerator, rounds: int) -> list[list[object]]
             ["short request over HTTP, limiter on", f"{on * 1000:.0f} ms", f"{on / off:.2f}"]]
 
 
-def _run(cache: KVCacheManager, rid: str, tokens: list[int], namespace: str, report: bool) -> None:
-    request = Request(request_id=rid, prompt=None, prompt_token_ids=tokens, sampling=SamplingParams(max_tokens=1),
-                      namespace=namespace, want_cache_report=report)
-    cached = cache.admit(request)
-    n = request.num_tokens - cached
-    assert cache.allocate_slots(request, n)
-    cache.advance(request, n)
-    cache.free(request)
-
-
 def bookkeeping_cost(num_requests: int) -> list[list[object]]:
     rng = random.Random(3)
     shared = [rng.randrange(50000) for _ in range(512)]
@@ -103,7 +92,7 @@ def bookkeeping_cost(num_requests: int) -> list[list[object]]:
                                    tenant_quota_blocks=v["quota"])
             start = time.perf_counter()
             for i, (prompt, ns) in enumerate(zip(prompts, tenants)):
-                _run(cache, f"r{i}", prompt, ns, v["report"])
+                run_request(cache, f"r{i}", prompt, ns, cache_report=v["report"])
             times[label].append(time.perf_counter() - start)
     base = min(times["baseline (no report, no ghost index, no quota)"])
     return [[label, f"{min(t) / num_requests * 1e6:.0f} us", f"{min(t) / base:.2f}"] for label, t in times.items()]

@@ -18,12 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_engine_process import _client_share  # noqa: E402
+from tests.live_server import wait_until_healthy  # noqa: E402
 
 
 def cpu_seconds(pid: int) -> float:
@@ -40,14 +39,7 @@ def measure(mode: str, args) -> str:
                              "--engine-process", mode, "--log-level", "warning", "--max-num-seqs", "64"], env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            assert proc.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_until_healthy(base, proc, lambda: "the server exited", poll=0.3)
         prompts = [[7] * 40 + [i, i + 1] for i in range(args.requests)]
         asyncio.run(_client_share(base, prompts[:8], 8, 16, time.time()))  # warm-up
         server0, wall0, client0 = cpu_seconds(proc.pid), time.time(), time.process_time()

@@ -52,6 +52,9 @@ class EngineStats:
     aborted_requests: int = 0
     preemptions: int = 0
     steps: int = 0
+    # steps that found nothing to run, no output to hand out and no storage read to wait for (a
+    # pool full of pinned blocks): a caller stepping in a loop naps after one instead of spinning
+    stalled_steps: int = 0
 
 
 @dataclass(slots=True)
@@ -340,8 +343,9 @@ class LLMEngine:
             self._run_tier_transfers()  # evicted blocks are copied out before anything overwrites them
         if not plan.scheduled:
             pending = self._take_pending()
-            if not pending:
-                self.cache.wait_for_loading(0.01)  # only loading requests wait: don't spin against the reader
+            # only loading requests wait: block on their reads (up to 10 ms), don't spin against the reader
+            if not pending and not self.cache.wait_for_loading(0.01):
+                self.stats.stalled_steps += 1
             return self._render(pending)
         self.stats.steps += 1
         sampling = [s.request for s in plan.scheduled if s.samples]

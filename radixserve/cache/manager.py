@@ -27,7 +27,7 @@ from radixserve.cache.prefetch import StorePrefetcher
 from radixserve.cache.quotas import SCOPE_TENANT, TenantLedger, tenant_of_namespace
 from radixserve.cache.radix_tree import PinnedEdge, PrefixMatch, RadixTree, TreeNode
 from radixserve.cache.shared_scopes import SharedScope, SharedScopes
-from radixserve.cache.tiers import KeyIndex, LoadCostModel, TierStats, TierTransfers
+from radixserve.cache.tiers import KeyIndex, LoadCostModel, StorageProbe, TierStats, TierTransfers
 from radixserve.errors import NoFreeBlocksError
 from radixserve.request import Request
 
@@ -152,7 +152,7 @@ class KVCacheManager:
         self._block_keys: dict[int, BlockKey] = {}  # key of each block the tree indexes (tiers on)
         # storage reads of waiting requests run in the background (cache/prefetch.py)
         self.prefetcher = StorePrefetcher(self.store) if self.tiered and self.store is not None else None
-        self._prefetch_started: set[str] = set()  # request ids whose read was started (or not needed)
+        self._probes: dict[str, StorageProbe] = {}  # waiting request id -> what loading() found (admission reuses it)
         if self.tiered:
             assert isinstance(self.prefix_cache, RadixTree)
             self.prefix_cache.on_evict = self._write_back
@@ -189,12 +189,11 @@ class KVCacheManager:
         if self.prefetcher is None or not request.cache_policy.reads:
             return False
         request_id = request.request_id
-        if request_id not in self._prefetch_started:
-            self._prefetch_started.add(request_id)
-            keys = self._storage_candidates(request)
-            if not keys:
+        if request_id not in self._probes:
+            probe = self._probes[request_id] = self._probe_lower_tiers(request)
+            if not self._storage_load_pays(probe.held):
                 return False
-            self.prefetcher.start(request_id, keys)
+            self.prefetcher.start(request_id, probe.keys.keys[probe.start : probe.start + probe.held])
             return True
         if self.prefetcher.is_reading(request_id):
             return True
@@ -207,26 +206,26 @@ class KVCacheManager:
         self.cost_model.observe_read("storage", nbytes, seconds)
         self.load_seconds.append(("storage", seconds))
 
-    def wait_for_loading(self, timeout: float) -> None:
-        """Wait up to `timeout` s for a background storage read to end (nothing else to run)."""
-        if self.prefetcher is not None:
-            self.prefetcher.wait(timeout)
+    def wait_for_loading(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for a background storage read to end (nothing else to run).
+        False if no read was running or had just ended: nothing was waited for."""
+        return self.prefetcher is not None and self.prefetcher.wait(timeout)
 
-    def _storage_candidates(self, request: Request) -> list[BlockKey]:
-        """The keys of the blocks admission would load from storage now: past the device
-        match and the host tier's run, the store's leading run, if loading it pays."""
+    def _probe_lower_tiers(self, request: Request) -> StorageProbe:
+        """Key the request's cacheable blocks and find the store's leading run past the device
+        match and the host tier's run (host RAM's blocks come first; they load at admission)."""
         tokens = request.all_token_ids
-        limit = self.max_cacheable(len(tokens))
-        matched = self._lookup(request, tokens).num_tokens
-        wanted = BlockKeyChain(self.identity, request.namespace).update(tokens[:limit])[matched // self.block_size :]
-        if wanted and self.host is not None:  # host RAM's run comes first; it loads at admission
-            wanted = wanted[_leading_run(self.host.contains(wanted)) :]
-        if wanted:
-            wanted = wanted[: _leading_run(self.store.contains(wanted))]
-        if not wanted:
-            return []
-        load_s = self.cost_model.predicted_load_s("storage", len(wanted) * self.block_bytes)
-        return wanted if load_s < self.cost_model.predicted_prefill_s(len(wanted) * self.block_size) else []
+        keys = BlockKeyChain(self.identity, request.namespace)
+        keys.update(tokens[: self.max_cacheable(len(tokens))])
+        start = self._lookup(request, tokens).num_tokens // self.block_size
+        if start < len(keys.keys) and self.host is not None:
+            start += _leading_run(self.host.contains(keys.keys[start:]))
+        return StorageProbe(keys, start, _leading_run(self.store.contains(keys.keys[start:])))
+
+    def _storage_load_pays(self, num_blocks: int) -> bool:
+        """Whether reading `num_blocks` from storage is predicted faster than prefilling them."""
+        load_s = self.cost_model.predicted_load_s("storage", num_blocks * self.block_bytes)
+        return num_blocks > 0 and load_s < self.cost_model.predicted_prefill_s(num_blocks * self.block_size)
 
     # ---- admission and growth -----------------------------------------------------------
     def admit(self, request: Request) -> int:
@@ -246,17 +245,16 @@ class KVCacheManager:
             self.prefix_cache.lock(lookup.scope_node)
         self.prefix_cache.lock(lookup.node)
         cached = lookup.num_tokens
+        probe = self._probes.pop(request.request_id, None)  # what loading() found, if it looked
         handle = self._handles[request.request_id] = KVHandle(
-            lookup.key, blocks, lookup.node, cached, cached,
+            lookup.key, blocks, lookup.node, cached, cached, keys=self._key_chain(request, probe),
             scope_node=lookup.scope_node, scope_tokens=lookup.scope_tokens,
         )
         report = None
         if request.want_cache_report and request.cache_report is None:
             report = request.cache_report = self._report(request, tokens, lookup)
-        if self.tiered:
-            handle.keys = BlockKeyChain(self.identity, request.namespace)
         if reads:  # past the whole blocks matched: the lower tiers, or the head of a partly matching block
-            cached += self._admit_from_lower_tiers(tokens, handle, report) if self.tiered else \
+            cached += self._admit_from_lower_tiers(tokens, handle, report, probe) if self.tiered else \
                 self._reuse_partial_head(tokens, handle, report)
         if self.enable_prefix_caching and reads:
             self.stats.queries += 1
@@ -269,6 +267,12 @@ class KVCacheManager:
             if lookup.scope_node is not None:
                 self.prefix_cache.refresh_pins(lookup.scope_node)
         return cached
+
+    def _key_chain(self, request: Request, probe: StorageProbe | None) -> BlockKeyChain | None:
+        """The request's content keys (tiers on only): those loading() hashed, else a new chain."""
+        if probe is not None:
+            return probe.keys
+        return BlockKeyChain(self.identity, request.namespace) if self.tiered else None
 
     def _reuse_partial_head(self, tokens: list[int], handle: KVHandle, report: CacheReport | None) -> int:
         """Past the whole blocks matched, reuse the leading tokens of a cached block that the
@@ -314,18 +318,20 @@ class KVCacheManager:
         )
         self.stats.forks += 1
 
-    def _admit_from_lower_tiers(self, tokens: list[int], handle: KVHandle, report: CacheReport | None) -> int:
+    def _admit_from_lower_tiers(self, tokens: list[int], handle: KVHandle, report: CacheReport | None,
+                                probe: StorageProbe | None) -> int:
         """Continue an admission's device match in host RAM and storage; count the tiers' hits
         (and in the request's new cache report). Returns the tokens loaded."""
         device_tokens, device_blocks = handle.num_computed_tokens, len(handle.block_ids)
-        loaded = self._load_from_lower_tiers(tokens, handle, self.max_cacheable(len(tokens)))
+        loaded = self._load_from_lower_tiers(tokens, handle, self.max_cacheable(len(tokens)), probe)
         if loaded and report is not None:
             report.add_tier_loads(handle.num_host_hit_tokens, handle.num_storage_hit_tokens)
         self.tier_stats.hit_tokens["device"] += device_tokens
         self.tier_stats.hit_bytes["device"] += device_blocks * self.block_bytes
         return loaded
 
-    def _load_from_lower_tiers(self, tokens: list[int], handle: KVHandle, limit: int) -> int:
+    def _load_from_lower_tiers(self, tokens: list[int], handle: KVHandle, limit: int,
+                               probe: StorageProbe | None) -> int:
         """Continue the device match by content key: host RAM first, then storage, as long as
         each tier holds the next blocks and the cost model says loading them beats prefilling
         them. Found blocks get fresh pool blocks and a load listed for this step. Returns the
@@ -334,13 +340,12 @@ class KVCacheManager:
             0 ... device match ... host blocks ... storage blocks ... limit ... num_tokens
         """
         block_size, loaded = self.block_size, 0
-        keys = handle.keys.update(tokens[:limit])
-        wanted = keys[handle.num_computed_tokens // block_size :]
+        handle.keys.update(tokens[:limit])  # nothing left to hash where loading() keyed them
+        wanted = handle.keys.keys[handle.num_computed_tokens // block_size :]
         for tier, index in (("host", self.host), ("storage", self.store)):
             if not wanted or index is None:
                 continue
-            present = index.contains(wanted)
-            n = full = _leading_run(present)
+            n = full = self._leading_run_held(index, wanted, handle.num_computed_tokens // block_size, probe)
             if n == 0:
                 continue
             if not self.cost_model.should_load(tier, n * block_size, n * self.block_bytes):
@@ -365,6 +370,12 @@ class KVCacheManager:
             handle.num_loading_tokens = loaded
             self._loading.append(handle)
         return loaded
+
+    def _leading_run_held(self, index: KeyIndex, wanted: list[BlockKey], first: int, probe: StorageProbe | None) -> int:
+        """How many of `wanted` (block numbers from `first` on) the tier holds in a row: for the
+        store, what it told loading() where that covers them, else (and for host RAM) asked now."""
+        known = probe.run_from(first) if probe is not None and index is self.store else None
+        return min(known, len(wanted)) if known is not None else _leading_run(index.contains(wanted))
 
     def _read_storage(self, keys: list[BlockKey]) -> list:
         """The verified records of these keys: those prefetched, the rest read now (a corrupt
@@ -432,7 +443,7 @@ class KVCacheManager:
         if self.prefetcher is not None:
             self.prefetcher.close()
             self.prefetcher = None
-        self._prefetch_started.clear()
+        self._probes.clear()
         self.tiered = self.write_through_all = False
         self.store = self.host = None
         self._block_keys.clear()
@@ -652,8 +663,7 @@ class KVCacheManager:
         self.pool.decref_all(handle.block_ids)
 
     def _forget_prefetch(self, request_id: str) -> None:
-        if self.prefetcher is not None and request_id in self._prefetch_started:
-            self._prefetch_started.discard(request_id)
+        if self.prefetcher is not None and self._probes.pop(request_id, None) is not None:
             self.prefetcher.forget(request_id)
 
     def _cancel_loads(self, handle: KVHandle) -> None:

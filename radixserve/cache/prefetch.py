@@ -16,10 +16,11 @@ nothing less than the store's `get` did).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from radixserve.cache.block_keys import BlockKey
@@ -44,8 +45,13 @@ class StorePrefetcher:
         self._records: OrderedDict[BlockKey, KVRecord] = OrderedDict()  # read, not taken yet
         self._bytes = 0
         self._samples: list[tuple[int, float]] = []
+        # reads submitted and not ended, and reads ended since the last `wait` (which blocks on this)
+        self._progress = threading.Condition()
+        self._num_running = self._num_ended = 0
 
     def start(self, request_id: str, keys: Sequence[BlockKey]) -> None:
+        with self._progress:
+            self._num_running += 1
         self._reads[request_id] = self._executor.submit(self._read, list(keys))
 
     def is_reading(self, request_id: str) -> bool:
@@ -88,14 +94,22 @@ class StorePrefetcher:
     def forget(self, request_id: str) -> None:
         """The request left (admitted, aborted): a read not started yet is not needed."""
         read = self._reads.pop(request_id, None)
-        if read is not None:
-            read.cancel()
+        if read is not None and read.cancel():  # it never runs, so it never ends
+            with self._progress:
+                self._num_running -= 1
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float) -> bool:
         """Block (without the GIL) until a read ends or `timeout` passes: a step with nothing
-        to run but loading requests waits here rather than spinning against the reader thread."""
-        if self._reads:
-            wait(list(self._reads.values()), timeout=timeout, return_when=FIRST_COMPLETED)
+        to run but loading requests waits here rather than spinning against the reader thread.
+        True at once if a read ended since the last call (the next step admits its request);
+        False at once if none did and none is running: there is nothing to wait for."""
+        with self._progress:
+            if not self._num_ended:
+                if not self._num_running:
+                    return False
+                self._progress.wait(timeout)
+            self._num_ended = 0
+        return True
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -110,6 +124,12 @@ class StorePrefetcher:
             self._bytes -= len(dropped.payload)
 
     def _read(self, keys: list[BlockKey]) -> PrefetchResult:
-        start = time.perf_counter()
-        records = self.store.get(keys)
-        return PrefetchResult(records, keys, time.perf_counter() - start)
+        try:
+            start = time.perf_counter()
+            records = self.store.get(keys)
+            return PrefetchResult(records, keys, time.perf_counter() - start)
+        finally:
+            with self._progress:
+                self._num_running -= 1
+                self._num_ended += 1
+                self._progress.notify_all()

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from radixserve.cache.block_keys import BlockKey
+from radixserve.cache.block_keys import BlockKey, BlockKeyChain
 from radixserve.cache.kv_store import KVRecord
 
 TIERS = ("device", "host", "storage")
@@ -35,6 +35,32 @@ class KeyIndex(Protocol):
     """What the manager asks a lower tier at admission: does it hold these blocks?"""
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]: ...
+
+
+@dataclass(slots=True)
+class StorageProbe:
+    """What `KVCacheManager.loading()` learnt of a waiting request, reused by its admission so
+    that a request hashes its prompt once and asks the store `contains` once:
+
+        0 ... device match ... host run ... start ...... start + held ...... limit
+                                            |<- the store's run ->|
+
+    keys: the content keys of its cacheable prompt blocks.
+    start, held: the store held blocks start .. start + held - 1 when asked (their records are
+    prefetched when loading them pays). A block written to the store between loading() and
+    admission is not seen: it is prefilled, slower, never wrong.
+    """
+
+    keys: BlockKeyChain
+    start: int
+    held: int
+
+    def run_from(self, block: int) -> int | None:
+        """How many blocks from block number `block` the store held; None where the probe did
+        not ask (the device match moved past its run or back before it): ask the store."""
+        if self.start <= block <= self.start + self.held:
+            return self.start + self.held - block
+        return None
 
 
 @dataclass(slots=True)

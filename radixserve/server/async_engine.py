@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from radixserve.engine import LLMEngine
-from radixserve.request import CachePin, CachePolicy, RequestOutput, choice_request_ids
+from radixserve.request import RequestOutput, choice_request_ids
 from radixserve.sampling import SamplingParams
 from radixserve.server.engine_client import (  # noqa: F401 - RequestStream and the errors: re-exported
     ENGINE_CALLS,
@@ -28,6 +28,7 @@ from radixserve.server.engine_client import (  # noqa: F401 - RequestStream and 
     EngineDeadError,
     EngineInfo,
     RequestFailedError,
+    RequestOptions,
     RequestStream,
     merge_streams,
 )
@@ -104,36 +105,17 @@ class AsyncEngine(EngineClient):
         return await self.call(ENGINE_CALLS[name].fn, self.engine, *args)
 
     async def add_choices(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        request_id: str,
-        namespace: str = "",
-        cache_pins: list[CachePin] | None = None,
-        arrival_time: float | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        cache_report_namespaces: tuple[str, ...] = (),
+        self, prompt_token_ids: list[int], params: SamplingParams, options: RequestOptions
     ) -> list[RequestStream]:
-        ids = choice_request_ids(request_id, params.n)
+        ids = choice_request_ids(options.request_id, params.n)
         queues = {rid: asyncio.Queue() for rid in ids}
         self._streams.update(queues)
-        try:
-            await self.call(
-                self.engine.add_request, prompt_token_ids, params, request_id, namespace, cache_pins, arrival_time,
-                cache_policy, cache_report, cache_report_namespaces,
-            )
-        except asyncio.CancelledError:
-            # the add may still run on the engine thread: make sure the request dies with us
-            for rid in ids:
-                self._streams.pop(rid, None)
-                self.abort(rid)
-            raise
-        except BaseException:
-            for rid in ids:
-                self._streams.pop(rid, None)
-            raise
+        add = self.call(
+            self.engine.add_request, prompt_token_ids, params, options.request_id, options.namespace,
+            options.cache_pins, options.arrival_time, options.cache_policy, options.cache_report,
+            options.cache_report_namespaces,
+        )
+        await self._until_accepted(add, ids, self._streams)
         return [RequestStream(self, rid, queues[rid]) for rid in ids]
 
     def abort(self, request_id: str) -> None:
@@ -176,7 +158,7 @@ class AsyncEngine(EngineClient):
             self._post(self._deliver, [result])
 
     def _step(self) -> None:
-        steps_before = self.engine.stats.steps
+        stalled_before = self.engine.stats.stalled_steps
         try:
             outputs = self.engine.step()
         except Exception as e:  # a bug, not bad input: fail the running requests, keep serving
@@ -185,8 +167,9 @@ class AsyncEngine(EngineClient):
             return
         if outputs:
             self._post(self._deliver, outputs)
-        elif self.engine.stats.steps == steps_before:
-            # nothing could be scheduled (e.g. the pool is full of pinned blocks): don't spin
+        elif self.engine.stats.stalled_steps != stalled_before:
+            # nothing could be scheduled (e.g. the pool is full of pinned blocks): don't spin. A step
+            # with only loading requests already waited on their reads: it is followed at once.
             with self._cond:
                 if not self._commands and not self._stopping:
                     self._cond.wait(0.01)

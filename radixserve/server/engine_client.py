@@ -15,7 +15,7 @@ import abc
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,20 @@ def joined(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
         later, new_token_ids=earlier.new_token_ids + later.new_token_ids, new_text=earlier.new_text + later.new_text,
         new_logprobs=earlier.new_logprobs + later.new_logprobs,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOptions:
+    """A request's options besides its prompt and sampling (LLMEngine.add_request's), defined
+    once for every EngineClient and the calls into them."""
+
+    request_id: str
+    namespace: str = ""  # the tenant's cache namespace
+    cache_pins: list[CachePin] | None = None
+    arrival_time: float | None = None
+    cache_policy: CachePolicy = CachePolicy.READ_WRITE
+    cache_report: bool = False  # the final output carries a CacheReport ...
+    cache_report_namespaces: tuple[str, ...] = ()  # ... which may name these other namespaces of the caller
 
 
 class RequestStream:
@@ -228,25 +242,15 @@ class EngineClient(abc.ABC):
 
     # ---- requests -------------------------------------------------------------------------
     async def add_request(self, prompt_token_ids: list[int], params: SamplingParams, **options: Any) -> RequestStream:
-        """Queue a request (params.n == 1; options as add_choices); returns once the engine
-        accepted it. Bad input raises here (InvalidRequestError, PromptTooLongError), before any
-        response has been started."""
+        """Queue a request (params.n == 1; `options`: the fields of RequestOptions); returns once
+        the engine accepted it. Bad input raises here (InvalidRequestError, PromptTooLongError),
+        before any response has been started."""
         assert params.n == 1, "add_choices takes n > 1"
-        return (await self.add_choices(prompt_token_ids, params, **options))[0]
+        return (await self.add_choices(prompt_token_ids, params, RequestOptions(**options)))[0]
 
     @abc.abstractmethod
     async def add_choices(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        request_id: str,
-        namespace: str = "",
-        cache_pins: list[CachePin] | None = None,
-        arrival_time: float | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        cache_report_namespaces: tuple[str, ...] = (),
+        self, prompt_token_ids: list[int], params: SamplingParams, options: RequestOptions
     ) -> list[RequestStream]:
         """Queue a request of params.n choices (one prefill, shared); one stream per choice, in
         index order. Bad input raises here, as in add_request."""
@@ -254,6 +258,19 @@ class EngineClient(abc.ABC):
     @abc.abstractmethod
     def abort(self, request_id: str) -> None:
         """Abort a request (returns at once); its final output still arrives."""
+
+    async def _until_accepted(self, add: Awaitable[Any], ids: list[str], streams: dict[str, Any]) -> None:
+        """Await `add`, the engine accepting the choices `ids`. If it fails their `streams` go;
+        if the caller is cancelled they are aborted too: the add may still run in the engine,
+        and the request must die with its caller."""
+        try:
+            await add
+        except BaseException as e:
+            for rid in ids:
+                streams.pop(rid, None)
+                if isinstance(e, asyncio.CancelledError):
+                    self.abort(rid)
+            raise
 
     # ---- named engine calls -----------------------------------------------------------------
     @abc.abstractmethod

@@ -140,9 +140,10 @@ class EngineCore:
             self._handle(self._decode(frame))
 
     def _step(self) -> bool:
-        """One engine step; False when nothing could be scheduled."""
+        """One engine step; False when nothing could be scheduled (EngineStats.stalled_steps;
+        a step that waited for a storage read is not stalled: the next one follows at once)."""
         engine = self.engine
-        steps_before = engine.stats.steps
+        stalled_before = engine.stats.stalled_steps
         try:
             outputs = engine.step()
         except Exception as e:  # a bug, not bad input: fail the running requests, keep serving
@@ -150,7 +151,7 @@ class EngineCore:
             self._fail_all(e)
             return True
         self._pending.extend(self._delta(out) for out in outputs)
-        return bool(outputs) or engine.stats.steps != steps_before
+        return engine.stats.stalled_steps == stalled_before
 
     def _flush(self) -> None:
         if self._pending:

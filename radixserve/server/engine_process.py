@@ -38,7 +38,7 @@ import zmq.asyncio
 
 from radixserve.config import EngineConfig
 from radixserve.errors import ModelLoadError
-from radixserve.request import CachePin, CachePolicy, RequestMetrics, RequestOutput, choice_request_ids
+from radixserve.request import CachePolicy, RequestMetrics, RequestOutput, choice_request_ids
 from radixserve.sampling import SamplingParams
 from radixserve.server import wire
 from radixserve.server.engine_client import (
@@ -46,6 +46,7 @@ from radixserve.server.engine_client import (
     EngineClient,
     EngineDeadError,
     EngineInfo,
+    RequestOptions,
     RequestStream,
 )
 
@@ -208,41 +209,22 @@ class EngineProcessClient(EngineClient):
 
     # ---- requests ---------------------------------------------------------------------
     async def add_choices(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        *,
-        request_id: str,
-        namespace: str = "",
-        cache_pins: list[CachePin] | None = None,
-        arrival_time: float | None = None,
-        cache_policy: CachePolicy = CachePolicy.READ_WRITE,
-        cache_report: bool = False,
-        cache_report_namespaces: tuple[str, ...] = (),
+        self, prompt_token_ids: list[int], params: SamplingParams, options: RequestOptions
     ) -> list[RequestStream]:
         self._check_running()
-        ids = choice_request_ids(request_id, params.n)
+        ids = choice_request_ids(options.request_id, params.n)
         want_logprobs = params.logprobs is not None
         records = {rid: _Stream(asyncio.Queue(), prompt_token_ids, logprobs=[] if want_logprobs else None)
                    for rid in ids}
         self._streams.update(records)
-        pins = [wire.WirePin(p.num_tokens, p.ttl, p.refresh, p.owner) for p in cache_pins or ()]
-        policy = cache_policy.value if isinstance(cache_policy, CachePolicy) else str(cache_policy)
-        try:
-            await self._call(type(None), lambda call_id: wire.AddRequest(
-                call_id, request_id, prompt_token_ids, _params_map(params),
-                namespace, pins, arrival_time, policy, cache_report, list(cache_report_namespaces),
-            ))
-        except asyncio.CancelledError:
-            # the add may still run in the core: make sure the request dies with us
-            for rid in ids:
-                self._streams.pop(rid, None)
-                self.abort(rid)
-            raise
-        except BaseException:
-            for rid in ids:
-                self._streams.pop(rid, None)
-            raise
+        pins = [wire.WirePin(p.num_tokens, p.ttl, p.refresh, p.owner) for p in options.cache_pins or ()]
+        policy = options.cache_policy
+        policy = policy.value if isinstance(policy, CachePolicy) else str(policy)
+        add = self._call(type(None), lambda call_id: wire.AddRequest(
+            call_id, options.request_id, prompt_token_ids, _params_map(params), options.namespace, pins,
+            options.arrival_time, policy, options.cache_report, list(options.cache_report_namespaces),
+        ))
+        await self._until_accepted(add, ids, self._streams)
         return [RequestStream(self, rid, records[rid].queue) for rid in ids]
 
     def abort(self, request_id: str) -> None:

@@ -14,7 +14,7 @@ from radixserve.errors import PromptTooLongError
 from radixserve.request import CachePin, CachePolicy, RequestOutput
 from radixserve.sampling import SamplingParams
 from radixserve.server.async_engine import AsyncEngine
-from radixserve.server.engine_client import EngineClient, RequestStream
+from radixserve.server.engine_client import EngineClient, RequestOptions, RequestStream
 from radixserve.server.auth import Authenticator, Tenant
 from radixserve.server.config import ServerConfig
 from radixserve.server.errors import APIError
@@ -162,11 +162,10 @@ class ServerState:
             cache_pins = None  # nothing to pin: the cache is off, or this request may not write
         request_id = f"{prefix}{uuid.uuid4().hex[:24]}"
         arrival = time.monotonic()
-        streams = await self.async_engine.add_choices(
-            prompt_token_ids, params, request_id=request_id, namespace=namespace, cache_pins=cache_pins,
-            arrival_time=arrival, cache_policy=cache_policy, cache_report=cache_report,
-            cache_report_namespaces=readable_namespaces,
-        )
+        streams = await self.async_engine.add_choices(prompt_token_ids, params, RequestOptions(
+            request_id=request_id, namespace=namespace, cache_pins=cache_pins, arrival_time=arrival,
+            cache_policy=cache_policy, cache_report=cache_report, cache_report_namespaces=readable_namespaces,
+        ))
         floor = self.config.shared_ttft_floor
         if floor and cache_policy.reads and self.prefix_caching and not namespace.startswith("key:"):
             # every request reading a cache other keys write answers no sooner than the floor,

@@ -126,6 +126,7 @@ def test_a_request_aborted_while_loading_leaves_nothing_behind(make_engine, tmp_
     engine = make_engine(num_blocks=64, kv_store=f"disk:{tmp_path}")
     engine.add_request(prompt, _greedy(), request_id="gone")
     assert engine.step() == []  # loading
+    assert engine.stats.stalled_steps == 0  # the step waited on the read: a caller steps again at once, no nap
     engine.abort_request("gone")
     assert not engine.has_unfinished_requests()
     engine.add_request(prompt, _greedy(), request_id="again")  # a new read, a clean admission
