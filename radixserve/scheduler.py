@@ -9,6 +9,7 @@ its tokens recomputed later - cheaply, since its computed blocks stay in the pre
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import SchedulerConfig
 from radixserve.errors import PromptTooLongError
+from radixserve.model.cascade import CASCADE_MIN_BLOCKS
 from radixserve.request import Request, RequestStatus
 from radixserve.sequences import common_prefix_len
 from radixserve.step import StepInput
@@ -67,15 +69,20 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: KVCacheManager) -> None:
-        if config.policy not in ("fcfs", "lpm"):
-            raise ValueError(f"unknown scheduling policy {config.policy!r} (use 'fcfs' or 'lpm')")
+        if config.policy not in ("fcfs", "lpm", "group"):
+            raise ValueError(f"unknown scheduling policy {config.policy!r} (use 'fcfs', 'lpm' or 'group')")
         self.config = config
         self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._num_added = 0  # arrival order (policy group): arrival times may tie
 
     # ---- queue management -------------------------------------------------------------
     def add(self, request: Request) -> None:
+        if self.config.policy == "group":
+            request.arrival_seq = self._num_added
+            request.prefix_group = self._prefix_group(request)
+        self._num_added += 1
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
@@ -161,9 +168,10 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests while budget, sequence slots and blocks allow."""
-        if not self.waiting:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
             return
         self._order_waiting()
+        num_running = len(self.running)
         # requests computing more than their last token this step (their blocks may be shared)
         in_flight = [s.request for s in out.scheduled if s.prefilling]
         deferred: list[Request] = []
@@ -192,6 +200,8 @@ class Scheduler:
             if is_prefilling(cached, request.num_tokens) or cached + num_new < request.num_tokens:
                 in_flight.append(request)
         self.waiting.extendleft(reversed(deferred))
+        if self.config.policy == "group" and len(self.running) > num_running:
+            self._count_overtakes(self.running[num_running:])
 
     def _start(self, request: Request, cached: int) -> None:
         if request.num_cached_tokens is None:
@@ -213,9 +223,15 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _order_waiting(self) -> None:
-        """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
-        if self.config.policy != "lpm" or len(self.waiting) < 2:
+        if len(self.waiting) < 2:
             return
+        if self.config.policy == "lpm":
+            self._order_by_cached_prefix()
+        elif self.config.policy == "group":
+            self._order_by_prefix_group()
+
+    def _order_by_cached_prefix(self) -> None:
+        """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), 128))]
         starving = [r for r in window if r.times_deferred >= self.config.lpm_max_skips]
         others = [r for r in window if r.times_deferred < self.config.lpm_max_skips]
@@ -250,3 +266,51 @@ class Scheduler:
             if shared > self.cache.kv(other).num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
                 return True
         return False
+
+    # ---- policy "group": requests sharing a prompt prefix run together ----------------
+    def _prefix_group(self, request: Request) -> int | None:
+        """The group of a request: its namespace and first CASCADE_MIN_BLOCKS blocks of prompt
+        (what cascade attention groups decode rows by: the same block at that column). None
+        (a group of its own) when it shares nothing that way: a shorter prompt, a request that
+        reads no cache, or caching off. Computed once, when it arrives."""
+        key_tokens = CASCADE_MIN_BLOCKS * self.cache.block_size
+        tokens = request.prompt_token_ids
+        if len(tokens) <= key_tokens or not self.cache.enable_prefix_caching or not request.cache_policy.reads:
+            return None
+        return hash((request.namespace, tuple(tokens[:key_tokens])))
+
+    def _order_by_prefix_group(self) -> None:
+        """Admit requests group by group, so the running rows form few large groups sharing a
+        prefix (the grouped arrival of a shuffled queue): first anyone overtaken
+        `group_max_overtakes` times (oldest first), then the waiting requests of groups already
+        running, then the other groups, each group in the order of its oldest waiting request;
+        first come first served within a group. O(n log n) over the queue with keys computed on
+        arrival, run only on steps that can admit."""
+        oldest: dict[int | None, int] = {}
+        for request in self.waiting:
+            group, seq = request.prefix_group, request.arrival_seq
+            if oldest.get(group, seq) >= seq:
+                oldest[group] = seq
+        running = {r.prefix_group for r in self.running}
+        running.discard(None)
+        bound = self.config.group_max_overtakes
+
+        def rank(request: Request) -> tuple[int, int, int]:
+            seq = request.arrival_seq
+            if request.times_overtaken >= bound:
+                return (0, seq, seq)
+            group = request.prefix_group
+            if group is None:
+                return (2, seq, seq)
+            return (1 if group in running else 2, oldest[group], seq)
+
+        ordered = sorted(self.waiting, key=rank)
+        self.waiting.clear()
+        self.waiting.extend(ordered)
+
+    def _count_overtakes(self, admitted: list[Request]) -> None:
+        """Each waiting request was overtaken by the requests admitted this step that arrived
+        after it: the starvation bound of `_order_by_prefix_group`."""
+        seqs = sorted(r.arrival_seq for r in admitted)
+        for request in self.waiting:
+            request.times_overtaken += len(seqs) - bisect.bisect_right(seqs, request.arrival_seq)
