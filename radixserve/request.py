@@ -106,7 +106,7 @@ class Request:
     # policy "group": its place in arrival order, its prompt's prefix group, and how many later
     # arrivals were admitted before it (Scheduler._order_by_prefix_group)
     arrival_seq: int = 0
-    prefix_group: int = 0
+    prefix_group: int | None = None
     times_overtaken: int = 0
 
     first_token_time: float | None = None

@@ -45,43 +45,52 @@ def _warm(engine, prefixes: dict[str, list[int]]) -> None:
     run_to_completion(engine)
 
 
+def _set(engine, **options) -> None:
+    """Change scheduler options between batches (the queue is empty): one engine, one warm cache."""
+    for name, value in options.items():
+        setattr(engine.scheduler.config, name, value)
+
+
 def test_group_admission_runs_each_group_together_with_fcfs_outputs(make_engine):
     rng = random.Random(18)
     prefixes = {g: _tokens(rng, PREFIX_LEN) for g in "abc"}
-    prompts = {f"{g}{i}": prefixes[g] + _tokens(rng, 8) for g in "abc" for i in range(4)}
+    prompts = {f"{g}{i}": prefixes[g] + _tokens(rng, 4) for g in "abc" for i in range(3)}
     order = list(prompts)
     rng.shuffle(order)
+    engine = make_engine(max_num_seqs=3, num_blocks=256)
+    _warm(engine, prefixes)
+    _, steps = _record_admissions(engine)
     results, running_groups = {}, {}
-    for policy in ("fcfs", "group"):
-        engine = make_engine(policy=policy, max_num_seqs=4, num_blocks=512)
-        _warm(engine, prefixes)
-        _, steps = _record_admissions(engine)
+    for policy in ("fcfs", "group"):  # the same prompts, the same warm cache
+        _set(engine, policy=policy)
+        steps.clear()
         for rid in order:
-            engine.add_request(prompts[rid], _greedy(4), request_id=rid)
-        results[policy] = {rid: out.token_ids for rid, out in run_to_completion(engine).items()}
-        running_groups[policy] = [{rid[0] for rid in step} for step in steps]
+            engine.add_request(prompts[rid], _greedy(2), request_id=f"{policy}-{rid}")
+        results[policy] = {rid.split("-")[1]: out.token_ids for rid, out in run_to_completion(engine).items()}
+        running_groups[policy] = [{rid.split("-")[1][0] for rid in step} for step in steps]
     assert results["group"] == results["fcfs"]  # the order changes, the tokens do not
-    assert all(len(groups) == 1 for groups in running_groups["group"])  # 4 seats: one group at a time
+    assert all(len(groups) == 1 for groups in running_groups["group"])  # 3 seats: one group at a time
     assert any(len(groups) > 1 for groups in running_groups["fcfs"])  # the shuffled queue mixes them
 
 
 def test_group_admission_bounds_how_often_a_request_is_overtaken(make_engine):
     rng = random.Random(7)
     prefixes = {"a": _tokens(rng, PREFIX_LEN), "b": _tokens(rng, PREFIX_LEN)}
+    engine = make_engine(policy="group", max_num_seqs=2, num_blocks=256)
+    _warm(engine, prefixes)
+    admitted, _ = _record_admissions(engine)
     positions = {}
     for bound in (2, 512):
-        engine = make_engine(policy="group", max_num_seqs=2, num_blocks=512)
-        engine.scheduler.config.group_max_overtakes = bound
-        _warm(engine, prefixes)
-        admitted, _ = _record_admissions(engine)
+        _set(engine, group_max_overtakes=bound)
+        admitted.clear()
         # group a's oldest request arrived first and keeps running: a's later arrivals rank ahead of b
-        engine.add_request(prefixes["a"] + [11], _greedy(24), request_id="a-long")
-        engine.add_request(prefixes["b"] + [12], _greedy(1), request_id="b")
-        for i in range(6):
-            engine.add_request(prefixes["a"] + [20 + i], _greedy(1), request_id=f"a{i}")
+        engine.add_request(prefixes["a"] + [11], _greedy(6), request_id=f"{bound}-a-long")
+        engine.add_request(prefixes["b"] + [12], _greedy(1), request_id=f"{bound}-b")
+        for i in range(4):
+            engine.add_request(prefixes["a"] + [20 + i], _greedy(1), request_id=f"{bound}-a{i}")
         run_to_completion(engine)
-        positions[bound] = admitted.index("b")
-    assert positions[512] == 7  # every later request of group a went first
+        positions[bound] = admitted.index(f"{bound}-b")
+    assert positions[512] == 5  # every later request of group a went first
     assert positions[2] == 3  # after 2 overtakes it goes first: a-long, a0, a1, then b
 
 
@@ -89,9 +98,9 @@ def test_short_prompts_keep_arrival_order(make_engine):
     """A prompt of at most 256 tokens has no group (cascade attention would not share it): the
     policy admits such requests first come first served."""
     rng = random.Random(3)
-    shared = _tokens(rng, 200)
-    order = [f"{k}{i}" for i in range(3) for k in ("s", "t")]  # alternate two 200-token prefixes
-    engine = make_engine(policy="group", max_num_seqs=1, num_blocks=256)
+    shared = _tokens(rng, 48)
+    order = [f"{k}{i}" for i in range(3) for k in ("s", "t")]  # alternate two 48-token prefixes
+    engine = make_engine(policy="group", max_num_seqs=1, num_blocks=128)
     admitted, _ = _record_admissions(engine)
     for rid in order:
         prefix = shared if rid[0] == "s" else shared[::-1]
