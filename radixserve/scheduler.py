@@ -19,7 +19,6 @@ from radixserve.config import SchedulerConfig
 from radixserve.errors import PromptTooLongError
 from radixserve.model.cascade import CASCADE_MIN_BLOCKS
 from radixserve.request import Request, RequestStatus
-from radixserve.sequences import common_prefix_len
 from radixserve.step import StepInput
 
 
@@ -40,6 +39,13 @@ def check_fits(num_prompt: int, max_tokens: int, max_model_len: int | None, bloc
             f"the request needs {needed} KV blocks but the pool has only {num_blocks}; "
             "give the engine more KV cache memory"
         )
+
+
+def shares_a_block_past(tokens: list[int], other: list[int], num_tokens: int, block_size: int, limit: int) -> bool:
+    """Whether the whole blocks `tokens` and `other` share (at most `limit` tokens) reach past
+    their first `num_tokens`: they agree up to the end of the block after that."""
+    end = (num_tokens // block_size + 1) * block_size
+    return end <= limit and tokens[:end] == other[:end]
 
 
 def is_prefilling(num_computed_tokens: int, num_tokens: int) -> bool:
@@ -255,15 +261,19 @@ class Scheduler:
         block_size = self.cache.block_size
         tokens = request.all_token_ids
         limit = self.cache.max_cacheable(len(tokens))
-        if limit == 0:
-            return False
-        first_block = tokens[:block_size]
+        cached = None  # what it could read now: a tree lookup, done only when it matters
         for other in in_flight:
-            if not other.cache_policy.writes or other.namespace != request.namespace \
-                    or other.all_token_ids[:block_size] != first_block:
+            if not other.cache_policy.writes or other.namespace != request.namespace:
                 continue
-            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // block_size * block_size
-            if shared > self.cache.kv(other).num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
+            # It waits when the whole blocks it shares with `other` reach past both what the tree
+            # holds of `other` and what it could read now. One slice compare of the blocks up to
+            # there, not the whole common prefix (siblings share thousands of tokens).
+            in_tree = self.cache.kv(other).num_tree_tokens
+            if not shares_a_block_past(tokens, other.prompt_token_ids, in_tree, block_size, limit):
+                continue
+            if cached is None:
+                cached = self.cache.peek_cached_tokens(request)
+            if cached <= in_tree or shares_a_block_past(tokens, other.prompt_token_ids, cached, block_size, limit):
                 return True
         return False
 
