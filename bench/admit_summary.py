@@ -1,8 +1,8 @@
 """Markdown table of bench/device_admit.sh's probe runs (bench/probe_steps.py JSON files, one per
 cascade mode): every burst's req/s and steps, and policy group vs fcfs over the warm shuffled
-bursts (the first burst of an engine is a throw-away warm-up and is left out of the ratio).
+bursts (the first `--warmup` bursts of an engine are throw-away warm-ups, left out of the ratio).
 
-    python3 bench/admit_summary.py OUT/probe-cascade_on.json [OUT/probe-cascade_off.json ...]
+    python3 bench/admit_summary.py [--warmup 1] OUT/probe-cascade_on.json [OUT/probe-cascade_off.json ...]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def steps(burst: dict, kind: str) -> str:
     return f"{s['steps']} x {s['gpu_ms_mean']:.1f}" if s else "-"
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str], warmup: int) -> None:
     print("| cascade | burst | arrivals | policy | req/s | decode-only (steps x GPU ms) | mixed | rows cascaded | host outside GPU |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratios = []
@@ -30,19 +30,24 @@ def main(paths: list[str]) -> None:
         cascade = "on" if result.get("cascade_attention") else "off"
         warm: dict[str, list[float]] = {}
         for i, b in enumerate(result["bursts"]):
-            print(f"| {cascade} | {i + 1}{' (warm-up)' if i == 0 else ''} | {b['arrival']} | {b.get('policy', 'fcfs')} | "
+            print(f"| {cascade} | {i + 1}{' (warm-up)' if i < warmup else ''} | {b['arrival']} | {b.get('policy', 'fcfs')} | "
                   f"{b['req_per_s']:.1f} | {steps(b, 'decode-only')} | {steps(b, 'mixed')} | {b['cascade_rows']} | "
                   f"{b['steps']['all']['host_outside_gpu_s']:.2f} s |")
-            if i > 0 and b["arrival"] == "shuffled":
+            if i >= warmup and b["arrival"] == "shuffled":
                 warm.setdefault(b.get("policy", "fcfs"), []).append(b["req_per_s"])
         if "fcfs" in warm and "group" in warm:
             fcfs, group = statistics.mean(warm["fcfs"]), statistics.mean(warm["group"])
             ratios.append(f"cascade {cascade}: group {group:.1f} vs fcfs {fcfs:.1f} req/s = {group / fcfs:.3f}x "
-                          f"(warm shuffled bursts: group {warm['group']}, fcfs {warm['fcfs']})")
+                          f"(warm shuffled bursts: group {', '.join(f'{v:.1f}' for v in warm['group'])}; "
+                          f"fcfs {', '.join(f'{v:.1f}' for v in warm['fcfs'])})")
     print()
     for line in ratios:
         print(f"- {line}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    warmup = 1
+    if args[:1] == ["--warmup"]:
+        warmup, args = int(args[1]), args[2:]
+    main(args, warmup)
