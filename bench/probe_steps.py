@@ -3,7 +3,7 @@ burst after start-up vs later (warm) bursts, and where each step's time goes by 
 
     PYTHONPATH=. python3 bench/probe_steps.py [--requests 512] [--groups 32] [--bursts 2]
         [--overlap off,on,...] [--no-kernel-warmup] [--triton-cache-dir DIR] [--json FILE]
-        [--cascade on|off|off,on]
+        [--cascade on|off|off,on] [--policy fcfs,group,...]
 
 Workload: Llama-3-8B shape with dummy weights (bf16), `--requests` requests in `--groups` groups
 sharing a 2048-token prefix, + 128 new tokens each, 128 output tokens (ignore_eos); all added at
@@ -21,6 +21,8 @@ burst, the last repeated), so overlap off and on are compared in one process, on
 `--cascade off,on` builds one engine per value in turn over the same loaded weights (cascade
 attention off / on, ModelConfig.cascade_attention) and runs `--bursts` bursts on each: an A/B in
 one process ("cascade rows" counts the decode rows that read a shared prefix once per group).
+`--policy` sets SchedulerConfig.policy per burst like `--overlap` (e.g. fcfs,fcfs,group,fcfs,group:
+prefix-grouped admission off and on, on one engine).
 "new kernel variants" counts the Triton binaries the runner's launchers met for the first time
 during a burst (0 once the start-up warm-up covered them all).
 """
@@ -164,6 +166,7 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
     snap = engine.snapshot()
     return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
             "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
+            "policy": engine.config.scheduler.policy,
             "cascade_attention": engine.config.model.cascade_attention, "cascade_rows": engine.cascade_rows - cascade0,
             "arrival": "grouped" if grouped else "shuffled",
             "hit_rate": (snap.prefix_cache_hits - hits0) / max(1, snap.prefix_cache_queries - queries0),
@@ -185,6 +188,7 @@ def main() -> None:
     parser.add_argument("--arrival", default="shuffled", help="per burst: shuffled (the issue's) or grouped (a group's "
                         "requests one after another), e.g. shuffled,grouped")
     parser.add_argument("--cascade", default=None, help="cascade attention per engine: on, off, or off,on (an A/B)")
+    parser.add_argument("--policy", default="fcfs", help="SchedulerConfig.policy per burst: fcfs,group,...")
     args = parser.parse_args()
     cascades = [None] if args.cascade is None else [v == "on" for v in args.cascade.split(",")]
     loaded = None
@@ -221,8 +225,10 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
     rng = random.Random(18)
     overlap = [v == "on" for v in args.overlap.split(",")]
     arrival = args.arrival.split(",")
+    policy = args.policy.split(",")
     for i in range(args.bursts):
         engine.config.scheduler.overlap_outputs = overlap[min(i, len(overlap) - 1)]
+        engine.config.scheduler.policy = policy[min(i, len(policy) - 1)]  # the queue is empty between bursts
         grouped = arrival[min(i, len(arrival) - 1)] == "grouped"
         prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len, grouped)
         burst = run_burst(engine, probe, prompts, max_tokens, grouped)
@@ -230,7 +236,7 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
         steps = burst["steps"]
         kinds = "; ".join(f"{k} {v['steps']} x {v['wall_ms_mean']:.1f} ms (GPU {v['gpu_ms_mean']:.1f})"
                           for k, v in steps.items() if k != "all")
-        print(f"burst {i + 1} ({burst['arrival']}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
+        print(f"burst {i + 1} ({burst['arrival']}, policy {burst['policy']}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
               f"kernel variants, {burst['cascade_rows']} cascade rows): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
         if args.json:  # after every burst: a run cut short keeps what it measured

@@ -131,10 +131,15 @@ class SchedulerConfig:
     """running requests at once"""
     max_num_batched_tokens: int = 2048
     """token budget of one step (longer prefills are chunked)"""
-    policy: Literal["fcfs", "lpm"] = "fcfs"
-    """admission order: first come first served, or longest cached prefix first"""
+    policy: Literal["fcfs", "lpm", "group"] = "fcfs"
+    """admission order: first come first served; lpm: longest cached prefix first; group: requests
+    whose prompts share their first 256 tokens admitted together, groups in order of their oldest
+    request (running rows then share prefixes: cascade attention reads each once per group)"""
     lpm_max_skips: int = 8
     """a waiting request is passed over at most this many times (no starvation)"""
+    group_max_overtakes: int = 512
+    """policy group: a waiting request lets at most this many later arrivals be admitted before
+    it (no starvation); then it goes first"""
     overlap_outputs: bool = False
     """build each step's outputs (incremental detokenization, stream deltas) while the GPU runs
     the next step instead of before launching it: the same tokens and text, handed out one step

@@ -103,6 +103,11 @@ class Request:
     cached_tokens_by_tier: dict[str, int] | None = None  # num_cached_tokens split device/host/storage (tiers on)
     num_preemptions: int = 0
     times_deferred: int = 0  # scheduler passes over it (lpm policy / in-batch dedup)
+    # policy "group": its place in arrival order, its prompt's prefix group, and how many later
+    # arrivals were admitted before it (Scheduler._order_by_prefix_group)
+    arrival_seq: int = 0
+    prefix_group: int | None = None
+    times_overtaken: int = 0
 
     first_token_time: float | None = None
     first_scheduled_time: float | None = None

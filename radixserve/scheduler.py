@@ -9,6 +9,7 @@ its tokens recomputed later - cheaply, since its computed blocks stay in the pre
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from radixserve.cache.manager import KVCacheManager
 from radixserve.config import SchedulerConfig
 from radixserve.errors import PromptTooLongError
+from radixserve.model.cascade import CASCADE_MIN_BLOCKS
 from radixserve.request import Request, RequestStatus
-from radixserve.sequences import common_prefix_len
 from radixserve.step import StepInput
 
 
@@ -38,6 +39,13 @@ def check_fits(num_prompt: int, max_tokens: int, max_model_len: int | None, bloc
             f"the request needs {needed} KV blocks but the pool has only {num_blocks}; "
             "give the engine more KV cache memory"
         )
+
+
+def shares_a_block_past(tokens: list[int], other: list[int], num_tokens: int, block_size: int, limit: int) -> bool:
+    """Whether the whole blocks `tokens` and `other` share (at most `limit` tokens) reach past
+    their first `num_tokens`: they agree up to the end of the block after that."""
+    end = (num_tokens // block_size + 1) * block_size
+    return end <= limit and tokens[:end] == other[:end]
 
 
 def is_prefilling(num_computed_tokens: int, num_tokens: int) -> bool:
@@ -67,15 +75,20 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, cache: KVCacheManager) -> None:
-        if config.policy not in ("fcfs", "lpm"):
-            raise ValueError(f"unknown scheduling policy {config.policy!r} (use 'fcfs' or 'lpm')")
+        if config.policy not in ("fcfs", "lpm", "group"):
+            raise ValueError(f"unknown scheduling policy {config.policy!r} (use 'fcfs', 'lpm' or 'group')")
         self.config = config
         self.cache = cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._num_added = 0  # arrival order (policy group): arrival times may tie
 
     # ---- queue management -------------------------------------------------------------
     def add(self, request: Request) -> None:
+        if self.config.policy == "group":
+            request.arrival_seq = self._num_added
+            request.prefix_group = self._prefix_group(request)
+        self._num_added += 1
         self.waiting.append(request)
 
     def remove(self, request: Request) -> None:
@@ -161,9 +174,10 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests while budget, sequence slots and blocks allow."""
-        if not self.waiting:
+        if not self.waiting or budget <= 0 or len(self.running) >= self.config.max_num_seqs:
             return
         self._order_waiting()
+        num_running = len(self.running)
         # requests computing more than their last token this step (their blocks may be shared)
         in_flight = [s.request for s in out.scheduled if s.prefilling]
         deferred: list[Request] = []
@@ -192,6 +206,8 @@ class Scheduler:
             if is_prefilling(cached, request.num_tokens) or cached + num_new < request.num_tokens:
                 in_flight.append(request)
         self.waiting.extendleft(reversed(deferred))
+        if self.config.policy == "group" and len(self.running) > num_running:
+            self._count_overtakes(self.running[num_running:])
 
     def _start(self, request: Request, cached: int) -> None:
         if request.num_cached_tokens is None:
@@ -213,9 +229,15 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _order_waiting(self) -> None:
-        """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
-        if self.config.policy != "lpm" or len(self.waiting) < 2:
+        if len(self.waiting) < 2:
             return
+        if self.config.policy == "lpm":
+            self._order_by_cached_prefix()
+        elif self.config.policy == "group":
+            self._order_by_prefix_group()
+
+    def _order_by_cached_prefix(self) -> None:
+        """LPM: admit the longest cached prefix first, but never pass anyone over too often."""
         window = [self.waiting.popleft() for _ in range(min(len(self.waiting), 128))]
         starving = [r for r in window if r.times_deferred >= self.config.lpm_max_skips]
         others = [r for r in window if r.times_deferred < self.config.lpm_max_skips]
@@ -239,14 +261,66 @@ class Scheduler:
         block_size = self.cache.block_size
         tokens = request.all_token_ids
         limit = self.cache.max_cacheable(len(tokens))
-        if limit == 0:
-            return False
-        first_block = tokens[:block_size]
+        cached = None  # what it could read now: a tree lookup, done only when it matters
         for other in in_flight:
-            if not other.cache_policy.writes or other.namespace != request.namespace \
-                    or other.all_token_ids[:block_size] != first_block:
+            if not other.cache_policy.writes or other.namespace != request.namespace:
                 continue
-            shared = common_prefix_len(tokens, other.prompt_token_ids, limit) // block_size * block_size
-            if shared > self.cache.kv(other).num_tree_tokens and shared > self.cache.peek_cached_tokens(request):
+            # It waits when the whole blocks it shares with `other` reach past both what the tree
+            # holds of `other` and what it could read now. One slice compare of the blocks up to
+            # there, not the whole common prefix (siblings share thousands of tokens).
+            in_tree = self.cache.kv(other).num_tree_tokens
+            if not shares_a_block_past(tokens, other.prompt_token_ids, in_tree, block_size, limit):
+                continue
+            if cached is None:
+                cached = self.cache.peek_cached_tokens(request)
+            if cached <= in_tree or shares_a_block_past(tokens, other.prompt_token_ids, cached, block_size, limit):
                 return True
         return False
+
+    # ---- policy "group": requests sharing a prompt prefix run together ----------------
+    def _prefix_group(self, request: Request) -> int | None:
+        """The group of a request: its namespace and first CASCADE_MIN_BLOCKS blocks of prompt
+        (what cascade attention groups decode rows by: the same block at that column). None
+        (a group of its own) when it shares nothing that way: a shorter prompt, a request that
+        reads no cache, or caching off. Computed once, when it arrives."""
+        key_tokens = CASCADE_MIN_BLOCKS * self.cache.block_size
+        tokens = request.prompt_token_ids
+        if len(tokens) <= key_tokens or not self.cache.enable_prefix_caching or not request.cache_policy.reads:
+            return None
+        return hash((request.namespace, tuple(tokens[:key_tokens])))
+
+    def _order_by_prefix_group(self) -> None:
+        """Admit requests group by group, so the running rows form few large groups sharing a
+        prefix (the grouped arrival of a shuffled queue): first anyone overtaken
+        `group_max_overtakes` times (oldest first), then the waiting requests of groups already
+        running, then the other groups, each group in the order of its oldest waiting request;
+        first come first served within a group. O(n log n) over the queue with keys computed on
+        arrival, run only on steps that can admit."""
+        oldest: dict[int | None, int] = {}
+        for request in self.waiting:
+            group, seq = request.prefix_group, request.arrival_seq
+            if oldest.get(group, seq) >= seq:
+                oldest[group] = seq
+        running = {r.prefix_group for r in self.running}
+        running.discard(None)
+        bound = self.config.group_max_overtakes
+
+        def rank(request: Request) -> tuple[int, int, int]:
+            seq = request.arrival_seq
+            if request.times_overtaken >= bound:
+                return (0, seq, seq)
+            group = request.prefix_group
+            if group is None:
+                return (2, seq, seq)
+            return (1 if group in running else 2, oldest[group], seq)
+
+        ordered = sorted(self.waiting, key=rank)
+        self.waiting.clear()
+        self.waiting.extend(ordered)
+
+    def _count_overtakes(self, admitted: list[Request]) -> None:
+        """Each waiting request was overtaken by the requests admitted this step that arrived
+        after it: the starvation bound of `_order_by_prefix_group`."""
+        seqs = sorted(r.arrival_seq for r in admitted)
+        for request in self.waiting:
+            request.times_overtaken += len(seqs) - bisect.bisect_right(seqs, request.arrival_seq)

@@ -27,7 +27,7 @@ SCANNED = ["radixserve/**/*.py", "tests/**/*.py", "bench/**/*.py"]
 # Device profilers that time the runner's graphs and kernels directly, across code versions.
 PROBES = {"bench/bench_gpu.py", "bench/profile_decode_b32.py", "bench/bench_host_step.py",
           "bench/guided_overhead.py", "bench/bench_tiers_gpu.py", "bench/probe_b32_in_sequence.py",
-          "bench/probe_steps.py"}
+          "bench/probe_steps.py", "bench/bench_admission.py"}
 # White-box tests of the tier wiring: they spy on the forward (bitwise logits), and read the cost
 # model, the store's counters and the pending transfers, which no public surface should carry.
 WHITE_BOX = {"tests/engine/test_tiers.py", "tests/engine/test_cache_policy.py"}
