@@ -32,6 +32,45 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_SPLIT_TILES = 1 << 14
 
 
+@triton.jit
+def _grouped_tile(tile, num_pid_m, num_pid_n, GROUP: tl.constexpr):
+    """Output tile number -> (row tile, column tile) in grouped order: GROUP row tiles sweep the
+    column tiles together (the weight tiles stay in L2)."""
+    per_group = GROUP * num_pid_n
+    first_m = (tile // per_group) * GROUP
+    size_m = tl.minimum(num_pid_m - first_m, GROUP)
+    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
+
+
+@triton.jit
+def _store_tile(total, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, stride_cm, tile, chunk_lo, n_chunks, offs_m,
+                offs_n, rn, m_ok, n_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Write a tile's fp32 sum (+ bias) to c. With SPLIT, total is chunk chunk_lo's sum only: it is
+    parked in part[chunk_lo] ([n_chunks, M, N] fp32) and the tile's last program to arrive adds
+    part[0], part[1], ... in order."""
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    if SPLIT:
+        part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_chunks - 1:
+            # Loads bypass L1 (.cg): the partials were just written by other SMs.
+            merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for c in range(0, n_chunks):
+                merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                merged += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+            tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(counters_ptr + tile, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+        tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr, w_ptr, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, K, stride_am, stride_wn, stride_cm,
@@ -45,12 +84,7 @@ def _matmul_kernel(
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP row tiles sweep the column tiles together (the weight tiles stay in L2).
-    per_group = GROUP * num_pid_n
-    first_m = (pid // per_group) * GROUP
-    size_m = tl.minimum(num_pid_m - first_m, GROUP)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, num_pid_n, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -80,27 +114,8 @@ def _matmul_kernel(
             else:
                 acc = tl.dot(a, w, acc)
         total += acc
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT:
-        # part is [n_chunks, M, N] fp32.
-        part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
-        tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
-        arrived = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_chunks - 1:
-            # Loads bypass L1 (.cg): the partials were just written by other SMs.
-            merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for c in range(0, n_chunks):
-                merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                merged += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-            tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(counters_ptr + pid, 0)  # ready for the next launch
-    else:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+    _store_tile(total, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, stride_cm, pid, chunk_lo, n_chunks, offs_m, offs_n,
+                rn, m_ok, n_ok, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -113,11 +128,7 @@ def _flat_tile(
     """One output tile (with SPLIT: one K chunk of it) of _matmul_kernel_flat."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP * num_pid_n
-    first_m = (tile // per_group) * GROUP
-    size_m = tl.minimum(num_pid_m - first_m, GROUP)
-    pid_m = first_m + (tile % per_group) % size_m
-    pid_n = (tile % per_group) // size_m
+    pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -151,25 +162,8 @@ def _flat_tile(
         if (step % CHUNK_STEPS == CHUNK_STEPS - 1) or (step == step_hi - 1):
             total += acc
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-    if SPLIT:
-        part_rows = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + chunk_lo.to(tl.int64) * M * N + part_rows, total, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == n_chunks - 1:
-            merged = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for c in range(0, n_chunks):
-                merged += tl.load(part_ptr + c * M * N + part_rows, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                merged += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-            tl.store(c_ptrs, merged.to(c_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(counters_ptr + tile, 0)
-    else:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-        tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=out_mask)
+    _store_tile(total, bias_ptr, c_ptr, part_ptr, counters_ptr, M, N, stride_cm, tile, chunk_lo, n_chunks, offs_m, offs_n,
+                rn, m_ok, n_ok, BLOCK_M, BLOCK_N, SPLIT, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -248,17 +242,13 @@ def _matmul_kernel_stream(
     pid = tl.program_id(0).to(tl.int64)
     first = (pid * units // programs).to(tl.int32)
     last = ((pid + 1) * units // programs).to(tl.int32)
-    per_group = GROUP * num_pid_n
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in tl.range(first * CHUNK_STEPS, last * CHUNK_STEPS, num_stages=NUM_STAGES):
         unit = step // CHUNK_STEPS
         tile = unit // N_CHUNKS
-        first_m = (tile // per_group) * GROUP
-        size_m = tl.minimum(num_pid_m - first_m, GROUP)
-        pid_m = first_m + (tile % per_group) % size_m
-        pid_n = (tile % per_group) // size_m
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP)
         k0 = (step - tile * (N_CHUNKS * CHUNK_STEPS)) * BLOCK_K
         if TMA:
             a = a_desc.load([pid_m * BLOCK_M, k0])
