@@ -53,6 +53,11 @@ INLINE_HINT_BYTES = 2048  # bodies this small get their routing hint on the even
 # Ray hands every call to (our handler awaits; the engine has its own thread): 0.7-1.0 ms less
 # per request on the 2-core box, docs/scaling.md "What routing adds, hop by hop".
 REPLICA_ENV_VARS = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# No Serve access-log line per call on the replicas: each one was written to a file and to
+# stderr, which Ray's log monitor tails and ships to the driver (the ingress) to print: CPU in
+# four processes per request. The ingress's uvicorn logs each request once, where it is served,
+# as the plain server does.
+REPLICA_LOGGING = {"enable_access_log": False}
 # How the ingress calls the engine deployment: the handle's data plane is gRPC straight to the
 # replica (Ray Serve's own fast path, which its RAY_SERVE_THROUGHPUT_OPTIMIZED turns on for every
 # handle) instead of a streaming Ray actor call, whose every item the replica reports back to the
@@ -449,7 +454,7 @@ def build_engine_app(
     actor_options["runtime_env"] = runtime_env
     return serve.deployment(
         EngineReplica, name="Engine", num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options=actor_options, request_router_config=router_config,
+        ray_actor_options=actor_options, request_router_config=router_config, logging_config=REPLICA_LOGGING,
         health_check_period_s=2, health_check_timeout_s=30,
     ).bind(engine_config, server_config)
 
