@@ -11,10 +11,11 @@ The ingress does not re-implement any API: it reads the body, computes a routing
 prompt's content keys, routing_hint.py), and forwards the raw request; the replica runs it
 through the same FastAPI app as `radixserve serve`, and streams the response back: the first
 item carries status, headers and the first body chunk (the whole body of a non-streaming
-response: one Ray object, one message), each later item every chunk ready by then. So auth,
+response: one message), each later item every chunk ready by then. So auth,
 errors, streaming, named caches and usage behave exactly as on one server. Each response carries
-`x-radixserve-replica: <replica id>`. Every Ray hop costs an actor round trip (docs/scaling.md,
-"What routing adds"), so the path makes as few as it can.
+`x-radixserve-replica: <replica id>`. Every hop costs a round trip (docs/scaling.md, "What routing
+adds"), so the path makes as few as it can: the ingress's one call to a replica goes over Serve's
+gRPC handle path, its router on the loop that serves HTTP (HANDLE_OPTIONS, routing_handle).
 
 The router is pluggable: ``router="cache-aware"`` (ours, router.py), ``"pow2"`` (Ray's default)
 or ``"prefix-affinity"`` (Ray Serve LLM's PrefixCacheAffinityRouter), for side-by-side runs.
@@ -168,7 +169,7 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
     """Drive an ASGI app for one request, streaming: first {status, headers, body, more_body} (the
     start message with the first body chunk: a non-streaming response is this one item), then,
     while more body comes, every chunk the app has sent by then as one bytes item (each item is a
-    Ray object and a round trip to the ingress; a fast stream is sent in fewer, larger pieces).
+    message to the ingress; a fast stream is sent in fewer, larger pieces).
     Closing the generator (the client went away) tells the app the client disconnected."""
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": request.method,
