@@ -63,7 +63,7 @@ REPLICA_LOGGING = {"enable_access_log": False}
 # replica (Ray Serve's own fast path, which its RAY_SERVE_THROUGHPUT_OPTIMIZED turns on for every
 # handle) instead of a streaming Ray actor call, whose every item the replica reports back to the
 # caller's core worker; plain pickle for our plain dataclasses and dicts (cloudpickle is a
-# pure-Python pickler). A handle call measured 1.9-2.3 vs 3.3-4.0 ms p50, and half the CPU on
+# pure-Python pickler). A handle call measured 2.0-2.3 vs 3.5-5.1 ms p50, and half the CPU on
 # both ends (docs/scaling.md, "What routing adds, hop by hop").
 HANDLE_OPTIONS = {"stream": True, "_by_reference": False, "request_serialization": "pickle",
                   "response_serialization": "pickle"}
@@ -238,7 +238,7 @@ def routing_handle(engine: Any) -> Any:
     """A handle to the engine deployment whose router (ours, Ray's) runs on the running event
     loop, the one that serves HTTP, with HANDLE_OPTIONS. Ray Serve otherwise runs every handle's
     router on a loop of its own in another thread (RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP): each
-    call and each streamed item then crosses between the two loops, ~0.5 ms of CPU per request
+    call and each streamed item then crosses between the two loops, 0.2-0.5 ms of CPU per request
     on the 2-core box. A fresh handle: the one given may already have its router elsewhere."""
     import asyncio
 
