@@ -308,12 +308,16 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     body = {"model": "embedded", "max_tokens": 1}
     results: dict[str, list[float]] = {}
-    ray.init(num_cpus=args.ray_cpus, namespace="radixserve-bench", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     model_options = {"model": "embedded", "replicas": 1, "replica_cpus": args.ray_cpus,
                      **dict(a.removeprefix("--").split("=", 1) for a in args.serve_arg)}
     ray_runs = {"serve-echo": echo_ingress, "ingress-echo": lambda: ingress_echo("cache-aware"),
                 "ingress-echo-pow2": lambda: ingress_echo("pow2"), "routed": lambda: routed_model(model_options)}
+    # this process's own Ray only when a row needs it: once (a run with the transports rows) its
+    # core worker aborted the process a minute after ray.shutdown(), mid-way through the rounds
+    in_process = [name for name in [*ray_runs, "transports"] if name in args.only]
+    if in_process:
+        ray.init(num_cpus=args.ray_cpus, namespace="radixserve-bench", include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, build in ray_runs.items():
         if name not in args.only:
             continue
@@ -334,8 +338,9 @@ def main() -> int:
                            f"{1000 * sum(measured[name + ' cpu caller']) / sum(measured[name + ' calls']):.2f}",
                            f"{1000 * sum(measured[name + ' cpu replica']) / sum(measured[name + ' calls']):.2f}"]
                           for name, t in measured.items() if " cpu " not in name and not name.endswith(" calls")]
-    serve.shutdown()
-    ray.shutdown()
+    if in_process:
+        serve.shutdown()
+        ray.shutdown()
     # `serve --replicas 1` and the plain server alternate, --repeat times: on a shared box a
     # slow minute then hits both alike, and the spread of the rounds shows the noise
     added_per_round: list[float] = []
