@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         from radixserve.server.http_protocol import JSONErrorH11Protocol
 
         config = server_config_from_args(args)
-        uvicorn.run(http_ingress_app(engine, config), host=args.host, port=args.port, log_level="warning",
+        uvicorn.run(http_ingress_app(engine, config), host=args.host, port=args.port, log_level=config.log_level,
                     timeout_graceful_shutdown=config.shutdown_timeout, http=JSONErrorH11Protocol)
     finally:
         serve.shutdown()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,9 @@ class PrefixIndex:
         self.clock = clock
         self.replicas: dict[str, ReplicaHoldings] = {}
         self._holders: dict[BlockKey, set[str]] = {}
+        # (expiry, replica, keys) in routing order, so in expiry order: pruning pops what is due
+        # instead of scanning every tentative key at every sync (the router's loop serves HTTP)
+        self._tentative_due: deque[tuple[float, str, Sequence[BlockKey]]] = deque()
 
     # ---- updates ------------------------------------------------------------------------
     def apply(self, batch: EventBatch) -> bool:
@@ -112,6 +116,7 @@ class PrefixIndex:
         for key in keys:
             if key not in holdings.keys:
                 holdings.tentative[key] = expiry
+        self._tentative_due.append((expiry, replica_id, keys))
 
     # ---- reads --------------------------------------------------------------------------
     def matched_blocks(self, keys: Sequence[BlockKey], replica_ids: Iterable[str]) -> dict[str, int]:
@@ -147,11 +152,18 @@ class PrefixIndex:
         return sum(len(h.keys) for h in self.replicas.values())
 
     def prune_tentative(self) -> None:
+        """Drop expired tentative holdings: only the routings now due are visited."""
         now = self.clock()
-        for holdings in self.replicas.values():
-            expired = [k for k, t in holdings.tentative.items() if t <= now]
-            for key in expired:
-                del holdings.tentative[key]
+        due = self._tentative_due
+        while due and due[0][0] <= now:
+            _, replica_id, keys = due.popleft()
+            holdings = self.replicas.get(replica_id)
+            if holdings is None:
+                continue
+            for key in keys:
+                expiry = holdings.tentative.get(key)
+                if expiry is not None and expiry <= now:  # a later routing of the same key renewed it
+                    del holdings.tentative[key]
 
 
 @dataclass(slots=True)

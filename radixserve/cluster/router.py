@@ -1,7 +1,9 @@
 """CacheAwareRouter: a Ray Serve RequestRouter that sends a request to the replica holding the
 longest prefix of its prompt, weighed against load (prefix_index.choose_replica).
 
-It lives in the process that calls the engine deployment (the ingress), one per handle. A
+It lives in the process that calls the engine deployment (the ingress), one per handle, on the
+event loop that serves the ingress's HTTP (deployments.routing_handle): its event syncing shares
+that loop, so it yields between batches (a snapshot of a big cache is still one step). A
 background task pulls the replicas' KV events from ClusterState into a local PrefixIndex (a long
 poll: each pull returns as soon as a batch lands, or after ``sync_wait_s`` with nothing), so
 routing itself never waits on the network: it hashes nothing (the ingress sent the keys) and
@@ -159,6 +161,7 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 break
             if batch.sent_at:
                 self.stats["event_lag_seconds"] = max(0.0, now - batch.sent_at)
+            await asyncio.sleep(0)  # this loop also serves HTTP (routing_handle): let requests through between batches
         self._cursor = cursor
         # a replica Ray no longer lists (dead or scaled down) keeps no entries here
         live = {r.unique_id for r in self._replica_id_set}

@@ -115,3 +115,6 @@ def test_serve_replicas_command_serves_http_itself_and_stops_cleanly(tmp_path):
     # driver turns that into exit status 15 (after the finally that stops Serve and Ray)
     assert returncode in (0, signal.SIGTERM, -signal.SIGTERM), log_path.read_text()[-3000:]
     assert "Traceback" not in log_path.read_text()
+    # one access line per request, from the ingress (as the plain server logs it), none from Serve's replica
+    assert '"POST /v1/completions HTTP/1.1" 200' in log_path.read_text()
+    assert "CALL handle" not in log_path.read_text()

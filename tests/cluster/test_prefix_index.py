@@ -80,6 +80,23 @@ def test_tentative_holdings_expire_or_are_confirmed():
     assert index.matched_blocks(keys, ["a"]) == {"a": 4}
 
 
+def test_pruning_drops_only_expired_tentative_holdings():
+    clock = FakeClock()
+    index = PrefixIndex(tentative_ttl=2.0, clock=clock)
+    keys = prefix_keys(IDENTITY, "", PROMPT)
+    index.note_routed("a", keys[:6])
+    clock.now = 1.0
+    index.note_routed("a", keys[4:])  # renews keys 4-5, adds 6-9
+    index.note_routed("b", keys[:3])
+    clock.now = 2.5  # the first routing is due, the others not
+    index.prune_tentative()
+    assert sorted(index.replicas["a"].tentative) == sorted(keys[4:])
+    assert index.num_blocks_held("b") == 3
+    clock.now = 3.5
+    index.prune_tentative()
+    assert index.num_blocks_held("a") == 0 and index.num_blocks_held("b") == 0
+
+
 def test_score_prefers_the_holder_until_load_outweighs_it():
     matched = {"a": 9, "b": 0}
     choice = choose_replica(["a", "b"], matched, {"a": 2, "b": 0}, 10, balance=0.25)
