@@ -27,6 +27,7 @@ constants: `bench_deterministic_gpu.py --buckets` runs them) into --out (default
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -136,27 +137,32 @@ def time_us(fn) -> float:
 
 
 # Deterministic attention launch configs (TA.DETERMINISTIC_CFG's keys); the first is the shipped one.
+# `split_tiles`: the key chunk (TA.DETERMINISTIC_SPLIT_TILES), another order: bits differ from the
+# shipped build by design, timed to see what shorter chunks buy (more programs per KV head in
+# decode) and cost (a fold per chunk in the prefill walk). `long`: the config for queries past 512
+# tokens (TA.DETERMINISTIC_CFG_BY_QUERY's last entry). The first sweeps' candidates (2 stages, 16-
+# and 32-row tiles, 4-warp 128-row tiles) are in docs/benchmarks.md gpu-deterministic-sweep.
+LONG_CFG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 ATTENTION_CANDIDATES = [
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
     dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    dict(block_m=128, block_n=64, num_warps=8, num_stages=2),
-    dict(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    dict(block_m=128, block_n=64, num_warps=4, num_stages=2),
-    dict(block_m=32, block_n=64, num_warps=4, num_stages=2),
-    dict(block_m=16, block_n=64, num_warps=4, num_stages=2),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, flat_walk=True),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True),
-    dict(block_m=128, block_n=64, num_warps=8, num_stages=3, flat_walk=True),
-    # another order (chunks of 8 / 4 key tiles): bits differ from the shipped build by design; timed
-    # to see what shorter chunks buy decode at short contexts (more programs per KV head)
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=8),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=4),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=2, split_tiles=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True,
+         long=dict(LONG_CFG, flat_walk=True)),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=8),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=4),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=4, flat_walk=True,
+         long=dict(LONG_CFG, flat_walk=True)),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=32),
 ]
 
 
-ATTENTION_WORKLOADS = {"prefill 4096": [(0, 4096)], "4032 cached + 64": [(4032, 64)], "decode b1 ctx 512": [(511, 1)],
-                       "decode b32 ctx 1024": [(1023, 1)] * 32}  # fmt: skip
+# name: (sequences as (context, new tokens), lengths nominal: the CUDA-graph launch, whose split
+# count covers max_model_len instead of this step's longest context)
+ATTENTION_WORKLOADS = {"prefill 4096": ([(0, 4096)], False), "4032 cached + 64": ([(4032, 64)], False),
+                       "4032 cached + 64 (graph)": ([(4032, 64)], True),
+                       "decode b1 ctx 512": ([(511, 1)], False), "decode b1 ctx 512 (graph)": ([(511, 1)], True),
+                       "decode b32 ctx 1024 (graph)": ([(1023, 1)] * 32, True)}  # fmt: skip
+ATTENTION_MAX_MODEL_LEN = 8192  # bench_deterministic_gpu.py's engines
 
 
 def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, workloads=None, candidates=None) -> str:
@@ -168,10 +174,10 @@ def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, w
     workloads = workloads or ATTENTION_WORKLOADS
     candidates = candidates or ATTENTION_CANDIDATES
     shipped = dict(TA.DETERMINISTIC_CFG)
-    shipped_split = TA.DETERMINISTIC_SPLIT_TILES
+    shipped_split, shipped_by_query = TA.DETERMINISTIC_SPLIT_TILES, TA.DETERMINISTIC_CFG_BY_QUERY
     table: dict = {}
     torch.manual_seed(1)
-    for wname, seqs in workloads.items():
+    for wname, (seqs, nominal) in workloads.items():
         blocks_per = -(-max(c + n for c, n in seqs) // block_size)
         pool = blocks_per * len(seqs) + 1
         k_cache = torch.randn(pool, block_size, kvh, dim, device=device, dtype=dtype)
@@ -184,10 +190,12 @@ def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, w
         def run(det: bool, cfg: dict | None):
             cfg = dict(cfg or shipped)
             TA.DETERMINISTIC_SPLIT_TILES = cfg.pop("split_tiles", shipped_split)
+            TA.DETERMINISTIC_CFG_BY_QUERY = ((512, None), (1 << 62, cfg.pop("long", LONG_CFG)))
             TA.DETERMINISTIC_CFG = cfg
             backend = TA.TritonAttentionBackend()
-            backend.set_deterministic(det, 8192)
+            backend.set_deterministic(det, ATTENTION_MAX_MODEL_LEN)
             meta = AttentionMetadata.build(tables, [c for c, _ in seqs], [n for _, n in seqs], block_size, device=device)
+            meta = dataclasses.replace(meta, lengths_are_nominal=nominal)
             fn = lambda: backend.attend(q, k_cache, v_cache, meta, dim**-0.5, k=k, v=k)  # noqa: E731
             out = fn().clone()
             return out, (time_us(fn) if timing else float("nan"))
@@ -211,6 +219,7 @@ def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, w
                 log(f"[attention] {wname} {key}: {us:.1f} us (default {default_us:.1f}){'' if same else ' BITS DIFFER'}")
         finally:
             TA.DETERMINISTIC_CFG, TA.DETERMINISTIC_SPLIT_TILES = shipped, shipped_split
+            TA.DETERMINISTIC_CFG_BY_QUERY = shipped_by_query
     results["attention_us"] = table
     lines = ["", "Attention, one 8B layer, us (deterministic candidates; `!` = bits differ from the shipped config):", "",
              "| config | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]  # fmt: skip
@@ -434,7 +443,8 @@ def main() -> None:
     if "attention" not in skip:
         try:
             attention_text = attention_sweep(results) if timing else attention_sweep(
-                results, "cpu", torch.float32, False, {"prefill 40": [(0, 40)], "20 cached + 5": [(20, 5)], "decode b2": [(30, 1)] * 2},
+                results, "cpu", torch.float32, False, {"prefill 40": ([(0, 40)], False), "20 cached + 5": ([(20, 5)], False),
+                                                          "decode b2 (graph)": ([(30, 1)] * 2, True)},
                 [dict(block_m=16, block_n=16, num_warps=4, num_stages=1), dict(block_m=32, block_n=16, num_warps=4, num_stages=1, split_tiles=2)])
         except Exception:
             traceback.print_exc()
