@@ -67,7 +67,12 @@ REPLICA_LOGGING = {"enable_access_log": False}
 # both ends (docs/scaling.md, "What routing adds, hop by hop").
 HANDLE_OPTIONS = {"stream": True, "_by_reference": False, "request_serialization": "pickle",
                   "response_serialization": "pickle"}
-METRICS_ATTEMPTS = 16  # targeted /metrics calls per replica under Ray's routers (pow2 misses 16 times in ~1e-5)
+# Targeted /metrics calls per replica under Ray's routers, a short pause after each miss: pow2
+# misses 32 times in ~1e-10; prefix-affinity sends a text that matches nothing to the replica
+# with the smallest prefix tree, which only changes once the tree actor has taken the last
+# call's text (inserted without waiting: under load it lags, and back-to-back calls all missed).
+METRICS_ATTEMPTS = 32
+METRICS_RETRY_PAUSE_S = 0.02
 ROUTERS = {
     "cache-aware": "radixserve.cluster.router:CacheAwareRouter",
     "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
@@ -356,13 +361,15 @@ class IngressCore:
             # Our router sends a targeted call to its replica; Ray's routers cannot be told, and
             # the wrong replica answers 404: ask again (pow2 picks at random; prefix-affinity by
             # the prompt text's longest match, hence a fresh text that matches nothing: it then
-            # picks like pow2) before taking the replica for gone.
+            # picks the replica with the smallest tree, METRICS_ATTEMPTS) before taking the
+            # replica for gone.
             for _ in range(METRICS_ATTEMPTS):
                 target = RoutedRequest(routed.method, routed.path, routed.query_string, routed.headers, b"",
                                        prompt=f"{os.urandom(8).hex()}{routed.path}", target_replica=replica_id)
                 response = await self._call(self.engine, target)
                 if response.status_code != 404:
                     break
+                await asyncio.sleep(METRICS_RETRY_PAUSE_S)
             if response.status_code == 404:
                 continue  # stopped since it last published
             if response.status_code != 200:
