@@ -336,6 +336,10 @@ def _paged_attention_kernel(
         # program does chunk `split` and the merge folds the partials; else it walks them all.
         if SPLIT:
             t_begin = split * SPLIT_TILES
+            if FUSE_MERGE and t_begin >= num_tiles:
+                # An empty chunk is an exact no-op in the fold: neither stored nor counted (a CUDA
+                # graph's launch has splits for max_model_len; a 4096-token context uses a few).
+                return
             m_i, l_i, acc = _attend_chunk(
                 q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, tl.minimum(t_begin + SPLIT_TILES, num_tiles),
                 kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
@@ -458,10 +462,14 @@ def _paged_attention_kernel(
         if FUSE_MERGE:
             group_id = (s_idx * n_qblocks + qb) * NUM_KV_HEADS + kvh
             tl.debug_barrier()  # every thread's partial is stored before the arrival is counted
+            if SPLIT_TILES > 0:
+                arrivals = tl.cdiv(num_tiles, SPLIT_TILES)  # the non-empty chunks, folded in order
+            else:
+                arrivals = num_splits
             arrived = tl.atomic_add(counters_ptr + group_id, 1, sem="acq_rel", scope="gpu")
-            if arrived == num_splits - 1:
+            if arrived == arrivals - 1:
                 _merge_splits(
-                    out_ptr, part_acc_ptr, part_ml_ptr, group_id * num_splits, num_splits, q_start, tok, head, row_ok,
+                    out_ptr, part_acc_ptr, part_ml_ptr, group_id * num_splits, arrivals, q_start, tok, head, row_ok,
                     rows, stride_ot, stride_oh, HEAD_DIM, HEAD_DIM_P, BLOCK_M, SPLIT_TILES > 0,
                 )  # fmt: skip
                 tl.store(counters_ptr + group_id, 0)
