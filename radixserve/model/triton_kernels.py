@@ -94,24 +94,17 @@ def _merge_step(run_m, run_l, run_acc, m_c, l_c, acc_c):
 
 
 @triton.jit
-def _tile_pages(bt_row, t, kv_end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The pool block of each key of tile t (0 past kv_end)."""
-    kpos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    return tl.load(bt_row + kpos // PAGE, mask=kpos < kv_end, other=0).to(tl.int64)
-
-
-@triton.jit
 def _attend_tile(
-    q, k_cache_ptr, v_cache_ptr, blk, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
+    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    """Deterministic mode: one key tile's online-softmax step on (max, sum, accumulator); blk:
-    the tile's page ids (_tile_pages), loaded by the caller, a tile ahead with PREFETCH."""
+    """Deterministic mode: one key tile's online-softmax step on (max, sum, accumulator)."""
     offs_n = tl.arange(0, BLOCK_N)
     kpos = t * BLOCK_N + offs_n
     k_ok = kpos < kv_end
+    blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
     in_page = (kpos % PAGE).to(tl.int64)
     if HEAD_DIM == HEAD_DIM_P:
         kv_mask = k_ok[:, None]
@@ -153,23 +146,17 @@ def _attend_chunk(
     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, kv_end, scale_log2e,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Deterministic mode: online softmax over key tiles [t_begin, t_end) from a fresh state;
     returns (max, sum, unnormalized accumulator). The same per-tile steps as the default loop in
-    _paged_attention_kernel (kept apart so that loop and its CASCADE stay as they are)."""
+    _paged_attention_kernel (kept apart so that loop and its PREFETCH stay as they are)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    blk_next = _tile_pages(bt_row, t_begin, kv_end, PAGE, BLOCK_N)
     for t in range(t_begin, t_end):
-        if PREFETCH:
-            blk = blk_next
-            blk_next = _tile_pages(bt_row, t + 1, kv_end, PAGE, BLOCK_N)
-        else:
-            blk = _tile_pages(bt_row, t, kv_end, PAGE, BLOCK_N)
         m_i, l_i, acc = _attend_tile(
-            q, k_cache_ptr, v_cache_ptr, blk, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
+            q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
             HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
         )  # fmt: skip
@@ -356,7 +343,7 @@ def _paged_attention_kernel(
             m_i, l_i, acc = _attend_chunk(
                 q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, tl.minimum(t_begin + SPLIT_TILES, num_tiles),
                 kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-                HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE, PREFETCH,
+                HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
             )  # fmt: skip
         elif FLAT_WALK:
             # The same tiles and folds in one loop over the tiles (the nested walk drains the
@@ -368,15 +355,9 @@ def _paged_attention_kernel(
             m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_c = tl.zeros([BLOCK_M], tl.float32)
             acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-            blk_next = _tile_pages(bt_row, 0, kv_end, PAGE, BLOCK_N)
             for t in range(0, num_tiles):
-                if PREFETCH:
-                    blk = blk_next
-                    blk_next = _tile_pages(bt_row, t + 1, kv_end, PAGE, BLOCK_N)
-                else:
-                    blk = _tile_pages(bt_row, t, kv_end, PAGE, BLOCK_N)
                 m_c, l_c, acc_c = _attend_tile(
-                    q, k_cache_ptr, v_cache_ptr, blk, kvh, q_pos, t, kv_end, scale_log2e, m_c, l_c, acc_c,
+                    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_c, l_c, acc_c,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
                     HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
                 )  # fmt: skip
@@ -394,7 +375,7 @@ def _paged_attention_kernel(
                     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, c * SPLIT_TILES,
                     tl.minimum(c * SPLIT_TILES + SPLIT_TILES, num_tiles), kv_end, scale_log2e,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-                    HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE, PREFETCH,
+                    HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
                 )  # fmt: skip
                 m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
         t_begin = 0
