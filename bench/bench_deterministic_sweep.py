@@ -140,20 +140,16 @@ def time_us(fn) -> float:
 # `split_tiles`: the key chunk (TA.DETERMINISTIC_SPLIT_TILES), another order: bits differ from the
 # shipped build by design, timed to see what shorter chunks buy (more programs per KV head in
 # decode) and cost (a fold per chunk in the prefill walk; 2-32 tiles: docs/benchmarks.md
-# gpu-deterministic-chunks). `prefetch`: page ids a tile ahead. `long`: the config for queries past 512
+# gpu-deterministic-chunks). `long`: the config for queries past 512
 # tokens (TA.DETERMINISTIC_CFG_BY_QUERY's last entry). The first sweeps' candidates (2 stages, 16-
 # and 32-row tiles, 4-warp 128-row tiles) are in docs/benchmarks.md gpu-deterministic-sweep.
 LONG_CFG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
 ATTENTION_CANDIDATES = [
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
     dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, prefetch=True, long=dict(LONG_CFG, prefetch=True)),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True, prefetch=True,
-         long=dict(LONG_CFG, flat_walk=True, prefetch=True)),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True, prefetch=True, long=dict(LONG_CFG, prefetch=True)),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=4, flat_walk=True, prefetch=True, long=dict(LONG_CFG, prefetch=True)),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=4, flat_walk=True, prefetch=True,
-         long=dict(LONG_CFG, flat_walk=True, prefetch=True)),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True, long=dict(LONG_CFG, flat_walk=True)),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=8),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=4, flat_walk=True, long=dict(LONG_CFG, flat_walk=True)),
 ]
 
 
