@@ -291,10 +291,18 @@ def _paged_attention_kernel(
     prefix split, at [(split * cascade_stride + seq) * heads + head]) into its own state.
     """
     s_idx = tl.program_id(0)
-    qb = tl.program_id(1)
-    hs = tl.program_id(2)
-    kvh = hs // num_splits
-    split = hs % num_splits
+    if SPLIT_TILES > 0:
+        # Deterministic launches (the same bits in any order): the longest query blocks start
+        # first (causal: a block's keys grow with its index), and split-major programs, so a
+        # graph's launch, whose splits cover max_model_len, puts its non-empty chunks first and
+        # spreads them over the SMs instead of pairing them on half of them between the empty ones.
+        qb = n_qblocks - 1 - tl.program_id(1)
+        split = tl.program_id(2) // NUM_KV_HEADS
+        kvh = tl.program_id(2) % NUM_KV_HEADS
+    else:
+        qb = tl.program_id(1)
+        kvh = tl.program_id(2) // num_splits
+        split = tl.program_id(2) % num_splits
     if USE_SEQ_IDS:
         seq = tl.load(seq_ids_ptr + s_idx).to(tl.int64)
     else:
