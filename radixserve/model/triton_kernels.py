@@ -94,17 +94,24 @@ def _merge_step(run_m, run_l, run_acc, m_c, l_c, acc_c):
 
 
 @triton.jit
-def _attend_tile(
-    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-):  # fmt: skip
-    """Deterministic mode: one key tile's online-softmax step on (max, sum, accumulator)."""
-    offs_n = tl.arange(0, BLOCK_N)
-    kpos = t * BLOCK_N + offs_n
+def _tile_keys(bt_row, t, kv_end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile t of a sequence: positions, which of them exist (< kv_end), their pool blocks."""
+    kpos = t * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = kpos < kv_end
-    blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+    return kpos, k_ok, tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+
+
+@triton.jit
+def _attend_tile(
+    q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr = True,
+):  # fmt: skip
+    """One key tile's online-softmax step on (max, sum, accumulator), in base 2: the keys at
+    kpos (pool blocks blk) where k_ok, each visible to the rows at or after it (CAUSAL; else to
+    every row). Every attention loop here goes through it: the default and deterministic paged
+    walks and the cascade prefix kernel."""
     in_page = (kpos % PAGE).to(tl.int64)
     if HEAD_DIM == HEAD_DIM_P:
         kv_mask = k_ok[:, None]
@@ -120,9 +127,13 @@ def _attend_tile(
     else:
         s = tl.dot(q, tl.trans(k))
     s = s * scale_log2e
-    visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+    if CAUSAL:
+        visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+    else:
+        visible = k_ok[None, :]
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
@@ -137,8 +148,7 @@ def _attend_tile(
     else:
         pv = tl.dot(p.to(v.dtype), v)
     acc = acc * alpha[:, None] + pv
-    m_i = m_new
-    return m_i, l_i, acc
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -149,16 +159,15 @@ def _attend_chunk(
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Deterministic mode: online softmax over key tiles [t_begin, t_end) from a fresh state;
-    returns (max, sum, unnormalized accumulator). The same per-tile steps as the default loop in
-    _paged_attention_kernel (kept apart so that loop and its PREFETCH stay as they are)."""
+    returns (max, sum, unnormalized accumulator)."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     for t in range(t_begin, t_end):
+        kpos, k_ok, blk = _tile_keys(bt_row, t, kv_end, PAGE, BLOCK_N)
         m_i, l_i, acc = _attend_tile(
-            q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_i, l_i, acc,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-            HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+            q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, IEEE,
         )  # fmt: skip
     return m_i, l_i, acc
 
@@ -364,10 +373,11 @@ def _paged_attention_kernel(
             l_c = tl.zeros([BLOCK_M], tl.float32)
             acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
             for t in range(0, num_tiles):
+                kpos, k_ok, blk = _tile_keys(bt_row, t, kv_end, PAGE, BLOCK_N)
                 m_c, l_c, acc_c = _attend_tile(
-                    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t, kv_end, scale_log2e, m_c, l_c, acc_c,
+                    q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_c, l_c, acc_c,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-                    HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+                    HEAD_DIM, HEAD_DIM_P, PAGE, IEEE,
                 )  # fmt: skip
                 if (t % SPLIT_TILES == SPLIT_TILES - 1) or (t == num_tiles - 1):
                     m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
@@ -411,40 +421,10 @@ def _paged_attention_kernel(
             blk_next = tl.load(bt_row + after // PAGE, mask=after < kv_end, other=0).to(tl.int64)
         else:
             blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        in_page = (kpos % PAGE).to(tl.int64)
-        if HEAD_DIM == HEAD_DIM_P:
-            kv_mask = k_ok[:, None]
-        else:
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale_log2e
-        visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(
+            q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, IEEE,
+        )  # fmt: skip
 
     if CASCADE:
         if split == 0:
@@ -697,37 +677,11 @@ def _cascade_prefix_kernel(
                 blk = blk_next
                 after = kpos + BLOCK_N
                 blk_next = tl.load(bt_row + after // PAGE, mask=after < prefix, other=0).to(tl.int64)
-                in_page = (kpos % PAGE).to(tl.int64)
-                if HEAD_DIM == HEAD_DIM_P:
-                    kv_mask = k_ok[:, None]
-                else:
-                    kv_mask = k_ok[:, None] & d_ok[None, :]
-                k = tl.load(
-                    k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
-                )
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = tl.where(k_ok[None, :], s * scale_log2e, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(
-                    v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
-                    mask=kv_mask,
-                    other=0.0,
-                )
-                if IEEE:
-                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    pv = tl.dot(p.to(v.dtype), v)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
+                m_i, l_i, acc = _attend_tile(
+                    q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, kpos, scale_log2e, m_i, l_i, acc,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+                    HEAD_DIM, HEAD_DIM_P, PAGE, IEEE, CAUSAL=False,
+                )  # fmt: skip
             idx = (split * part_stride + seq) * (NUM_KV_HEADS * GROUP) + head
             tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
             tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
