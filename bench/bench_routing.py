@@ -1,7 +1,7 @@
 """Routers side by side, each deployed as users run it: `radixserve serve --replicas`, same requests.
 
     .venv/bin/python bench/bench_routing.py [--requests 160] [--system-prompts 8] [--prompts-per-pool 4 5]
-        [--with-store-runs] [--serve-opt NAME=VALUE]
+        [--with-store-runs] [--serve-opt NAME=VALUE] [--arrival round-robin|shuffled]
 
 Every configuration is a fresh `radixserve serve --replicas N --router R` in its own process (its
 own local Ray, the engine replicas, and that process's own HTTP ingress: one Ray hop per request,
@@ -11,7 +11,7 @@ docs/scaling.md), with the same engine options; this process only sends the requ
   pow2             2 replicas, Ray Serve's default power-of-two-choices router
   prefix-affinity  2 replicas, Ray Serve LLM's PrefixCacheAffinityRouter (guesses from prompt text)
   cache-aware      2 replicas, ours (KV-event prefix index)
-Workload: `system-prompt` with N system prompts x M questions, arriving mixed (round robin),
+Workload: `system-prompt` with N system prompts x M questions, arriving mixed (round robin, or --arrival shuffled),
 closed loop with --concurrency clients. A replica's KV pool holds exactly half the system prompts
 (--prompts-per-pool, default N/2; what makes routing matter: a replica that sees every prompt
 thrashes) plus room for the requests in flight. Further --prompts-per-pool sizes repeat pow2 and
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import subprocess
 import sys
@@ -115,6 +116,10 @@ def main() -> int:
     p.add_argument("--with-store-runs", action="store_true",
                    help="repeat pow2 and cache-aware with a shared Redis tier (started here unless --serve-opt kv_store=...)")
     p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of each local Ray, split between its replicas")
+    p.add_argument("--arrival", choices=("round-robin", "shuffled"), default="round-robin",
+                   help="request order: the prompts in turn, or shuffled (seed 0). Round robin lets a load "
+                        "balancer that alternates replicas partition the prompts by accident (pow2 did, after "
+                        "the ingress's faster handle path: docs/benchmarks.md routing-cpu)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
 
@@ -139,6 +144,8 @@ def main() -> int:
     workload = SystemPromptWorkload(num_requests=args.requests, num_system_prompts=args.system_prompts,
                                     system_tokens=args.system_tokens, output_tokens=args.output_tokens)
     requests = workload.build()
+    if args.arrival == "shuffled":  # each request keeps its index; only the order of sending changes
+        random.Random(0).shuffle(requests)
     runs = [(name, pool_sizes[0], False) for name in args.routers]
     if args.with_store_runs:
         runs += [(name, pool_sizes[0], True) for name in ("pow2", "cache-aware")]
@@ -187,8 +194,9 @@ def main() -> int:
         store_note = (f" `+ Redis tier`: the same with `--kv-store` on one shared redis-server (emptied before each "
                       f"run), `--kv-store-write {extra.get('kv_store_write')}`; blocks a replica loads from it count "
                       "as cached (\"from store\": their share of all prompt tokens).")
+    arrival_text = "round robin over the prompts" if args.arrival == "round-robin" else "in a shuffled order"
     body = "\n".join([
-        f"Workload: {workload.summary()}, arriving mixed (round robin over the prompts), {args.concurrency} "
+        f"Workload: {workload.summary()}, arriving mixed ({arrival_text}), {args.concurrency} "
         f"concurrent clients. Each configuration is `radixserve serve --replicas N --router R` in its own process "
         f"(its own local Ray with {args.ray_cpus} CPUs, the replicas splitting them; its own HTTP ingress), "
         f"the same requests in one run. A replica's KV pool holds exactly {pool_sizes[0]} of the "
