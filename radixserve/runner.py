@@ -97,11 +97,7 @@ class ModelRunner:
         """The step's lists as device tensors: (metadata, input ids, logits rows). On the GPU they
         go up in one pinned copy (each separate small host->device copy costs a synchronous
         ~10-20 us)."""
-        tables = padded_block_tables(step)
-        parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
-        cascade = self._plan_cascade(step, tables)
-        if cascade is not None:
-            parts += [cascade.row_prefix, cascade.chunk_rows.reshape(-1), cascade.chunk_prefix, cascade.chunk_leader]
+        parts, tables, cascade = self.host_inputs(step)
         if self._uploader is not None:
             *lists, flat_tables = self._uploader.upload(parts + [tables.reshape(-1)])
         else:
@@ -115,6 +111,16 @@ class ModelRunner:
         meta = AttentionMetadata.from_step(step, positions, slots, query_start, seq_lens, block_tables,
                                            cascade=cascade_meta)  # fmt: skip
         return meta, ids, rows
+
+    def host_inputs(self, step: StepInput) -> tuple[list, np.ndarray, CascadePlan | None]:
+        """The host half of `_device_inputs`: (the int64 parts to upload, in order, the block
+        tables [B, max_blocks], the step's cascade plan or None)."""
+        tables = padded_block_tables(step)
+        parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
+        cascade = self._plan_cascade(step, tables)
+        if cascade is not None:
+            parts += [cascade.row_prefix, cascade.chunk_rows.reshape(-1), cascade.chunk_prefix, cascade.chunk_leader]
+        return parts, tables, cascade
 
     def _plan_cascade(self, step: StepInput, tables: np.ndarray) -> CascadePlan | None:
         """The cascade of an eager step's decode rows (a mixed step's, mostly: decode-only steps
