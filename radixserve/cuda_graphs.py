@@ -26,7 +26,7 @@ import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
 from radixserve.model.cascade import CASCADE_MIN_ROWS, CASCADE_ROWS, CascadeMetadata, max_chunks, plan_cascade
-from radixserve.step import StepInput
+from radixserve.step import BlockTableRows, StepInput
 
 
 @contextlib.contextmanager
@@ -156,7 +156,7 @@ class DecodeGraphs:
         self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
         self._np[o["chunk_rows"] : o["chunk_rows"] + c * CASCADE_ROWS] = -1
         self._dev.copy_(self._host)
-        self._host_tables = self._np[o["tables"] : o["tables"] + n * w].reshape(n, w)
+        self._host_tables = BlockTableRows(self._np[o["tables"] : o["tables"] + n * w].reshape(n, w))
 
     def _view(self, name: str, length: int) -> torch.Tensor:
         start = self._offsets[name]
@@ -233,10 +233,8 @@ class DecodeGraphs:
             npb[o["pos"] + B : o["pos"] + size] = 0
             npb[o["slots"] + B : o["slots"] + size] = -1
             npb[o["seq_lens"] + B : o["seq_lens"] + size] = 1
-        tables = self._host_tables
-        for i, blocks in enumerate(step.block_tables):
-            tables[i, : len(blocks)] = blocks
-        with_cascade = size in self.cascade_sizes and self._fill_cascade(tables[:B], step.seq_lens, size)
+        tables = self._host_tables.write(step.block_tables)  # only the rows that changed
+        with_cascade = size in self.cascade_sizes and self._fill_cascade(tables, step.seq_lens, size)
         return size, with_cascade, o["tables"] + size * self.width
 
     def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 def slot_mapping(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """KV slots (block_id * block_size + offset) of positions start..end-1 of a sequence whose
@@ -87,3 +89,32 @@ class StepInput:
     def is_decode(self) -> bool:
         """One new token per sequence, every one sampled: the shape a decode CUDA graph runs."""
         return self.num_tokens == self.num_seqs == len(self.logits_rows)
+
+
+class BlockTableRows:
+    """Steps' block tables, one after another, in one host int64 array [rows, width]: row i of
+    step N is sequence i's block ids, 0 past them (what `padded_block_tables` builds).
+
+    Only the rows whose block list changed since the previous write are converted: turning a
+    decode step's 128 lists of ~140 Python ints into int64 costs ~0.4 ms on the host (on the
+    critical path, between two GPU steps), while between two decode steps a row's list changes
+    once in block_size steps (a new block) or when the row holds another sequence. A row is
+    compared with a copy of the list it was written from (one C-level list compare)."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array  # may be a view into a larger buffer (the decode graphs' pinned one)
+        self._written: list[list[int] | None] = [None] * array.shape[0]
+
+    def write(self, block_tables: Sequence[list[int]]) -> np.ndarray:
+        """Bring rows 0..len(block_tables)-1 up to `block_tables`; returns them (a view)."""
+        array, written = self.array, self._written
+        for i, blocks in enumerate(block_tables):
+            if written[i] != blocks:
+                n = len(blocks)
+                array[i, :n] = blocks
+                array[i, n:] = 0
+                written[i] = blocks.copy()
+        return array[: len(block_tables)]
+
+    def fits(self, num_rows: int, num_blocks: int) -> bool:
+        return num_rows <= self.array.shape[0] and num_blocks <= self.array.shape[1]
