@@ -129,12 +129,12 @@ class Scheduler:
         return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
 
     def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
-        kv = self.cache.kv
-        return StepInput.build(self.cache.block_size, (
+        tables = self.cache.block_tables([s.request for s in scheduled])
+        return StepInput.build(self.cache.block_size, [
             (s.request.token_slice(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens),
-             s.num_computed_tokens, kv(s.request).block_ids, s.samples)
-            for s in scheduled
-        ), self.cache.take_block_copies())  # fmt: skip
+             s.num_computed_tokens, blocks, s.samples)
+            for s, blocks in zip(scheduled, tables)
+        ], self.cache.take_block_copies())  # fmt: skip
 
     def _prefilling(self, request: Request) -> bool:
         return is_prefilling(self.cache.num_computed_tokens(request), request.num_tokens)
@@ -149,25 +149,33 @@ class Scheduler:
         """Running requests, oldest first, each its next tokens; preempt the newest when blocks
         run out. A prefill chunk leaves room in the step for the decodes behind it and, when
         requests wait, for a new prompt, so a long prompt cannot hold everyone else back for its
-        whole prefill. Returns the budget left."""
-        decodes_left = sum(1 for r in self.running if not self._prefilling(r))
+        whole prefill. Returns the budget left.
+
+        Runs for every running request on every step, between two GPU steps: each request's
+        counts are read once, up front (a preemption drops requests from the end only, so the
+        lists stay aligned with `running` up to the request at hand)."""
+        running = self.running
+        computed = self.cache.computed_tokens(running)
+        totals = [r.num_tokens for r in running]
+        decodes_left = len(running) - sum(map(is_prefilling, computed, totals))
         room_for_new = self._room_for_new()
+        allocate_slots, scheduled = self.cache.allocate_slots, out.scheduled
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            computed = self.cache.num_computed_tokens(request)
-            num_new = min(request.num_tokens - computed, budget)
-            if is_prefilling(computed, request.num_tokens):
+        while i < len(running) and budget > 0:
+            request, done, total = running[i], computed[i], totals[i]
+            num_new = min(total - done, budget)
+            if is_prefilling(done, total):
                 num_new = max(1, min(num_new, budget - decodes_left - room_for_new))
             else:
                 decodes_left -= 1
-            while not self.cache.allocate_slots(request, num_new):
-                victim = self.running[-1]
+            while not allocate_slots(request, num_new):
+                victim = running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     return budget  # nothing after it can run either
-            out.scheduled.append(self._scheduled(request, num_new, computed))
+            # (what _scheduled builds, without the call)
+            scheduled.append(ScheduledRequest(request, num_new, done, samples=done + num_new == total))
             budget -= num_new
             i += 1
         return budget
