@@ -45,7 +45,12 @@ def shares_a_block_past(tokens: list[int], other: list[int], num_tokens: int, bl
     """Whether the whole blocks `tokens` and `other` share (at most `limit` tokens) reach past
     their first `num_tokens`: they agree up to the end of the block after that."""
     end = (num_tokens // block_size + 1) * block_size
-    return end <= limit and tokens[:end] == other[:end]
+    if end > limit:
+        return False
+    # The last block first: requests that part before `end` mostly differ there (a sibling's own
+    # question, another prefix), and 16 tokens reject them without copying thousands.
+    last = end - block_size
+    return tokens[last:end] == other[last:end] and tokens[:last] == other[:last]
 
 
 def is_prefilling(num_computed_tokens: int, num_tokens: int) -> bool:

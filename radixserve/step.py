@@ -17,9 +17,15 @@ import numpy as np
 def slot_mapping(block_ids: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
     """KV slots (block_id * block_size + offset) of positions start..end-1 of a sequence whose
     block table is `block_ids`."""
-    if end - start == 1:  # a decode's one token (the common case): no comprehension
+    if end - start == 1:  # a decode's one token (the common case): no loop
         return [block_ids[start // block_size] * block_size + start % block_size]
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)]
+    # a run of consecutive slots per block: O(blocks) Python steps, not O(tokens) (a step's
+    # prefill chunks are thousands of tokens)
+    slots: list[int] = []
+    for b in range(start // block_size, (end - 1) // block_size + 1):
+        base = block_ids[b] * block_size - b * block_size  # slot of position p in block b: base + p
+        slots.extend(range(base + max(start, b * block_size), base + min(end, (b + 1) * block_size)))
+    return slots
 
 
 @dataclass(slots=True)
