@@ -132,6 +132,8 @@ class DecodeGraphs:
         self.cascade = cascade
         self.cascade_sizes = [s for s in self.sizes if s >= CASCADE_MIN_ROWS] if cascade else []
         self.cascade_rows = 0  # decode rows that took the cascade path, all replays together
+        self._plan_key: tuple[int, bytes] | None = None  # (table version, full blocks per row) of _plan
+        self._plan = None
         self._allocate_buffers(next(model.parameters()).device)
         self._event: torch.cuda.Event | None = None
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -240,7 +242,15 @@ class DecodeGraphs:
     def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> bool:
         """The step's cascade into the buffer's parts for a graph of `size` rows (padding rows:
         prefix 0; unused chunk slots: prefix 0, skipped); False when nothing is shared."""
-        plan = plan_cascade(tables, np.asarray(seq_lens), self.block_size)
+        seq_lens = np.asarray(seq_lens)
+        # plan_cascade reads the tables and each row's full blocks only: from one decode step to
+        # the next, unless a row was rewritten or completed a block, the plan is the same
+        key = (self._host_tables.version, ((seq_lens - 1) // self.block_size).tobytes())
+        if key == self._plan_key:
+            plan = self._plan
+        else:
+            plan = self._plan = plan_cascade(tables, seq_lens, self.block_size)
+            self._plan_key = key
         if plan is None:
             return False
         o, npb = self._offsets, self._np

@@ -110,6 +110,7 @@ class BlockTableRows:
     def __init__(self, array: np.ndarray) -> None:
         self.array = array  # may be a view into a larger buffer (the decode graphs' pinned one)
         self._written: list[list[int] | None] = [None] * array.shape[0]
+        self.version = 0  # +1 per row rewritten: at equal versions, the array holds the same rows
 
     def write(self, block_tables: Sequence[list[int]]) -> np.ndarray:
         """Bring rows 0..len(block_tables)-1 up to `block_tables`; returns them (a view)."""
@@ -120,6 +121,7 @@ class BlockTableRows:
                 array[i, :n] = blocks
                 array[i, n:] = 0
                 written[i] = blocks.copy()
+                self.version += 1
         return array[: len(block_tables)]
 
     def fits(self, num_rows: int, num_blocks: int) -> bool:
