@@ -134,7 +134,11 @@ class Scheduler:
         return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
 
     def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
-        tables = self.cache.block_tables([s.request for s in scheduled])
+        requests = [s.request for s in scheduled]
+        tables = self.cache.block_tables(requests)
+        if all(s.num_new_tokens == 1 and s.samples for s in scheduled):  # decode-only: most steps
+            return StepInput.decodes(self.cache.block_size, [r.last_token_id for r in requests],
+                                     [s.num_computed_tokens for s in scheduled], tables, self.cache.take_block_copies())
         return StepInput.build(self.cache.block_size, [
             (s.request.token_slice(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens),
              s.num_computed_tokens, blocks, s.samples)

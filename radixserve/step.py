@@ -78,6 +78,21 @@ class StepInput:
                 rows.append(total - 1)
         return step
 
+    @classmethod
+    def decodes(cls, block_size: int, token_ids: list[int], positions: list[int], block_tables: list[list[int]],
+                block_copies: list[tuple[int, int]] | None = None) -> StepInput:
+        """What `build` gives for sequences of one new token each (token_ids[i] at positions[i]),
+        every one sampled: the decode-only step, built a column at a time (comprehensions, not
+        a loop of appends per row)."""
+        n = len(token_ids)
+        return cls(
+            block_size, token_ids=token_ids, positions=positions,
+            # slot_mapping(blocks, p, p + 1, block_size) of each row, inlined
+            slot_mapping=[blocks[p // block_size] * block_size + p % block_size for blocks, p in zip(block_tables, positions)],
+            query_start_loc=list(range(n + 1)), query_lens=[1] * n, seq_lens=[p + 1 for p in positions],
+            block_tables=block_tables, logits_rows=list(range(n)), block_copies=block_copies or [],
+        )  # fmt: skip
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)

@@ -40,6 +40,18 @@ def test_step_input_build_lists():
     assert step.is_decode is False
 
 
+@given(st.lists(st.tuples(st.lists(st.integers(0, 999), min_size=1, max_size=6), st.integers(0, 23), st.integers(0, 9)),
+                max_size=8))
+def test_decodes_equal_build(rows):
+    tables = [blocks for blocks, _, _ in rows]
+    positions = [offset % (len(blocks) * BLOCK_SIZE) for blocks, offset, _ in rows]
+    tokens = [token for _, _, token in rows]
+    fast = StepInput.decodes(BLOCK_SIZE, tokens, positions, tables, [(1, 2)])
+    built = StepInput.build(BLOCK_SIZE, [([t], p, b, True) for t, p, b in zip(tokens, positions, tables)], [(1, 2)])
+    assert fast == built
+    assert fast.is_decode
+
+
 # One step after another: each sequence's block list grows, gets a block swapped in place (the
 # tree's copy of an identical block), or the rows change order (requests finish, others start).
 _edit = st.sampled_from(["grow", "swap", "drop_first", "shuffle", "new_row", "same"])
