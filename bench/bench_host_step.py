@@ -24,11 +24,15 @@ step (as probe_steps.py counts them), in ms per step:
                outputs (overlap_outputs), advancing the KV state, the sampler's call
 "critical" = post-sample + schedule + prep: the host time between two GPU steps on the device
 (step N's tokens are needed before schedule(N+1), so it is not hidden), summed over the burst.
+"gc" is the garbage collector's time during the burst by generation (count x ms; a collection
+runs wherever an allocation triggers it, so it is inside the figures above too); `--freeze-gc`
+builds the engine with SchedulerConfig.freeze_gc.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -186,28 +190,43 @@ def issue18(args: argparse.Namespace) -> None:
         model=ModelConfig(source="dummy:tiny", dtype="float32", show_progress=False, max_model_len=max_model_len),
         cache=CacheConfig(num_blocks=24576, block_size=16),
         scheduler=SchedulerConfig(max_num_seqs=128, max_num_batched_tokens=4096, policy=args.policy,
-                                  overlap_outputs=True),
+                                  overlap_outputs=True, freeze_gc=args.freeze_gc),
     ))  # fmt: skip
     path = GpuHostPath(engine, max_model_len)
+    collections: dict[int, list[float]] = {}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            collections.setdefault(info["generation"], []).append(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
     rng = random.Random(18)
     results = []
     for burst in range(args.bursts):
         prompts = burst_prompts(rng, args.requests, args.groups, 2048, 128)
         now = time.monotonic()
+        collections.clear()
         t0 = time.perf_counter()
         for p in prompts:
             engine.add_request(p, params, arrival_time=now)
         while engine.has_unfinished_requests():
             path.step()
         wall = time.perf_counter() - t0
-        s = {"burst": burst + 1, "wall_s": wall, **path.summary()}
+        gcs = {g: (len(ts), sum(ts) * 1000) for g, ts in sorted(collections.items())}
+        s = {"burst": burst + 1, "wall_s": wall, **path.summary(), "gc": {str(g): v for g, v in gcs.items()},
+             "gc_s": sum(v[1] for v in gcs.values()) / 1000, "gc_max_ms": max((max(ts) * 1000 for ts in collections.values()), default=0.0)}
         results.append(s)
         kinds = "; ".join(f"{k} {v['steps']} x critical {v['critical_ms']:.2f} ms (schedule {v['schedule_ms']:.2f}, "
                           f"prep {v['prep_ms']:.2f} [cascade {v['cascade_ms']:.2f}], post-sample {v['post_sample_ms']:.2f}; "
                           f"overlapped {v['overlapped_ms']:.2f})" for k, v in s.items() if k in KINDS)
         print(f"burst {burst + 1}: wall {wall:.2f} s, critical host {s['critical_s']:.3f} s, overlapped "
-              f"{s['overlapped_s']:.3f} s; {kinds}", flush=True)
+              f"{s['overlapped_s']:.3f} s; {kinds}; gc " + ", ".join(f"gen{g} {n} x {ms / max(1, n):.1f} ms"
+              for g, (n, ms) in gcs.items()) + f" (longest {s['gc_max_ms']:.0f} ms)", flush=True)
+    gc.callbacks.remove(on_gc)
     engine.close()
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "bursts": results}, indent=1))
@@ -221,6 +240,7 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=32)
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--policy", default="group")
+    parser.add_argument("--freeze-gc", action="store_true", help="SchedulerConfig.freeze_gc (issue18 workload)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.workload == "issue18":
