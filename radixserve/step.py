@@ -112,6 +112,11 @@ class StepInput:
         return self.num_tokens == self.num_seqs == len(self.logits_rows)
 
 
+# Stale rows past which BlockTableRows.write looks for them among the rows it holds: a decode
+# step has a few (new blocks), a step after admissions or finishes most of them, moved.
+MOVED_ROWS_MIN = 16
+
+
 class BlockTableRows:
     """Steps' block tables, one after another, in one host int64 array [rows, width]: row i of
     step N is sequence i's block ids, 0 past them (what `padded_block_tables` builds).
@@ -133,15 +138,48 @@ class BlockTableRows:
     def write(self, block_tables: Sequence[list[int]]) -> np.ndarray:
         """Bring rows 0..len(block_tables)-1 up to `block_tables`; returns them (a view)."""
         array, written = self.array, self._written
-        for i, blocks in enumerate(block_tables):
-            key = tuple(blocks)
-            if written[i] != key:
-                n = len(blocks)
-                array[i, :n] = blocks
-                array[i, n:] = 0
+        keys = [tuple(blocks) for blocks in block_tables]
+        stale = [i for i, key in enumerate(keys) if written[i] != key]
+        self.version += len(stale)
+        rest = []
+        for i in stale:  # most often a row that gained a block (a decode crossing into a new one)
+            key, old = keys[i], written[i]
+            if old is not None and len(key) == len(old) + 1 and key[:-1] == old:
+                array[i, len(old)] = key[-1]
                 written[i] = key
-                self.version += 1
-        return array[: len(block_tables)]
+            else:
+                rest.append(i)
+        if len(rest) > MOVED_ROWS_MIN:
+            rest = self._move_rows(keys, rest)
+        for i in rest:
+            key = keys[i]
+            n = len(key)
+            array[i, :n] = key
+            array[i, n:] = 0
+            written[i] = key
+        return array[: len(keys)]
+
+    def _move_rows(self, keys: list[tuple[int, ...]], stale: list[int]) -> list[int]:
+        """Copy the stale rows that the array already holds in another row (the rows after a
+        finished request move up; a step after admissions reorders them) from there, one numpy
+        gather; returns the rows still to convert. A row is found by its last block and length
+        (a request's newest block is its own), then compared whole."""
+        written = self._written
+        where = {(key[-1], len(key)): j for j, key in enumerate(written) if key}
+        moved_to, moved_from, rest = [], [], []
+        for i in stale:
+            key = keys[i]
+            j = where.get((key[-1], len(key))) if key else None
+            if j is not None and written[j] == key:
+                moved_to.append(i)
+                moved_from.append(j)
+            else:
+                rest.append(i)
+        if moved_to:
+            self.array[moved_to] = self.array[moved_from]  # the sources are read before any is overwritten
+            for i in moved_to:
+                written[i] = keys[i]
+        return rest
 
     def fits(self, num_rows: int, num_blocks: int) -> bool:
         return num_rows <= self.array.shape[0] and num_blocks <= self.array.shape[1]

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from radixserve.model.attention import padded_block_tables
+import radixserve.step as step_module
 from radixserve.step import BlockTableRows, StepInput, slot_mapping
 
 BLOCK_SIZE = 4
@@ -60,6 +61,20 @@ _edit = st.sampled_from(["grow", "swap", "drop_first", "shuffle", "new_row", "sa
 @settings(max_examples=200, deadline=None)
 @given(st.lists(_edit, min_size=1, max_size=25), st.randoms(use_true_random=False))
 def test_block_table_rows_equal_padded_tables_step_after_step(edits, rng):
+    _check_steps(edits, rng)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_edit, min_size=1, max_size=25), st.randoms(use_true_random=False))
+def test_block_table_rows_moved_rows_equal_padded_tables(edits, rng):
+    saved, step_module.MOVED_ROWS_MIN = step_module.MOVED_ROWS_MIN, 0  # every write looks for moved rows
+    try:
+        _check_steps(edits, rng)
+    finally:
+        step_module.MOVED_ROWS_MIN = saved
+
+
+def _check_steps(edits, rng):
     rows = BlockTableRows(np.zeros((8, 12), dtype=np.int64))
     live = [[rng.randrange(100) for _ in range(rng.randrange(1, 6))] for _ in range(3)]
     for edit in edits:
