@@ -22,7 +22,9 @@ burst, the last repeated), so overlap off and on are compared in one process, on
 attention off / on, ModelConfig.cascade_attention) and runs `--bursts` bursts on each: an A/B in
 one process ("cascade rows" counts the decode rows that read a shared prefix once per group).
 `--policy` sets SchedulerConfig.policy per burst like `--overlap` (e.g. fcfs,fcfs,group,fcfs,group:
-prefix-grouped admission off and on, on one engine).
+prefix-grouped admission off and on, on one engine). `--freeze-gc off,on,...` likewise freezes the
+garbage collector's view of every object alive before a burst, or unfreezes it (an A/B of
+SchedulerConfig.freeze_gc on one engine).
 "new kernel variants" counts the Triton binaries the runner's launchers met for the first time
 during a burst (0 once the start-up warm-up covered them all).
 """
@@ -30,6 +32,7 @@ during a burst (0 once the start-up warm-up covered them all).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -189,6 +192,8 @@ def main() -> None:
                         "requests one after another), e.g. shuffled,grouped")
     parser.add_argument("--cascade", default=None, help="cascade attention per engine: on, off, or off,on (an A/B)")
     parser.add_argument("--policy", default="fcfs", help="SchedulerConfig.policy per burst: fcfs,group,...")
+    parser.add_argument("--freeze-gc", default="off", help="per burst, like --overlap: on freezes every object "
+                        "alive before the burst (gc.freeze, what SchedulerConfig.freeze_gc does after start-up), off unfreezes")
     args = parser.parse_args()
     cascades = [None] if args.cascade is None else [v == "on" for v in args.cascade.split(",")]
     loaded = None
@@ -226,27 +231,34 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
     overlap = [v == "on" for v in args.overlap.split(",")]
     arrival = args.arrival.split(",")
     policy = args.policy.split(",")
+    freeze = [v == "on" for v in args.freeze_gc.split(",")]
     for i in range(args.bursts):
+        frozen = freeze[min(i, len(freeze) - 1)]
+        if frozen:
+            gc.collect()
+            gc.freeze()
+        else:
+            gc.unfreeze()
         engine.config.scheduler.overlap_outputs = overlap[min(i, len(overlap) - 1)]
         engine.config.scheduler.policy = policy[min(i, len(policy) - 1)]  # the queue is empty between bursts
         grouped = arrival[min(i, len(arrival) - 1)] == "grouped"
         prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len, grouped)
         burst = run_burst(engine, probe, prompts, max_tokens, grouped)
+        burst["freeze_gc"] = frozen
         result["bursts"].append(burst)
         steps = burst["steps"]
         kinds = "; ".join(f"{k} {v['steps']} x {v['wall_ms_mean']:.1f} ms (GPU {v['gpu_ms_mean']:.1f})"
                           for k, v in steps.items() if k != "all")
-        print(f"burst {i + 1} ({burst['arrival']}, policy {burst['policy']}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
+        print(f"burst {i + 1} ({burst['arrival']}, policy {burst['policy']}, gc {'frozen' if frozen else 'not frozen'}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
               f"kernel variants, {burst['cascade_rows']} cascade rows): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
         if args.json:  # after every burst: a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=1))
     loaded = engine.loaded
     engine.close()
+    gc.unfreeze()
     del engine, probe
     if args.device != "cpu":
-        import gc
-
         gc.collect()
         torch.cuda.empty_cache()
     return result, loaded

@@ -26,7 +26,7 @@ import torch
 
 from radixserve.model.attention import AttentionMetadata, KVCache
 from radixserve.model.cascade import CASCADE_MIN_ROWS, CASCADE_ROWS, CascadeMetadata, max_chunks, plan_cascade
-from radixserve.step import StepInput
+from radixserve.step import BlockTableRows, StepInput
 
 
 @contextlib.contextmanager
@@ -79,11 +79,13 @@ class PinnedUploader:
         self._alloc(capacity)
 
     def _alloc(self, capacity: int) -> None:
-        self._host = torch.empty(capacity, dtype=torch.long, pin_memory=True)
+        # pinned on CUDA; plain on a CPU-only build (the host-only bench packs without a GPU)
+        self._host = torch.empty(capacity, dtype=torch.long, pin_memory=self.device.type == "cuda")
         self._np = self._host.numpy()
 
-    def upload(self, parts: Sequence[Sequence[int] | np.ndarray]) -> list[torch.Tensor]:
-        """The parts as device int64 tensors, each 16-byte aligned (see aligned_offsets)."""
+    def pack(self, parts: Sequence[Sequence[int] | np.ndarray]) -> tuple[list[int], list[int], int]:
+        """The host half of `upload`: the parts written into the host buffer, each 16-byte
+        aligned (see aligned_offsets); returns (offsets, sizes, total)."""
         sizes = [len(p) for p in parts]
         offsets, total = aligned_offsets(sizes)
         if self._event is not None:
@@ -92,6 +94,11 @@ class PinnedUploader:
             self._alloc(max(total, 2 * self._np.shape[0]))
         for part, offset, n in zip(parts, offsets, sizes):
             self._np[offset : offset + n] = part
+        return offsets, sizes, total
+
+    def upload(self, parts: Sequence[Sequence[int] | np.ndarray]) -> list[torch.Tensor]:
+        """The parts as device int64 tensors, each 16-byte aligned (see aligned_offsets)."""
+        offsets, sizes, total = self.pack(parts)
         dev = self._host[:total].to(self.device, non_blocking=True)
         self._event = torch.cuda.Event()
         self._event.record()
@@ -125,6 +132,8 @@ class DecodeGraphs:
         self.cascade = cascade
         self.cascade_sizes = [s for s in self.sizes if s >= CASCADE_MIN_ROWS] if cascade else []
         self.cascade_rows = 0  # decode rows that took the cascade path, all replays together
+        self._plan_key: tuple[int, bytes] | None = None  # (table version, full blocks per row) of _plan
+        self._plan = None
         self._allocate_buffers(next(model.parameters()).device)
         self._event: torch.cuda.Event | None = None
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -140,7 +149,7 @@ class DecodeGraphs:
             "ids": n, "pos": n, "slots": n, "seq_lens": n, "qsl": n + 1, "row_prefix": n if self.cascade else 0,
             "chunk_rows": c * CASCADE_ROWS, "chunk_prefix": c, "chunk_leader": c, "tables": n * w,
         })  # fmt: skip
-        self._host = torch.zeros(total, dtype=torch.long, pin_memory=True)
+        self._host = torch.zeros(total, dtype=torch.long, pin_memory=device.type == "cuda")
         self._np = self._host.numpy()
         self._dev = torch.zeros(total, dtype=torch.long, device=device)
         o = self._offsets
@@ -149,7 +158,7 @@ class DecodeGraphs:
         self._np[o["seq_lens"] : o["seq_lens"] + n] = 1
         self._np[o["chunk_rows"] : o["chunk_rows"] + c * CASCADE_ROWS] = -1
         self._dev.copy_(self._host)
-        self._host_tables = self._np[o["tables"] : o["tables"] + n * w].reshape(n, w)
+        self._host_tables = BlockTableRows(self._np[o["tables"] : o["tables"] + n * w].reshape(n, w))
 
     def _view(self, name: str, length: int) -> torch.Tensor:
         start = self._offsets[name]
@@ -202,6 +211,17 @@ class DecodeGraphs:
 
         The result is a view of the graph's static output: read it before the next run."""
         B = step.num_seqs
+        size, with_cascade, end = self.fill(step)
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+        self._graphs[size, with_cascade].replay()
+        return self._logits[size, with_cascade][:B]
+
+    def fill(self, step: StepInput) -> tuple[int, bool, int]:
+        """The host half of `run`: the step into the host buffer. Returns (the graph's batch
+        size, whether it replays the cascade graph, how much of the buffer to copy up)."""
+        B = step.num_seqs
         size = next(s for s in self.sizes if s >= B)
         o, npb = self._offsets, self._np
         if self._event is not None:
@@ -215,21 +235,22 @@ class DecodeGraphs:
             npb[o["pos"] + B : o["pos"] + size] = 0
             npb[o["slots"] + B : o["slots"] + size] = -1
             npb[o["seq_lens"] + B : o["seq_lens"] + size] = 1
-        tables = self._host_tables
-        for i, blocks in enumerate(step.block_tables):
-            tables[i, : len(blocks)] = blocks
-        with_cascade = size in self.cascade_sizes and self._fill_cascade(tables[:B], step.seq_lens, size)
-        end = o["tables"] + size * self.width
-        self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-        self._graphs[size, with_cascade].replay()
-        return self._logits[size, with_cascade][:B]
+        tables = self._host_tables.write(step.block_tables)  # only the rows that changed
+        with_cascade = size in self.cascade_sizes and self._fill_cascade(tables, step.seq_lens, size)
+        return size, with_cascade, o["tables"] + size * self.width
 
     def _fill_cascade(self, tables: np.ndarray, seq_lens: list[int], size: int) -> bool:
         """The step's cascade into the buffer's parts for a graph of `size` rows (padding rows:
         prefix 0; unused chunk slots: prefix 0, skipped); False when nothing is shared."""
-        plan = plan_cascade(tables, np.asarray(seq_lens), self.block_size)
+        seq_lens = np.asarray(seq_lens)
+        # plan_cascade reads the tables and each row's full blocks only: from one decode step to
+        # the next, unless a row was rewritten or completed a block, the plan is the same
+        key = (self._host_tables.version, ((seq_lens - 1) // self.block_size).tobytes())
+        if key == self._plan_key:
+            plan = self._plan
+        else:
+            plan = self._plan = plan_cascade(tables, seq_lens, self.block_size)
+            self._plan_key = key
         if plan is None:
             return False
         o, npb = self._offsets, self._np

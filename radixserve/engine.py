@@ -6,6 +6,7 @@ Single-threaded by design: the HTTP server drives it from its own loop thread.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import time
@@ -172,7 +173,14 @@ class LLMEngine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._pending: list[Request | RequestOutput] = []  # overlap_outputs: rendered during the next step
+        self._ready(started)
+
+    def _ready(self, started: float) -> None:
+        """Start-up is over: its time logged and, with freeze_gc, its heap frozen."""
         self.startup_seconds["total"] = time.perf_counter() - started
+        if self.config.scheduler.freeze_gc:
+            gc.collect()  # start-up's garbage goes first; what is left is kept for the process's life
+            gc.freeze()
         log.info("engine ready in %.1f s (%s)", self.startup_seconds["total"],
                  ", ".join(f"{k} {v:.1f} s" for k, v in self.startup_seconds.items() if k != "total"))
 
@@ -229,7 +237,10 @@ class LLMEngine:
     def close(self) -> None:
         """Write the prefix cache down to the KV store (what only the device held too: a
         restarted engine then finds it), wait for the writes and close the store (a disk
-        store's directory lock is released, so another engine may open it). Idempotent."""
+        store's directory lock is released, so another engine may open it). Idempotent.
+        With freeze_gc, the collector sees the frozen objects again (the engine's among them)."""
+        if self.config.scheduler.freeze_gc:
+            gc.unfreeze()
         if self.tier_io is not None:
             self.cache.list_tree_for_storage()
             self.tier_io.run(self.cache.take_transfers())

@@ -125,6 +125,11 @@ class Request:
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
+    @property
+    def last_token_id(self) -> int:
+        """all_token_ids[-1]: the token a decode step computes."""
+        return (self.output_token_ids or self.prompt_token_ids)[-1]
+
     def token_slice(self, start: int, end: int) -> list[int]:
         """all_token_ids[start:end] without building the whole prompt + output list (a decode
         step needs one token of a list thousands long)."""

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from radixserve.config import CacheConfig
-from radixserve.model.attention import AttentionMetadata, KVCache, padded_block_tables
+from radixserve.model.attention import AttentionMetadata, KVCache
 from radixserve.model.cascade import CascadeMetadata, CascadePlan, plan_cascade
 from radixserve.model.loader import LoadedModel
-from radixserve.step import StepInput
+from radixserve.step import BlockTableRows, StepInput
 
 def determine_num_blocks(loaded: LoadedModel, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
     """Pool size: explicit, else from free GPU memory, else from the CPU memory budget."""
@@ -63,6 +63,7 @@ class ModelRunner:
         backend = self.model.backend
         backend.cascade, self._eager_cascade_rows = cascade_attention and backend.kernels is not None and not deterministic, 0
         self._uploader = self.graphs = self.prefill_graphs = None
+        self._table_rows = BlockTableRows(np.zeros((0, 0), dtype=np.int64))  # grown by the first eager step
         if self.device.type == "cuda":
             from radixserve.cuda_graphs import DecodeGraphs, PinnedUploader, PrefillGraphs
 
@@ -97,11 +98,7 @@ class ModelRunner:
         """The step's lists as device tensors: (metadata, input ids, logits rows). On the GPU they
         go up in one pinned copy (each separate small host->device copy costs a synchronous
         ~10-20 us)."""
-        tables = padded_block_tables(step)
-        parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
-        cascade = self._plan_cascade(step, tables)
-        if cascade is not None:
-            parts += [cascade.row_prefix, cascade.chunk_rows.reshape(-1), cascade.chunk_prefix, cascade.chunk_leader]
+        parts, tables, cascade = self.host_inputs(step)
         if self._uploader is not None:
             *lists, flat_tables = self._uploader.upload(parts + [tables.reshape(-1)])
         else:
@@ -115,6 +112,25 @@ class ModelRunner:
         meta = AttentionMetadata.from_step(step, positions, slots, query_start, seq_lens, block_tables,
                                            cascade=cascade_meta)  # fmt: skip
         return meta, ids, rows
+
+    def host_inputs(self, step: StepInput) -> tuple[list, np.ndarray, CascadePlan | None]:
+        """The host half of `_device_inputs`: (the int64 parts to upload, in order, the block
+        tables [B, max_blocks], the step's cascade plan or None)."""
+        tables = self._block_tables(step)
+        parts = [step.token_ids, step.positions, step.slot_mapping, step.query_start_loc, step.seq_lens, step.logits_rows]
+        cascade = self._plan_cascade(step, tables)
+        if cascade is not None:
+            parts += [cascade.row_prefix, cascade.chunk_rows.reshape(-1), cascade.chunk_prefix, cascade.chunk_leader]
+        return parts, tables, cascade
+
+    def _block_tables(self, step: StepInput) -> np.ndarray:
+        """padded_block_tables(step), converting only the rows that changed since the last eager
+        step (a copy: the array is rewritten by the next step)."""
+        rows = self._table_rows
+        if not rows.fits(step.num_seqs, step.max_blocks):
+            shape = (max(step.num_seqs, rows.array.shape[0]), max(step.max_blocks, rows.array.shape[1]))
+            rows = self._table_rows = BlockTableRows(np.zeros(shape, dtype=np.int64))
+        return rows.write(step.block_tables)[:, : step.max_blocks].copy()
 
     def _plan_cascade(self, step: StepInput, tables: np.ndarray) -> CascadePlan | None:
         """The cascade of an eager step's decode rows (a mixed step's, mostly: decode-only steps

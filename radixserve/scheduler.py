@@ -45,7 +45,12 @@ def shares_a_block_past(tokens: list[int], other: list[int], num_tokens: int, bl
     """Whether the whole blocks `tokens` and `other` share (at most `limit` tokens) reach past
     their first `num_tokens`: they agree up to the end of the block after that."""
     end = (num_tokens // block_size + 1) * block_size
-    return end <= limit and tokens[:end] == other[:end]
+    if end > limit:
+        return False
+    # The last block first: requests that part before `end` mostly differ there (a sibling's own
+    # question, another prefix), and 16 tokens reject them without copying thousands.
+    last = end - block_size
+    return tokens[last:end] == other[last:end] and tokens[:last] == other[:last]
 
 
 def is_prefilling(num_computed_tokens: int, num_tokens: int) -> bool:
@@ -129,12 +134,16 @@ class Scheduler:
         return ScheduledRequest(request, num_new, computed, samples=computed + num_new == request.num_tokens)
 
     def _step_input(self, scheduled: list[ScheduledRequest]) -> StepInput:
-        kv = self.cache.kv
-        return StepInput.build(self.cache.block_size, (
+        requests = [s.request for s in scheduled]
+        tables = self.cache.block_tables(requests)
+        if all(s.num_new_tokens == 1 and s.samples for s in scheduled):  # decode-only: most steps
+            return StepInput.decodes(self.cache.block_size, [r.last_token_id for r in requests],
+                                     [s.num_computed_tokens for s in scheduled], tables, self.cache.take_block_copies())
+        return StepInput.build(self.cache.block_size, [
             (s.request.token_slice(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens),
-             s.num_computed_tokens, kv(s.request).block_ids, s.samples)
-            for s in scheduled
-        ), self.cache.take_block_copies())  # fmt: skip
+             s.num_computed_tokens, blocks, s.samples)
+            for s, blocks in zip(scheduled, tables)
+        ], self.cache.take_block_copies())  # fmt: skip
 
     def _prefilling(self, request: Request) -> bool:
         return is_prefilling(self.cache.num_computed_tokens(request), request.num_tokens)
@@ -149,25 +158,33 @@ class Scheduler:
         """Running requests, oldest first, each its next tokens; preempt the newest when blocks
         run out. A prefill chunk leaves room in the step for the decodes behind it and, when
         requests wait, for a new prompt, so a long prompt cannot hold everyone else back for its
-        whole prefill. Returns the budget left."""
-        decodes_left = sum(1 for r in self.running if not self._prefilling(r))
+        whole prefill. Returns the budget left.
+
+        Runs for every running request on every step, between two GPU steps: each request's
+        counts are read once, up front (a preemption drops requests from the end only, so the
+        lists stay aligned with `running` up to the request at hand)."""
+        running = self.running
+        computed = self.cache.computed_tokens(running)
+        totals = [r.num_tokens for r in running]
+        decodes_left = len(running) - sum(map(is_prefilling, computed, totals))
         room_for_new = self._room_for_new()
+        allocate_slots, scheduled = self.cache.allocate_slots, out.scheduled
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            computed = self.cache.num_computed_tokens(request)
-            num_new = min(request.num_tokens - computed, budget)
-            if is_prefilling(computed, request.num_tokens):
+        while i < len(running) and budget > 0:
+            request, done, total = running[i], computed[i], totals[i]
+            num_new = min(total - done, budget)
+            if is_prefilling(done, total):
                 num_new = max(1, min(num_new, budget - decodes_left - room_for_new))
             else:
                 decodes_left -= 1
-            while not self.cache.allocate_slots(request, num_new):
-                victim = self.running[-1]
+            while not allocate_slots(request, num_new):
+                victim = running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
                     return budget  # nothing after it can run either
-            out.scheduled.append(self._scheduled(request, num_new, computed))
+            # (what _scheduled builds, without the call)
+            scheduled.append(ScheduledRequest(request, num_new, done, samples=done + num_new == total))
             budget -= num_new
             i += 1
         return budget

@@ -29,8 +29,9 @@ PROBES = {"bench/bench_gpu.py", "bench/profile_decode_b32.py", "bench/bench_host
           "bench/guided_overhead.py", "bench/bench_tiers_gpu.py", "bench/probe_b32_in_sequence.py",
           "bench/probe_steps.py", "bench/bench_admission.py"}
 # White-box tests of the tier wiring: they spy on the forward (bitwise logits), and read the cost
-# model, the store's counters and the pending transfers, which no public surface should carry.
-WHITE_BOX = {"tests/engine/test_tiers.py", "tests/engine/test_cache_policy.py"}
+# model, the store's counters and the pending transfers, which no public surface should carry;
+# and the decode graphs' host buffer checked against every step the runner is given.
+WHITE_BOX = {"tests/engine/test_tiers.py", "tests/engine/test_cache_policy.py", "tests/engine/test_decode_graph_buffer.py"}
 
 
 def long_functions(root: Path, max_lines: int) -> list[tuple[int, str, str, int]]:

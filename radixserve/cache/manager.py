@@ -170,6 +170,18 @@ class KVCacheManager:
         """The KV state of an admitted request (KeyError if it holds none)."""
         return self._handles[request.request_id]
 
+    def computed_tokens(self, requests: list[Request]) -> list[int]:
+        """num_computed_tokens of each admitted request, in one call (the scheduler's per-step
+        pass over the running requests)."""
+        handles = self._handles
+        return [handles[r.request_id].num_computed_tokens for r in requests]
+
+    def block_tables(self, requests: list[Request]) -> list[list[int]]:
+        """The block table (kv(request).block_ids: read it, never change it) of each admitted
+        request, in one call."""
+        handles = self._handles
+        return [handles[r.request_id].block_ids for r in requests]
+
     def num_computed_tokens(self, request: Request) -> int:
         """Tokens whose K/V the request holds (0 while it waits)."""
         handle = self._handles.get(request.request_id)
