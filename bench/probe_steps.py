@@ -26,7 +26,8 @@ prefix-grouped admission off and on, on one engine). `--freeze-gc off,on,...` li
 garbage collector's view of every object alive before a burst, or unfreezes it (an A/B of
 SchedulerConfig.freeze_gc on one engine).
 "new kernel variants" counts the Triton binaries the runner's launchers met for the first time
-during a burst (0 once the start-up warm-up covered them all).
+during a burst (0 once the start-up warm-up covered them all); each is printed (launcher: key)
+and kept in the JSON (`new_kernel_variant_keys`).
 """
 
 from __future__ import annotations
@@ -146,12 +147,14 @@ def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: in
     return prompts
 
 
-def kernel_variants() -> int:
-    """Compiled variants held by the Triton launchers (0 without Triton)."""
+def kernel_variants() -> set[str]:
+    """The compiled variants the Triton launchers hold, as "launcher: key" (empty without Triton):
+    a burst's new ones name what the start-up warm-up missed."""
     module = sys.modules.get("radixserve.model.triton_kernels")
     if module is None:
-        return 0
-    return sum(len(v.cache) for v in vars(module).values() if isinstance(v, module._Launcher))
+        return set()
+    return {f"{name}: {key}" for name, launcher in vars(module).items() if isinstance(launcher, module._Launcher)
+            for key in launcher.cache}
 
 
 def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int, grouped: bool = False) -> dict:
@@ -167,8 +170,10 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
         probe.step()
     elapsed = time.perf_counter() - t0
     snap = engine.snapshot()
+    new_variants = sorted(kernel_variants() - variants0)
     return {"requests": len(prompts), "elapsed_s": elapsed, "req_per_s": len(prompts) / elapsed,
-            "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": kernel_variants() - variants0,
+            "overlap_outputs": engine.config.scheduler.overlap_outputs, "new_kernel_variants": len(new_variants),
+            "new_kernel_variant_keys": new_variants,
             "policy": engine.config.scheduler.policy,
             "cascade_attention": engine.config.model.cascade_attention, "cascade_rows": engine.cascade_rows - cascade0,
             "arrival": "grouped" if grouped else "shuffled",
@@ -252,6 +257,8 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
         print(f"burst {i + 1} ({burst['arrival']}, policy {burst['policy']}, gc {'frozen' if frozen else 'not frozen'}, overlap {'on' if burst['overlap_outputs'] else 'off'}, {burst['new_kernel_variants']} new "
               f"kernel variants, {burst['cascade_rows']} cascade rows): {burst['req_per_s']:.1f} req/s ({burst['elapsed_s']:.2f} s, hit {burst['hit_rate']:.3f}); "
               f"GPU {steps['all']['gpu_s']:.2f} of {steps['all']['wall_s']:.2f} s wall; {kinds}", flush=True)
+        for key in burst["new_kernel_variant_keys"]:  # what the start-up warm-up did not compile
+            print(f"  new kernel variant {key}", flush=True)
         if args.json:  # after every burst: a run cut short keeps what it measured
             Path(args.json).write_text(json.dumps(result, indent=1))
     loaded = engine.loaded
