@@ -64,8 +64,8 @@ GATHER_SDPA_MIN_QUERY = 1024
 # stages in all four workloads): prefill 4096 726 vs 794 us, 64 after 4032 cached 32.7 vs 36.9,
 # decode b1 19.4 vs 22.4, b32 53.9 vs 62.1. The walk in one loop over the tiles (flat_walk, same
 # bits): decode b32 at 1024-token contexts in a CUDA graph 50.9 vs 53.9 us, the rest equal (same
-# sweep, 2026-12-01); long queries keep the nested walk (flat, with page ids loaded a tile ahead: 708
-# vs 683 us on a 4096-token prefill).
+# sweep, 2026-12-01); long queries keep the nested walk (flat: 660.5 vs 649.5 us on a 4096-token
+# prefill, docs/benchmarks.md gpu-deterministic-order).
 DETERMINISTIC_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True)
 # Launch configs by the step's longest query (the first bucket whose bound it does not pass; None:
 # DETERMINISTIC_CFG). Only the key tile (block_n) and the chunk fix the order; a config may only

@@ -677,6 +677,7 @@ def _cascade_prefix_kernel(
                 blk = blk_next
                 after = kpos + BLOCK_N
                 blk_next = tl.load(bt_row + after // PAGE, mask=after < prefix, other=0).to(tl.int64)
+                # no causal mask (every prefix key precedes every query): q_pos is not read
                 m_i, l_i, acc = _attend_tile(
                     q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, kpos, scale_log2e, m_i, l_i, acc,
                     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
