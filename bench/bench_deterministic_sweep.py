@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import triton  # noqa: E402
 
 from radixserve.model import matmul_tiles as MT  # noqa: E402
+from radixserve.model import triton_attention as TA  # noqa: E402
 from radixserve.model.matmul_tiles import MatmulTiles as T  # noqa: E402
 from radixserve.model.triton_batch_invariant import BatchInvariantMatmul  # noqa: E402
 
@@ -140,16 +141,17 @@ def time_us(fn) -> float:
 # `split_tiles`: the key chunk (TA.DETERMINISTIC_SPLIT_TILES), another order: bits differ from the
 # shipped build by design, timed to see what shorter chunks buy (more programs per KV head in
 # decode) and cost (a fold per chunk in the prefill walk; 2-32 tiles: docs/benchmarks.md
-# gpu-deterministic-chunks). `long`: the config for queries past 512
-# tokens (TA.DETERMINISTIC_CFG_BY_QUERY's last entry). The first sweeps' candidates (2 stages, 16-
+# gpu-deterministic-order). `long`: the config for queries past the last bound of
+# TA.DETERMINISTIC_CFG_BY_QUERY (its last entry). The first sweeps' candidates (2 stages, 16-
 # and 32-row tiles, 4-warp 128-row tiles) are in docs/benchmarks.md gpu-deterministic-sweep.
-LONG_CFG = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+SHIPPED_CFG = TA.DETERMINISTIC_CFG
+LONG_CFG = TA.DETERMINISTIC_CFG_BY_QUERY[-1][1]
 ATTENTION_CANDIDATES = [
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True, long=dict(LONG_CFG, flat_walk=True)),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=8),
-    dict(block_m=64, block_n=64, num_warps=4, num_stages=3, split_tiles=4, flat_walk=True, long=dict(LONG_CFG, flat_walk=True)),
+    dict(SHIPPED_CFG),
+    dict(SHIPPED_CFG, flat_walk=False),
+    dict(SHIPPED_CFG, long=dict(LONG_CFG, flat_walk=True)),
+    dict(SHIPPED_CFG, flat_walk=False, split_tiles=8),
+    dict(SHIPPED_CFG, split_tiles=4, long=dict(LONG_CFG, flat_walk=True)),
 ]
 
 
@@ -164,7 +166,6 @@ ATTENTION_MAX_MODEL_LEN = 8192  # bench_deterministic_gpu.py's engines
 
 def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, workloads=None, candidates=None) -> str:
     """Each candidate config against the shipped one: bits and time per workload."""
-    import radixserve.model.triton_attention as TA
     from radixserve.model.attention import AttentionMetadata
 
     block_size, heads, kvh, dim = 16, 32, 8, 128
@@ -187,7 +188,7 @@ def attention_sweep(results, device="cuda", dtype=torch.bfloat16, timing=True, w
         def run(det: bool, cfg: dict | None):
             cfg = dict(cfg or shipped)
             TA.DETERMINISTIC_SPLIT_TILES = cfg.pop("split_tiles", shipped_split)
-            TA.DETERMINISTIC_CFG_BY_QUERY = ((512, None), (1 << 62, cfg.pop("long", LONG_CFG)))
+            TA.DETERMINISTIC_CFG_BY_QUERY = shipped_by_query[:-1] + ((shipped_by_query[-1][0], cfg.pop("long", LONG_CFG)),)
             TA.DETERMINISTIC_CFG = cfg
             backend = TA.TritonAttentionBackend()
             backend.set_deterministic(det, ATTENTION_MAX_MODEL_LEN)
