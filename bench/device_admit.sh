@@ -26,11 +26,7 @@ export TRITON_CACHE_DIR="$CACHES/a"
 start=$(date +%s)
 stamp() { echo "[device_admit] $1 at +$(( $(date +%s) - start )) s"; }
 {
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  lscpu | grep 'Model name'
-  git log --oneline -1 2>/dev/null
-  date -u
+  device_header
   stamp "1-2. issue workload, policy fcfs vs group, cascade $CASCADE"
   timeout 200 python3 bench/probe_steps.py --bursts 7 --cascade "$CASCADE" --overlap on \
     --arrival shuffled,shuffled,shuffled,shuffled,shuffled,shuffled,grouped --policy fcfs,group,fcfs,group,fcfs,group,fcfs \

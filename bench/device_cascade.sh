@@ -24,10 +24,7 @@ export TRITON_CACHE_DIR="$CACHES/a"
 start=$(date +%s)
 stamp() { echo "[device_cascade] $1 at +$(( $(date +%s) - start )) s"; }
 {
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  lscpu | grep 'Model name'
-  date -u
+  device_header
   stamp "1. GPU tests"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/model/test_cascade_attention.py \
     tests/model/test_triton_attention.py tests/engine/test_cuda_graphs.py > "$OUT/tests.log" 2>&1

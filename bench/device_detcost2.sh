@@ -29,8 +29,7 @@ STAGES=",${1:-sweep,profile,table,tests},"
 exec > >(tee -a "$OUTDIR/detcost2.log") 2>&1  # everything below is also logged to $OUT
 start=$(date +%s)
 stamp() { echo "[device_detcost2] $1 at +$(( $(date +%s) - start )) s"; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u; git log --oneline -1 2>/dev/null
-$PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+device_header
 
 if [[ $STAGES == *,sweep,* ]]; then
   stamp "matmul + attention sweep"

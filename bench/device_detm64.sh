@@ -28,8 +28,7 @@ exec > >(tee -a "$OUTDIR/detm64.log") 2>&1  # everything below is also logged to
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 stamp() { echo "[device_detm64] $1 at +$(elapsed) s"; }
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader; date -u; git log --oneline -1 2>/dev/null
-$PYTHON -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+device_header
 
 if [[ $STAGES == *,sweep,* ]]; then
   stamp "matmul sweep at M = 32, 64, then the attention configs"

@@ -11,3 +11,13 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+# What a device script's log starts with: the GPU (driver, clocks), torch and Triton, the host
+# CPU, the tree's commit (where the copy has one) and the time.
+device_header() {
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  lscpu | grep 'Model name'
+  git log --oneline -1 2>/dev/null
+  date -u
+}

@@ -24,10 +24,7 @@ source bench/device_env.sh
 CACHES=$(mktemp -d /tmp/triton-caches.XXXXXX)
 export TRITON_CACHE_DIR="$CACHES/a"
 {
-  nvidia-smi --query-gpu=name --format=csv
-  lscpu | grep 'Model name'
-  git log --oneline -1 2>/dev/null
-  date -u
+  device_header
   echo "== 1. GPU tests"
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/engine/test_cuda_graphs.py \
     tests/engine/test_decode_graph_buffer.py tests/model/test_cascade_attention.py 2>&1 | tail -15
