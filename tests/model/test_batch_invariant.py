@@ -154,6 +154,19 @@ def test_triton_linear_rows_do_not_depend_on_the_batch():
         assert torch.equal(TB.linear(x[:m], weight, bias), full[:m]), m
 
 
+def _chunks_of_two_steps(monkeypatch) -> tuple[str, torch.dtype, object]:
+    """The Triton matmul tests' setting: the interpreter's fp32 on CPU or bf16 on a GPU, with the
+    dtype's K order cut into chunks of 2 MMA steps (so a small K spans several chunks). Returns
+    (device, dtype, the reduction order in force)."""
+    from radixserve.model import matmul_tiles as MT
+
+    dtype = torch.float32 if INTERPRET else torch.bfloat16
+    name = str(dtype).removeprefix("torch.")
+    order = MT.ReductionOrder(MT.REDUCTION[name].block_k, 2)
+    monkeypatch.setitem(MT.REDUCTION, name, order)
+    return "cpu" if INTERPRET else "cuda", dtype, order
+
+
 @pytest.mark.skipif(not HAVE_TRITON_DEVICE, reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
 def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
     """K chunks run as separate programs (a decode launch) and merged in chunk order by the last
@@ -163,12 +176,7 @@ def test_triton_linear_split_k_chunks_merge_to_the_same_bits(monkeypatch):
     from radixserve.model import matmul_tiles as MT
     from radixserve.model import triton_batch_invariant as TB
 
-    device = "cpu" if INTERPRET else "cuda"
-    dtype = torch.float32 if INTERPRET else torch.bfloat16
-    name = str(dtype).removeprefix("torch.")
-    order = MT.REDUCTION[name]
-    # Chunks of 2 steps: K = 5.5 chunks, the last one partial.
-    monkeypatch.setitem(MT.REDUCTION, name, MT.ReductionOrder(order.block_k, 2))
+    device, dtype, order = _chunks_of_two_steps(monkeypatch)  # K below: 5.5 chunks, the last one partial
     gen = torch.Generator().manual_seed(3)
     n, k = 200, order.block_k * 11 - 8
     weight = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)
@@ -202,11 +210,7 @@ def test_triton_linear_stream_k_runs_merge_to_the_same_bits(monkeypatch, sms):
     from radixserve.model import matmul_tiles as MT
     from radixserve.model import triton_batch_invariant as TB
 
-    device = "cpu" if INTERPRET else "cuda"
-    dtype = torch.float32 if INTERPRET else torch.bfloat16
-    name = str(dtype).removeprefix("torch.")
-    order = MT.REDUCTION[name]
-    monkeypatch.setitem(MT.REDUCTION, name, MT.ReductionOrder(order.block_k, 2))
+    device, dtype, order = _chunks_of_two_steps(monkeypatch)
     monkeypatch.setattr(TB, "_num_sms", lambda device: sms)
     gen = torch.Generator().manual_seed(5)
     n = 200
