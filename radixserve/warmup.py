@@ -63,10 +63,14 @@ def use_triton_cache_dir(configured: str | None) -> str:
 @dataclass(frozen=True, slots=True)
 class WarmupShape:
     """One synthetic step: `decodes` one-token rows, then prefill rows of (new tokens, tokens
-    of context before them)."""
+    of context before them). The decode rows share a 512-token context, long enough for cascade
+    attention to read it once for all of them; with short_decodes each reads one block, too short
+    for a cascade, so the decode launch without a shared-prefix part is compiled too (serving's
+    first mixed steps, before rows share long prefixes, launch it)."""
 
     decodes: int
     prefills: tuple[tuple[int, int], ...] = ()
+    short_decodes: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +99,7 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: i
     short_suffix = ((lens[0], min(LONG_CONTEXT, max_context - lens[0])),) if lens else ()
     shapes = [WarmupShape(d, p) for p in prefill_sets for d in (0, 1)]
     shapes += [WarmupShape(d, ()) for d in decode_counts]
-    shapes += [WarmupShape(d, short_suffix) for d in decode_counts if short_suffix]
+    shapes += [WarmupShape(d, short_suffix, short_decodes=s) for d in decode_counts if short_suffix for s in (False, True)]
     shapes += _full_budget_shapes(max_num_seqs, max_num_batched_tokens, max_context)
     seen: set[WarmupShape] = set()
     fits = []
@@ -129,7 +133,7 @@ def warmup_step(shape: WarmupShape, block_size: int, num_blocks: int) -> StepInp
     """The StepInput of a synthetic shape. Every sequence reads and writes the pool's first
     blocks: at start-up no request owns any block, and whatever lands there is overwritten by
     a block's first owner before anything reads it."""
-    decode_context = min(512, num_blocks * block_size - 1)
+    decode_context = min(block_size - 1 if shape.short_decodes else 512, num_blocks * block_size - 1)
     rows = [(1, decode_context)] * shape.decodes + list(shape.prefills)
     seqs = []
     for new, context in rows:

@@ -34,6 +34,10 @@ def test_warmup_shapes_stay_within_what_the_scheduler_can_make(max_seqs, budget,
         assert all(q + c <= context for q, c in s.prefills)
     assert any(s.num_tokens == budget and not s.decodes for s in shapes)  # the largest GEMMs, fresh
     assert any(s.num_tokens > budget // 2 and s.decodes and all(c for _, c in s.prefills) for s in shapes)
+    # decodes beside a suffix, with and without a shared context for cascade attention
+    suffix = PREFILL_QUERY_LENS[0]
+    mixed = [(s.decodes, s.short_decodes) for s in shapes if s.decodes and [q for q, _ in s.prefills] == [suffix]]
+    assert {d for d, short in mixed if short} == {d for d, short in mixed if not short} != set()
     decode_only = [s.decodes for s in shapes if not s.prefills]
     assert max_seqs in decode_only and 1 in decode_only
     # every prefill length that fits is tried fresh and over a cached prefix, alone and mixed
@@ -51,6 +55,9 @@ def test_warmup_step_is_a_valid_step_over_the_pools_first_blocks():
         assert all(0 <= b < 64 for table in step.block_tables for b in table)
         assert all(0 <= s < 64 * 16 for s in step.slot_mapping)
         assert step.logits_rows == [end - 1 for end in step.query_start_loc[1:]]
+        decode_contexts = {len(table) for table, n in zip(step.block_tables, step.query_lens) if n == 1}
+        # short decode rows read one block (no cascade); the others 33: 512 tokens + the new one
+        assert decode_contexts <= ({1} if shape.short_decodes else {33})
 
 
 def test_triton_cache_dir_config_then_env_then_default(monkeypatch, tmp_path):

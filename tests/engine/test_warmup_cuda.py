@@ -41,14 +41,16 @@ def engine(loaded, warmup: bool) -> LLMEngine:
         model=ModelConfig(source="dummy:tiny", dtype="bfloat16", device="cuda", max_model_len=2048,
                           kernel_warmup=warmup, show_progress=False),
         cache=CacheConfig(num_blocks=1024),
-        scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512),
+        # 96 rows: a decode launch of >= 66 rows (2 KV heads) fills the GPU unsplit
+        scheduler=SchedulerConfig(max_num_seqs=96, max_num_batched_tokens=512),
     )
     return LLMEngine(config, loaded=loaded)
 
 
 def serve(engine: LLMEngine) -> list[list[int]]:
     """Requests of every length parity over shared prefixes: fresh prefills, chunked prefills,
-    suffixes over cached prefixes, mixed and decode-only steps of changing sizes."""
+    suffixes over cached prefixes, mixed and decode-only steps of changing sizes; then 90 short
+    distinct prompts at once: mixed steps of up to ~90 decode rows sharing no prefix (no cascade)."""
     rng = random.Random(0)
     prefixes = [[rng.randrange(3, 250) for _ in range(n)] for n in (37, 300, 1200)]
     outs = {}
@@ -66,8 +68,13 @@ def serve(engine: LLMEngine) -> list[list[int]]:
             step()
     while engine.has_unfinished_requests():
         step()
+    for i in range(40, 130):
+        prompt = [rng.randrange(3, 250) for _ in range(rng.randrange(8, 40))]
+        engine.add_request(prompt, SamplingParams(max_tokens=rng.randrange(8, 16), temperature=0, ignore_eos=True), request_id=str(i))
+    while engine.has_unfinished_requests():
+        step()
     engine.check_cache_invariants()
-    return [outs[str(i)] for i in range(40)]
+    return [outs[str(i)] for i in range(130)]
 
 
 def test_no_kernel_compiles_while_serving_after_warmup_and_same_tokens(loaded):
