@@ -12,9 +12,10 @@ docs/scaling.md), with the same engine options; this process only sends the requ
   prefix-affinity  2 replicas, Ray Serve LLM's PrefixCacheAffinityRouter (guesses from prompt text)
   cache-aware      2 replicas, ours (KV-event prefix index)
 Workload: `system-prompt` with N system prompts x M questions, arriving mixed (round robin, or --arrival shuffled),
-closed loop with --concurrency clients. A replica's KV pool holds exactly half the system prompts
-(--prompts-per-pool, default N/2; what makes routing matter: a replica that sees every prompt
-thrashes) plus room for the requests in flight. Further --prompts-per-pool sizes repeat pow2 and
+closed loop with --concurrency clients, or open loop with --request-rate (Poisson arrivals, as independent users
+send them). A replica's KV pool holds exactly half the system prompts (--prompts-per-pool, default
+N/2; what makes routing matter: a replica that sees every prompt thrashes) plus room for the
+requests in flight. Further --prompts-per-pool sizes repeat pow2 and
 ours there, so the default reads as one point of the curve (bench_routing_sim.py sweeps it).
 --with-store-runs repeats pow2 and ours with a shared Redis tier (--kv-store): this bench starts
 its own redis-server on a free loopback port (emptied before each run) unless --serve-opt names
@@ -120,6 +121,11 @@ def main() -> int:
                    help="request order: the prompts in turn, or shuffled (seed 0). Round robin lets a load "
                         "balancer that alternates replicas partition the prompts by accident (pow2 did, after "
                         "the ingress's faster handle path: docs/benchmarks.md routing-cpu)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffled order's seed (and the open loop's arrivals)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="open loop: Poisson arrivals at this many requests/s (as independent users send "
+                        "them) instead of --concurrency closed-loop clients; --concurrency still sizes the "
+                        "pool's room for requests in flight")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
 
@@ -145,7 +151,7 @@ def main() -> int:
                                     system_tokens=args.system_tokens, output_tokens=args.output_tokens)
     requests = workload.build()
     if args.arrival == "shuffled":  # each request keeps its index; only the order of sending changes
-        random.Random(0).shuffle(requests)
+        random.Random(args.seed).shuffle(requests)
     runs = [(name, pool_sizes[0], False) for name in args.routers]
     if args.with_store_runs:
         runs += [(name, pool_sizes[0], True) for name in ("pow2", "cache-aware")]
@@ -170,7 +176,8 @@ def main() -> int:
             print(f"== {label}, pools of {fit} prompts ({blocks} blocks): starting", flush=True)
             with RoutedServer(options) as server:
                 before = replica_counters(server.base)
-                config = LoadConfig(base_url=server.base, model="embedded", concurrency=args.concurrency, progress=False)
+                pace = {"request_rate": args.request_rate} if args.request_rate else {"concurrency": args.concurrency}
+                config = LoadConfig(base_url=server.base, model="embedded", seed=args.seed, progress=False, **pace)
                 run = run_load_sync(requests, config, label=label)
                 after = replica_counters(server.base)
             s = summarize(run)
@@ -194,10 +201,12 @@ def main() -> int:
         store_note = (f" `+ Redis tier`: the same with `--kv-store` on one shared redis-server (emptied before each "
                       f"run), `--kv-store-write {extra.get('kv_store_write')}`; blocks a replica loads from it count "
                       "as cached (\"from store\": their share of all prompt tokens).")
-    arrival_text = "round robin over the prompts" if args.arrival == "round-robin" else "in a shuffled order"
+    arrival_text = "round robin over the prompts" if args.arrival == "round-robin" else f"in a shuffled order, seed {args.seed}"
+    pace_text = (f"open loop: Poisson arrivals at {args.request_rate:g} requests/s" if args.request_rate
+                 else f"{args.concurrency} concurrent clients")
     body = "\n".join([
-        f"Workload: {workload.summary()}, arriving mixed ({arrival_text}), {args.concurrency} "
-        f"concurrent clients. Each configuration is `radixserve serve --replicas N --router R` in its own process "
+        f"Workload: {workload.summary()}, arriving mixed ({arrival_text}), {pace_text}. Each configuration "
+        f"is `radixserve serve --replicas N --router R` in its own process "
         f"(its own local Ray with {args.ray_cpus} CPUs, the replicas splitting them; its own HTTP ingress), "
         f"the same requests in one run. A replica's KV pool holds exactly {pool_sizes[0]} of the "
         f"{args.system_prompts} system prompts (half) plus {4 * args.concurrency} blocks for requests in flight; "
