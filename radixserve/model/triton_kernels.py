@@ -106,43 +106,53 @@ def _attend_tile(
     q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
-    CAUSAL: tl.constexpr = True,
+    CAUSAL: tl.constexpr = True, MASKED: tl.constexpr = True,
 ):  # fmt: skip
     """One key tile's online-softmax step on (max, sum, accumulator), in base 2: the keys at
     kpos (pool blocks blk) where k_ok, each visible to the rows at or after it (CAUSAL; else to
     every row). Every attention loop here goes through it: the default and deterministic paged
-    walks and the cascade prefix kernel."""
+    walks and the cascade prefix kernel. MASKED=False: a tile whose keys all exist and are all
+    visible to every row (wholly before the query block): no load masks and no select, the same
+    arithmetic, so the same bits as the masked step would give."""
     in_page = (kpos % PAGE).to(tl.int64)
-    if HEAD_DIM == HEAD_DIM_P:
-        kv_mask = k_ok[:, None]
+    k_ptrs = k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :]
+    v_ptrs = v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :]
+    if MASKED:
+        if HEAD_DIM == HEAD_DIM_P:
+            kv_mask = k_ok[:, None]
+        else:
+            kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    elif HEAD_DIM == HEAD_DIM_P:
+        k = tl.load(k_ptrs)
     else:
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        k_cache_ptr + (blk * stride_kb + in_page * stride_ks + kvh * stride_kh)[:, None] + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+        k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * scale_log2e
-    if CAUSAL:
-        visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-    else:
-        visible = k_ok[None, :]
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        if CAUSAL:
+            visible = (kpos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        else:
+            visible = k_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    # Scores stay unscaled: the row max is scaled once (scaling is monotonic, so it is the max of
+    # the scaled scores) and exp2 takes s * scale - max in one explicit fused multiply-add, as
+    # FlashAttention-3 does. Explicit, so the compiler's contraction of a multiply into the
+    # subtraction cannot differ between masked and unmasked tiles.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2e)
     # A row that has seen no visible key yet keeps m = -inf; use 0 so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
+    p = tl.exp2(tl.fma(s, scale_log2e, -m_use[:, None]))
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        v_cache_ptr + (blk * stride_vb + in_page * stride_vs + kvh * stride_vh)[:, None] + offs_d[None, :],
-        mask=kv_mask,
-        other=0.0,
-    )
+    if MASKED:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif HEAD_DIM == HEAD_DIM_P:
+        v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
@@ -152,24 +162,82 @@ def _attend_tile(
 
 
 @triton.jit
+def _walk_tiles(
+    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, kv_begin, kv_end, scale_log2e, m_i, l_i, acc,
+    blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Key tiles [t_begin, t_end) of the keys [kv_begin, kv_end), in order, into the running
+    state; returns it and (PREFETCH) the page ids of tile t_end, loaded one iteration ahead
+    (hides that latency; blk_next holds tile t_begin's on entry)."""
+    for t in range(t_begin, t_end):
+        kpos = t * BLOCK_N + offs_n
+        k_ok = (kpos < kv_end) & (kpos >= kv_begin)
+        if PREFETCH:
+            blk = blk_next
+            after = kpos + BLOCK_N
+            blk_next = tl.load(bt_row + after // PAGE, mask=after < kv_end, other=0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        m_i, l_i, acc = _attend_tile(
+            q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+            HEAD_DIM, HEAD_DIM_P, PAGE, IEEE, CAUSAL=CAUSAL, MASKED=MASKED,
+        )  # fmt: skip
+    return m_i, l_i, acc, blk_next
+
+
+@triton.jit
 def _attend_chunk(
-    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, kv_end, scale_log2e,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, t_full, kv_end, scale_log2e,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     """Deterministic mode: online softmax over key tiles [t_begin, t_end) from a fresh state;
-    returns (max, sum, unnormalized accumulator)."""
+    returns (max, sum, unnormalized accumulator). Tiles before t_full are visible to every row
+    and skip the masks."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    t_mid = tl.maximum(t_begin, tl.minimum(t_end, t_full))
+    m_i, l_i, acc, _ = _walk_tiles(
+        q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_mid, 0, kv_end, scale_log2e, m_i, l_i, acc, 0,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+        HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, False, True, False,
+    )  # fmt: skip
+    m_i, l_i, acc, _ = _walk_tiles(
+        q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_mid, t_end, 0, kv_end, scale_log2e, m_i, l_i, acc, 0,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+        HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, False, True, True,
+    )  # fmt: skip
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _walk_flat(
+    q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, num_tiles, kv_end, scale_log2e,
+    m_i, l_i, acc, m_c, l_c, acc_c, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, SPLIT_TILES: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """Deterministic mode's flat walk over tiles [t_begin, t_end): each tile into the chunk's
+    state (m_c, l_c, acc_c), folded into the running one (m_i, l_i, acc) after the chunk's last
+    tile, which then restarts from empty."""
     for t in range(t_begin, t_end):
         kpos, k_ok, blk = _tile_keys(bt_row, t, kv_end, PAGE, BLOCK_N)
-        m_i, l_i, acc = _attend_tile(
-            q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, IEEE,
+        m_c, l_c, acc_c = _attend_tile(
+            q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_c, l_c, acc_c,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+            HEAD_DIM, HEAD_DIM_P, PAGE, IEEE, MASKED=MASKED,
         )  # fmt: skip
-    return m_i, l_i, acc
+        if (t % SPLIT_TILES == SPLIT_TILES - 1) or (t == num_tiles - 1):
+            m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
+            m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_c = tl.zeros([BLOCK_M], tl.float32)
+            acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    return m_i, l_i, acc, m_c, l_c, acc_c
 
 
 @triton.jit
@@ -346,6 +414,10 @@ def _paged_attention_kernel(
         kv_begin = tl.load(cascade_len_ptr + seq)
     else:
         kv_begin = 0
+    # Tiles before t_full end at or before the block's first query position: every row sees
+    # all their keys, so they skip the masks (most of a long walk).
+    t_full = (ctx_len + qb * BLOCK_Q + 1) // BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
     if SPLIT_TILES > 0:
         # Deterministic mode: fixed key chunks of SPLIT_TILES tiles counted from position 0, each
         # reduced from a fresh state and folded in chunk order (_merge_step), so a query's keys
@@ -359,31 +431,29 @@ def _paged_attention_kernel(
                 return
             m_i, l_i, acc = _attend_chunk(
                 q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, tl.minimum(t_begin + SPLIT_TILES, num_tiles),
-                kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-                HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
+                t_full, kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+                offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
             )  # fmt: skip
         elif FLAT_WALK:
             # The same tiles and folds in one loop over the tiles (the nested walk drains the
-            # software pipeline at every chunk end): the chunk's state is folded into the
-            # running one after its last tile, then restarts from empty.
+            # software pipeline at every chunk end), split where the masks start.
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
             m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_c = tl.zeros([BLOCK_M], tl.float32)
             acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-            for t in range(0, num_tiles):
-                kpos, k_ok, blk = _tile_keys(bt_row, t, kv_end, PAGE, BLOCK_N)
-                m_c, l_c, acc_c = _attend_tile(
-                    q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_c, l_c, acc_c,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-                    HEAD_DIM, HEAD_DIM_P, PAGE, IEEE,
-                )  # fmt: skip
-                if (t % SPLIT_TILES == SPLIT_TILES - 1) or (t == num_tiles - 1):
-                    m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
-                    m_c = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                    l_c = tl.zeros([BLOCK_M], tl.float32)
-                    acc_c = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+            t_mid = tl.minimum(num_tiles, t_full)
+            m_i, l_i, acc, m_c, l_c, acc_c = _walk_flat(
+                q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, 0, t_mid, num_tiles, kv_end, scale_log2e,
+                m_i, l_i, acc, m_c, l_c, acc_c, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE, SPLIT_TILES, False,
+            )  # fmt: skip
+            m_i, l_i, acc, m_c, l_c, acc_c = _walk_flat(
+                q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_mid, num_tiles, num_tiles, kv_end, scale_log2e,
+                m_i, l_i, acc, m_c, l_c, acc_c, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE, SPLIT_TILES, True,
+            )  # fmt: skip
         else:
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -391,13 +461,11 @@ def _paged_attention_kernel(
             for c in range(0, tl.cdiv(num_tiles, SPLIT_TILES)):
                 m_c, l_c, acc_c = _attend_chunk(
                     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, c * SPLIT_TILES,
-                    tl.minimum(c * SPLIT_TILES + SPLIT_TILES, num_tiles), kv_end, scale_log2e,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
+                    tl.minimum(c * SPLIT_TILES + SPLIT_TILES, num_tiles), t_full, kv_end, scale_log2e,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
                     HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
                 )  # fmt: skip
                 m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
-        t_begin = 0
-        t_end = 0  # the default loop below does nothing
     else:
         first_tile = kv_begin // BLOCK_N
         per_split = tl.cdiv(num_tiles - first_tile, num_splits)
@@ -406,24 +474,30 @@ def _paged_attention_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    if PREFETCH:  # the next tile's page ids are loaded one iteration ahead (hides that latency)
-        first = t_begin * BLOCK_N + offs_n
-        blk_next = tl.load(bt_row + first // PAGE, mask=first < kv_end, other=0).to(tl.int64)
-    for t in range(t_begin, t_end):
-        kpos = t * BLOCK_N + offs_n
-        k_ok = kpos < kv_end
+        blk_next = 0
+        if PREFETCH:  # the first tile's page ids (_walk_tiles loads each next one a tile ahead)
+            first = t_begin * BLOCK_N + offs_n
+            blk_next = tl.load(bt_row + first // PAGE, mask=first < kv_end, other=0).to(tl.int64)
+        # Masked where a tile holds keys before kv_begin (a cascade's prefix ends inside it) or
+        # keys some row may not see; unmasked between.
+        t_lo = t_begin
         if CASCADE:
-            k_ok = k_ok & (kpos >= kv_begin)
-        if PREFETCH:
-            blk = blk_next
-            after = kpos + BLOCK_N
-            blk_next = tl.load(bt_row + after // PAGE, mask=after < kv_end, other=0).to(tl.int64)
-        else:
-            blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        m_i, l_i, acc = _attend_tile(
-            q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, IEEE,
+            t_lo = tl.maximum(t_begin, tl.minimum(t_end, tl.cdiv(kv_begin, BLOCK_N)))
+            m_i, l_i, acc, blk_next = _walk_tiles(
+                q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_lo, kv_begin, kv_end, scale_log2e,
+                m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+                offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, PREFETCH, True, True,
+            )  # fmt: skip
+        t_mid = tl.maximum(t_lo, tl.minimum(t_end, t_full))
+        m_i, l_i, acc, blk_next = _walk_tiles(
+            q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_lo, t_mid, kv_begin, kv_end, scale_log2e,
+            m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+            offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, PREFETCH, True, False,
+        )  # fmt: skip
+        m_i, l_i, acc, blk_next = _walk_tiles(
+            q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_mid, t_end, kv_begin, kv_end, scale_log2e,
+            m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+            offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, PREFETCH, True, True,
         )  # fmt: skip
 
     if CASCADE:
@@ -668,21 +742,22 @@ def _cascade_prefix_kernel(
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
-            # the next tile's page ids are loaded one iteration ahead (hides that latency)
+            # the first tile's page ids (_walk_tiles loads each next one a tile ahead)
             first = t_begin * BLOCK_N + offs_n
             blk_next = tl.load(bt_row + first // PAGE, mask=first < prefix, other=0).to(tl.int64)
-            for t in range(t_begin, t_end):
-                kpos = t * BLOCK_N + offs_n
-                k_ok = kpos < prefix
-                blk = blk_next
-                after = kpos + BLOCK_N
-                blk_next = tl.load(bt_row + after // PAGE, mask=after < prefix, other=0).to(tl.int64)
-                # no causal mask (every prefix key precedes every query): q_pos is not read
-                m_i, l_i, acc = _attend_tile(
-                    q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, kpos, scale_log2e, m_i, l_i, acc,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
-                    HEAD_DIM, HEAD_DIM_P, PAGE, IEEE, CAUSAL=False,
-                )  # fmt: skip
+            # No causal mask (every prefix key precedes every query; q_pos is not read): only the
+            # last tile, where the prefix may end, masks the keys past it.
+            t_mid = tl.maximum(t_begin, tl.minimum(t_end, prefix // BLOCK_N))
+            m_i, l_i, acc, blk_next = _walk_tiles(
+                q, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, t_begin, t_mid, 0, prefix, scale_log2e, m_i, l_i, acc,
+                blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+                HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, True, False, False,
+            )  # fmt: skip
+            m_i, l_i, acc, blk_next = _walk_tiles(
+                q, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, t_mid, t_end, 0, prefix, scale_log2e, m_i, l_i, acc,
+                blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+                HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, True, False, True,
+            )  # fmt: skip
             idx = (split * part_stride + seq) * (NUM_KV_HEADS * GROUP) + head
             tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM_P + offs_d[None, :], acc, mask=row_ok[:, None])
             tl.store(part_ml_ptr + idx * 2, m_i, mask=row_ok)
