@@ -38,7 +38,7 @@ from radixserve.model.attention import AttentionBackend, AttentionMetadata
 # Prefill chunks of >= 256 tokens: 64 x 64 tiles, 3 stages. A short chunk after a long cached prefix
 # (64 new after 4032 cached): 64 x 128 tiles, 3 stages, page ids prefetched a tile ahead, keys
 # split so that the launch is one full wave (29.5 us a layer; 5 splits = 1.2 waves took 45 us).
-DECODE_CFG = dict(block_m=16, block_n=128, num_warps=4, num_stages=2)
+DECODE_CFG = dict(block_m=16, block_n=128, num_warps=4, num_stages=2, skip_masks=False)
 PREFILL_SHORT_CFG = dict(block_m=64, block_n=128, num_warps=4, num_stages=3, prefetch=True)
 PREFILL_LONG_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
 MAX_SPLITS = 16
