@@ -149,7 +149,7 @@ LONG_CFG = TA.DETERMINISTIC_CFG_BY_QUERY[-1][1]
 ATTENTION_CANDIDATES = [
     dict(SHIPPED_CFG),
     dict(SHIPPED_CFG, flat_walk=False),
-    dict(SHIPPED_CFG, long=dict(LONG_CFG, flat_walk=True)),
+    dict(SHIPPED_CFG, long=dict(LONG_CFG, flat_walk=False)),
     dict(SHIPPED_CFG, flat_walk=False, split_tiles=8),
     dict(SHIPPED_CFG, split_tiles=4, long=dict(LONG_CFG, flat_walk=True)),
 ]

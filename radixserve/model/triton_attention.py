@@ -64,18 +64,19 @@ GATHER_SDPA_MIN_QUERY = 1024
 # stages in all four workloads): prefill 4096 726 vs 794 us, 64 after 4032 cached 32.7 vs 36.9,
 # decode b1 19.4 vs 22.4, b32 53.9 vs 62.1. The walk in one loop over the tiles (flat_walk, same
 # bits): decode b32 at 1024-token contexts in a CUDA graph 50.9 vs 53.9 us, the rest equal (same
-# sweep, 2026-12-01); long queries keep the nested walk (flat: 660.5 vs 649.5 us on a 4096-token
-# prefill, docs/benchmarks.md gpu-deterministic-order).
+# sweep, 2026-12-01).
 DETERMINISTIC_CFG = dict(block_m=64, block_n=64, num_warps=4, num_stages=3, flat_walk=True)
 # Launch configs by the step's longest query (the first bucket whose bound it does not pass; None:
 # DETERMINISTIC_CFG). Only the key tile (block_n) and the chunk fix the order; a config may only
 # enter here once bench/bench_deterministic_sweep.py shows its output equal to DETERMINISTIC_CFG's
 # bit for bit in every workload (fresh prefill, cached prefill, decode b1 and b32).
 # Long prefills: 128-row query tiles on 8 warps (same sweep: bits equal in all four workloads;
-# prefill 4096 682 vs 726 us; slower for short queries: 42.6 vs 32.7 us at 64 new tokens).
+# prefill 4096 682 vs 726 us; slower for short queries: 42.6 vs 32.7 us at 64 new tokens), walked
+# flat since the tiles before the query block skip the masks (534.5 vs 552.4 us nested, H200,
+# bench/device_ab_attention.sh, 2026-12-01; nested was ahead before: 649.5 vs 660.5).
 DETERMINISTIC_CFG_BY_QUERY: tuple[tuple[int, dict | None], ...] = (
     (512, None),
-    (1 << 62, dict(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    (1 << 62, dict(block_m=128, block_n=64, num_warps=8, num_stages=3, flat_walk=True)),
 )
 DETERMINISTIC_SPLIT_TILES = 16
 # Arrival counters of split launches that merge in-kernel (one per sequence x query block x KV
