@@ -95,7 +95,10 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: i
         prefill_sets.append(((q, long_context),))
         if i < 4:  # several suffixes at once: more programs, so no key split
             prefill_sets.append(((q, long_context),) * 4)
-    decode_counts = sorted({1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs} | {max_num_seqs})
+    # Powers of two, the most that fit beside a suffix, and the most there are: decode launches
+    # split their keys below some row count and not above it, with and without a cascade.
+    decode_counts = sorted({1 << i for i in range(max_num_seqs.bit_length()) if 1 << i < max_num_seqs}
+                           | {max(1, max_num_seqs - 1), max_num_seqs})
     short_suffix = ((lens[0], min(LONG_CONTEXT, max_context - lens[0])),) if lens else ()
     shapes = [WarmupShape(d, p) for p in prefill_sets for d in (0, 1)]
     shapes += [WarmupShape(d, ()) for d in decode_counts]
