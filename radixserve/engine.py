@@ -199,7 +199,8 @@ class LLMEngine:
         self.startup_seconds["kv_pool_and_cuda_graphs"] = time.perf_counter() - started
         if model_cfg.kernel_warmup and param.device.type == "cuda" and loaded.model.backend.kernels is not None:
             max_context = min(self.max_model_len, num_blocks * cache_cfg.block_size)
-            shapes = warmup_shapes(sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, max_context)
+            shapes = warmup_shapes(sched_cfg.max_num_seqs, sched_cfg.max_num_batched_tokens, max_context,
+                                   fresh_length_step=loaded.model.backend.fresh_length_step)
             self.startup_seconds["kernel_warmup"] = warm_up_kernels(runner, shapes, model_cfg.show_progress)
         return runner
 

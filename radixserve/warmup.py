@@ -81,12 +81,15 @@ class WarmupShape:
         return self.decodes + len(self.prefills)
 
 
-def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: int) -> list[WarmupShape]:
+def warmup_shapes(
+    max_num_seqs: int, max_num_batched_tokens: int, max_context: int, fresh_length_step: int | None = None
+) -> list[WarmupShape]:
     """The synthetic steps that reach every attention launch variant serving can launch: each
     prefill row set alone and after one decode (the planner picks subsets by sequence id in mixed
-    steps), and each decode count alone and beside a short suffix. Steps over the token budget or
-    the sequence limit are left out (serving never makes them); contexts are capped at
-    max_context (the longest sequence the pool and the model allow)."""
+    steps), each decode count alone and beside a short suffix, and (fresh_length_step: the
+    backend's AttentionBackend.fresh_length_step) a fresh prompt of every length it rounds to.
+    Steps over the token budget or the sequence limit are left out (serving never makes them);
+    contexts are capped at max_context (the longest sequence the pool and the model allow)."""
     lens = [q for q in PREFILL_QUERY_LENS if q <= max_num_batched_tokens and q < max_context]
     prefill_sets: list[tuple[tuple[int, int], ...]] = []
     for i, q in enumerate(lens):
@@ -104,6 +107,14 @@ def warmup_shapes(max_num_seqs: int, max_num_batched_tokens: int, max_context: i
     shapes += [WarmupShape(d, ()) for d in decode_counts]
     shapes += [WarmupShape(d, short_suffix, short_decodes=s) for d in decode_counts if short_suffix for s in (False, True)]
     shapes += _full_budget_shapes(max_num_seqs, max_num_batched_tokens, max_context)
+    if fresh_length_step:
+        # Each length a causal SDPA call can run at (cuDNN builds a plan per length): fresh
+        # prompts up to the budget, then a whole-budget chunk over a short prefix, which the
+        # backend pads in front to its context (up to 1.25x the chunk: triton_attention.py).
+        longest = min(max_context - 1, max_num_batched_tokens * 5 // 4)
+        for n in range(fresh_length_step, longest + 1, fresh_length_step):
+            new = min(n, max_num_batched_tokens)
+            shapes.append(WarmupShape(0, ((new, n - new),)))
     seen: set[WarmupShape] = set()
     fits = []
     for shape in shapes:

@@ -236,6 +236,9 @@ class AttentionBackend(abc.ABC):
     # Cascade attention (model/cascade.py): whether attend() reads meta.cascade. The runner
     # plans a step's cascade only for a backend that sets this (the Triton one, when enabled).
     cascade = False
+    # Fresh prefills run at lengths rounded up to a multiple of this (None: at their own length);
+    # the start-up warm-up runs one of each length up to the step's token budget.
+    fresh_length_step: int | None = None
 
     def set_deterministic(self, enabled: bool, max_model_len: int) -> None:
         """Turn deterministic mode on or off (LlamaForCausalLM.set_deterministic calls this).

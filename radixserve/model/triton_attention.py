@@ -51,6 +51,13 @@ MAX_SPLITS = 16
 # mask applies (2140 new over 16: paged 193 us, bottom-right SDPA 211 us, fresh flash 105 us).
 # Never inside a CUDA graph (it slices by host lengths).
 GATHER_SDPA_MIN_QUERY = 1024
+# SDPA's causal calls (fresh prefills, and a chunk over a short prefix padded in front) run at a
+# length rounded up to a multiple of SDPA_LENGTH_STEP: zeros after the sequence, which no real
+# row sees under the causal mask, and the pad rows dropped. cuDNN's attention builds an execution
+# plan per sequence length, ~38 ms each on the H200 (bench/probe_sdpa_first_call.py, warm calls
+# 0.06-0.3 ms), so unpadded every prompt of a new length stalled its step; padded there are
+# max_num_batched_tokens / 256 lengths, all built by the start-up warm-up (warmup.py).
+SDPA_LENGTH_STEP = 256
 # Deterministic mode (set_deterministic): every sequence of a step (fresh prefill, prefill over a
 # cached prefix, decode) goes through ONE launch of the paged kernel with ONE tile shape, and the
 # keys are cut into fixed chunks of DETERMINISTIC_SPLIT_TILES tiles counted from position 0, each
@@ -91,6 +98,11 @@ CASCADE_CFG = dict(block_n=64, num_warps=4, num_stages=3)
 CASCADE_MAX_SPLITS = 8
 # Prefix splits aim at this many work items per SM when the rows form full chunks.
 CASCADE_ITEMS_PER_SM = 1
+
+
+def sdpa_length(n: int) -> int:
+    """The length a causal SDPA call over n tokens runs at (see SDPA_LENGTH_STEP)."""
+    return -(-n // SDPA_LENGTH_STEP) * SDPA_LENGTH_STEP
 
 
 def _num_sms(device: torch.device) -> int:
@@ -150,6 +162,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention on Triton kernels (see the module docstring)."""
 
     kernels = TritonModelKernels()
+    fresh_length_step = SDPA_LENGTH_STEP
 
     def __init__(self) -> None:
         self._sdpa_gqa_ok: dict[bool, bool] = {}  # does SDPA take GQA directly? (per causal variant)
@@ -352,8 +365,13 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _sdpa(self, q, k, v, scale: float, lower_right) -> torch.Tensor:
         """SDPA over q [Lq, H, D], k/v [Lk, KV, D] -> [Lq, H, D]; causal top-left when lower_right
-        is None (Lq == Lk), else the given bottom-right causal bias. GQA natively where this torch
-        and kernel take it (remembered per variant), else with the KV heads expanded (a copy)."""
+        is None (Lq == Lk; run at sdpa_length(Lq)), else the given bottom-right causal bias. GQA
+        natively where this torch and kernel take it (remembered per variant), else with the KV
+        heads expanded (a copy)."""
+        n = q.shape[0]
+        if lower_right is None and n % SDPA_LENGTH_STEP:  # a length cuDNN has a plan for (see SDPA_LENGTH_STEP)
+            pad = (0, 0, 0, 0, 0, sdpa_length(n) - n)
+            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
         qt, kt, vt = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
         mask = dict(is_causal=True) if lower_right is None else dict(attn_mask=lower_right)
         variant = lower_right is not None
@@ -362,10 +380,10 @@ class TritonAttentionBackend(AttentionBackend):
                 try:
                     o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, enable_gqa=True, **mask)
                     self._sdpa_gqa_ok[variant] = True
-                    return o[0].transpose(0, 1)
+                    return o[0].transpose(0, 1)[:n]
                 except (RuntimeError, TypeError, NotImplementedError):
                     self._sdpa_gqa_ok[variant] = False
             rep = q.shape[1] // k.shape[1]
             kt, vt = kt.repeat_interleave(rep, 1), vt.repeat_interleave(rep, 1)
         o = F.scaled_dot_product_attention(qt, kt, vt, scale=scale, **mask)
-        return o[0].transpose(0, 1)
+        return o[0].transpose(0, 1)[:n]

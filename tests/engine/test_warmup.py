@@ -48,6 +48,18 @@ def test_warmup_shapes_stay_within_what_the_scheduler_can_make(max_seqs, budget,
             assert (True, False) in kinds and (True, True) in kinds
 
 
+@pytest.mark.parametrize("budget,context", [(4096, 8192), (2048, 2048), (512, 8192)])
+def test_warmup_runs_every_length_fresh_attention_rounds_to(budget, context):
+    plain = warmup_shapes(128, budget, context)
+    shapes = warmup_shapes(128, budget, context, fresh_length_step=256)
+    assert set(plain) <= set(shapes) and len(shapes) == len(set(shapes))
+    assert all(s.num_tokens <= budget and all(q + c <= context for q, c in s.prefills) for s in shapes)
+    # one prompt's attention length: its own (fresh), or its context (a chunk over a short prefix)
+    lengths = {q + c for s in shapes if not s.decodes and len(s.prefills) == 1 for q, c in s.prefills}
+    longest = min(context - 1, budget * 5 // 4)
+    assert set(range(256, longest + 1, 256)) <= lengths
+
+
 def test_warmup_step_is_a_valid_step_over_the_pools_first_blocks():
     for shape in warmup_shapes(8, 512, 1024):
         step = warmup_step(shape, block_size=16, num_blocks=64)
