@@ -10,12 +10,14 @@ Two things make the variants few and known in advance: every step's metadata is 
 16-byte aligned (cuda_graphs.aligned_offsets), and the integers that follow the batch (key
 splits, query blocks, block-table width) are not specialized (triton_kernels). What is left
 depends only on the kind of launch the attention planner picks (decode / short / long prefill
-tiles, split or not, all sequences or a subset), which the synthetic steps of `warmup_shapes`
-cover: decode-only and mixed steps at powers of two up to max_num_seqs, prefill-only and mixed
-steps with fresh prompts and with suffixes over a long cached prefix, at query lengths up to the
-step's token budget, and steps of the whole budget. Running them also warms cuBLAS (lazy module loading), the allocator, and
-SDPA for the long-prefill paths. Compiled binaries go to the Triton cache directory, so a
-restart loads them from disk in seconds.
+tiles, split or not, with or without a cascade, all sequences or a subset), which the synthetic
+steps of `warmup_shapes` cover: decode-only and mixed steps at powers of two up to max_num_seqs,
+prefill-only and mixed steps with fresh prompts and with suffixes over a long cached prefix, at
+query lengths up to the step's token budget, and steps of the whole budget. Running them also
+warms cuBLAS (lazy module loading), the allocator, and SDPA: cuDNN builds an execution plan per
+sequence length (~38 ms on the H200), so the backend rounds lengths up (fresh_length_step) and
+the warm-up runs each. Compiled binaries go to the Triton cache directory, so a restart loads
+them from disk in seconds (start-up 15.0 s against 35.7 s over an empty cache, H200, 8B shape).
 """
 
 from __future__ import annotations
