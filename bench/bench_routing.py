@@ -8,13 +8,13 @@ own local Ray, the engine replicas, and that process's own HTTP ingress: one Ray
 docs/scaling.md), with the same engine options; this process only sends the requests:
   single           one replica taking all traffic, with both replicas' KV pools and all the CPUs
                    (equal memory and compute: the ceiling, every prompt's first request misses)
-  pow2             2 replicas, Ray Serve's default power-of-two-choices router
-  prefix-affinity  2 replicas, Ray Serve LLM's PrefixCacheAffinityRouter (guesses from prompt text)
-  cache-aware      2 replicas, ours (KV-event prefix index)
+  pow2             --replicas (2), Ray Serve's default power-of-two-choices router
+  prefix-affinity  --replicas (2), Ray Serve LLM's PrefixCacheAffinityRouter (guesses from prompt text)
+  cache-aware      --replicas (2), ours (KV-event prefix index)
 Workload: `system-prompt` with N system prompts x M questions, arriving mixed (round robin, or --arrival shuffled),
 closed loop with --concurrency clients, or open loop with --request-rate (Poisson arrivals, as independent users
-send them). A replica's KV pool holds exactly half the system prompts (--prompts-per-pool, default
-N/2; what makes routing matter: a replica that sees every prompt thrashes) plus room for the
+send them). A replica's KV pool holds exactly its share of the system prompts (--prompts-per-pool,
+default N / replicas; what makes routing matter: a replica that sees every prompt thrashes) plus room for the
 requests in flight. Further --prompts-per-pool sizes repeat pow2 and
 ours there, so the default reads as one point of the curve (bench_routing_sim.py sweeps it).
 --with-store-runs repeats pow2 and ours with a shared Redis tier (--kv-store): this bench starts
@@ -109,13 +109,14 @@ def main() -> int:
     p.add_argument("--output-tokens", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--prompts-per-pool", type=int, nargs="+", default=None,
-                   help="system prompts one replica's KV pool holds (default: half of them, then one more); "
+                   help="system prompts one replica's KV pool holds (default: its share, then one more); "
                         "the first size runs every router, the others pow2 and cache-aware")
     p.add_argument("--routers", nargs="+", default=["single", "pow2", "prefix-affinity", "cache-aware"])
     p.add_argument("--serve-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a `radixserve serve` option for every replica, e.g. kv_store_write=through")
     p.add_argument("--with-store-runs", action="store_true",
                    help="repeat pow2 and cache-aware with a shared Redis tier (started here unless --serve-opt kv_store=...)")
+    p.add_argument("--replicas", type=int, default=2, help="engine replicas behind each router (single: one with all their pools)")
     p.add_argument("--ray-cpus", type=int, default=2, help="CPUs of each local Ray, split between its replicas")
     p.add_argument("--arrival", choices=("round-robin", "shuffled"), default="round-robin",
                    help="request order: the prompts in turn, or shuffled (seed 0). Round robin lets a load "
@@ -129,8 +130,8 @@ def main() -> int:
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
 
-    half = args.system_prompts // 2
-    pool_sizes = args.prompts_per_pool or [half, half + 1]
+    share = args.system_prompts // args.replicas
+    pool_sizes = args.prompts_per_pool or [share, share + 1]
     # a prompt: the system prompt, the question and the chat template (3 blocks), never shared past the system prompt
     prompt_blocks = args.system_tokens // BLOCK_SIZE + 3
     blocks_for = {fit: prompt_blocks * fit + 4 * args.concurrency for fit in pool_sizes}
@@ -163,9 +164,10 @@ def main() -> int:
             options: dict[str, object] = {"model": "embedded", "min_cacheable_tokens": BLOCK_SIZE,
                                           "ray_num_cpus": args.ray_cpus, **extra}
             if name == "single":
-                options.update(replicas=1, router="cache-aware", num_blocks=2 * blocks, replica_cpus=args.ray_cpus)
+                options.update(replicas=1, router="cache-aware", num_blocks=args.replicas * blocks, replica_cpus=args.ray_cpus)
             else:
-                options.update(replicas=2, router=name, num_blocks=blocks, replica_cpus=args.ray_cpus / 2)
+                options.update(replicas=args.replicas, router=name, num_blocks=blocks,
+                               replica_cpus=args.ray_cpus / args.replicas)
             if store:
                 options["kv_store"] = store_url
                 if redis is not None:
@@ -201,7 +203,8 @@ def main() -> int:
         store_note = (f" `+ Redis tier`: the same with `--kv-store` on one shared redis-server (emptied before each "
                       f"run), `--kv-store-write {extra.get('kv_store_write')}`; blocks a replica loads from it count "
                       "as cached (\"from store\": their share of all prompt tokens).")
-    arrival_text = "round robin over the prompts" if args.arrival == "round-robin" else f"in a shuffled order, seed {args.seed}"
+    arrival_text = ("round robin over the prompts" if args.arrival == "round-robin"
+                    else f"in a shuffled order, seed {args.seed}")
     pace_text = (f"open loop: Poisson arrivals at {args.request_rate:g} requests/s" if args.request_rate
                  else f"{args.concurrency} concurrent clients")
     body = "\n".join([
@@ -209,9 +212,9 @@ def main() -> int:
         f"is `radixserve serve --replicas N --router R` in its own process "
         f"(its own local Ray with {args.ray_cpus} CPUs, the replicas splitting them; its own HTTP ingress), "
         f"the same requests in one run. A replica's KV pool holds exactly {pool_sizes[0]} of the "
-        f"{args.system_prompts} system prompts (half) plus {4 * args.concurrency} blocks for requests in flight; "
-        f"`single` is one replica with both pools and all {args.ray_cpus} CPUs taking all traffic (equal memory "
-        "and compute: the ceiling)."
+        f"{args.system_prompts} system prompts (its share) plus {4 * args.concurrency} blocks for requests in flight; "
+        f"`single` is one replica with all {args.replicas} pools and all {args.ray_cpus} CPUs taking all traffic "
+        "(equal memory and compute: the ceiling)."
         + (f" The rows at {', '.join(map(str, pool_sizes[1:]))} prompts per pool repeat pow2 and ours with roomier "
            "pools (the ratio depends on the pool size: section routing-sim)." if pool_sizes[1:] else "")
         + store_note,
@@ -221,7 +224,8 @@ def main() -> int:
     ])
     print(body)
     if not args.no_docs:
-        update_section("routing-cpu", "Scale-out: routers side by side (CPU, 2 replicas)", body,
+        name = "routing-cpu" if args.replicas == 2 else f"routing-cpu-{args.replicas}"
+        update_section(name, f"Scale-out: routers side by side (CPU, {args.replicas} replicas)", body,
                        command="python bench/bench_routing.py " + " ".join(sys.argv[1:]))
     return 0
 
