@@ -9,7 +9,8 @@
 #      tests of this tree;
 #   4. bench/probe_sdpa_first_call.py: the first SDPA call at a new length vs warm ones.
 #
-#   here:    rm -rf .baseline && mkdir -p .baseline && git archive REV radixserve bench | tar -x -C .baseline
+#   here:    rm -rf .baseline && mkdir -p .baseline/docs && git archive REV radixserve bench | tar -x -C .baseline
+#            cp docs/benchmarks.md .baseline/docs/   (bench_cascade_gpu.py writes its section there)
 #   device:  run(command="mkdir -p .whl && cp .devwhl/*.whl .whl/ && bash bench/device_ab_attention.sh",
 #                carry=[".baseline", ".devwhl"])
 # Results: $OUT/ab_attention.log, $OUT/{before,after}-sweep.log, $OUT/{before,after}-cascade.log, $OUT/tests.log
