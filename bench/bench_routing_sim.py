@@ -3,15 +3,18 @@ recorders, prefix index and score, no model and no Ray.
 
     .venv/bin/python bench/bench_routing_sim.py [--requests 160] [--system-prompts 8] [--replicas 2]
         [--prompts-per-pool 2 3 4 5 6 8]   # a sweep of pool sizes
+    .venv/bin/python bench/bench_routing_sim.py --arrival shuffled --replicas 2 4 8   # a sweep of replicas
 
-Each replica is a RadixTree over its own block pool (sized as in bench_routing.py: exactly half the
-system prompts fit); a request is routed, then on its replica matched (cached tokens counted,
+Each replica is a RadixTree over its own block pool (sized as in bench_routing.py: its share of the
+system prompts fits, exactly half with 2 replicas); a request is routed, then on its replica matched (cached tokens counted,
 capped as KVCacheManager does), its missing blocks allocated (LRU eviction), inserted and
 released; events reach the index at once (no lag: routing quality, not event latency).
 Concurrency: `--concurrency` requests in flight; when a new one arrives, a random one of them has
 finished (real completion order varies with prompt and output lengths). Policies:
-`single` (one replica, all traffic, both pools), `random` (what power-of-two choices is with 2
-idle replicas: both are the two choices; the lower in-flight wins, ties random), and `ours`.
+`single` (one replica, all traffic, every pool), `pow2` (power of two choices on the requests in
+flight: two replicas at random, the one with fewer wins, ties random; with 2 idle replicas this is
+random placement), and `ours`. `--arrival shuffled` sends the requests in a random order per seed
+(independent users), round robin in turn (0, 1, ..., 7, 0, ...: LRU's worst case).
 Writes the section `routing-sim` of docs/benchmarks.md.
 """
 
@@ -41,8 +44,11 @@ IDENTITY = CacheIdentity(model="embedded@sim/float32", block_size=BLOCK_SIZE)
 
 
 def simulate(prompts: list[list[int]], policy: str, num_replicas: int, blocks: int, concurrency: int,
-             balance: float, seed: int = 0) -> tuple[float, list[int]]:
+             balance: float, seed: int = 0, shuffled: bool = False) -> tuple[float, list[int]]:
     rng = random.Random(seed)
+    if shuffled:  # the same order for every policy of one seed: its own generator
+        prompts = prompts[:]
+        random.Random(1000 + seed).shuffle(prompts)
     trees, recorders = [], []
     for _ in range(num_replicas):
         tree = RadixTree(BlockPool(blocks), BLOCK_SIZE)
@@ -101,13 +107,14 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--system-prompts", type=int, default=8)
     p.add_argument("--system-tokens", type=int, default=384)
-    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--replicas", type=int, nargs="+", default=[2], help="one row set per count")
+    p.add_argument("--arrival", choices=("round-robin", "shuffled"), default="round-robin")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--balance", type=float, default=0.25)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--prompts-per-pool", type=int, nargs="*", default=[],
                    help="sweep: pool sizes, in system prompts one replica's pool holds "
-                        "(default: system_prompts / replicas, exactly half with 2, as bench_routing.py)")
+                        "(default: system_prompts / replicas, each replica's share, as bench_routing.py)")
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args()
     tokenizer = Tokenizer.from_gguf(find_embedded_gguf())
@@ -116,33 +123,48 @@ def main() -> int:
     prompts = [build_prompt(tokenizer, [ChatTurn(m["role"], [m["content"]]) for m in r.messages]).token_ids
                for r in workload.build()]
     prompt_blocks = max(len(t) for t in prompts) // BLOCK_SIZE + 1
-    default_fit = args.system_prompts // args.replicas
+    shuffled = args.arrival == "shuffled"
+    # The hit rate when nothing is ever evicted (only first requests miss): what pow2 is compared against.
+    all_fit = statistics.mean(simulate(prompts, "single", 1, prompt_blocks * len(prompts), args.concurrency,
+                                       args.balance, seed, shuffled)[0] for seed in range(args.seeds))
     rows = []
-    for fit in args.prompts_per_pool or [default_fit]:
-        blocks = prompt_blocks * fit + 4 * args.concurrency
-        rates: dict[str, list[float]] = {}
-        loads: dict[str, list[int]] = {}
-        for policy, n, pool in (("single", 1, blocks * args.replicas), ("pow2", args.replicas, blocks),
-                                ("ours", args.replicas, blocks)):
-            for seed in range(args.seeds):
-                rate, per_replica = simulate(prompts, policy, n, pool, args.concurrency, args.balance, seed)
-                rates.setdefault(policy, []).append(rate)
-                loads.setdefault(policy, per_replica)  # seed 0's
-        mean = {k: statistics.mean(v) for k, v in rates.items()}
-        rows.append([f"{fit} ({blocks})", span(rates["single"]), span(rates["pow2"]), span(rates["ours"]),
-                     f"{mean['ours'] / mean['pow2']:.2f}x", f"{100 * (mean['single'] - mean['ours']):.1f}",
-                     " / ".join(map(str, loads["pow2"])), " / ".join(map(str, loads["ours"]))])
-    body = (f"Workload: {workload.summary()}, round robin over the prompts, {args.concurrency} in flight, "
-            f"{args.replicas} replicas; {args.seeds} seeds (hit rate: the range over seeds; ratio and gap: of the "
+    for num_replicas in args.replicas:
+        for fit in args.prompts_per_pool or [args.system_prompts // num_replicas]:
+            blocks = prompt_blocks * fit + 4 * args.concurrency
+            rates: dict[str, list[float]] = {}
+            loads: dict[str, list[int]] = {}
+            for policy, n, pool in (("single", 1, blocks * num_replicas), ("pow2", num_replicas, blocks),
+                                    ("ours", num_replicas, blocks)):
+                for seed in range(args.seeds):
+                    rate, per_replica = simulate(prompts, policy, n, pool, args.concurrency, args.balance, seed,
+                                                 shuffled)
+                    rates.setdefault(policy, []).append(rate)
+                    loads.setdefault(policy, per_replica)  # seed 0's
+            mean = {k: statistics.mean(v) for k, v in rates.items()}
+            rows.append([str(num_replicas), f"{fit} ({blocks})", span(rates["single"]), span(rates["pow2"]),
+                         span(rates["ours"]), f"{mean['ours'] / mean['pow2']:.2f}x",
+                         f"{100 * (mean['single'] - mean['ours']):.1f}",
+                         f"{mean['pow2'] / all_fit:.2f} ({fit}/{args.system_prompts} = "
+                         f"{fit / args.system_prompts:.2f})",
+                         " / ".join(map(str, loads["pow2"])), " / ".join(map(str, loads["ours"]))])
+    order = "in a shuffled order (one per seed)" if shuffled else "round robin over the prompts"
+    body = (f"Workload: {workload.summary()}, {order}, {args.concurrency} in flight; {args.seeds} seeds (hit rate: the range over seeds; ratio and gap: of the "
             f"means). Real RadixTree / KVEventRecorder / PrefixIndex / choose_replica (balance {args.balance}); "
-            f"no model, no Ray, no timing. `single` is one replica with all traffic and {args.replicas}x the pool "
-            "(equal memory): the ceiling, since every prompt's first request misses wherever it goes.\n\n"
-            + markdown_table(["system prompts one pool holds (blocks)", "single", "random / pow2", "ours",
-                              "ours / pow2", "single - ours (points)", "requests per replica pow2",
-                              "requests per replica ours"], rows))
+            "no model, no Ray, no timing. `single` is one replica with all traffic and all the replicas' pools "
+            "(equal memory): the ceiling, since every prompt's first request misses wherever it goes. "
+            f"`pow2 / nothing evicted`: pow2's hit rate over the one when nothing is evicted ({100 * all_fit:.1f}%), beside "
+            "the pool's share of the prompts: a router that ignores the cache sends every prompt to every replica, "
+            "and LRU under random access keeps a requested item with probability cache / catalogue.\n\n"
+            + markdown_table(["replicas", "system prompts one pool holds (blocks)", "single", "pow2", "ours",
+                              "ours / pow2", "single - ours (points)", "pow2 / nothing evicted (pool share)",
+                              "requests per replica pow2", "requests per replica ours"], rows))
     print(body)
     if not args.no_docs:
-        update_section("routing-sim", "Scale-out: routing policies' hit rate, simulated on the real cache code", body,
+        # Each arrival order has its own section: the round-robin sweep of pool sizes stays beside the replicas one.
+        name, title = (("routing-sim-shuffled", "Scale-out: routing policies' hit rate against replicas, shuffled "
+                        "arrivals, simulated") if shuffled else
+                       ("routing-sim", "Scale-out: routing policies' hit rate, simulated on the real cache code"))
+        update_section(name, title, body,
                        command="python bench/bench_routing_sim.py " + " ".join(sys.argv[1:]))
     return 0
 
