@@ -147,14 +147,8 @@ async def _chat_events(
     model, request_id = state.model_name, streams[0].request_id
 
     def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
-        data = {
-            "id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            data["usage"] = None
-        return _sse(data)
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return _stream_chunk(request_id, "chat.completion.chunk", created, model, [choice], include_usage)
 
     def deltas(events: list[StreamEvent]) -> list[dict]:
         out = []
@@ -197,10 +191,7 @@ async def _chat_events(
                 yield chunk(index, {}, "tool_calls" if calls else _finish_reason(out))
                 finals.append(out)
         if include_usage:
-            yield _sse({
-                "id": request_id, "object": "chat.completion.chunk", "created": created,
-                "model": model, "system_fingerprint": None, "choices": [], "usage": _usage(finals, state),
-            })
+            yield _stream_chunk(request_id, "chat.completion.chunk", created, model, [], True, _usage(finals, state))
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
         yield _sse(error_body(path, e.status, str(e)))
@@ -306,14 +297,8 @@ async def _completion_events(
     model = state.model_name
 
     def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: dict | None = None) -> str:
-        data = {
-            "id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-        }
-        if include_usage:
-            data["usage"] = None
-        return _sse(data)
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return _stream_chunk(completion_id, "text_completion", created, model, [choice], include_usage)
 
     finals: list[RequestOutput] = []
     try:
@@ -328,10 +313,7 @@ async def _completion_events(
             if out.finished:
                 finals.append(out)
         if include_usage:
-            yield _sse({
-                "id": completion_id, "object": "text_completion", "created": created, "model": model,
-                "system_fingerprint": None, "choices": [], "usage": _usage(finals, state),
-            })
+            yield _stream_chunk(completion_id, "text_completion", created, model, [], True, _usage(finals, state))
         yield "data: [DONE]\n\n"
     except EngineDeadError as e:
         yield _sse(error_body(path, e.status, str(e)))
@@ -408,3 +390,17 @@ def _finish_reason(out: RequestOutput) -> str:
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _stream_chunk(
+    request_id: str, object_name: str, created: int, model: str, choices: list[dict], include_usage: bool,
+    usage: dict | None = None,
+) -> str:
+    """One streamed chunk of a completion or chat completion, as an SSE event. With
+    stream_options.include_usage, OpenAI's chunks carry "usage": null, and one last chunk with no
+    choices carries the totals."""
+    data = {"id": request_id, "object": object_name, "created": created, "model": model,
+            "system_fingerprint": None, "choices": choices}
+    if include_usage:
+        data["usage"] = usage
+    return _sse(data)
