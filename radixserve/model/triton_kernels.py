@@ -94,11 +94,16 @@ def _merge_step(run_m, run_l, run_acc, m_c, l_c, acc_c):
 
 
 @triton.jit
-def _tile_keys(bt_row, t, kv_end, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tile t of a sequence: positions, which of them exist (< kv_end), their pool blocks."""
+def _tile_keys(t, kv_begin, kv_end, BLOCK_N: tl.constexpr):
+    """Key tile t of a sequence: its positions and which of them are walked ([kv_begin, kv_end))."""
     kpos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok = kpos < kv_end
-    return kpos, k_ok, tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+    return kpos, (kpos < kv_end) & (kpos >= kv_begin)
+
+
+@triton.jit
+def _tile_pages(bt_row, kpos, k_ok, PAGE: tl.constexpr):
+    """The pool blocks that hold the keys at kpos (0 where not k_ok)."""
+    return tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
 
 
 @triton.jit
@@ -164,7 +169,7 @@ def _attend_tile(
 @triton.jit
 def _walk_tiles(
     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, kv_begin, kv_end, scale_log2e, m_i, l_i, acc,
-    blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+    blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
     PREFETCH: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
@@ -172,14 +177,13 @@ def _walk_tiles(
     state; returns it and (PREFETCH) the page ids of tile t_end, loaded one iteration ahead
     (hides that latency; blk_next holds tile t_begin's on entry)."""
     for t in range(t_begin, t_end):
-        kpos = t * BLOCK_N + offs_n
-        k_ok = (kpos < kv_end) & (kpos >= kv_begin)
+        kpos, k_ok = _tile_keys(t, kv_begin, kv_end, BLOCK_N)
         if PREFETCH:
             blk = blk_next
             after = kpos + BLOCK_N
-            blk_next = tl.load(bt_row + after // PAGE, mask=after < kv_end, other=0).to(tl.int64)
+            blk_next = _tile_pages(bt_row, after, after < kv_end, PAGE)
         else:
-            blk = tl.load(bt_row + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+            blk = _tile_pages(bt_row, kpos, k_ok, PAGE)
         m_i, l_i, acc = _attend_tile(
             q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_i, l_i, acc,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
@@ -191,7 +195,7 @@ def _walk_tiles(
 @triton.jit
 def _attend_chunk(
     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_end, t_full, kv_end, scale_log2e,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
     HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -204,12 +208,12 @@ def _attend_chunk(
     t_mid = tl.maximum(t_begin, tl.minimum(t_end, t_full))
     m_i, l_i, acc, _ = _walk_tiles(
         q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_mid, 0, kv_end, scale_log2e, m_i, l_i, acc, 0,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
         HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, False, True, False,
     )  # fmt: skip
     m_i, l_i, acc, _ = _walk_tiles(
         q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_mid, t_end, 0, kv_end, scale_log2e, m_i, l_i, acc, 0,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
         HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, False, True, True,
     )  # fmt: skip
     return m_i, l_i, acc
@@ -226,7 +230,8 @@ def _walk_flat(
     state (m_c, l_c, acc_c), folded into the running one (m_i, l_i, acc) after the chunk's last
     tile, which then restarts from empty."""
     for t in range(t_begin, t_end):
-        kpos, k_ok, blk = _tile_keys(bt_row, t, kv_end, PAGE, BLOCK_N)
+        kpos, k_ok = _tile_keys(t, 0, kv_end, BLOCK_N)
+        blk = _tile_pages(bt_row, kpos, k_ok, PAGE)
         m_c, l_c, acc_c = _attend_tile(
             q, k_cache_ptr, v_cache_ptr, blk, kpos, k_ok, kvh, q_pos, scale_log2e, m_c, l_c, acc_c,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
@@ -423,7 +428,6 @@ def _paged_attention_kernel(
     # Tiles before t_full end at or before the block's first query position: every row sees
     # all their keys, so they skip the masks (most of a long walk).
     t_full = (ctx_len + qb * BLOCK_Q + 1) // BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
     if SPLIT_TILES > 0:
         # Deterministic mode: fixed key chunks of SPLIT_TILES tiles counted from position 0, each
         # reduced from a fresh state and folded in chunk order (_merge_step), so a query's keys
@@ -437,7 +441,7 @@ def _paged_attention_kernel(
                 return
             m_i, l_i, acc = _attend_chunk(
                 q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, tl.minimum(t_begin + SPLIT_TILES, num_tiles),
-                t_full, kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+                t_full, kv_end, scale_log2e, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
             )  # fmt: skip
         elif FLAT_WALK:
@@ -468,7 +472,7 @@ def _paged_attention_kernel(
                 m_c, l_c, acc_c = _attend_chunk(
                     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, c * SPLIT_TILES,
                     tl.minimum(c * SPLIT_TILES + SPLIT_TILES, num_tiles), t_full, kv_end, scale_log2e,
-                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+                    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
                     HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_M, BLOCK_N, IEEE,
                 )  # fmt: skip
                 m_i, l_i, acc = _merge_step(m_i, l_i, acc, m_c, l_c, acc_c)
@@ -482,8 +486,8 @@ def _paged_attention_kernel(
         acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
         blk_next = 0
         if PREFETCH:  # the first tile's page ids (_walk_tiles loads each next one a tile ahead)
-            first = t_begin * BLOCK_N + offs_n
-            blk_next = tl.load(bt_row + first // PAGE, mask=first < kv_end, other=0).to(tl.int64)
+            first, first_ok = _tile_keys(t_begin, 0, kv_end, BLOCK_N)
+            blk_next = _tile_pages(bt_row, first, first_ok, PAGE)
         if SKIP_MASKS:
             # Masked where a tile holds keys before kv_begin (a cascade's prefix ends inside it)
             # or keys some row may not see; unmasked between.
@@ -492,20 +496,20 @@ def _paged_attention_kernel(
                 t_lo = tl.maximum(t_begin, tl.minimum(t_end, tl.cdiv(kv_begin, BLOCK_N)))
                 m_i, l_i, acc, blk_next = _walk_tiles(
                     q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_begin, t_lo, kv_begin, kv_end, scale_log2e,
-                    m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+                    m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                     offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, PREFETCH, True, True,
                 )  # fmt: skip
             t_mid = tl.maximum(t_lo, tl.minimum(t_end, t_full))
             m_i, l_i, acc, blk_next = _walk_tiles(
                 q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_lo, t_mid, kv_begin, kv_end, scale_log2e,
-                m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+                m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                 offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, PREFETCH, True, False,
             )  # fmt: skip
         else:
             t_mid = t_begin
         m_i, l_i, acc, blk_next = _walk_tiles(
             q, k_cache_ptr, v_cache_ptr, bt_row, kvh, q_pos, t_mid, t_end, kv_begin, kv_end, scale_log2e,
-            m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n,
+            m_i, l_i, acc, blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             offs_d, d_ok, HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, PREFETCH, True, True,
         )  # fmt: skip
 
@@ -727,7 +731,6 @@ def _cascade_prefix_kernel(
     hg = rows % GROUP_P
     offs_d = tl.arange(0, HEAD_DIM_P)
     d_ok = offs_d < HEAD_DIM
-    offs_n = tl.arange(0, BLOCK_N)
     for w in range(tl.program_id(0), num_items, n_programs):
         c = w // per_chunk
         kvh = (w % per_chunk) // num_splits
@@ -753,13 +756,13 @@ def _cascade_prefix_kernel(
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
             # the first tile's page ids (_walk_tiles loads each next one a tile ahead)
-            first = t_begin * BLOCK_N + offs_n
-            blk_next = tl.load(bt_row + first // PAGE, mask=first < prefix, other=0).to(tl.int64)
+            first, first_ok = _tile_keys(t_begin, 0, prefix, BLOCK_N)
+            blk_next = _tile_pages(bt_row, first, first_ok, PAGE)
             # No causal mask (every prefix key precedes every query; q_pos is not read). One
             # masked loop: split at the last tile (where the prefix may end) it ran 4% slower.
             m_i, l_i, acc, blk_next = _walk_tiles(
                 q, k_cache_ptr, v_cache_ptr, bt_row, kvh, 0, t_begin, t_end, 0, prefix, scale_log2e, m_i, l_i, acc,
-                blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_n, offs_d, d_ok,
+                blk_next, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, offs_d, d_ok,
                 HEAD_DIM, HEAD_DIM_P, PAGE, BLOCK_N, IEEE, True, False, True,
             )  # fmt: skip
             idx = (split * part_stride + seq) * (NUM_KV_HEADS * GROUP) + head
