@@ -25,6 +25,9 @@ one process ("cascade rows" counts the decode rows that read a shared prefix onc
 prefix-grouped admission off and on, on one engine). `--freeze-gc off,on,...` likewise freezes the
 garbage collector's view of every object alive before a burst, or unfreezes it (an A/B of
 SchedulerConfig.freeze_gc on one engine).
+`--profile-first-step DIR` profiles the first step of every burst (host Python with cProfile inside
+torch.profiler's CPU and CUDA activities) and writes DIR/burst<i>-first-step.txt: the first step of
+a process against the first step of a warm burst, to find what one pays once.
 "new kernel variants" counts the Triton binaries the runner's launchers met for the first time
 during a burst (0 once the start-up warm-up covered them all); each is printed (launcher: key)
 and kept in the JSON (`new_kernel_variant_keys`).
@@ -89,10 +92,13 @@ class StepProbe:
         engine.scheduler.schedule = timed_schedule
         engine.runner.execute = timed_execute
 
-    def step(self) -> None:
+    def step(self, profile_to: Path | None = None) -> None:
         self._plan, self._timing = None, ()
         t0 = time.perf_counter()
-        self.engine.step()
+        if profile_to is None:
+            self.engine.step()
+        else:
+            profile_step(self.engine, profile_to)
         wall = time.perf_counter() - t0
         if self._plan is None or not self._timing:
             return
@@ -132,6 +138,36 @@ class StepProbe:
         return out
 
 
+def profile_step(engine: LLMEngine, path: Path) -> None:
+    """One engine step under cProfile and torch.profiler; the top entries of both go to `path`."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    python = cProfile.Profile()
+    t0 = time.perf_counter()
+    with profile(activities=activities) as ops:
+        python.enable()
+        engine.step()
+        python.disable()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("cumulative").print_stats(45)
+    averages = ops.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"step wall under both profilers: {elapsed * 1000:.1f} ms\n\n== host ops by self CPU time\n"
+        + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+        + ("\n== ops by device time\n" + averages.table(sort_by="self_cuda_time_total", row_limit=20)
+           if engine.device.type == "cuda" else "")
+        + "\n== Python, cumulative\n" + text.getvalue())
+
+
 def burst_prompts(rng: random.Random, requests: int, groups: int, prefix_len: int, question_len: int,
                   grouped: bool = False) -> list[list[int]]:
     """Random token ids below 250 (valid in every preset's vocabulary, dummy:tiny's included).
@@ -157,7 +193,8 @@ def kernel_variants() -> set[str]:
             for key in launcher.cache}
 
 
-def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int, grouped: bool = False) -> dict:
+def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max_tokens: int, grouped: bool = False,
+              profile_first_step: Path | None = None) -> dict:
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     variants0 = kernel_variants()
     cascade0 = engine.cascade_rows
@@ -166,8 +203,10 @@ def run_burst(engine: LLMEngine, probe: StepProbe, prompts: list[list[int]], max
     now = time.monotonic()
     for p in prompts:
         engine.add_request(p, params, arrival_time=now)
+    profile_to = profile_first_step
     while engine.has_unfinished_requests():
-        probe.step()
+        probe.step(profile_to)
+        profile_to = None
     elapsed = time.perf_counter() - t0
     snap = engine.snapshot()
     new_variants = sorted(kernel_variants() - variants0)
@@ -199,6 +238,8 @@ def main() -> None:
     parser.add_argument("--policy", default="fcfs", help="SchedulerConfig.policy per burst: fcfs,group,...")
     parser.add_argument("--freeze-gc", default="off", help="per burst, like --overlap: on freezes every object "
                         "alive before the burst (gc.freeze, what SchedulerConfig.freeze_gc does after start-up), off unfreezes")
+    parser.add_argument("--profile-first-step", default=None, metavar="DIR",
+                        help="profile each burst's first step into DIR/burst<i>-first-step.txt")
     args = parser.parse_args()
     cascades = [None] if args.cascade is None else [v == "on" for v in args.cascade.split(",")]
     loaded = None
@@ -248,7 +289,8 @@ def run_engine(args, cascade: bool | None, loaded) -> tuple[dict, object]:
         engine.config.scheduler.policy = policy[min(i, len(policy) - 1)]  # the queue is empty between bursts
         grouped = arrival[min(i, len(arrival) - 1)] == "grouped"
         prompts = burst_prompts(rng, args.requests, args.groups, prefix_len, question_len, grouped)
-        burst = run_burst(engine, probe, prompts, max_tokens, grouped)
+        profile_to = Path(args.profile_first_step) / f"burst{i + 1}-first-step.txt" if args.profile_first_step else None
+        burst = run_burst(engine, probe, prompts, max_tokens, grouped, profile_to)
         burst["freeze_gc"] = frozen
         result["bursts"].append(burst)
         steps = burst["steps"]
