@@ -34,7 +34,7 @@ side() {  # $1: tree, $2: label
   stamp "1-2. baseline kernels"; side .baseline before
   stamp "1-2. this tree's kernels"; side . after
   stamp "3. GPU tests"
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/model/test_triton_attention.py \
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/model/test_triton_attention.py \
     tests/model/test_cascade_attention.py tests/model/test_batch_invariant.py tests/engine/test_deterministic_gpu.py \
     tests/engine/test_warmup_cuda.py tests/engine/test_cuda_graphs.py > "$OUT/tests.log" 2>&1
   grep -E 'passed|failed|error|FAIL' "$OUT/tests.log" | tail -15
