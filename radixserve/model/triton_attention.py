@@ -369,9 +369,13 @@ class TritonAttentionBackend(AttentionBackend):
         natively where this torch and kernel take it (remembered per variant), else with the KV
         heads expanded (a copy)."""
         n = q.shape[0]
-        if lower_right is None and n % SDPA_LENGTH_STEP:  # a length cuDNN has a plan for (see SDPA_LENGTH_STEP)
-            pad = (0, 0, 0, 0, 0, sdpa_length(n) - n)
-            q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+        if lower_right is None:  # a length cuDNN has a plan for (see SDPA_LENGTH_STEP)
+            # cuDNN keys its plans by strides too. F.pad returns contiguous tensors, so an unpadded
+            # call (q/k/v views of the QKV projection) is made contiguous as well: else the plan
+            # the warm-up built at a multiple of the step was not the one serving's padded calls
+            # at that length take (~40 ms each, once per length, in the first step of a process).
+            extra = sdpa_length(n) - n
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, extra)) if extra else x.contiguous() for x in (q, k, v))
         qt, kt, vt = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
         mask = dict(is_causal=True) if lower_right is None else dict(attn_mask=lower_right)
         variant = lower_right is not None
