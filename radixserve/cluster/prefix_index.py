@@ -19,6 +19,7 @@ replica once it has four requests more than another; a large value is plain leas
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections import deque
@@ -183,8 +184,8 @@ def choose_replica(
     blocks_held: dict[str, int] | None = None,
 ) -> RoutingChoice:
     """The candidate with the best score = reused fraction - balance * (in flight - least in flight).
-    Ties go to the less loaded, then to the one holding fewer blocks (new prefixes spread over
-    the caches instead of piling onto one), then at random."""
+    Ties go to the less loaded, then to the one holding fewer blocks, then at random. A prefix no
+    candidate holds goes to the one holding fewer blocks first (see below)."""
     if not candidates:
         raise ValueError("no candidate replicas")
     rng = rng or random
@@ -198,6 +199,16 @@ def choose_replica(
     order = list(candidates)
     rng.shuffle(order)
     held = blocks_held or {}
+    if not any(matched_blocks.get(r, 0) for r in candidates):
+        # A new prefix stays where it first goes (its next requests follow it there), so it goes
+        # to the cache holding fewest blocks: the share each replica has taken over time, not
+        # this instant's queues, which at a few requests in flight split 8 system prompts 3 / 5
+        # (bench/bench_routing_sim.py). Only among the replicas the balance term would still
+        # send a wholly cached prompt to: fewer than 1 / balance more in flight than the least.
+        limit = least + 1 / balance if balance > 0 else math.inf
+        eligible = [r for r in order if in_flight.get(r, 0) < limit]
+        best = min(eligible, key=lambda r: (held.get(r, 0), in_flight.get(r, 0)))
+        return RoutingChoice(best, BALANCE, 0)
     best = max(order, key=lambda r: (score(r), -in_flight.get(r, 0), -held.get(r, 0)))
     matched = matched_blocks.get(best, 0)
     return RoutingChoice(best, PREFIX if matched > 0 else BALANCE, matched)

@@ -116,3 +116,33 @@ def test_new_prefixes_spread_evenly_over_idle_replicas():
 def test_new_prefixes_go_to_the_emptier_cache_when_load_is_equal():
     choice = choose_replica(["a", "b"], {}, {}, 10, 0.25, blocks_held={"a": 30, "b": 2})
     assert choice.replica_id == "b" and choice.decision == BALANCE
+
+
+def test_new_prefixes_go_to_the_emptier_cache_unless_it_is_overloaded():
+    # One more request in flight does not outweigh a cache holding far fewer blocks: a new prefix
+    # stays where it first goes, so the long-run share decides, not this instant's queue.
+    held = {"a": 30, "b": 2}
+    choice = choose_replica(["a", "b"], {}, {"a": 0, "b": 1}, 10, 0.25, blocks_held=held)
+    assert choice.replica_id == "b" and choice.decision == BALANCE
+    # 1 / balance = 4 more in flight than the least: the balance term's limit for a cached prompt.
+    assert choose_replica(["a", "b"], {}, {"a": 0, "b": 4}, 10, 0.25, blocks_held=held).replica_id == "a"
+    assert choose_replica(["a", "b"], {}, {"a": 0, "b": 40}, 10, 0.0, blocks_held=held).replica_id == "b"
+
+
+def test_eight_prompts_split_evenly_whatever_the_queues():
+    # Shuffled arrivals with a few requests in flight: each prompt's first request meets other
+    # queues. Routing on those queues split 8 prompts 3 / 5 (or worse) in half of these orders.
+    prompts = {p: [bytes([p, i]) * 16 for i in range(24)] for p in range(8)}
+    for seed in range(20):
+        index, rng = PrefixIndex(), random.Random(seed)
+        home: dict[int, str] = {}
+        for _ in range(160):
+            p = rng.randrange(8)
+            in_flight = {"a": rng.randrange(3), "b": rng.randrange(3)}
+            held = {r: index.num_blocks_held(r) for r in in_flight}
+            keys = prompts[p]
+            choice = choose_replica(["a", "b"], index.matched_blocks(keys, ["a", "b"]), in_flight, len(keys), 0.25,
+                                    rng, held)
+            index.note_routed(choice.replica_id, keys)
+            home.setdefault(p, choice.replica_id)
+        assert sorted(list(home.values()).count(r) for r in ("a", "b")) == [4, 4], seed
