@@ -6,8 +6,8 @@ recorders, prefix index and score, no model and no Ray.
     .venv/bin/python bench/bench_routing_sim.py --arrival shuffled --replicas 2 4 8   # a sweep of replicas
 
 Each replica is a RadixTree over its own block pool (sized as in bench_routing.py: its share of the
-system prompts fits, exactly half with 2 replicas); a request is routed, then on its replica matched (cached tokens counted,
-capped as KVCacheManager does), its missing blocks allocated (LRU eviction), inserted and
+system prompts fits, exactly half with 2 replicas); a request is routed, then on its replica matched
+(cached tokens counted, capped as KVCacheManager does), its missing blocks allocated (LRU eviction), inserted and
 released; events reach the index at once (no lag: routing quality, not event latency).
 Concurrency: `--concurrency` requests in flight; when a new one arrives, a random one of them has
 finished (real completion order varies with prompt and output lengths). Policies:
@@ -15,7 +15,7 @@ finished (real completion order varies with prompt and output lengths). Policies
 flight: two replicas at random, the one with fewer wins, ties random; with 2 idle replicas this is
 random placement), and `ours`. `--arrival shuffled` sends the requests in a random order per seed
 (independent users), round robin in turn (0, 1, ..., 7, 0, ...: LRU's worst case).
-Writes the section `routing-sim` of docs/benchmarks.md.
+Writes the section `routing-sim` of docs/benchmarks.md (round robin) or `routing-sim-shuffled`.
 """
 
 from __future__ import annotations
@@ -148,13 +148,14 @@ def main() -> int:
                          f"{fit / args.system_prompts:.2f})",
                          " / ".join(map(str, loads["pow2"])), " / ".join(map(str, loads["ours"]))])
     order = "in a shuffled order (one per seed)" if shuffled else "round robin over the prompts"
-    body = (f"Workload: {workload.summary()}, {order}, {args.concurrency} in flight; {args.seeds} seeds (hit rate: the range over seeds; ratio and gap: of the "
-            f"means). Real RadixTree / KVEventRecorder / PrefixIndex / choose_replica (balance {args.balance}); "
-            "no model, no Ray, no timing. `single` is one replica with all traffic and all the replicas' pools "
-            "(equal memory): the ceiling, since every prompt's first request misses wherever it goes. "
-            f"`pow2 / nothing evicted`: pow2's hit rate over the one when nothing is evicted ({100 * all_fit:.1f}%), beside "
-            "the pool's share of the prompts: a router that ignores the cache sends every prompt to every replica, "
-            "and LRU under random access keeps a requested item with probability cache / catalogue.\n\n"
+    body = (f"Workload: {workload.summary()}, {order}, {args.concurrency} in flight; {args.seeds} seeds "
+            "(hit rate: the range over seeds; ratio and gap: of the means). Real RadixTree / KVEventRecorder / "
+            f"PrefixIndex / choose_replica (balance {args.balance}); no model, no Ray, no timing. `single` is one "
+            "replica with all traffic and all the replicas' pools (equal memory): the ceiling, since every "
+            "prompt's first request misses wherever it goes. `pow2 / nothing evicted`: pow2's hit rate over the "
+            f"one when nothing is evicted ({100 * all_fit:.1f}%), beside the pool's share of the prompts: a router "
+            "that ignores the cache sends every prompt to every replica, and LRU under random access keeps a "
+            "requested item with probability cache / catalogue.\n\n"
             + markdown_table(["replicas", "system prompts one pool holds (blocks)", "single", "pow2", "ours",
                               "ours / pow2", "single - ours (points)", "pow2 / nothing evicted (pool share)",
                               "requests per replica pow2", "requests per replica ours"], rows))
