@@ -17,6 +17,7 @@ from radixserve.cluster.deployments import REPLICA_HEADER, build_engine_app, htt
 from radixserve.cluster.shared_state import STATE_ACTOR_NAME  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from radixserve.server.config import ServerConfig  # noqa: E402
+from tests.local_ray import start_local_ray  # noqa: E402
 from tests.live_server import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ SYSTEM = "You are the in-process ingress test assistant. Answer in one short sen
 
 
 def test_openai_client_through_the_in_process_ingress():
-    ray.init(num_cpus=2, namespace="radixserve-test-http-ingress", include_dashboard=False, log_to_driver=False)
+    start_local_ray("radixserve-test-http-ingress")
     try:
         serve.start(proxy_location="Disabled")
         config = ServerConfig(min_cacheable_tokens=16)
@@ -60,7 +61,7 @@ def test_metrics_reach_every_replica_under_rays_router(router):
     """/metrics fans out to each replica by id; Ray's routers cannot be told which, so the wrong
     replica answers first (pow2: half the time; prefix-affinity: always, were the text the same):
     every page must still carry both replicas."""
-    ray.init(num_cpus=2, namespace="radixserve-test-metrics-pow2", include_dashboard=False, log_to_driver=False)
+    start_local_ray("radixserve-test-metrics-pow2")
     try:
         serve.start(proxy_location="Disabled")
         config = ServerConfig()

@@ -20,6 +20,7 @@ from radixserve.cluster.deployments import REPLICA_HEADER, build_app  # noqa: E4
 from radixserve.cluster.routing_hint import RoutedRequest  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from radixserve.server.config import ServerConfig  # noqa: E402
+from tests.local_ray import start_local_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +33,7 @@ def cluster():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=2, namespace="radixserve-test", include_dashboard=False, log_to_driver=False)
+    start_local_ray("radixserve-test")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = EngineConfig(model=ModelConfig(source="embedded", show_progress=False), cache=CacheConfig(num_blocks=512))
     app = build_app(engine, ServerConfig(min_cacheable_tokens=16), num_replicas=2, replica_resources={"num_cpus": 0.5})
