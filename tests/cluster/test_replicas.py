@@ -108,9 +108,16 @@ def test_requests_sharing_a_prefix_land_on_the_replica_that_holds_it(cluster):
     # cache_salt is part of the key: the same prompt under a new salt is a new prefix (no reuse)
     _, salted = chat(cluster, "First question?", system=systems[0], extra_body={"cache_salt": "s1"})
     assert salted.usage.prompt_tokens_details.cached_tokens == 0
-    metrics = httpx.get(f"{cluster}/metrics", timeout=60).text
-    assert 'radixserve_router_decisions_total{decision="prefix"}' in metrics
-    prefix_decisions = float(metrics.split('radixserve_router_decisions_total{decision="prefix"} ')[1].split()[0])
+    # the router reports its counters to the state actor about once a second: the last few
+    # decisions reach /metrics a moment after their responses
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = httpx.get(f"{cluster}/metrics", timeout=60).text
+        assert 'radixserve_router_decisions_total{decision="prefix"}' in metrics
+        prefix_decisions = float(metrics.split('radixserve_router_decisions_total{decision="prefix"} ')[1].split()[0])
+        if prefix_decisions >= 8 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert prefix_decisions >= 8
     assert "radixserve_router_index_blocks" in metrics and f'replica="{first[0]}"' in metrics
 
