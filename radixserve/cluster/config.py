@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+RouterName = Literal["cache-aware", "pow2", "prefix-affinity"]
 
 
 @dataclass(slots=True)
@@ -12,7 +14,7 @@ class ClusterConfig:
 
     replicas: int = 0
     """serve this many engine replicas behind one port on Ray Serve (0: the single-process server)"""
-    router: Literal["cache-aware", "pow2", "prefix-affinity"] = "cache-aware"
+    router: RouterName = "cache-aware"
     """replica choice: cache-aware (KV-event prefix index weighed against load), pow2 (Ray's default
     power of two choices) or prefix-affinity (Ray Serve LLM's PrefixCacheAffinityRouter, prompt text)"""
     router_balance: float = 0.25
@@ -28,7 +30,21 @@ class ClusterConfig:
     """CPUs of the local Ray instance (default: every core)"""
 
     def __post_init__(self) -> None:
+        if self.router not in get_args(RouterName):
+            raise ValueError(f"router must be one of {list(get_args(RouterName))}, got {self.router!r}")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {self.replicas}")
         if self.router_balance < 0:
             raise ValueError(f"router_balance must be >= 0, got {self.router_balance}")
+
+    @property
+    def num_engine_replicas(self) -> int:
+        """Replicas the engine deployment gets: a Serve config that names none still serves one."""
+        return max(self.replicas, 1)
+
+    def replica_resources(self) -> dict[str, float]:
+        """Ray resources one engine replica reserves."""
+        resources = {"num_cpus": self.replica_cpus}
+        if self.replica_gpus:
+            resources["num_gpus"] = self.replica_gpus
+        return resources

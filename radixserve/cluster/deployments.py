@@ -38,6 +38,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from radixserve.cache.block_keys import CacheIdentity
+from radixserve.cluster.config import ClusterConfig
 from radixserve.cluster.kv_events import KVEventRecorder
 from radixserve.cluster.metrics import cluster_metrics, label_metrics
 from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutedRequest, RoutingProfile, prompt_hint
@@ -73,6 +74,9 @@ HANDLE_OPTIONS = {"stream": True, "_by_reference": False, "request_serialization
 # call's text (inserted without waiting: under load it lags, and back-to-back calls all missed).
 METRICS_ATTEMPTS = 32
 METRICS_RETRY_PAUSE_S = 0.02
+# Requests Serve lets one engine replica hold at once (its queue-length guard; the engine's own
+# scheduler decides what runs); the ingress may hold four times the whole deployment's.
+MAX_ONGOING_REQUESTS = 64
 ROUTERS = {
     "cache-aware": "radixserve.cluster.router:CacheAwareRouter",
     "pow2": "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
@@ -422,47 +426,27 @@ def http_ingress_app(engine: Any, server_config: ServerConfig, state_actor_name:
     return app
 
 
-def build_app(
-    engine_config: EngineConfig,
-    server_config: ServerConfig,
-    num_replicas: int = 1,
-    router: str = "cache-aware",
-    balance: float = 0.25,
-    replica_resources: dict[str, float] | None = None,
-    max_ongoing_requests: int = 64,
-):
-    """The Serve application with its HTTP ingress (`serve.run(build_app(...))`). replica_resources:
-    Ray resources of one engine replica, e.g. {"num_gpus": 1} on GPU nodes, {"num_cpus": 4} on CPU."""
-    engine = build_engine_app(engine_config, server_config, num_replicas, router, balance, replica_resources,
-                              max_ongoing_requests)
-    ingress = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=4 * max_ongoing_requests * num_replicas,
+def build_app(engine_config: EngineConfig, server_config: ServerConfig, cluster: ClusterConfig):
+    """The Serve application with its HTTP ingress (`serve.run(build_app(...))`)."""
+    ingress = serve.deployment(Ingress, name="Ingress",
+                               max_ongoing_requests=4 * MAX_ONGOING_REQUESTS * cluster.num_engine_replicas,
                                ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine, server_config)
+    return ingress.bind(build_engine_app(engine_config, server_config, cluster), server_config)
 
 
-def build_engine_app(
-    engine_config: EngineConfig,
-    server_config: ServerConfig,
-    num_replicas: int = 1,
-    router: str = "cache-aware",
-    balance: float = 0.25,
-    replica_resources: dict[str, float] | None = None,
-    max_ongoing_requests: int = 64,
-):
-    """The engine deployment alone (behind our router): what http_ingress_app calls."""
-    if router not in ROUTERS:
-        raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {router!r}")
-    kwargs: dict[str, Any] = {"balance": balance} if router == "cache-aware" else {}
-    if router == "prefix-affinity":
+def build_engine_app(engine_config: EngineConfig, server_config: ServerConfig, cluster: ClusterConfig):
+    """The engine deployment alone (behind the chosen router): what http_ingress_app calls."""
+    kwargs: dict[str, Any] = {}
+    if cluster.router == "cache-aware":
+        kwargs = {"balance": cluster.router_balance}
+    elif cluster.router == "prefix-affinity":
         kwargs = {"imbalanced_threshold": 10}
-    router_config = RequestRouterConfig(request_router_class=ROUTERS[router], request_router_kwargs=kwargs)
-    actor_options: dict[str, Any] = dict(replica_resources or {"num_cpus": 1})
-    runtime_env = dict(actor_options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**REPLICA_ENV_VARS, **runtime_env.get("env_vars", {})}
-    actor_options["runtime_env"] = runtime_env
+    router_config = RequestRouterConfig(request_router_class=ROUTERS[cluster.router], request_router_kwargs=kwargs)
+    actor_options: dict[str, Any] = {**cluster.replica_resources(), "runtime_env": {"env_vars": REPLICA_ENV_VARS}}
     return serve.deployment(
-        EngineReplica, name="Engine", num_replicas=num_replicas, max_ongoing_requests=max_ongoing_requests,
-        ray_actor_options=actor_options, request_router_config=router_config, logging_config=REPLICA_LOGGING,
+        EngineReplica, name="Engine", num_replicas=cluster.num_engine_replicas,
+        max_ongoing_requests=MAX_ONGOING_REQUESTS, ray_actor_options=actor_options,
+        request_router_config=router_config, logging_config=REPLICA_LOGGING,
         health_check_period_s=2, health_check_timeout_s=30,
     ).bind(engine_config, server_config)
 

@@ -6,6 +6,7 @@ Ray Serve does the rest: it places the replicas, health-checks them and restarts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import threading
 import time
@@ -17,11 +18,8 @@ log = logging.getLogger("radixserve")
 
 
 def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    return ClusterConfig(
-        replicas=args.replicas, router=args.router, router_balance=args.router_balance,
-        replica_cpus=args.replica_cpus, replica_gpus=args.replica_gpus, ray_address=args.ray_address,
-        ray_num_cpus=args.ray_num_cpus,
-    )
+    """The ClusterConfig the scale-out flags describe (each flag is named after its field)."""
+    return ClusterConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig)})
 
 
 def build_from_args(args: argparse.Namespace, with_ingress: bool = True):
@@ -31,15 +29,10 @@ def build_from_args(args: argparse.Namespace, with_ingress: bool = True):
     from radixserve.commands.common import engine_config_from_args
     from radixserve.commands.serve import server_config_from_args
 
-    cluster = cluster_config_from_args(args)
     engine_config = engine_config_from_args(args)
     engine_config.model.show_progress = False  # replicas log to files; bars would be noise
-    resources: dict[str, float] = {"num_cpus": cluster.replica_cpus}
-    if cluster.replica_gpus:
-        resources["num_gpus"] = cluster.replica_gpus
     build = build_app if with_ingress else build_engine_app
-    return build(engine_config, server_config_from_args(args), num_replicas=max(cluster.replicas, 1),
-                 router=cluster.router, balance=cluster.router_balance, replica_resources=resources)
+    return build(engine_config, server_config_from_args(args), cluster_config_from_args(args))
 
 
 def app_from_options(options: dict[str, Any]):

@@ -13,6 +13,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
+from radixserve.cluster.config import ClusterConfig  # noqa: E402
 from radixserve.cluster.deployments import REPLICA_HEADER, build_engine_app, http_ingress_app  # noqa: E402
 from radixserve.cluster.shared_state import STATE_ACTOR_NAME  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
@@ -31,7 +32,7 @@ def test_openai_client_through_the_in_process_ingress():
         config = ServerConfig(min_cacheable_tokens=16)
         engine = serve.run(build_engine_app(
             EngineConfig(model=ModelConfig(source="embedded", show_progress=False), cache=CacheConfig(num_blocks=256)),
-            config, num_replicas=1, replica_resources={"num_cpus": 1}), name="radixserve", route_prefix=None)
+            config, ClusterConfig(replicas=1)), name="radixserve", route_prefix=None)
         with serve_app(http_ingress_app(engine, config)) as base:
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
             messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Say hi."}]
@@ -67,7 +68,7 @@ def test_metrics_reach_every_replica_under_rays_router(router):
         config = ServerConfig()
         engine = serve.run(build_engine_app(
             EngineConfig(model=ModelConfig(source="dummy:tiny", show_progress=False), cache=CacheConfig(num_blocks=64)),
-            config, num_replicas=2, router=router, replica_resources={"num_cpus": 0.5}),
+            config, ClusterConfig(replicas=2, router=router, replica_cpus=0.5)),
             name="radixserve", route_prefix=None)
         state = ray.get_actor(STATE_ACTOR_NAME)
         deadline = time.monotonic() + 60

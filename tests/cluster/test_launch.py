@@ -41,3 +41,7 @@ def test_bad_cluster_options_are_refused():
         cluster_config_from_args(build_parser().parse_args(["serve", "--replicas", "2", "--router-balance", "-1"]))
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--router", "round-robin"])
+    from radixserve.cluster.config import ClusterConfig
+
+    with pytest.raises(ValueError, match="router must be one of"):  # the Python API, past argparse's choices
+        ClusterConfig(replicas=2, router="round-robin")

@@ -16,6 +16,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 openai = pytest.importorskip("openai")
 
+from radixserve.cluster.config import ClusterConfig  # noqa: E402
 from radixserve.cluster.deployments import REPLICA_HEADER, build_app  # noqa: E402
 from radixserve.cluster.routing_hint import RoutedRequest  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
@@ -36,7 +37,7 @@ def cluster():
     start_local_ray("radixserve-test")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = EngineConfig(model=ModelConfig(source="embedded", show_progress=False), cache=CacheConfig(num_blocks=512))
-    app = build_app(engine, ServerConfig(min_cacheable_tokens=16), num_replicas=2, replica_resources={"num_cpus": 0.5})
+    app = build_app(engine, ServerConfig(min_cacheable_tokens=16), ClusterConfig(replicas=2, replica_cpus=0.5))
     serve.run(app, name=APP, route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     try:
