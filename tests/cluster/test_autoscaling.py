@@ -24,6 +24,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from radixserve.cluster.deployments import REPLICA_HEADER  # noqa: E402
 from radixserve.cluster.launch import app_from_options  # noqa: E402
+from tests.live_server import wait_until_healthy  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -66,25 +67,12 @@ def test_serve_adds_an_engine_replica_under_load_and_the_router_uses_it(tmp_path
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(base, proc, log)
+        wait_until_healthy(base, proc, lambda: tail(log), timeout=180)
         replicas, statuses = load_until_two_replicas(base, seconds=120)
         assert statuses == {200}, statuses
         assert len(replicas) == 2, f"one replica served everything: {replicas}\n{tail(log)}"
     finally:
         stop(proc)
-
-
-def wait_until_serving(base: str, proc: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"serve run exited ({proc.returncode})\n{tail(log)}"
-        try:
-            if httpx.get(f"{base}/v1/models", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"the application never served\n{tail(log)}")
 
 
 def load_until_two_replicas(base: str, seconds: float) -> tuple[set[str], set[int]]:
