@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from typing import Any
@@ -45,6 +46,7 @@ class ClusterStateImpl:
         self.router_stats: dict[str, dict[str, float]] = {}
         self.last_lag_s = 0.0
         self._changed: asyncio.Event | None = None  # set (and replaced) when the log grows
+        self._logged_seq: dict[str, int] = {}  # per replica: the sequence number of its last logged batch
 
     async def wait_for_updates(self, cursor: int, timeout_s: float) -> tuple[int, list[EventBatch]]:
         """``updates(cursor)``, after waiting up to ``timeout_s`` for something new when there is
@@ -58,8 +60,12 @@ class ClusterStateImpl:
         return self.updates(cursor)
 
     def _log(self, batch: EventBatch) -> None:
+        # Heartbeats are not logged, yet they use up the replica's sequence numbers: what the log
+        # keeps is numbered again, so that a router's index sees consecutive batches (with the
+        # replica's numbers it found a gap after every idle second, and reloaded every snapshot).
+        seq = self._logged_seq[batch.replica_id] = self._logged_seq.get(batch.replica_id, 0) + 1
         self.version += 1
-        self.log.append((self.version, batch))
+        self.log.append((self.version, dataclasses.replace(batch, seq=seq)))
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -102,12 +108,14 @@ class ClusterStateImpl:
 
     def _log_drop(self, replica_id: str) -> None:
         self._log(EventBatch(replica_id, 0, [], snapshot=True))
+        del self._logged_seq[replica_id]  # its next logged batch is a snapshot (the index refuses any other)
 
     def _snapshot(self) -> list[EventBatch]:
         batches = []
         for replica_id, holdings in self.index.replicas.items():
             # namespaces do not matter to the index (they are inside the keys)
-            batches.append(EventBatch(replica_id, holdings.seq, [KVEvent(STORED, "", list(holdings.keys))], True))
+            seq = self._logged_seq.get(replica_id, 0)  # the log's numbering, which the router follows next
+            batches.append(EventBatch(replica_id, seq, [KVEvent(STORED, "", list(holdings.keys))], True))
         return batches
 
     # ---- routing profile -------------------------------------------------------------------

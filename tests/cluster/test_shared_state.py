@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from radixserve.cluster.kv_events import STORED, EventBatch, KVEvent
+from radixserve.cluster.prefix_index import PrefixIndex
 from radixserve.cluster.shared_state import ClusterStateImpl
 from tests.cluster.test_kv_events import cache, make_tree
 
@@ -44,3 +45,28 @@ def test_recorder_has_pending_only_until_drained():
     assert not recorder.has_pending
     recorder.request_snapshot()
     assert recorder.has_pending  # a snapshot is owed
+
+
+def test_a_router_follows_the_relay_across_heartbeats_without_a_snapshot():
+    """Heartbeats are not logged but use up a replica's sequence numbers. The log numbers the
+    batches it keeps, so a router's index sees no gap. Before, the first batch after any idle
+    second was refused, and the router reloaded every replica's snapshot: a full reload each time,
+    and its tentative holdings (the prefixes it had just routed) lost."""
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    state = ClusterStateImpl()
+    router = PrefixIndex()
+    state.publish(EventBatch("r2", 1, []))  # a replica whose first batch is a heartbeat
+    state.publish(batch("r1", 1, a))
+    cursor, batches = state.updates(-1)
+    assert all(router.apply(x) for x in batches)
+    router.note_routed("r1", [a, c])  # routed, its prefill's events not in yet
+    for seq in (2, 3):
+        state.publish(EventBatch("r1", seq, []))  # idle seconds
+    state.publish(batch("r1", 4, b))
+    state.publish(batch("r2", 2, c))
+    cursor, batches = state.updates(cursor)
+    assert [x.snapshot for x in batches] == [False, False]
+    assert all(router.apply(x) for x in batches)
+    assert router.matched_blocks([a, c], ["r1", "r2"]) == {"r1": 2, "r2": 0}  # the tentative c kept
+    assert router.matched_blocks([c], ["r2"]) == {"r2": 1}
+    assert router.matched_blocks([b], ["r1"]) == {"r1": 1}
