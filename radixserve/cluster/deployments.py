@@ -243,6 +243,38 @@ async def call_asgi(app: Any, request: RoutedRequest, extra_headers: list[tuple[
             task.cancel()
 
 
+async def first_item_unless_client_gone(stream: Any, request: Request | None) -> Any:
+    """The engine call's first item, or None when the HTTP client hangs up before it comes. A
+    call nobody will read is cancelled, and the replica then aborts its request: a non-streamed
+    one answers in its first item, so it would otherwise run to max_tokens for nobody."""
+    first = asyncio.ensure_future(stream.__anext__())
+    gone = asyncio.ensure_future(_client_gone(request)) if request is not None else None
+    try:
+        await asyncio.wait([first] if gone is None else [first, gone], return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (Serve's proxy saw the client go)
+        first.cancel()
+        stream.cancel()
+        raise
+    finally:
+        if gone is not None:
+            gone.cancel()
+    if first.done():
+        return first.result()  # raises what the call raised (the replica died)
+    first.cancel()
+    stream.cancel()
+    return None
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects. The body has been read, so the next ASGI message can
+    only be the disconnect; a receive that fails says nothing of the client: then never."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - see above
+        await asyncio.Event().wait()
+
+
 def routing_handle(engine: Any) -> Any:
     """A handle to the engine deployment whose router (ours, Ray's) runs on the running event
     loop, the one that serves HTTP, with HANDLE_OPTIONS. Ray Serve otherwise runs every handle's
@@ -296,12 +328,14 @@ class IngressCore:
             return await self._metrics(routed)
         if request.method == "POST" and body:
             await self._add_hint(routed, request)
-        return await self._call(self.engine, routed)
+        return await self._call(self.engine, routed, request)
 
-    async def _call(self, handle: Any, routed: RoutedRequest) -> Response:
+    async def _call(self, handle: Any, routed: RoutedRequest, request: Request | None = None) -> Response:
         stream = handle.handle.remote(routed)
         try:
-            start = await stream.__anext__()
+            start = await first_item_unless_client_gone(stream, request)
+            if start is None:  # nobody will read the answer; the replica has aborted the request
+                return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a replica died before answering: a clean 503, never a hang
             log.warning("engine replica failed before answering: %s", e)
             return JSONResponse({"error": {"message": f"the engine replica failed: {type(e).__name__}; retry",

@@ -52,9 +52,26 @@ def test_openai_client_through_the_in_process_ingress():
             assert bad.status_code == 404 and "model" in bad.text  # the replica's own error, passed through
             metrics = httpx.get(f"{base}/metrics", timeout=60).text
             assert 'radixserve_router_decisions_total{decision="prefix"}' in metrics
+
+            # a client that hangs up on a non-streamed request: the replica aborts it (the answer
+            # comes whole at the end, so nothing else would stop it before max_tokens)
+            aborted = aborted_requests(base)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{base}/v1/completions", json={"model": "embedded", "prompt": "Tell a long story.",
+                                                           "max_tokens": 2000, "ignore_eos": True}, timeout=1.0)
+            deadline = time.monotonic() + 15  # 2000 tokens take about a minute here
+            while aborted_requests(base) < aborted + 1:
+                assert time.monotonic() < deadline, "the request ran on after its client left"
+                time.sleep(0.2)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def aborted_requests(base: str) -> float:
+    metrics = httpx.get(f"{base}/metrics", timeout=60).text
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("radixserve_requests_aborted_total{"))
 
 
 @pytest.mark.parametrize("router", ["pow2", "prefix-affinity"])
