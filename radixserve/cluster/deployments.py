@@ -125,7 +125,9 @@ class EngineReplica:
         identity = CacheIdentity(model=engine.cache_identity, block_size=engine.block_size)
         self.recorder = KVEventRecorder(identity)
         engine.attach_tree_observer(self.recorder)
-        await self.state_actor.set_profile.remote(RoutingProfile(engine.tokenizer, identity, server_config))
+        self.profile = RoutingProfile(engine.tokenizer, identity, server_config)
+        await self.state_actor.set_profile.remote(self.profile)
+        self.state_incarnation: str | None = None  # the ClusterState this replica last published to
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # starts the engine thread, as uvicorn would
         self.event_interval_s = event_interval_s
@@ -157,12 +159,23 @@ class EngineReplica:
                 # drained on the engine thread: a snapshot walks the tree, which only that thread changes
                 batch = await async_engine.call(self._drain)
                 last_published = time.monotonic()
-                if not await self.state_actor.publish.remote(batch):
+                incarnation = await self.state_actor.publish.remote(batch)
+                if incarnation is None:
                     self.recorder.request_snapshot()
+                elif incarnation != self.state_incarnation:
+                    await self._give_back_state(incarnation)
             except Exception:  # noqa: BLE001 - keep serving; the actor comes back, the next batch is a snapshot
                 log.warning("publishing KV events failed", exc_info=True)
                 self.recorder.request_snapshot()
                 await asyncio.sleep(1.0)
+
+    async def _give_back_state(self, incarnation: str) -> None:
+        """ClusterState is new (first publish, or it restarted and lost everything): the routing
+        profile and this replica's named caches go back in, so new ingresses route on prefixes
+        and every replica still resolves the caches."""
+        await self.state_actor.set_profile.remote(self.profile)
+        await self.state_actor.restore_caches.remote(self.state.caches.live())
+        self.state_incarnation = incarnation
 
     def _drain(self):
         engine = self.state.engine

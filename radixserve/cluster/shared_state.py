@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+import uuid
 from collections import deque
 from typing import Any
 
@@ -47,6 +48,9 @@ class ClusterStateImpl:
         self.last_lag_s = 0.0
         self._changed: asyncio.Event | None = None  # set (and replaced) when the log grows
         self._logged_seq: dict[str, int] = {}  # per replica: the sequence number of its last logged batch
+        # new at every (re)start: a replica that sees it change gives back what only it still
+        # has (its routing profile, its named caches), which a restart lost
+        self.incarnation = uuid.uuid4().hex
 
     async def wait_for_updates(self, cursor: int, timeout_s: float) -> tuple[int, list[EventBatch]]:
         """``updates(cursor)``, after waiting up to ``timeout_s`` for something new when there is
@@ -71,17 +75,17 @@ class ClusterStateImpl:
             self._changed = None
 
     # ---- KV events ------------------------------------------------------------------------
-    def publish(self, batch: EventBatch) -> bool:
-        """Apply a replica's batch; False asks it for a snapshot (the actor missed batches, or
-        restarted and knows nothing of it)."""
+    def publish(self, batch: EventBatch) -> str | None:
+        """Apply a replica's batch: this actor's incarnation, or None to ask for a snapshot (the
+        actor missed batches, or restarted and knows nothing of it)."""
         self._expire()
         if not self.index.apply(batch):
-            return False
+            return None
         if batch.sent_at:
             self.last_lag_s = max(0.0, time.time() - batch.sent_at)
         if batch.events or batch.snapshot:
             self._log(batch)
-        return True
+        return self.incarnation
 
     def updates(self, cursor: int) -> tuple[int, list[EventBatch]]:
         """Batches after ``cursor`` (what a router saw last), or, for a new or lagging router,
@@ -131,6 +135,14 @@ class ClusterStateImpl:
 
     def get_cache(self, cache_id: str) -> Any:
         return self.caches.get(cache_id)
+
+    def restore_caches(self, caches: list[Any]) -> None:
+        """A replica's named caches, given back after this actor restarted; where two replicas
+        hold one, the later update (a TTL changed through one of them) wins."""
+        for cache in caches:
+            held = self.caches.get(cache.cache_id)
+            if held is None or cache.update_time > held.update_time:
+                self.caches[cache.cache_id] = cache
 
     def delete_cache(self, cache_id: str) -> None:
         self.caches.pop(cache_id, None)

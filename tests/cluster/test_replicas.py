@@ -6,6 +6,7 @@ talks to the routed endpoint. Slow: Ray and two model loads take about a minute 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -141,6 +142,31 @@ def test_named_cache_created_through_the_endpoint_works_on_both_replicas(cluster
     for replica_id in live:  # deleted through one replica: gone on every replica
         status, _ = call_replica(replica_id, "POST", "/v1/chat/completions", body)
         assert status == 404
+
+
+def test_named_caches_survive_a_restart_of_the_cluster_state(cluster):
+    created = httpx.post(f"{cluster}/v1/caches", json={
+        "model": "embedded", "system": "Survivor cache: " + SYSTEM, "ttl": "600s"}, timeout=120)
+    assert created.status_code == 200, created.text
+    name = created.json()["name"]
+    state = ray.get_actor("radixserve-cluster-state")
+    live = ray.get(state.live_replicas.remote())
+    ray.kill(state, no_restart=False)  # Ray restarts it, empty
+    # the replicas' next publishes meet a new incarnation and give their caches back
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            listed = httpx.get(f"{cluster}/v1/caches", timeout=30).json()["cached_contents"]
+            if [c["name"] for c in listed] == [name]:
+                break
+        assert time.monotonic() < deadline, "the named cache never came back"
+        time.sleep(0.5)
+    body = ('{"model": "embedded", "max_tokens": 2, "temperature": 0, "cached_content": "%s", '
+            '"messages": [{"role": "user", "content": "Hi?"}]}' % name).encode()
+    for replica_id in live:
+        status, data = call_replica(replica_id, "POST", "/v1/chat/completions", body)
+        assert status == 200, data
+    assert httpx.delete(f"{cluster}/v1/caches/{name.removeprefix('caches/')}", timeout=30).status_code == 200
 
 
 def test_killed_replica_gives_a_clean_error_then_recovers(cluster):
