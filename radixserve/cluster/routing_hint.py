@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from radixserve.cache.block_keys import BlockKey, CacheIdentity, prefix_keys
-from radixserve.server.auth import Authenticator, Tenant, key_id
+from radixserve.server.auth import Authenticator, Tenant, key_id, presented_key
 from radixserve.server.config import ServerConfig
 from radixserve.request import CachePolicy
 
@@ -109,8 +109,7 @@ def tenant_of(auth: Authenticator, headers: Mapping[str, str]) -> Tenant | None:
     """The tenant a replica will see for these headers; None for a missing or wrong key (the
     replica refuses those). No constant-time compare needed: nothing here is returned to the
     client, the replica checks the key again."""
-    value = headers.get("authorization", "")
-    key = value[7:].strip() if value.lower().startswith("bearer ") else headers.get("x-api-key")
+    key = presented_key(headers)
     if not auth.enabled:
         return Tenant(cache_policy=auth.default_cache_policy)
     if not key:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -165,10 +166,16 @@ class Authenticator:
 
 
 def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("x-api-key")
+    return presented_key(request.headers)
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The API key a request presents: x-api-key (Anthropic's header), else a Bearer token.
+    (The cluster ingress reads it with this too, to route in the namespace the replica will use.)"""
+    header = headers.get("x-api-key")
     if header:
         return header.strip()
-    auth = request.headers.get("authorization", "")
+    auth = headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()

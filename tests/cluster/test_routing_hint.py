@@ -65,6 +65,22 @@ def test_hint_keys_are_the_blocks_the_engine_stores(served, path, body):
             assert set(hint) <= stored and set(hint).isdisjoint(first_hint)  # per-key isolation: other keys
 
 
+def test_hint_takes_the_key_the_server_takes_when_both_headers_come(served):
+    """x-api-key and a Bearer token naming different keys: the server takes x-api-key, so the
+    hint must be keyed in that key's namespace, or it names blocks nobody stores."""
+    base, recorder, profile, auth = served
+    system = SYSTEM.replace("routing-hint test", "two-header test")
+    raw = json.dumps({"model": "embedded", "max_tokens": 2, "temperature": 0, "messages": [
+        {"role": "system", "content": system}, {"role": "user", "content": "Hi?"}]}).encode()
+    headers = {"x-api-key": KEYS[1], "authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"}
+    _, hint = prompt_hint(profile, auth, "/v1/chat/completions", headers, raw)
+    recorder.drain("r")
+    response = httpx.post(base + "/v1/chat/completions", content=raw, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+    stored = {k for e in recorder.drain("r").events if e.kind == STORED for k in e.keys}
+    assert len(hint) >= 4 and set(hint) <= stored
+
+
 def test_no_hint_for_a_bad_key_or_a_malformed_body(served):
     _, _, profile, auth = served
     good = json.dumps({"model": "embedded", "messages": [{"role": "user", "content": "x" * 200}]}).encode()
