@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,7 +42,7 @@ from radixserve.cache.block_keys import CacheIdentity
 from radixserve.cluster.config import ClusterConfig
 from radixserve.cluster.kv_events import KVEventRecorder
 from radixserve.cluster.metrics import cluster_metrics, label_metrics
-from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutedRequest, RoutingProfile, prompt_hint
+from radixserve.cluster.routing_hint import PieceMemoTokenizer, RoutedRequest, RoutingProfile, prompt_hint, tenant_of
 from radixserve.cluster.shared_state import STATE_ACTOR_NAME, get_or_create_state_actor
 from radixserve.config import EngineConfig
 from radixserve.server.caches import CacheRegistry, NamedCache
@@ -74,6 +75,8 @@ HANDLE_OPTIONS = {"stream": True, "_by_reference": False, "request_serialization
 # call's text (inserted without waiting: under load it lags, and back-to-back calls all missed).
 METRICS_ATTEMPTS = 32
 METRICS_RETRY_PAUSE_S = 0.02
+# Named-cache definitions the ingress remembers (5 s each), by the id a request names.
+NAMED_CACHE_MEMO = 1024
 # Requests Serve lets one engine replica hold at once (its queue-length guard; the engine's own
 # scheduler decides what runs); the ingress may hold four times the whole deployment's.
 MAX_ONGOING_REQUESTS = 64
@@ -330,7 +333,8 @@ class IngressCore:
             default_cache_policy=CachePolicy(server_config.default_cache_policy),
         )
         self.profile: RoutingProfile | None = None
-        self._named_caches: dict[str, tuple[float, NamedCache | None]] = {}
+        # cache id -> (when looked up, its definition or None): the last NAMED_CACHE_MEMO ids
+        self._named_caches: OrderedDict[str, tuple[float, NamedCache | None]] = OrderedDict()
 
     async def forward(self, request: Request) -> Response:
         body = await request.body()
@@ -376,10 +380,16 @@ class IngressCore:
         return StreamingResponse(chunks(), status_code=start["status"], headers=headers)
 
     async def _add_hint(self, routed: RoutedRequest, request: Request) -> None:
-        profile = await self._profile()
+        if tenant_of(self.auth, request.headers) is None:
+            return  # the replica refuses it: no lookups on its behalf
+        try:
+            profile = await self._profile()
+            named = await self._prefetch_named_cache(routed.body) if profile is not None else {}
+        except Exception:  # noqa: BLE001 - ClusterState unreachable (restarting): route on load alone
+            log.warning("no routing hint: the cluster state did not answer", exc_info=True)
+            return
         if profile is None:
             return
-        named = await self._prefetch_named_cache(routed.body)
         hint_args = (profile, self.auth, routed.path, request.headers, routed.body, named.get)
         if len(routed.body) < INLINE_HINT_BYTES:  # tens of microseconds: cheaper than a thread hop
             routed.prompt, routed.keys = prompt_hint(*hint_args)
@@ -402,6 +412,9 @@ class IngressCore:
         seen = self._named_caches.get(cache_id)
         if seen is None or time.monotonic() - seen[0] > 5.0:
             seen = self._named_caches[cache_id] = (time.monotonic(), await self.state_actor.get_cache.remote(cache_id))
+            if len(self._named_caches) > NAMED_CACHE_MEMO:  # ids are the client's to make up
+                self._named_caches.popitem(last=False)
+        self._named_caches.move_to_end(cache_id)
         return {cache_id: seen[1]} if seen[1] is not None else {}
 
     async def _metrics(self, routed: RoutedRequest) -> Response:
