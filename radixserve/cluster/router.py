@@ -60,7 +60,9 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.min_sync_interval_s = min_sync_interval_s
         self.index = PrefixIndex(tentative_ttl=tentative_ttl_s)
         self.in_flight: dict[str, int] = {}
-        self._in_flight_by_request: dict[str, str] = {}
+        # (request id, replica) of each attempt in flight: a request a replica refused is retried
+        # under the same id, and the refused attempt's completion may come after the retry's routing
+        self._attempts_in_flight: set[tuple[str, str]] = set()
         self._state_actor_name = state_actor_name
         self._state_actor_namespace = state_actor_namespace
         self._state_actor: Any = None
@@ -106,17 +108,21 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         rid = replica_id.unique_id
         self.in_flight[rid] = self.in_flight.get(rid, 0) + 1
-        self._in_flight_by_request[pending_request.metadata.internal_request_id] = rid
+        self._attempts_in_flight.add((pending_request.metadata.internal_request_id, rid))
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        rid = self._in_flight_by_request.pop(internal_request_id, None)
-        if rid is not None:
+        rid = replica_id.unique_id
+        attempt = (internal_request_id, rid)
+        if attempt in self._attempts_in_flight:
+            self._attempts_in_flight.discard(attempt)
             self.in_flight[rid] = max(0, self.in_flight.get(rid, 0) - 1)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
-        self.index.drop_replica(replica_id.unique_id)
-        self.in_flight.pop(replica_id.unique_id, None)
+        rid = replica_id.unique_id
+        self.index.drop_replica(rid)
+        self.in_flight.pop(rid, None)
+        self._attempts_in_flight = {a for a in self._attempts_in_flight if a[1] != rid}
 
     # ---- KV events ----------------------------------------------------------------------
     async def _wait_for_first_sync(self) -> None:
