@@ -24,6 +24,7 @@ import dataclasses
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -37,14 +38,17 @@ STATE_ACTOR_NAME = "radixserve-cluster-state"
 class ClusterStateImpl:
     """The actor's body (plain class, so it can be tested without Ray)."""
 
-    def __init__(self, replica_ttl_s: float = 10.0, log_size: int = 4096) -> None:
+    def __init__(self, replica_ttl_s: float = 10.0, log_size: int = 4096, router_ttl_s: float = 30.0,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.replica_ttl_s = replica_ttl_s
+        self.router_ttl_s = router_ttl_s  # a router (ingress) silent this long is gone: its counters go
+        self.wall_clock = wall_clock  # named caches expire in wall-clock time
         self.index = PrefixIndex()
         self.log: deque[tuple[int, EventBatch]] = deque(maxlen=log_size)
         self.version = 0
         self.profile: Any = None
         self.caches: dict[str, Any] = {}
-        self.router_stats: dict[str, dict[str, float]] = {}
+        self.router_stats: dict[str, tuple[float, dict[str, float]]] = {}  # router -> (reported at, counters)
         self.last_lag_s = 0.0
         self._changed: asyncio.Event | None = None  # set (and replaced) when the log grows
         self._logged_seq: dict[str, int] = {}  # per replica: the sequence number of its last logged batch
@@ -131,7 +135,14 @@ class ClusterStateImpl:
 
     # ---- named caches ------------------------------------------------------------------------
     def put_cache(self, cache: Any) -> None:
+        self._drop_expired_caches()
         self.caches[cache.cache_id] = cache
+
+    def _drop_expired_caches(self) -> None:
+        """A cache whose replicas all died before it expired is dropped by nobody else."""
+        now = self.wall_clock()
+        for cache_id in [i for i, c in self.caches.items() if c.expire_time <= now]:
+            del self.caches[cache_id]
 
     def get_cache(self, cache_id: str) -> Any:
         return self.caches.get(cache_id)
@@ -152,10 +163,18 @@ class ClusterStateImpl:
 
     # ---- metrics ----------------------------------------------------------------------------
     def report_router(self, router_id: str, stats: dict[str, float]) -> None:
-        self.router_stats[router_id] = stats
+        self._drop_silent_routers()
+        self.router_stats[router_id] = (self.wall_clock(), stats)
+
+    def _drop_silent_routers(self) -> None:
+        oldest = self.wall_clock() - self.router_ttl_s
+        for router_id in [r for r, (at, _) in self.router_stats.items() if at < oldest]:
+            del self.router_stats[router_id]
 
     def stats(self) -> dict[str, Any]:
         self._expire()
+        self._drop_expired_caches()
+        self._drop_silent_routers()
         return {
             "replicas": {r: {"blocks": len(h.keys), "seq": h.seq, "unfinished_requests": h.num_running_tokens}
                          for r, h in self.index.replicas.items()},
@@ -163,7 +182,7 @@ class ClusterStateImpl:
             "index_entries": self.index.num_entries,
             "event_lag_s": self.last_lag_s,
             "named_caches": len(self.caches),
-            "routers": dict(self.router_stats),
+            "routers": {router_id: stats for router_id, (_, stats) in self.router_stats.items()},
         }
 
 

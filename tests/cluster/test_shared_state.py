@@ -5,6 +5,7 @@ timeout. Plus the recorder's has_pending, which lets an idle replica skip publis
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 from radixserve.cluster.kv_events import STORED, EventBatch, KVEvent
 from radixserve.cluster.prefix_index import PrefixIndex
@@ -70,3 +71,18 @@ def test_a_router_follows_the_relay_across_heartbeats_without_a_snapshot():
     assert router.matched_blocks([a, c], ["r1", "r2"]) == {"r1": 2, "r2": 0}  # the tentative c kept
     assert router.matched_blocks([c], ["r2"]) == {"r2": 1}
     assert router.matched_blocks([b], ["r1"]) == {"r1": 1}
+
+
+def test_expired_named_caches_and_silent_routers_are_dropped():
+    """Nothing else removes a cache whose replicas died before it expired, or the counters of an
+    ingress that restarted under a new id: the actor drops them itself."""
+    now = [1000.0]
+    state = ClusterStateImpl(router_ttl_s=30.0, wall_clock=lambda: now[0])
+    state.put_cache(SimpleNamespace(cache_id="short", owner="o", expire_time=1060.0, update_time=1000.0))
+    state.put_cache(SimpleNamespace(cache_id="long", owner="o", expire_time=5000.0, update_time=1000.0))
+    state.report_router("old-ingress", {"decisions_prefix": 5})
+    now[0] = 1100.0
+    state.report_router("new-ingress", {"decisions_prefix": 1})
+    stats = state.stats()
+    assert stats["named_caches"] == 1 and [c.cache_id for c in state.list_caches("o")] == ["long"]
+    assert stats["routers"] == {"new-ingress": {"decisions_prefix": 1}}
