@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -34,8 +35,8 @@ class ClusterConfig:
             raise ValueError(f"router must be one of {list(get_args(RouterName))}, got {self.router!r}")
         if self.replicas < 0:
             raise ValueError(f"replicas must be >= 0, got {self.replicas}")
-        if self.router_balance < 0:
-            raise ValueError(f"router_balance must be >= 0, got {self.router_balance}")
+        if not 0 <= self.router_balance < math.inf:  # inf would leave no replica eligible for a new prefix
+            raise ValueError(f"router_balance must be a finite number >= 0, got {self.router_balance}")
 
     @property
     def num_engine_replicas(self) -> int:

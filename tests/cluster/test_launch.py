@@ -45,3 +45,6 @@ def test_bad_cluster_options_are_refused():
 
     with pytest.raises(ValueError, match="router must be one of"):  # the Python API, past argparse's choices
         ClusterConfig(replicas=2, router="round-robin")
+    for balance in ("inf", "nan"):
+        with pytest.raises(ValueError, match="router_balance"):
+            cluster_config_from_args(build_parser().parse_args(["serve", "--replicas", "2", "--router-balance", balance]))
