@@ -35,6 +35,7 @@ from radixserve.cluster.routing_hint import RoutedRequest
 from radixserve.cluster.shared_state import STATE_ACTOR_NAME
 
 log = logging.getLogger("radixserve.cluster")
+REPORT_INTERVAL_S = 0.25  # the least time between two reports of the counters, when they change
 
 
 class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
@@ -72,6 +73,8 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self._synced = asyncio.Event()  # set after the first successful pull
         self._router_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._rng = random.Random()
+        self._last_report = 0.0  # when the counters last went to ClusterState (/metrics)
+        self._report_pending = False
         self.stats = {"decisions_prefix": 0, "decisions_balance": 0, "decisions_targeted": 0,
                       "routing_seconds_total": 0.0, "event_lag_seconds": 0.0, "index_keys": 0,
                       "index_entries": 0, "syncs": 0}
@@ -101,6 +104,7 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self.index.note_routed(choice.replica_id, keys)
         self.stats["decisions_prefix" if choice.decision == PREFIX else "decisions_balance"] += 1
         self.stats["routing_seconds_total"] += time.perf_counter() - started
+        self._report_soon()
         rest = [r for rid, r in by_id.items() if rid != choice.replica_id]
         rest.sort(key=lambda r: self.in_flight.get(r.replica_id.unique_id, 0))
         return [[by_id[choice.replica_id]], rest] if rest else [[by_id[choice.replica_id]]]
@@ -142,18 +146,33 @@ class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
 
     async def _sync_forever(self) -> None:
-        last_report = 0.0
         while True:
             try:
                 await self.sync_once()
-                if time.monotonic() - last_report > 1.0:
-                    last_report = time.monotonic()
-                    self._state().report_router.remote(self._router_id, dict(self.stats))
+                if time.monotonic() - self._last_report > 1.0:
+                    self._report()
             except Exception:  # noqa: BLE001 - the state actor restarts; keep routing on what we know
                 log.warning("pulling KV events failed; retrying", exc_info=True)
                 self._state_actor = None
                 await asyncio.sleep(1.0)
             await asyncio.sleep(self.min_sync_interval_s)
+
+    def _report_soon(self) -> None:
+        """The counters to ClusterState now, or a quarter second after the last report: /metrics
+        shows a routing decision by the time its response is out, at most 4 reports a second."""
+        if self._report_pending:
+            return
+        self._report_pending = True
+        delay = max(0.0, self._last_report + REPORT_INTERVAL_S - time.monotonic())
+        asyncio.get_running_loop().call_later(delay, self._report)
+
+    def _report(self) -> None:
+        self._report_pending = False
+        self._last_report = time.monotonic()
+        try:
+            self._state().report_router.remote(self._router_id, dict(self.stats))
+        except Exception:  # noqa: BLE001 - the state actor restarts: the next report carries the counts
+            self._state_actor = None
 
     async def sync_once(self) -> None:
         """Apply the KV events published since the last pull (a snapshot the first time), waiting

@@ -110,8 +110,8 @@ def test_requests_sharing_a_prefix_land_on_the_replica_that_holds_it(cluster):
     # cache_salt is part of the key: the same prompt under a new salt is a new prefix (no reuse)
     _, salted = chat(cluster, "First question?", system=systems[0], extra_body={"cache_salt": "s1"})
     assert salted.usage.prompt_tokens_details.cached_tokens == 0
-    # the router reports its counters to the state actor about once a second: the last few
-    # decisions reach /metrics a moment after their responses
+    # the router reports its counters to the state actor at most 4 times a second: the last
+    # decisions can reach /metrics a moment after their responses
     deadline = time.monotonic() + 10
     while True:
         metrics = httpx.get(f"{cluster}/metrics", timeout=60).text
