@@ -47,6 +47,7 @@ from radixserve.cluster.shared_state import STATE_ACTOR_NAME, get_or_create_stat
 from radixserve.config import EngineConfig
 from radixserve.server.caches import CacheRegistry, NamedCache
 from radixserve.server.config import ServerConfig
+from radixserve.server.state import wait_for_disconnect
 
 log = logging.getLogger("radixserve.cluster")
 
@@ -282,11 +283,10 @@ async def first_item_unless_client_gone(stream: Any, request: Request | None) ->
 
 
 async def _client_gone(request: Request) -> None:
-    """Returns when the client disconnects. The body has been read, so the next ASGI message can
-    only be the disconnect; a receive that fails says nothing of the client: then never."""
+    """Returns when the client disconnects; never when a receive fails (that says nothing of the
+    client, and the call must not be cancelled for it)."""
     try:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await wait_for_disconnect(request)
     except Exception:  # noqa: BLE001 - see above
         await asyncio.Event().wait()
 

@@ -208,10 +208,13 @@ async def collect_all(streams: list[RequestStream], request: Request | None = No
 
 
 async def _abort_on_disconnect(request: Request, *streams: RequestStream) -> None:
-    # The body has been read, so the next ASGI message can only be the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            for stream in streams:
-                stream.close()
-            return
+    await wait_for_disconnect(request)
+    for stream in streams:
+        stream.close()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client hangs up. Call it once the body has been read: the next ASGI
+    message can then only be the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
