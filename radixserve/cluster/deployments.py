@@ -384,11 +384,11 @@ class IngressCore:
             return  # the replica refuses it: no lookups on its behalf
         try:
             profile = await self._profile()
-            named = await self._prefetch_named_cache(routed.body) if profile is not None else {}
+            if profile is None:
+                return
+            named = await self._prefetch_named_cache(routed.body)
         except Exception:  # noqa: BLE001 - ClusterState unreachable (restarting): route on load alone
             log.warning("no routing hint: the cluster state did not answer", exc_info=True)
-            return
-        if profile is None:
             return
         hint_args = (profile, self.auth, routed.path, request.headers, routed.body, named.get)
         if len(routed.body) < INLINE_HINT_BYTES:  # tens of microseconds: cheaper than a thread hop
