@@ -11,6 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
+def free_port() -> int:
+    """A port nothing listens on now, on 127.0.0.1, for a server a test starts in another process."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @contextmanager
 def serve_app(app) -> Iterator[str]:
     """Serve an ASGI app on a free 127.0.0.1 port until the block exits; yields the base URL."""

@@ -8,7 +8,6 @@ import concurrent.futures
 import copy
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from radixserve.cluster.deployments import REPLICA_HEADER  # noqa: E402
 from radixserve.cluster.launch import app_from_options  # noqa: E402
-from tests.live_server import wait_until_healthy  # noqa: E402
+from tests.live_server import free_port, wait_until_healthy  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -48,9 +47,7 @@ def test_the_documented_config_is_valid_and_names_our_deployments():
 
 def test_serve_adds_an_engine_replica_under_load_and_the_router_uses_it(tmp_path):
     config = copy.deepcopy(documented_config())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     (app_config,) = config["applications"]
     app_config["args"] = {"replicas": 1, "model": "dummy:tiny", "num_blocks": 64, "replica_cpus": 0.5}

@@ -19,7 +19,7 @@ from radixserve.cluster.shared_state import STATE_ACTOR_NAME  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from radixserve.server.config import ServerConfig  # noqa: E402
 from tests.local_ray import start_local_ray  # noqa: E402
-from tests.live_server import serve_app  # noqa: E402
+from tests.live_server import free_port, serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SYSTEM = "You are the in-process ingress test assistant. Answer in one short sentence. " * 4
@@ -107,15 +107,12 @@ def test_serve_replicas_command_serves_http_itself_and_stops_cleanly(tmp_path):
     """`radixserve serve --replicas 1` end to end: its own Ray, the engine deployment, HTTP from
     the launching process; SIGTERM stops all of it."""
     import signal
-    import socket
     import subprocess
     import sys
 
     from tests.live_server import wait_until_healthy
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "radixserve", "serve", "--model", "embedded", "--replicas", "1",

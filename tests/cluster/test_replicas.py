@@ -7,7 +7,6 @@ talks to the routed endpoint. Slow: Ray and two model loads take about a minute 
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 
 import httpx
@@ -22,6 +21,7 @@ from radixserve.cluster.deployments import REPLICA_HEADER, build_app  # noqa: E4
 from radixserve.cluster.routing_hint import RoutedRequest  # noqa: E402
 from radixserve.config import CacheConfig, EngineConfig, ModelConfig  # noqa: E402
 from radixserve.server.config import ServerConfig  # noqa: E402
+from tests.live_server import free_port  # noqa: E402
 from tests.local_ray import start_local_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,7 @@ SYSTEM = "You are a terse assistant for the radixserve test suite. Answer in one
 
 @pytest.fixture(scope="module")
 def cluster():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     start_local_ray("radixserve-test")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = EngineConfig(model=ModelConfig(source="embedded", show_progress=False), cache=CacheConfig(num_blocks=512))
